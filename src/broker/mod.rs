@@ -1,0 +1,81 @@
+//! The only code that knows lapin: topology, publishing with confirms, and the
+//! consumer loop that turns deliveries into handler calls and dispositions
+//! into publishes and acks.
+
+pub mod consumer;
+pub mod publisher;
+pub mod tap;
+pub mod topology;
+
+use std::time::Duration;
+
+/// Exchange and queue names, all under one configured prefix.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub events: String,
+    pub results: String,
+    pub work: String,
+    pub dead: String,
+    prefix: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Names {
+        Names {
+            events: format!("{prefix}.events"),
+            results: format!("{prefix}.results"),
+            work: format!("{prefix}.work"),
+            dead: format!("{prefix}.dead"),
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// Retry queues are named by their delay, so changing the schedule declares
+    /// new queues instead of clashing with the arguments of old ones.
+    pub fn retry(&self, delay: Duration) -> String {
+        format!("{}.retry.{}ms", self.prefix, delay.as_millis())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker: {op}: {source}")]
+    Amqp {
+        op: &'static str,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("broker: publish to {exchange:?} with key {routing_key:?} was nacked")]
+    Nacked { exchange: String, routing_key: String },
+    #[error("broker: the consumer was cancelled by the server")]
+    ConsumerCancelled,
+}
+
+pub(crate) fn amqp(op: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
+    move |source| BrokerError::Amqp { op, source }
+}
+
+/// Header names reaper sets.
+pub mod headers {
+    /// The routing key an event was first published with (retry hops lose it).
+    pub const ROUTING_KEY: &str = "x-reaper-routing-key";
+    pub const REASON: &str = "x-reaper-reason";
+    pub const JOB_ID: &str = "x-reaper-job-id";
+    pub const ERROR_CLASS: &str = "x-reaper-error-class";
+}
+
+/// Deletes every exchange and queue under `names` (and the retry queues for
+/// `retry_delays`). For tests and the demo, which use a prefix of their own.
+pub async fn delete_topology(conn: &lapin::Connection, names: &Names, retry_delays: &[Duration]) -> Result<(), BrokerError> {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
+    let mut queues = vec![names.work.clone(), names.dead.clone()];
+    queues.extend(retry_delays.iter().map(|d| names.retry(*d)));
+    for q in queues {
+        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await.map_err(amqp("deleting a queue"))?;
+    }
+    for ex in [&names.events, &names.results] {
+        ch.exchange_delete(ex.as_str().into(), ExchangeDeleteOptions::default()).await.map_err(amqp("deleting an exchange"))?;
+    }
+    Ok(())
+}

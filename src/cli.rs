@@ -1,0 +1,124 @@
+//! Command-line interface. Exit codes: 0 success, 1 the work failed (demo found
+//! leftovers, a run ended in error), 2 bad usage or configuration, 3 a service
+//! (database, broker) could not be reached.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{self, App, AppError};
+use crate::config::{Settings, ProviderSettings};
+use crate::sim::Sim;
+
+#[derive(Parser, Debug)]
+#[command(name = "reaper", version, about = "Tears down what deleted or half-provisioned things left behind, in dependency order.")]
+pub struct Cli {
+    /// TOML config merged over the defaults (config/default.toml); REAPER_* env vars win over both.
+    #[arg(long, short, global = true, env = "REAPER_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the worker: consume events, tear down, publish results. Stops on SIGTERM/Ctrl-C.
+    Run,
+    /// Apply the ledger's migrations to the configured database and exit.
+    Migrate,
+    /// Check the config and print the teardown order of the kinds.
+    CheckConfig,
+    /// Serve the simulated cloud (for trying reaper without a real API).
+    Sim {
+        #[arg(long, default_value_t = 8089)]
+        port: u16,
+    },
+    /// The whole job in one command: a simulated cloud, N sample VPC nodes, a mix
+    /// of deletion and provisioning-failure events, the worker, and a summary.
+    Demo(crate::demo::DemoArgs),
+}
+
+pub async fn main(cli: Cli) -> ExitCode {
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::telemetry::init(&settings.log);
+    match cli.command {
+        Command::Run => {
+            let app = match App::build(settings).await {
+                Ok(a) => Arc::new(a),
+                Err(e) => return report(e),
+            };
+            let token = CancellationToken::new();
+            app::cancel_on_signals(token.clone());
+            app.run(token).await;
+            ExitCode::SUCCESS
+        }
+        Command::Migrate => {
+            let window = std::time::Duration::from_secs(settings.worker.late_track_window_secs);
+            match crate::ledger::Ledger::connect(&settings.database, window).await {
+                Ok(l) => match l.migrate().await {
+                    Ok(()) => {
+                        println!("migrations applied");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => report(e.into()),
+                },
+                Err(e) => report(e.into()),
+            }
+        }
+        Command::CheckConfig => match settings.validate() {
+            Ok(catalog) => {
+                println!("config is valid; kinds and what must be gone before each:");
+                for k in catalog.kind_names() {
+                    let spec = catalog.kind(k).expect("listed");
+                    let after = if spec.after.is_empty() { "-".to_string() } else { spec.after.join(", ") };
+                    println!("  {k:<24} provider={:<12} after: {after}", spec.provider);
+                }
+                for (name, ProviderSettings::Http(h)) in &settings.providers {
+                    println!("  provider {name}: {} (max {} in flight)", crate::config::redact_url(&h.base_url), h.max_concurrency);
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Sim { port } => {
+            let token = CancellationToken::new();
+            app::cancel_on_signals(token.clone());
+            let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("error: binding 127.0.0.1:{port}: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            println!("simulated cloud on http://127.0.0.1:{port} (control API under /_sim)");
+            match Sim::new().serve(listener, token).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo(args) => crate::demo::run(settings, args).await,
+    }
+}
+
+fn report(e: AppError) -> ExitCode {
+    eprintln!("error: {e}");
+    match e {
+        AppError::Ledger(_) => ExitCode::from(3),
+        _ => ExitCode::from(2),
+    }
+}

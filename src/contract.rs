@@ -1,0 +1,304 @@
+//! The public wire contract (docs/contract.md, proto/reaper/v1/events.proto).
+//!
+//! The only module that knows the JSON shapes. `decode` turns a delivery into an
+//! [`Event`] or a [`Malformed`] reason; `TeardownResult` is what leaves on the
+//! results exchange.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::config::Catalog;
+use crate::domain::{Resource, ResourceRef};
+
+/// Routing keys on the events exchange.
+pub const DELETION_REQUESTED: &str = "deletion.requested";
+pub const PROVISIONING_FAILED: &str = "provisioning.failed";
+pub const RESOURCE_TRACKED: &str = "resource.tracked";
+/// Routing keys on the results exchange.
+pub const TEARDOWN_COMPLETED: &str = "teardown.completed";
+pub const TEARDOWN_DEAD_LETTERED: &str = "teardown.dead_lettered";
+
+/// Largest message reaper accepts; larger ones are dead-lettered unread.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// A well-formed event, validated against the configured kinds.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Teardown(TeardownRequest),
+    Tracked(Tracked),
+}
+
+/// A `deletion.requested` or `provisioning.failed` event.
+#[derive(Debug, Clone)]
+pub struct TeardownRequest {
+    pub event_id: String,
+    pub owner: String,
+    pub trigger: crate::domain::Trigger,
+    pub dry_run: bool,
+    pub occurred_at: DateTime<Utc>,
+    /// Which life of a reused owner name ends here, when the producer knows.
+    pub generation: Option<i64>,
+    /// Resources the provisioner knows it created (provisioning.failed only).
+    pub resources: Vec<TrackedResource>,
+}
+
+/// A `resource.tracked` event.
+#[derive(Debug, Clone)]
+pub struct Tracked {
+    pub event_id: String,
+    pub owner: String,
+    pub generation: Option<i64>,
+    pub resource: TrackedResource,
+}
+
+/// A resource with the facts that decide which life of its owner it belongs to.
+#[derive(Debug, Clone)]
+pub struct TrackedResource {
+    pub resource: Resource,
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+/// Why a message was refused. Goes into the `x-reaper-reason` header on the dead queue.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Malformed(pub String);
+
+#[derive(Deserialize)]
+struct WireTeardown {
+    event_id: String,
+    owner: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    reason: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    requested_by: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+    occurred_at: DateTime<Utc>,
+    #[serde(default)]
+    generation: Option<i64>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    failed_step: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    error: Option<String>,
+    #[serde(default)]
+    resources: Vec<WireResource>,
+}
+
+#[derive(Deserialize)]
+struct WireTracked {
+    event_id: String,
+    owner: String,
+    #[serde(flatten)]
+    resource: WireResource,
+    #[serde(default)]
+    generation: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct WireResource {
+    kind: String,
+    id: String,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+    #[serde(default)]
+    parent: Option<WireRef>,
+    #[serde(default)]
+    created_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct WireRef {
+    pub kind: String,
+    pub id: String,
+}
+
+/// Decodes and validates one message. Everything a producer can get wrong ends
+/// here as a [`Malformed`] with a reason a person can act on.
+pub fn decode(routing_key: &str, body: &[u8], catalog: &Catalog) -> Result<Event, Malformed> {
+    if body.len() > MAX_MESSAGE_BYTES {
+        return Err(Malformed(format!(
+            "message is {} bytes, the limit is {MAX_MESSAGE_BYTES}",
+            body.len()
+        )));
+    }
+    match routing_key {
+        DELETION_REQUESTED | PROVISIONING_FAILED => {
+            let wire: WireTeardown = parse_json(body)?;
+            let trigger = if routing_key == DELETION_REQUESTED {
+                if !wire.resources.is_empty() {
+                    return Err(Malformed(
+                        "deletion.requested does not carry resources; track them or send provisioning.failed".into(),
+                    ));
+                }
+                crate::domain::Trigger::DeletionRequested
+            } else {
+                crate::domain::Trigger::ProvisioningFailed
+            };
+            check_event_id(&wire.event_id)?;
+            check_owner(&wire.owner)?;
+            let resources = wire
+                .resources
+                .into_iter()
+                .map(|r| r.validate(catalog))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Event::Teardown(TeardownRequest {
+                event_id: wire.event_id,
+                owner: wire.owner,
+                trigger,
+                dry_run: wire.dry_run,
+                occurred_at: wire.occurred_at,
+                generation: wire.generation,
+                resources,
+            }))
+        }
+        RESOURCE_TRACKED => {
+            let wire: WireTracked = parse_json(body)?;
+            check_event_id(&wire.event_id)?;
+            check_owner(&wire.owner)?;
+            Ok(Event::Tracked(Tracked {
+                event_id: wire.event_id,
+                owner: wire.owner,
+                generation: wire.generation,
+                resource: wire.resource.validate(catalog)?,
+            }))
+        }
+        other => Err(Malformed(format!(
+            "unknown routing key {other:?}; expected {DELETION_REQUESTED}, {PROVISIONING_FAILED} or {RESOURCE_TRACKED}"
+        ))),
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Malformed> {
+    serde_json::from_slice(body).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            Malformed(format!("not JSON: {e}"))
+        } else {
+            Malformed(format!("invalid fields: {e}"))
+        }
+    })
+}
+
+fn check_event_id(id: &str) -> Result<(), Malformed> {
+    let n = id.chars().count();
+    if n == 0 || n > 128 {
+        return Err(Malformed(format!("event_id must be 1..128 characters, got {n}")));
+    }
+    Ok(())
+}
+
+/// Owners are "type/id", both parts non-empty, 1..256 characters in all.
+pub fn check_owner(owner: &str) -> Result<(), Malformed> {
+    let n = owner.chars().count();
+    if n == 0 || n > 256 {
+        return Err(Malformed(format!("owner must be 1..256 characters, got {n}")));
+    }
+    match owner.split_once('/') {
+        Some((t, i)) if !t.is_empty() && !i.is_empty() => Ok(()),
+        _ => Err(Malformed(format!("owner {owner:?} is not of the form \"type/id\""))),
+    }
+}
+
+impl WireResource {
+    fn validate(self, catalog: &Catalog) -> Result<TrackedResource, Malformed> {
+        let kind = catalog
+            .kind(&self.kind)
+            .ok_or_else(|| Malformed(format!("unknown kind {:?}; configured kinds: {}", self.kind, catalog.kind_names().join(", "))))?;
+        let n = self.id.chars().count();
+        if n == 0 || n > 512 {
+            return Err(Malformed(format!("{} id must be 1..512 characters, got {n}", self.kind)));
+        }
+        if let Some(missing) = kind.missing_attribute(&self.attributes) {
+            return Err(Malformed(format!(
+                "{}/{} lacks attribute {missing:?}, which the kind's requests need",
+                self.kind, self.id
+            )));
+        }
+        if let Some(p) = &self.parent {
+            if catalog.kind(&p.kind).is_none() {
+                return Err(Malformed(format!("parent of {}/{} has unknown kind {:?}", self.kind, self.id, p.kind)));
+            }
+            if p.id.is_empty() || p.id.chars().count() > 512 {
+                return Err(Malformed(format!("parent id of {}/{} must be 1..512 characters", self.kind, self.id)));
+            }
+        }
+        Ok(TrackedResource {
+            resource: Resource {
+                kind: self.kind,
+                id: self.id,
+                attributes: self.attributes,
+                parent: self.parent.map(|p| ResourceRef { kind: p.kind, id: p.id }),
+            },
+            created_at: self.created_at,
+        })
+    }
+}
+
+/// What reaper publishes on the results exchange when a job ends.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TeardownResult {
+    pub event_id: String,
+    pub job_id: Uuid,
+    pub owner: String,
+    pub trigger: String,
+    pub status: String,
+    pub dry_run: bool,
+    pub resources: Vec<ResourceReport>,
+    pub attempts: u32,
+    #[serde(with = "rfc3339")]
+    pub started_at: DateTime<Utc>,
+    #[serde(with = "rfc3339")]
+    pub finished_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// One resource's line in a [`TeardownResult`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResourceReport {
+    pub kind: String,
+    pub id: String,
+    pub outcome: String,
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl TeardownResult {
+    pub fn routing_key(&self) -> &'static str {
+        if self.status == "dead_lettered" {
+            TEARDOWN_DEAD_LETTERED
+        } else {
+            TEARDOWN_COMPLETED
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a TeardownResult always serializes")
+    }
+}
+
+/// Timestamps leave as RFC 3339 in UTC with `Z`, in the protobuf JSON form
+/// (0, 3, 6 or 9 fractional digits), so the two encodings agree byte for byte.
+pub mod rfc3339 {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn format(t: &DateTime<Utc>) -> String {
+        t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+    }
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        DateTime::<Utc>::deserialize(d)
+    }
+}

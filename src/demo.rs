@@ -1,0 +1,240 @@
+//! `reaper demo`: the main job in one command. Starts the simulated cloud,
+//! creates N bare-metal VPC nodes there and tracks their resources as a
+//! provisioner would, sends a mix of deletion and provisioning-failure events,
+//! runs the worker, and exits 0 only if every simulated resource is gone.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::broker::{self, tap::ResultTap};
+use crate::config::Settings;
+use crate::contract::{DELETION_REQUESTED, PROVISIONING_FAILED, RESOURCE_TRACKED};
+use crate::sim::{Faults, Sim};
+
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Sample nodes to create and tear down.
+    #[arg(long, default_value_t = 50)]
+    pub nodes: usize,
+    /// Fraction of simulated API calls that fail with 503 (retried).
+    #[arg(long, default_value_t = 0.05)]
+    pub error_rate: f64,
+    /// Fraction answered 429 with Retry-After.
+    #[arg(long, default_value_t = 0.02)]
+    pub rate_limit_rate: f64,
+    /// Give up waiting for results after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_secs: u64,
+}
+
+/// One resource of a sample node: its kind, its ID, attributes, and where the
+/// simulated cloud keeps it.
+#[derive(Debug, Clone)]
+pub struct SampleResource {
+    pub kind: &'static str,
+    pub id: String,
+    pub attributes: BTreeMap<String, String>,
+    pub path: String,
+    pub depends_on: Vec<String>,
+}
+
+/// A bare-metal node on a VPC: a server, two IP reservations, a DNS record
+/// pointing at them, and a VNI attached to the server.
+#[derive(Debug, Clone)]
+pub struct VpcNode {
+    pub owner: String,
+    pub resources: Vec<SampleResource>,
+}
+
+impl VpcNode {
+    pub fn new(name: &str) -> VpcNode {
+        let server = format!("{name}-bm");
+        let server_path = format!("/v1/bare_metal_servers/{server}");
+        let subnet = "subnet-mgmt".to_string();
+        let zone = "zone-1".to_string();
+        let ip = |n: u8| {
+            let id = format!("{name}-ip{n}");
+            SampleResource {
+                kind: "ip_reservation",
+                path: format!("/v1/subnets/{subnet}/reserved_ips/{id}"),
+                attributes: BTreeMap::from([("subnet_id".to_string(), subnet.clone())]),
+                id,
+                depends_on: vec![],
+            }
+        };
+        let (ip1, ip2) = (ip(1), ip(2));
+        let dns_id = format!("{name}-dns");
+        let dns = SampleResource {
+            kind: "dns_record",
+            path: format!("/v1/dns_zones/{zone}/resource_records/{dns_id}"),
+            attributes: BTreeMap::from([("zone_id".to_string(), zone.clone())]),
+            id: dns_id,
+            depends_on: vec![server_path.clone(), ip1.path.clone(), ip2.path.clone()],
+        };
+        let vni_id = format!("{name}-vni");
+        let vni = SampleResource {
+            kind: "vni",
+            path: format!("/v1/virtual_network_interfaces/{vni_id}"),
+            attributes: BTreeMap::new(),
+            id: vni_id,
+            depends_on: vec![server_path.clone()],
+        };
+        let server = SampleResource { kind: "bare_metal_server", id: server, attributes: BTreeMap::new(), path: server_path, depends_on: vec![] };
+        VpcNode { owner: format!("node/{name}"), resources: vec![ip1, ip2, server, dns, vni] }
+    }
+
+    /// Creates the node's resources in the simulated cloud, dependencies first.
+    pub fn create_in(&self, sim: &Sim) {
+        for r in &self.resources {
+            let deps: Vec<&str> = r.depends_on.iter().map(|s| s.as_str()).collect();
+            sim.create(&r.path, &deps);
+        }
+    }
+
+    /// The `resource.tracked` events a provisioner would send, one per resource.
+    pub fn track_events(&self, event_prefix: &str) -> Vec<serde_json::Value> {
+        self.resources
+            .iter()
+            .map(|r| {
+                json!({
+                    "event_id": format!("{event_prefix}-track-{}-{}", r.kind, r.id),
+                    "owner": self.owner,
+                    "kind": r.kind,
+                    "id": r.id,
+                    "attributes": r.attributes,
+                    "created_at": Utc::now().to_rfc3339(),
+                })
+            })
+            .collect()
+    }
+}
+
+pub async fn run(mut settings: Settings, args: DemoArgs) -> ExitCode {
+    match demo(&mut settings, args).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
+    let shutdown = CancellationToken::new();
+    let sim = Sim::new();
+    let addr = sim.spawn(0, shutdown.clone()).await?;
+    let run_id = format!("{:08x}", fastrand::u32(..));
+    let demo_settings = Settings::from_toml(include_str!("../config/vpc-node.toml"))?;
+    settings.providers = demo_settings.providers;
+    settings.kinds = demo_settings.kinds;
+    if let Some(crate::config::ProviderSettings::Http(h)) = settings.providers.get_mut("cloud") {
+        h.base_url = format!("http://{addr}");
+        h.auth = None;
+    }
+    settings.broker.prefix = format!("reaper-demo-{run_id}");
+    settings.worker.retry_delays_secs = vec![0.5, 1.0, 2.0, 5.0];
+    settings.worker.step_min_backoff_ms = 20;
+    settings.worker.step_max_backoff_ms = 500;
+
+    println!("reaper demo {run_id}: simulated cloud on http://{addr}, {} nodes", args.nodes);
+    let app = Arc::new(App::build(settings.clone()).await?);
+    let (conn, publisher) = broker::consumer::open(&app).await?;
+    let mut tap = ResultTap::open(&conn, &app.names).await?;
+    let worker = tokio::spawn(app.clone().run(shutdown.clone()));
+
+    let nodes: Vec<VpcNode> = (0..args.nodes).map(|i| VpcNode::new(&format!("demo-{run_id}-{i:04}"))).collect();
+    for n in &nodes {
+        n.create_in(&sim);
+    }
+    let total = sim.paths().len();
+    sim.set_faults(Faults { error_rate: args.error_rate, rate_limit_rate: args.rate_limit_rate, retry_after_secs: 0.2, ..Default::default() });
+
+    let started = Instant::now();
+    for n in &nodes {
+        for e in n.track_events(&run_id) {
+            let body = serde_json::to_vec(&e)?;
+            publisher.publish(&app.names.events, RESOURCE_TRACKED, &body, e["event_id"].as_str().unwrap_or(""), &[]).await?;
+        }
+    }
+    let owners: Vec<String> = nodes.iter().map(|n| n.owner.clone()).collect();
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+    loop {
+        let n = app.ledger.count_tracked(&owners).await?;
+        print!("\rtracked {n}/{total} resources");
+        if n as usize >= total {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the worker did not record the tracked resources in time");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!();
+
+    for (i, n) in nodes.iter().enumerate() {
+        let (key, body) = if i % 2 == 0 {
+            (DELETION_REQUESTED, json!({"event_id": format!("{run_id}-del-{i}"), "owner": n.owner, "reason": "node deleted", "requested_by": "demo", "occurred_at": Utc::now().to_rfc3339()}))
+        } else {
+            (PROVISIONING_FAILED, json!({"event_id": format!("{run_id}-fail-{i}"), "owner": n.owner, "failed_step": "install_os", "error": "timeout waiting for the server", "occurred_at": Utc::now().to_rfc3339()}))
+        };
+        publisher.publish(&app.names.events, key, &serde_json::to_vec(&body)?, body["event_id"].as_str().unwrap_or(""), &[]).await?;
+    }
+
+    let mut results = Vec::new();
+    while results.len() < nodes.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tap.next(left).await {
+            Some(r) => results.push(r.result),
+            None => break,
+        }
+        print!("\rjobs finished {}/{}", results.len(), nodes.len());
+    }
+    println!();
+    let elapsed = started.elapsed();
+    shutdown.cancel();
+    let _ = worker.await;
+
+    let completed = results.iter().filter(|r| r.status == "completed").count();
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut retries = 0;
+    for r in &results {
+        for s in &r.resources {
+            *outcomes.entry(s.outcome.clone()).or_default() += 1;
+            retries += s.attempts.saturating_sub(1) as usize;
+        }
+        retries += r.attempts.saturating_sub(1) as usize;
+    }
+    let stats = sim.stats();
+    let left = sim.paths();
+    println!();
+    println!("  {:<32} {:>8}", "jobs finished", format!("{}/{}", results.len(), nodes.len()));
+    println!("  {:<32} {:>8}", "jobs completed", completed);
+    for (o, n) in &outcomes {
+        println!("  {:<32} {:>8}", format!("resources {o}"), n);
+    }
+    println!("  {:<32} {:>8}", "retries (steps + broker)", retries);
+    println!("  {:<32} {:>8}", "API requests", stats.requests);
+    println!("  {:<32} {:>8}", "injected 503s / 429s", format!("{}/{}", stats.injected_errors, stats.injected_rate_limits));
+    println!("  {:<32} {:>8}", "deletes refused for order", stats.refused_for_order);
+    println!("  {:<32} {:>8}", "simulated resources left", left.len());
+    println!("  {:<32} {:>8}", "time", format!("{:.2}s", elapsed.as_secs_f64()));
+
+    let _ = broker::delete_topology(&conn, &app.names, &app.settings.worker.retry_delays()).await;
+    let _ = conn.close(200, "demo done".into()).await;
+    let ok = left.is_empty() && completed == nodes.len();
+    if ok {
+        println!("\nevery simulated resource is gone");
+    } else {
+        println!("\nFAILED: {} resources left, {} of {} jobs completed", left.len(), completed, nodes.len());
+        for p in left.iter().take(10) {
+            println!("  left: {p}");
+        }
+    }
+    Ok(ok)
+}

@@ -1,0 +1,131 @@
+//! Plain types the rest of the crate talks in. No I/O, no wire format.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// A resource as reaper knows it: the provider's own ID, the kind that says how
+/// to delete it, and what templates may need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resource {
+    pub kind: String,
+    pub id: String,
+    /// Values a request template may use as `{attr.NAME}`.
+    pub attributes: BTreeMap<String, String>,
+    /// This resource must be gone before its parent is deleted.
+    pub parent: Option<ResourceRef>,
+}
+
+/// Names one resource: `kind/id`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceRef {
+    pub kind: String,
+    pub id: String,
+}
+
+impl fmt::Display for ResourceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.kind, self.id)
+    }
+}
+
+impl Resource {
+    pub fn reference(&self) -> ResourceRef {
+        ResourceRef {
+            kind: self.kind.clone(),
+            id: self.id.clone(),
+        }
+    }
+}
+
+/// What happened to one resource in one job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Deleted,
+    AlreadyGone,
+    WouldDelete,
+    Blocked,
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Deleted => "deleted",
+            Outcome::AlreadyGone => "already_gone",
+            Outcome::WouldDelete => "would_delete",
+            Outcome::Blocked => "blocked",
+            Outcome::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Outcome> {
+        Some(match s {
+            "deleted" => Outcome::Deleted,
+            "already_gone" => Outcome::AlreadyGone,
+            "would_delete" => Outcome::WouldDelete,
+            "blocked" => Outcome::Blocked,
+            "failed" => Outcome::Failed,
+            _ => return None,
+        })
+    }
+
+    /// The resource no longer exists: a resumed job must not touch it again.
+    pub fn is_gone(self) -> bool {
+        matches!(self, Outcome::Deleted | Outcome::AlreadyGone)
+    }
+}
+
+/// Why a job exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    DeletionRequested,
+    ProvisioningFailed,
+    /// A resource was tracked after its owner's teardown had started.
+    LateTrack,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::DeletionRequested => "deletion.requested",
+            Trigger::ProvisioningFailed => "provisioning.failed",
+            Trigger::LateTrack => "late_track",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Trigger> {
+        Some(match s {
+            "deletion.requested" => Trigger::DeletionRequested,
+            "provisioning.failed" => Trigger::ProvisioningFailed,
+            "late_track" => Trigger::LateTrack,
+            _ => return None,
+        })
+    }
+}
+
+/// Terminal state of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobStatus {
+    Running,
+    Completed,
+    DeadLettered,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Running => "running",
+            JobStatus::Completed => "completed",
+            JobStatus::DeadLettered => "dead_lettered",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobStatus> {
+        Some(match s {
+            "running" => JobStatus::Running,
+            "completed" => JobStatus::Completed,
+            "dead_lettered" => JobStatus::DeadLettered,
+            _ => return None,
+        })
+    }
+}

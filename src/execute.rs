@@ -1,0 +1,178 @@
+//! Runs a job's plan: levels strictly in order, the resources of one level
+//! concurrently (each provider caps its own concurrency), every step retried in
+//! process a few times with exponential backoff and full jitter. Finished steps
+//! are written to the ledger once per level, so a redelivered job resumes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use futures_util::future::join_all;
+
+use crate::config::{Catalog, WorkerSettings};
+use crate::domain::{Outcome, Resource, ResourceRef};
+use crate::ledger::{JobStart, Ledger, LedgerError, StepRecord};
+use crate::plan;
+use crate::providers::{Deleted, Providers, StepError};
+
+/// What the executor needs, borrowed from the application state.
+pub struct Executor<'a> {
+    pub catalog: &'a Catalog,
+    pub providers: &'a Providers,
+    pub ledger: &'a Ledger,
+    pub worker: &'a WorkerSettings,
+}
+
+/// How a run ended, before the retry policy decides what happens next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEnd {
+    /// Every resource is gone (or, in a dry run, was looked at).
+    Completed,
+    /// A step failed in a way retrying will not fix.
+    Permanent(String),
+    /// A step ran out of in-process attempts on an error that may pass.
+    Unfinished(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// One record per resource of the job, in plan order.
+    pub steps: Vec<StepRecord>,
+    pub end: RunEnd,
+}
+
+impl Executor<'_> {
+    pub async fn run(&self, start: &JobStart) -> Result<Run, LedgerError> {
+        let resources = &start.resources;
+        let levels = match plan::levels(resources, self.catalog) {
+            Ok(l) => l,
+            Err(e) => {
+                let steps = resources.iter().map(|r| blocked(r.reference(), e.to_string())).collect();
+                return Ok(Run { steps, end: RunEnd::Permanent(e.to_string()) });
+            }
+        };
+        let mut steps: Vec<StepRecord> = Vec::with_capacity(resources.len());
+        let mut end = RunEnd::Completed;
+        for level in levels {
+            if end != RunEnd::Completed {
+                let why = match &end {
+                    RunEnd::Permanent(w) | RunEnd::Unfinished(w) => format!("not attempted: an earlier level failed ({w})"),
+                    RunEnd::Completed => unreachable!(),
+                };
+                steps.extend(level.iter().map(|&i| blocked(resources[i].reference(), why.clone())));
+                continue;
+            }
+            let mut todo = Vec::new();
+            for &i in &level {
+                let r = &resources[i];
+                match start.done.get(&r.reference()) {
+                    Some(done) if done.outcome.is_gone() => steps.push(done.clone()),
+                    _ => todo.push(r),
+                }
+            }
+            let results = join_all(todo.iter().map(|r| self.step(r, start.job.dry_run))).await;
+            let mut finished = Vec::new();
+            for (record, err) in results {
+                if let Some(err) = err {
+                    let why = format!("{}: {}", record.resource, err);
+                    end = match (&end, err.is_retryable()) {
+                        (RunEnd::Permanent(_), _) => end,
+                        (_, false) => RunEnd::Permanent(why),
+                        (RunEnd::Completed, true) => RunEnd::Unfinished(why),
+                        (RunEnd::Unfinished(_), true) => end,
+                    };
+                } else {
+                    finished.push(record.clone());
+                }
+                steps.push(record);
+            }
+            self.ledger.record_steps(&start.job, &finished).await?;
+        }
+        Ok(Run { steps, end })
+    }
+
+    /// One resource: delete (or, in a dry run, look) with retries.
+    async fn step(&self, r: &Resource, dry_run: bool) -> (StepRecord, Option<StepError>) {
+        let reference = r.reference();
+        let (Some(spec), Some(provider)) = (
+            self.catalog.kind(&r.kind),
+            self.catalog.kind(&r.kind).and_then(|k| self.providers.get(&k.provider)),
+        ) else {
+            let err = StepError::Permanent(format!("kind {:?} is not configured (any more)", r.kind));
+            return (failed(reference, 0, &err), Some(err));
+        };
+        let attempts = Arc::new(AtomicU32::new(0));
+        let deleted_once = Arc::new(AtomicBool::new(false));
+        let op = || {
+            let attempts = attempts.clone();
+            let deleted_once = deleted_once.clone();
+            async move {
+                attempts.fetch_add(1, Ordering::Relaxed);
+                if dry_run {
+                    return Ok(match provider.exists(spec, r).await? {
+                        Some(false) => Outcome::AlreadyGone,
+                        _ => Outcome::WouldDelete,
+                    });
+                }
+                // After an accepted delete only the check is repeated: a second
+                // DELETE would answer 404 and hide that we deleted it.
+                if !deleted_once.load(Ordering::Relaxed) {
+                    match provider.delete(spec, r).await? {
+                        Deleted::AlreadyGone => return Ok(Outcome::AlreadyGone),
+                        Deleted::Now => deleted_once.store(true, Ordering::Relaxed),
+                    }
+                }
+                match provider.exists(spec, r).await? {
+                    Some(true) => Err(StepError::StillThere),
+                    _ => Ok(Outcome::Deleted),
+                }
+            }
+        };
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(self.worker.step_min_backoff_ms))
+            .with_max_delay(Duration::from_millis(self.worker.step_max_backoff_ms))
+            .with_max_times(self.worker.step_attempts.saturating_sub(1) as usize);
+        let result = op
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(StepError::is_retryable)
+            .adjust(full_jitter)
+            .notify(|e, d| tracing::debug!(resource = %reference, error = %e, retry_in_ms = d.as_millis() as u64, "step will be retried"))
+            .await;
+        let n = attempts.load(Ordering::Relaxed);
+        match result {
+            Ok(outcome) => (StepRecord { resource: reference, outcome, attempts: n, error: None }, None),
+            Err(e) => (failed(reference, n, &e), Some(e)),
+        }
+    }
+}
+
+/// Full jitter: sleep a random time up to the exponential delay; a 429's
+/// Retry-After is a floor (the provider pauses for it anyway).
+fn full_jitter(e: &StepError, d: Option<Duration>) -> Option<Duration> {
+    let d = d?;
+    let jittered = d.mul_f64(fastrand::f64());
+    Some(match e {
+        StepError::RateLimited { retry_after: Some(ra) } => jittered.max(*ra),
+        _ => jittered,
+    })
+}
+
+fn failed(resource: ResourceRef, attempts: u32, e: &StepError) -> StepRecord {
+    StepRecord { resource, outcome: Outcome::Failed, attempts, error: Some(e.to_string()) }
+}
+
+fn blocked(resource: ResourceRef, why: String) -> StepRecord {
+    StepRecord { resource, outcome: Outcome::Blocked, attempts: 0, error: Some(why) }
+}
+
+/// Counts outcomes, for summaries.
+pub fn tally(steps: &[StepRecord]) -> HashMap<Outcome, usize> {
+    let mut m = HashMap::new();
+    for s in steps {
+        *m.entry(s.outcome).or_insert(0) += 1;
+    }
+    m
+}

@@ -1,0 +1,508 @@
+//! The ledger in PostgreSQL: tracked resources per owner, one job per event_id,
+//! and the outcome of each resource step.
+//!
+//! Which life of a reused owner name a resource belongs to (`BELONGS`): if both
+//! the resource and the teardown carry a `generation`, they must be equal; else,
+//! if the resource has a provider `created_at`, it must be no later than the
+//! teardown's `occurred_at`; else it must have been tracked no later than
+//! `occurred_at` plus the late-track window. The same rule claims resources when
+//! a teardown starts and decides, when a track arrives after one, that it is late.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use crate::config::DatabaseSettings;
+use crate::contract::{TeardownRequest, Tracked, TrackedResource};
+use crate::domain::{JobStatus, Outcome, Resource, ResourceRef, Trigger};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger: {op}: {source}")]
+    Db {
+        op: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("ledger: migrating: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("ledger: job {0} has a corrupt row: {1}")]
+    Corrupt(Uuid, String),
+}
+
+fn db(op: &'static str) -> impl FnOnce(sqlx::Error) -> LedgerError {
+    move |source| LedgerError::Db { op, source }
+}
+
+/// `r` is tracked_resources; $A = teardown occurred_at, $B = teardown generation,
+/// $C = window in seconds. Static text: values are always bound.
+macro_rules! belongs {
+    ($a:literal, $b:literal, $c:literal) => {
+        concat!(
+            "(CASE WHEN ", $b, "::bigint IS NOT NULL AND r.generation IS NOT NULL THEN r.generation = ", $b, "::bigint",
+            " WHEN r.created_at IS NOT NULL THEN r.created_at <= ", $a, "::timestamptz",
+            " ELSE r.tracked_at <= ", $a, "::timestamptz + make_interval(secs => ", $c, "::double precision) END)"
+        )
+    };
+}
+
+#[derive(Clone)]
+pub struct Ledger {
+    pool: PgPool,
+    window: Duration,
+}
+
+/// A job as stored.
+#[derive(Debug, Clone)]
+pub struct JobRow {
+    pub job_id: Uuid,
+    pub event_id: String,
+    pub owner: String,
+    pub trigger: Trigger,
+    pub dry_run: bool,
+    pub status: JobStatus,
+    pub attempts: u32,
+    pub started_at: DateTime<Utc>,
+    pub reason: Option<String>,
+    /// Set once the job is terminal.
+    pub result: Option<Vec<u8>>,
+}
+
+/// Everything a worker needs to run (or resume) a job.
+#[derive(Debug, Clone)]
+pub struct JobStart {
+    pub job: JobRow,
+    pub resources: Vec<Resource>,
+    /// Steps finished by earlier deliveries of this job.
+    pub done: HashMap<ResourceRef, StepRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepRecord {
+    pub resource: ResourceRef,
+    pub outcome: Outcome,
+    pub attempts: u32,
+    pub error: Option<String>,
+}
+
+/// What recording a `resource.tracked` led to.
+#[derive(Debug)]
+pub enum TrackOutcome {
+    /// Remembered for its owner's future teardown (or already in a running one).
+    Recorded,
+    /// The owner's teardown had started: this job tears the late resource down.
+    Late(JobStart),
+}
+
+impl Ledger {
+    pub async fn connect(s: &DatabaseSettings, window: Duration) -> Result<Ledger, LedgerError> {
+        let opts: PgConnectOptions = s.url.expose().parse().map_err(db("parsing database.url"))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(s.max_connections)
+            .acquire_timeout(Duration::from_millis(s.acquire_timeout_ms))
+            .connect_with(opts)
+            .await
+            .map_err(db("connecting"))?;
+        Ok(Ledger { pool, window })
+    }
+
+    pub fn from_pool(pool: PgPool, window: Duration) -> Ledger {
+        Ledger { pool, window }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> Result<(), LedgerError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    fn window_secs(&self) -> f64 {
+        self.window.as_secs_f64()
+    }
+
+    /// Records a tracked resource; if its owner's life already ended, opens the
+    /// late-track job (keyed by the track's own event_id) that tears it down.
+    pub async fn track(&self, t: &Tracked, body: &[u8], routing_key: &str) -> Result<TrackOutcome, LedgerError> {
+        let mut tx = self.pool.begin().await.map_err(db("begin"))?;
+        if let Some(job) = job_by_event(&mut tx, &t.event_id).await? {
+            let start = load_start(&mut tx, job, None).await?;
+            tx.commit().await.map_err(db("commit"))?;
+            return Ok(TrackOutcome::Late(start));
+        }
+        upsert_resources(&mut tx, &t.owner, t.generation, std::slice::from_ref(&t.resource), None).await?;
+        let r = &t.resource.resource;
+        let row = sqlx::query(
+            "SELECT job_id, tracked_at FROM tracked_resources WHERE owner = $1 AND kind = $2 AND resource_id = $3",
+        )
+        .bind(&t.owner)
+        .bind(&r.kind)
+        .bind(&r.id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db("reading the tracked resource"))?;
+        let claimed: Option<Uuid> = row.get("job_id");
+        let tracked_at: DateTime<Utc> = row.get("tracked_at");
+        if claimed.is_some() {
+            tx.commit().await.map_err(db("commit"))?;
+            return Ok(TrackOutcome::Recorded);
+        }
+        // The earliest real teardown of this owner whose life the resource belongs to.
+        let ended = sqlx::query(
+            "SELECT j.occurred_at, j.generation FROM jobs j
+             WHERE j.owner = $1 AND NOT j.dry_run AND j.trigger IN ('deletion.requested', 'provisioning.failed')
+               AND (CASE WHEN $2::bigint IS NOT NULL AND j.generation IS NOT NULL THEN j.generation = $2::bigint
+                         WHEN $3::timestamptz IS NOT NULL THEN $3::timestamptz <= j.occurred_at
+                         ELSE $4::timestamptz <= j.occurred_at + make_interval(secs => $5::double precision) END)
+             ORDER BY j.occurred_at LIMIT 1",
+        )
+        .bind(&t.owner)
+        .bind(t.generation)
+        .bind(t.resource.created_at)
+        .bind(tracked_at)
+        .bind(self.window_secs())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db("finding the teardown a late track belongs to"))?;
+        let Some(ended) = ended else {
+            tx.commit().await.map_err(db("commit"))?;
+            return Ok(TrackOutcome::Recorded);
+        };
+        let job_id = Uuid::new_v4();
+        let occurred_at: DateTime<Utc> = ended.get("occurred_at");
+        let generation: Option<i64> = ended.get("generation");
+        sqlx::query(
+            "INSERT INTO jobs (job_id, event_id, owner, trigger, dry_run, generation, occurred_at, event_body, routing_key)
+             VALUES ($1, $2, $3, 'late_track', false, $4, $5, $6, $7)",
+        )
+        .bind(job_id)
+        .bind(&t.event_id)
+        .bind(&t.owner)
+        .bind(generation)
+        .bind(occurred_at)
+        .bind(body)
+        .bind(routing_key)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("opening a late-track job"))?;
+        sqlx::query("UPDATE tracked_resources SET job_id = $1 WHERE owner = $2 AND kind = $3 AND resource_id = $4")
+            .bind(job_id)
+            .bind(&t.owner)
+            .bind(&r.kind)
+            .bind(&r.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("claiming a late-tracked resource"))?;
+        let job = job_by_event(&mut tx, &t.event_id).await?.expect("inserted above");
+        let start = load_start(&mut tx, job, None).await?;
+        tx.commit().await.map_err(db("commit"))?;
+        Ok(TrackOutcome::Late(start))
+    }
+
+    /// Opens the job for a teardown event, or finds it again on redelivery.
+    /// A new real teardown claims the owner's resources of the life it ends.
+    pub async fn begin_job(&self, req: &TeardownRequest, body: &[u8], routing_key: &str) -> Result<JobStart, LedgerError> {
+        let mut tx = self.pool.begin().await.map_err(db("begin"))?;
+        let row = sqlx::query(
+            "INSERT INTO jobs (job_id, event_id, owner, trigger, dry_run, generation, occurred_at, event_body, routing_key)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (event_id) DO UPDATE
+                SET attempts = jobs.attempts + CASE WHEN jobs.status = 'running' THEN 1 ELSE 0 END
+             RETURNING (xmax = 0) AS inserted",
+        )
+        .bind(Uuid::new_v4())
+        .bind(&req.event_id)
+        .bind(&req.owner)
+        .bind(req.trigger.as_str())
+        .bind(req.dry_run)
+        .bind(req.generation)
+        .bind(req.occurred_at)
+        .bind(body)
+        .bind(routing_key)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db("opening the job"))?;
+        let inserted: bool = row.get("inserted");
+        let job = job_by_event(&mut tx, &req.event_id).await?.expect("upserted above");
+        if inserted && !job.dry_run {
+            upsert_resources(&mut tx, &req.owner, req.generation, &req.resources, Some(job.job_id)).await?;
+            sqlx::query(concat!(
+                "UPDATE tracked_resources r SET job_id = $1
+                 WHERE r.owner = $2 AND r.job_id IS NULL AND r.state = 'live' AND ",
+                belongs!("$3", "$4", "$5")
+            ))
+            .bind(job.job_id)
+            .bind(&req.owner)
+            .bind(req.occurred_at)
+            .bind(req.generation)
+            .bind(self.window_secs())
+            .execute(&mut *tx)
+            .await
+            .map_err(db("claiming the owner's resources"))?;
+        }
+        let dry = if job.dry_run { Some((req, self.window_secs())) } else { None };
+        let start = load_start(&mut tx, job, dry).await?;
+        tx.commit().await.map_err(db("commit"))?;
+        Ok(start)
+    }
+
+    /// Remembers finished steps so a redelivered job does not redo them.
+    pub async fn record_steps(&self, job: &JobRow, steps: &[StepRecord]) -> Result<(), LedgerError> {
+        if steps.is_empty() || job.dry_run {
+            return Ok(());
+        }
+        let c = StepColumns::from(steps);
+        sqlx::query(
+            "WITH s AS (
+                INSERT INTO job_steps (job_id, kind, resource_id, outcome, attempts, error)
+                SELECT $1, * FROM UNNEST($3::text[], $4::text[], $5::text[], $6::int[], $7::text[])
+                ON CONFLICT (job_id, kind, resource_id) DO UPDATE
+                   SET outcome = EXCLUDED.outcome, attempts = EXCLUDED.attempts, error = EXCLUDED.error, finished_at = now()
+             )
+             UPDATE tracked_resources t SET state = u.outcome
+             FROM UNNEST($3::text[], $4::text[], $5::text[]) AS u(kind, resource_id, outcome)
+             WHERE t.owner = $2 AND t.job_id = $1 AND t.kind = u.kind AND t.resource_id = u.resource_id
+               AND u.outcome IN ('deleted', 'already_gone')",
+        )
+        .bind(job.job_id)
+        .bind(&job.owner)
+        .bind(&c.kinds)
+        .bind(&c.ids)
+        .bind(&c.outcomes)
+        .bind(&c.attempts)
+        .bind(&c.errors)
+        .execute(&self.pool)
+        .await
+        .map_err(db("recording steps"))?;
+        Ok(())
+    }
+
+    /// Makes the job terminal with its result, unless another delivery of the
+    /// same event got there first: then that one's result is returned, so every
+    /// result for one event_id is byte-for-byte the same.
+    pub async fn finish(&self, job: &JobRow, status: JobStatus, reason: Option<&str>, result: &[u8]) -> Result<Vec<u8>, LedgerError> {
+        let row = sqlx::query(
+            "WITH f AS (
+                UPDATE jobs SET status = $2, reason = $3, result = $4, finished_at = now(), lease_until = NULL
+                WHERE job_id = $1 AND status = 'running'
+                RETURNING result
+             )
+             SELECT result FROM f UNION ALL SELECT result FROM jobs WHERE job_id = $1 AND NOT EXISTS (SELECT 1 FROM f)",
+        )
+        .bind(job.job_id)
+        .bind(status.as_str())
+        .bind(reason)
+        .bind(result)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("finishing the job"))?;
+        let stored: Option<Vec<u8>> = row.get("result");
+        stored.ok_or_else(|| LedgerError::Corrupt(job.job_id, "terminal without a result".into()))
+    }
+
+    pub async fn job_by_event(&self, event_id: &str) -> Result<Option<JobRow>, LedgerError> {
+        let mut conn = self.pool.acquire().await.map_err(db("acquire"))?;
+        job_by_event(&mut conn, event_id).await
+    }
+
+    /// Tracked resources of an owner with their state, for status views and tests.
+    pub async fn owner_resources(&self, owner: &str) -> Result<Vec<(ResourceRef, String, Option<Uuid>)>, LedgerError> {
+        let rows = sqlx::query("SELECT kind, resource_id, state, job_id FROM tracked_resources WHERE owner = $1 ORDER BY kind, resource_id")
+            .bind(owner)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("listing an owner's resources"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (ResourceRef { kind: r.get("kind"), id: r.get("resource_id") }, r.get("state"), r.get("job_id")))
+            .collect())
+    }
+}
+
+struct StepColumns {
+    kinds: Vec<String>,
+    ids: Vec<String>,
+    outcomes: Vec<&'static str>,
+    attempts: Vec<i32>,
+    errors: Vec<Option<String>>,
+}
+
+impl From<&[StepRecord]> for StepColumns {
+    fn from(steps: &[StepRecord]) -> Self {
+        StepColumns {
+            kinds: steps.iter().map(|s| s.resource.kind.clone()).collect(),
+            ids: steps.iter().map(|s| s.resource.id.clone()).collect(),
+            outcomes: steps.iter().map(|s| s.outcome.as_str()).collect(),
+            attempts: steps.iter().map(|s| s.attempts as i32).collect(),
+            errors: steps.iter().map(|s| s.error.clone()).collect(),
+        }
+    }
+}
+
+async fn job_by_event(conn: &mut sqlx::PgConnection, event_id: &str) -> Result<Option<JobRow>, LedgerError> {
+    let row = sqlx::query(
+        "SELECT job_id, event_id, owner, trigger, dry_run, status, attempts, started_at, reason, result
+         FROM jobs WHERE event_id = $1",
+    )
+    .bind(event_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db("reading a job"))?;
+    row.map(|r| job_row(&r)).transpose()
+}
+
+fn job_row(r: &sqlx::postgres::PgRow) -> Result<JobRow, LedgerError> {
+    let job_id: Uuid = r.get("job_id");
+    let trigger: String = r.get("trigger");
+    let status: String = r.get("status");
+    let attempts: i32 = r.get("attempts");
+    Ok(JobRow {
+        job_id,
+        event_id: r.get("event_id"),
+        owner: r.get("owner"),
+        trigger: Trigger::parse(&trigger).ok_or_else(|| LedgerError::Corrupt(job_id, format!("trigger {trigger:?}")))?,
+        dry_run: r.get("dry_run"),
+        status: JobStatus::parse(&status).ok_or_else(|| LedgerError::Corrupt(job_id, format!("status {status:?}")))?,
+        attempts: attempts.max(0) as u32,
+        started_at: r.get("started_at"),
+        reason: r.get("reason"),
+        result: r.get("result"),
+    })
+}
+
+/// Inserts or refreshes tracked resources. `claim_for` claims them for a job
+/// (the resources a provisioning.failed event lists belong to that teardown).
+/// A resource already proven gone that is tracked again is live again.
+async fn upsert_resources(
+    tx: &mut Transaction<'_, Postgres>,
+    owner: &str,
+    generation: Option<i64>,
+    resources: &[TrackedResource],
+    claim_for: Option<Uuid>,
+) -> Result<(), LedgerError> {
+    if resources.is_empty() {
+        return Ok(());
+    }
+    let kinds: Vec<&str> = resources.iter().map(|r| r.resource.kind.as_str()).collect();
+    let ids: Vec<&str> = resources.iter().map(|r| r.resource.id.as_str()).collect();
+    let attrs: Vec<serde_json::Value> = resources.iter().map(|r| serde_json::to_value(&r.resource.attributes).expect("a string map")).collect();
+    let pkinds: Vec<Option<&str>> = resources.iter().map(|r| r.resource.parent.as_ref().map(|p| p.kind.as_str())).collect();
+    let pids: Vec<Option<&str>> = resources.iter().map(|r| r.resource.parent.as_ref().map(|p| p.id.as_str())).collect();
+    let created: Vec<Option<DateTime<Utc>>> = resources.iter().map(|r| r.created_at).collect();
+    sqlx::query(
+        "INSERT INTO tracked_resources AS t (owner, kind, resource_id, attributes, parent_kind, parent_id, generation, created_at, job_id)
+         SELECT $1, u.kind, u.id, u.attrs, u.pkind, u.pid, $2, u.created, $9
+         FROM UNNEST($3::text[], $4::text[], $5::jsonb[], $6::text[], $7::text[], $8::timestamptz[])
+              AS u(kind, id, attrs, pkind, pid, created)
+         ON CONFLICT (owner, kind, resource_id) DO UPDATE SET
+            attributes = EXCLUDED.attributes,
+            parent_kind = COALESCE(EXCLUDED.parent_kind, t.parent_kind),
+            parent_id = COALESCE(EXCLUDED.parent_id, t.parent_id),
+            generation = COALESCE(EXCLUDED.generation, t.generation),
+            created_at = COALESCE(EXCLUDED.created_at, t.created_at),
+            tracked_at = CASE WHEN t.state = 'live' THEN t.tracked_at ELSE now() END,
+            job_id = CASE WHEN t.state = 'live' AND t.job_id IS NOT NULL THEN t.job_id ELSE EXCLUDED.job_id END,
+            state = 'live'",
+    )
+    .bind(owner)
+    .bind(generation)
+    .bind(&kinds)
+    .bind(&ids)
+    .bind(&attrs)
+    .bind(&pkinds)
+    .bind(&pids)
+    .bind(&created)
+    .bind(claim_for)
+    .execute(&mut **tx)
+    .await
+    .map_err(db("recording tracked resources"))?;
+    Ok(())
+}
+
+/// Loads what a job works on. A dry run claims nothing: it reads what a real
+/// teardown would claim now, plus what the event itself lists.
+async fn load_start(
+    tx: &mut Transaction<'_, Postgres>,
+    job: JobRow,
+    dry: Option<(&TeardownRequest, f64)>,
+) -> Result<JobStart, LedgerError> {
+    if job.status != JobStatus::Running {
+        return Ok(JobStart { job, resources: Vec::new(), done: HashMap::new() });
+    }
+    let rows = match dry {
+        Some((req, window)) => sqlx::query(concat!(
+            "SELECT kind, resource_id, attributes, parent_kind, parent_id FROM tracked_resources r
+             WHERE r.owner = $1 AND r.job_id IS NULL AND r.state = 'live' AND ",
+            belongs!("$2", "$3", "$4")
+        ))
+        .bind(&job.owner)
+        .bind(req.occurred_at)
+        .bind(req.generation)
+        .bind(window)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db("reading what a dry run would claim"))?,
+        None => sqlx::query(
+            "SELECT kind, resource_id, attributes, parent_kind, parent_id FROM tracked_resources WHERE job_id = $1",
+        )
+        .bind(job.job_id)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db("reading the job's resources"))?,
+    };
+    let mut resources: Vec<Resource> = rows
+        .iter()
+        .map(|r| {
+            let attrs: serde_json::Value = r.get("attributes");
+            let pk: Option<String> = r.get("parent_kind");
+            let pi: Option<String> = r.get("parent_id");
+            Resource {
+                kind: r.get("kind"),
+                id: r.get("resource_id"),
+                attributes: serde_json::from_value::<BTreeMap<String, String>>(attrs).unwrap_or_default(),
+                parent: pk.zip(pi).map(|(kind, id)| ResourceRef { kind, id }),
+            }
+        })
+        .collect();
+    if let Some((req, _)) = dry {
+        for r in &req.resources {
+            if !resources.iter().any(|x| x.kind == r.resource.kind && x.id == r.resource.id) {
+                resources.push(r.resource.clone());
+            }
+        }
+    }
+    let steps = sqlx::query("SELECT kind, resource_id, outcome, attempts, error FROM job_steps WHERE job_id = $1")
+        .bind(job.job_id)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db("reading finished steps"))?;
+    let mut done = HashMap::new();
+    for s in steps {
+        let outcome: String = s.get("outcome");
+        let attempts: i32 = s.get("attempts");
+        let resource = ResourceRef { kind: s.get("kind"), id: s.get("resource_id") };
+        let outcome = Outcome::parse(&outcome).ok_or_else(|| LedgerError::Corrupt(job.job_id, format!("outcome {outcome:?}")))?;
+        done.insert(resource.clone(), StepRecord { resource, outcome, attempts: attempts.max(0) as u32, error: s.get("error") });
+    }
+    Ok(JobStart { job, resources, done })
+}
+
+impl Ledger {
+    /// How many resources are tracked for these owners (any state).
+    pub async fn count_tracked(&self, owners: &[String]) -> Result<i64, LedgerError> {
+        let row = sqlx::query("SELECT count(*) AS n FROM tracked_resources WHERE owner = ANY($1)")
+            .bind(owners)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("counting tracked resources"))?;
+        Ok(row.get("n"))
+    }
+}

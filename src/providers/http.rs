@@ -1,0 +1,296 @@
+//! The HTTP provider: one pooled reqwest client per configured API, request
+//! templates filled with percent-encoded values, a concurrency cap and a request
+//! rate shared by every job, and a pause that a 429 imposes on all of them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use reqwest::header::{HeaderName, HeaderValue};
+use reqwest::{Method, StatusCode};
+use tokio::sync::{Mutex, Semaphore};
+use tokio::time::Instant;
+
+use super::{Deleted, ProviderError, StepError};
+use crate::config::{HttpProviderSettings, KindSpec};
+use crate::domain::Resource;
+
+/// Everything but RFC 3986 unreserved characters is encoded, `/` included, so a
+/// value can never step out of its path segment.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+/// Longest pause a server's Retry-After can impose, so a bogus header can't park us.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// "METHOD /path/{id}/{attr.NAME}", parsed once at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestTemplate {
+    method: Method,
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Id,
+    Attr(String),
+}
+
+impl RequestTemplate {
+    pub fn parse(s: &str) -> Result<RequestTemplate, String> {
+        let (method, path) = s
+            .trim()
+            .split_once(' ')
+            .ok_or_else(|| format!("{s:?} is not \"METHOD /path\""))?;
+        let method = Method::from_bytes(method.as_bytes()).map_err(|_| format!("bad method {method:?}"))?;
+        let path = path.trim();
+        if !path.starts_with('/') {
+            return Err(format!("path {path:?} must start with '/'"));
+        }
+        let mut parts = Vec::new();
+        let mut rest = path;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Literal(rest[..open].to_string()));
+            }
+            let close = rest[open..].find('}').ok_or_else(|| format!("unclosed '{{' in {path:?}"))? + open;
+            let name = &rest[open + 1..close];
+            parts.push(match name {
+                "id" => Part::Id,
+                _ => match name.strip_prefix("attr.") {
+                    Some(a) if !a.is_empty() => Part::Attr(a.to_string()),
+                    _ => return Err(format!("unknown placeholder {{{name}}}; use {{id}} or {{attr.NAME}}")),
+                },
+            });
+            rest = &rest[close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(format!("stray '}}' in {path:?}"));
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Literal(rest.to_string()));
+        }
+        Ok(RequestTemplate { method, parts })
+    }
+
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    pub fn attributes(&self) -> impl Iterator<Item = String> + '_ {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Attr(a) => Some(a.clone()),
+            _ => None,
+        })
+    }
+
+    /// The path with every value percent-encoded.
+    pub fn render(&self, id: &str, attributes: &BTreeMap<String, String>) -> Result<String, String> {
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Literal(l) => out.push_str(l),
+                Part::Id => out.extend(utf8_percent_encode(id, SEGMENT)),
+                Part::Attr(a) => {
+                    let v = attributes.get(a).ok_or_else(|| format!("attribute {a:?} is missing"))?;
+                    out.extend(utf8_percent_encode(v, SEGMENT));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+pub struct HttpProvider {
+    name: String,
+    client: reqwest::Client,
+    base_url: String,
+    auth: Option<(HeaderName, HeaderValue)>,
+    in_flight: Semaphore,
+    pacer: Mutex<Pacer>,
+}
+
+/// Spaces requests by the configured rate and holds all of them back while a
+/// 429's Retry-After runs.
+struct Pacer {
+    interval: Option<Duration>,
+    next_slot: Instant,
+    paused_until: Option<Instant>,
+}
+
+impl HttpProvider {
+    pub fn build(name: &str, s: &HttpProviderSettings) -> Result<HttpProvider, ProviderError> {
+        let err = |message: String| ProviderError::Build { provider: name.to_string(), message };
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(s.timeout_ms))
+            .connect_timeout(Duration::from_millis(s.connect_timeout_ms))
+            .pool_max_idle_per_host(s.max_concurrency)
+            .build()
+            .map_err(|e| err(format!("building the HTTP client: {e}")))?;
+        let auth = match &s.auth {
+            None => None,
+            Some(a) => {
+                let token = match (&a.token_env, &a.token_file) {
+                    (Some(var), _) => std::env::var(var).map_err(|_| err(format!("auth.token_env names {var}, which is not set")))?,
+                    (None, Some(file)) => std::fs::read_to_string(file)
+                        .map_err(|e| err(format!("auth.token_file {file}: {e}")))?
+                        .trim()
+                        .to_string(),
+                    (None, None) => return Err(err("auth needs token_env or token_file".into())),
+                };
+                let value = if a.scheme.is_empty() { token } else { format!("{} {token}", a.scheme) };
+                let mut value = HeaderValue::from_str(&value).map_err(|_| err("the token is not a valid header value".into()))?;
+                value.set_sensitive(true);
+                let header = HeaderName::from_bytes(a.header.as_bytes()).map_err(|_| err(format!("bad auth header name {:?}", a.header)))?;
+                Some((header, value))
+            }
+        };
+        Ok(HttpProvider {
+            name: name.to_string(),
+            client,
+            base_url: s.base_url.trim_end_matches('/').to_string(),
+            auth,
+            in_flight: Semaphore::new(s.max_concurrency),
+            pacer: Mutex::new(Pacer {
+                interval: s.rate_per_sec.map(|r| Duration::from_secs_f64(1.0 / r)),
+                next_slot: Instant::now(),
+                paused_until: None,
+            }),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub async fn delete(&self, kind: &KindSpec, r: &Resource) -> Result<Deleted, StepError> {
+        let status = self.send(&kind.delete, r).await?;
+        match status {
+            s if s.is_success() => Ok(Deleted::Now),
+            StatusCode::NOT_FOUND | StatusCode::GONE => Ok(Deleted::AlreadyGone),
+            other => Err(classify_status(other, "")),
+        }
+    }
+
+    pub async fn exists(&self, kind: &KindSpec, r: &Resource) -> Result<Option<bool>, StepError> {
+        let Some(check) = &kind.check else { return Ok(None) };
+        let status = self.send(check, r).await?;
+        match status {
+            s if s.is_success() => Ok(Some(true)),
+            StatusCode::NOT_FOUND | StatusCode::GONE => Ok(Some(false)),
+            other => Err(classify_status(other, "")),
+        }
+    }
+
+    async fn send(&self, t: &RequestTemplate, r: &Resource) -> Result<StatusCode, StepError> {
+        let path = t.render(&r.id, &r.attributes).map_err(StepError::Permanent)?;
+        let url = format!("{}{}", self.base_url, path);
+        let _permit = self.in_flight.acquire().await.expect("the semaphore is never closed");
+        self.wait_for_turn().await;
+        let mut req = self.client.request(t.method().clone(), &url);
+        if let Some((h, v)) = &self.auth {
+            req = req.header(h.clone(), v.clone());
+        }
+        let resp = req.send().await.map_err(|e| {
+            if e.is_timeout() || e.is_connect() || e.is_request() {
+                StepError::Transient(format!("{} {path}: {}", t.method(), without_url(&e)))
+            } else {
+                StepError::Permanent(format!("{} {path}: {}", t.method(), without_url(&e)))
+            }
+        })?;
+        let status = resp.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(|s| Duration::from_secs_f64(s).min(MAX_RETRY_AFTER));
+            self.pause(retry_after.unwrap_or(Duration::from_secs(1))).await;
+            return Err(StepError::RateLimited { retry_after });
+        }
+        if !status.is_success() && status != StatusCode::NOT_FOUND && status != StatusCode::GONE {
+            let detail = resp.text().await.unwrap_or_default();
+            return Err(classify_status(status, &detail));
+        }
+        Ok(status)
+    }
+
+    async fn wait_for_turn(&self) {
+        let wake = {
+            let mut p = self.pacer.lock().await;
+            let now = Instant::now();
+            let mut at = p.next_slot.max(now);
+            if let Some(until) = p.paused_until {
+                at = at.max(until);
+            }
+            if let Some(i) = p.interval {
+                p.next_slot = at + i;
+            }
+            at
+        };
+        tokio::time::sleep_until(wake).await;
+    }
+
+    async fn pause(&self, d: Duration) {
+        let mut p = self.pacer.lock().await;
+        let until = Instant::now() + d;
+        p.paused_until = Some(p.paused_until.map_or(until, |u| u.max(until)));
+        tracing::warn!(provider = %self.name, pause_ms = d.as_millis() as u64, "rate limited by the API; slowing the whole provider");
+    }
+}
+
+fn classify_status(status: StatusCode, body: &str) -> StepError {
+    let detail: String = body.chars().take(200).collect();
+    match status.as_u16() {
+        409 | 423 => StepError::NotYet { status: status.as_u16(), detail },
+        500..=599 | 408 => StepError::Transient(format!("{status} {detail}")),
+        _ => StepError::Permanent(format!("{status} {detail}")),
+    }
+}
+
+/// reqwest errors print the URL; ours are built from templates and carry no
+/// secrets, but the base URL may, so keep only the cause.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(u) = e.url() {
+        s = s.replace(u.as_str(), "");
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_encoded_so_they_cannot_leave_their_segment() {
+        let t = RequestTemplate::parse("DELETE /v1/subnets/{attr.subnet_id}/reserved_ips/{id}").unwrap();
+        let mut a = BTreeMap::new();
+        a.insert("subnet_id".to_string(), "../admin".to_string());
+        assert_eq!(t.render("a b/c?d#e", &a).unwrap(), "/v1/subnets/..%2Fadmin/reserved_ips/a%20b%2Fc%3Fd%23e");
+        assert_eq!(t.attributes().collect::<Vec<_>>(), ["subnet_id"]);
+    }
+
+    #[test]
+    fn bad_templates_are_refused() {
+        assert!(RequestTemplate::parse("/v1/x/{id}").is_err());
+        assert!(RequestTemplate::parse("DELETE v1/x").is_err());
+        assert!(RequestTemplate::parse("DELETE /v1/{name}").is_err());
+        assert!(RequestTemplate::parse("DELETE /v1/{id").is_err());
+    }
+
+    #[test]
+    fn statuses_map_to_retry_classes() {
+        assert!(matches!(classify_status(StatusCode::CONFLICT, ""), StepError::NotYet { .. }));
+        assert!(matches!(classify_status(StatusCode::BAD_GATEWAY, ""), StepError::Transient(_)));
+        assert!(matches!(classify_status(StatusCode::FORBIDDEN, ""), StepError::Permanent(_)));
+    }
+}

@@ -1,0 +1,58 @@
+//! The one classification: every way a message can end maps to a
+//! [`Disposition`], and the consumer acts on that alone.
+
+use std::time::Duration;
+
+use crate::ledger::LedgerError;
+
+/// What the consumer does with a delivery once the handler is through with it.
+/// In every case but `Requeue` the message is acked only after what must be
+/// published has been confirmed by the broker.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Disposition {
+    /// Publish the job's result; when `dead` is set also put a copy of the event
+    /// on the dead queue; then ack.
+    Finished { event_id: String, result: Vec<u8>, routing_key: &'static str, dead: Option<DeadLetter> },
+    /// Recorded, nothing to publish: ack.
+    Ack,
+    /// Not finished yet: republish to the retry queue for `delay`, then ack.
+    RetryAfter { delay: Duration, why: String },
+    /// Malformed: to the dead queue with the reason, no result (there is no job), then ack.
+    Reject { reason: String },
+    /// Our own infrastructure failed (database unreachable): hand the message
+    /// back to the broker after a pause, so another try (or replica) gets it.
+    Requeue { pause: Duration, why: String },
+}
+
+/// Headers that travel with a dead-lettered event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub reason: String,
+    pub job_id: String,
+}
+
+/// A ledger failure leaves the job where it was; the message comes back.
+pub fn on_ledger_error(e: &LedgerError) -> Disposition {
+    Disposition::Requeue { pause: Duration::from_secs(1), why: e.to_string() }
+}
+
+/// Which broker delay the `attempt`-th delivery of a job gets when it cannot
+/// finish, or `None` when the schedule is spent and the job must be dead-lettered.
+pub fn next_delay(schedule: &[Duration], attempt: u32) -> Option<Duration> {
+    let i = attempt.checked_sub(1)? as usize;
+    schedule.get(i).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_is_walked_once_then_spent() {
+        let s = [Duration::from_secs(10), Duration::from_secs(60)];
+        assert_eq!(next_delay(&s, 1), Some(Duration::from_secs(10)));
+        assert_eq!(next_delay(&s, 2), Some(Duration::from_secs(60)));
+        assert_eq!(next_delay(&s, 3), None);
+        assert_eq!(next_delay(&[], 1), None);
+    }
+}

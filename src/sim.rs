@@ -1,0 +1,327 @@
+//! The simulated cloud: a real HTTP server that stores resources by path,
+//! enforces dependencies (deleting something another resource depends on answers
+//! 409 and is counted as refused for order), and injects faults on request.
+//!
+//! Resource API (any path outside `/_sim`):
+//! - `PUT /any/path` with `{"depends_on": ["/other/path"], "attributes": {...}}` creates.
+//! - `GET /any/path` answers 200 with the resource or 404; on a collection
+//!   (`GET /v1/servers?start=ID&limit=N`) it lists children one segment down.
+//! - `DELETE /any/path`: 204, 404 when missing, 409 while a dependent exists.
+//!
+//! Control API: `GET|POST /_sim/faults`, `GET /_sim/stats`, `GET /_sim/resources`, `POST /_sim/reset`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Faults applied to every resource request, in this order: latency, hang,
+/// `fail_next`, then the random rates.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Faults {
+    pub latency_ms: u64,
+    /// Fraction of requests answered 503.
+    pub error_rate: f64,
+    /// Fraction of requests answered 429 with `Retry-After: retry_after_secs`.
+    pub rate_limit_rate: f64,
+    pub retry_after_secs: f64,
+    /// Fraction of requests that hang for `hang_ms` and then answer 504.
+    pub hang_rate: f64,
+    pub hang_ms: u64,
+    /// The next N resource requests answer `fail_status` (503 when 0).
+    pub fail_next: u32,
+    pub fail_status: u16,
+    /// Only requests with this method suffer the faults (all when empty).
+    pub only_method: String,
+    /// Seed for the random rates, so a run can be repeated.
+    pub seed: Option<u64>,
+}
+
+/// Counters a test reads to prove what happened.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Stats {
+    pub requests: u64,
+    pub creates: u64,
+    pub deletes: u64,
+    pub deleted: u64,
+    pub delete_not_found: u64,
+    /// Deletes refused with 409 because a dependent still existed: proof the order broke.
+    pub refused_for_order: u64,
+    pub injected_errors: u64,
+    pub injected_rate_limits: u64,
+    pub injected_hangs: u64,
+    pub checks: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct SimResource {
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    #[serde(default)]
+    pub attributes: serde_json::Value,
+}
+
+#[derive(Default)]
+struct Inner {
+    resources: BTreeMap<String, SimResource>,
+    /// path → paths that depend on it and still exist.
+    dependents: HashMap<String, BTreeSet<String>>,
+    faults: Faults,
+    rng: Option<fastrand::Rng>,
+    stats: Stats,
+}
+
+/// A handle on the simulated cloud's state, shared with its server.
+#[derive(Clone, Default)]
+pub struct Sim {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl Sim {
+    pub fn new() -> Sim {
+        Sim::default()
+    }
+
+    /// Creates a resource directly (no HTTP), as a provisioner would have.
+    pub fn create(&self, path: &str, depends_on: &[&str]) {
+        let mut g = self.inner.lock().unwrap();
+        g.insert(path.to_string(), SimResource { depends_on: depends_on.iter().map(|s| s.to_string()).collect(), attributes: serde_json::Value::Null });
+    }
+
+    pub fn exists(&self, path: &str) -> bool {
+        self.inner.lock().unwrap().resources.contains_key(path)
+    }
+
+    pub fn paths(&self) -> Vec<String> {
+        self.inner.lock().unwrap().resources.keys().cloned().collect()
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.inner.lock().unwrap().stats.clone()
+    }
+
+    pub fn set_faults(&self, f: Faults) {
+        let mut g = self.inner.lock().unwrap();
+        g.rng = Some(f.seed.map(fastrand::Rng::with_seed).unwrap_or_default());
+        g.faults = f;
+    }
+
+    /// Serves until `shutdown` is cancelled.
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+        let app = axum::Router::new().fallback(handle).with_state(self);
+        axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    }
+
+    /// Binds 127.0.0.1 on `port` (0 for any) and serves in the background.
+    pub async fn spawn(&self, port: u16, shutdown: CancellationToken) -> std::io::Result<SocketAddr> {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+        let addr = listener.local_addr()?;
+        let sim = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sim.serve(listener, shutdown).await {
+                tracing::error!(error = %e, "simulated cloud stopped");
+            }
+        });
+        Ok(addr)
+    }
+}
+
+impl Inner {
+    fn insert(&mut self, path: String, r: SimResource) {
+        for d in &r.depends_on {
+            self.dependents.entry(d.clone()).or_default().insert(path.clone());
+        }
+        self.resources.insert(path, r);
+        self.stats.creates += 1;
+    }
+
+    fn remove(&mut self, path: &str) {
+        if let Some(r) = self.resources.remove(path) {
+            for d in &r.depends_on {
+                if let Some(set) = self.dependents.get_mut(d) {
+                    set.remove(path);
+                }
+            }
+        }
+    }
+
+    /// Decides which fault, if any, hits this request.
+    fn roll(&mut self, method: &Method) -> Option<Injected> {
+        let f = &self.faults;
+        if !f.only_method.is_empty() && !f.only_method.eq_ignore_ascii_case(method.as_str()) {
+            return None;
+        }
+        let rng = self.rng.get_or_insert_with(fastrand::Rng::new);
+        if f.hang_rate > 0.0 && rng.f64() < f.hang_rate {
+            self.stats.injected_hangs += 1;
+            return Some(Injected::Hang(Duration::from_millis(f.hang_ms.max(1))));
+        }
+        if self.faults.fail_next > 0 {
+            self.faults.fail_next -= 1;
+            self.stats.injected_errors += 1;
+            let s = if self.faults.fail_status == 0 { 503 } else { self.faults.fail_status };
+            return Some(Injected::Status(StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)));
+        }
+        let f = &self.faults;
+        let roll = rng.f64();
+        if roll < f.error_rate {
+            self.stats.injected_errors += 1;
+            return Some(Injected::Status(StatusCode::SERVICE_UNAVAILABLE));
+        }
+        if roll < f.error_rate + f.rate_limit_rate {
+            self.stats.injected_rate_limits += 1;
+            return Some(Injected::RateLimited(f.retry_after_secs));
+        }
+        None
+    }
+}
+
+enum Injected {
+    Status(StatusCode),
+    RateLimited(f64),
+    Hang(Duration),
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    start: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn handle(State(sim): State<Sim>, method: Method, uri: Uri, body: Bytes) -> Response {
+    let path = uri.path().to_string();
+    if let Some(control) = path.strip_prefix("/_sim/") {
+        return control_api(&sim, &method, control, &body);
+    }
+    let (latency, injected) = {
+        let mut g = sim.inner.lock().unwrap();
+        g.stats.requests += 1;
+        (g.faults.latency_ms, g.roll(&method))
+    };
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    match injected {
+        Some(Injected::Hang(d)) => {
+            tokio::time::sleep(d).await;
+            return StatusCode::GATEWAY_TIMEOUT.into_response();
+        }
+        Some(Injected::Status(s)) => return (s, "injected fault").into_response(),
+        Some(Injected::RateLimited(secs)) => {
+            let mut r = (StatusCode::TOO_MANY_REQUESTS, "slow down").into_response();
+            r.headers_mut().insert("retry-after", HeaderValue::from_str(&format!("{secs}")).unwrap());
+            return r;
+        }
+        None => {}
+    }
+    let mut g = sim.inner.lock().unwrap();
+    match method {
+        Method::PUT | Method::POST => {
+            let r: SimResource = if body.is_empty() {
+                SimResource::default()
+            } else {
+                match serde_json::from_slice(&body) {
+                    Ok(r) => r,
+                    Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+                }
+            };
+            g.insert(path, r);
+            StatusCode::CREATED.into_response()
+        }
+        Method::GET => {
+            g.stats.checks += 1;
+            if let Some(r) = g.resources.get(&path) {
+                return Json(r.clone()).into_response();
+            }
+            let q: ListQuery = serde_json::from_value(query_json(uri.query())).unwrap_or(ListQuery { start: None, limit: None });
+            list(&g, &path, q)
+        }
+        Method::DELETE => {
+            g.stats.deletes += 1;
+            if !g.resources.contains_key(&path) {
+                g.stats.delete_not_found += 1;
+                return StatusCode::NOT_FOUND.into_response();
+            }
+            let blockers: Vec<String> = g.dependents.get(&path).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+            if !blockers.is_empty() {
+                g.stats.refused_for_order += 1;
+                return (StatusCode::CONFLICT, format!("still in use by {}", blockers.join(", "))).into_response();
+            }
+            g.remove(&path);
+            g.stats.deleted += 1;
+            StatusCode::NO_CONTENT.into_response()
+        }
+        _ => StatusCode::METHOD_NOT_ALLOWED.into_response(),
+    }
+}
+
+/// Children one segment below `path`, ordered, from `start` (exclusive).
+fn list(g: &Inner, path: &str, q: ListQuery) -> Response {
+    let prefix = format!("{}/", path.trim_end_matches('/'));
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let from = match &q.start {
+        Some(s) => format!("{prefix}{s}\u{0}"),
+        None => prefix.clone(),
+    };
+    let mut items = Vec::new();
+    let mut next = None;
+    for (p, _) in g.resources.range(from..) {
+        let Some(id) = p.strip_prefix(&prefix) else { break };
+        if id.contains('/') {
+            continue;
+        }
+        if items.len() == limit {
+            next = items.last().map(|i: &serde_json::Value| i["id"].clone());
+            break;
+        }
+        items.push(serde_json::json!({ "id": id, "path": p }));
+    }
+    if items.is_empty() && q.start.is_none() && !g.resources.keys().any(|k| k.starts_with(&prefix)) {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    Json(serde_json::json!({ "items": items, "next": next })).into_response()
+}
+
+fn query_json(q: Option<&str>) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy().to_string();
+        let v = match v.parse::<usize>() {
+            Ok(n) if k == "limit" => serde_json::Value::from(n),
+            _ => serde_json::Value::from(v),
+        };
+        m.insert(k.to_string(), v);
+    }
+    serde_json::Value::Object(m)
+}
+
+fn control_api(sim: &Sim, method: &Method, what: &str, body: &[u8]) -> Response {
+    match (method.clone(), what) {
+        (Method::GET, "faults") => Json(sim.inner.lock().unwrap().faults.clone()).into_response(),
+        (Method::POST, "faults") => match serde_json::from_slice::<Faults>(body) {
+            Ok(f) => {
+                sim.set_faults(f);
+                StatusCode::NO_CONTENT.into_response()
+            }
+            Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        },
+        (Method::GET, "stats") => Json(sim.stats()).into_response(),
+        (Method::GET, "resources") => Json(sim.paths()).into_response(),
+        (Method::POST, "reset") => {
+            *sim.inner.lock().unwrap() = Inner::default();
+            StatusCode::NO_CONTENT.into_response()
+        }
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
