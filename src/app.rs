@@ -37,7 +37,11 @@ impl App {
     pub async fn build(settings: Settings) -> Result<App, AppError> {
         let catalog = settings.validate()?;
         if catalog.is_empty() {
-            return Err(ConfigError::Invalid("no kinds are configured: add [kinds.NAME] sections (see config/vpc-node.toml)".into()).into());
+            return Err(ConfigError::Invalid(
+                "no kinds are configured: add [kinds.NAME] sections (see config/vpc-node.toml)"
+                    .into(),
+            )
+            .into());
         }
         let providers = Providers::build(&settings.providers)?;
         let window = Duration::from_secs(settings.worker.late_track_window_secs);
@@ -45,7 +49,14 @@ impl App {
         let ledger = Ledger::connect(&settings.database, window).await?;
         ledger.migrate().await?;
         let names = Names::new(&settings.broker.prefix);
-        Ok(App { settings, catalog, ledger, providers, names, ready: AtomicBool::new(false) })
+        Ok(App {
+            settings,
+            catalog,
+            ledger,
+            providers,
+            names,
+            ready: AtomicBool::new(false),
+        })
     }
 
     /// Runs the worker until `shutdown` is cancelled.
@@ -61,7 +72,9 @@ pub fn cancel_on_signals(token: CancellationToken) {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing a SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing a SIGTERM handler");
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}

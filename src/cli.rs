@@ -10,11 +10,15 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, App, AppError};
-use crate::config::{Settings, ProviderSettings};
+use crate::config::{ProviderSettings, Settings};
 use crate::sim::Sim;
 
 #[derive(Parser, Debug)]
-#[command(name = "reaper", version, about = "Tears down what deleted or half-provisioned things left behind, in dependency order.")]
+#[command(
+    name = "reaper",
+    version,
+    about = "Tears down what deleted or half-provisioned things left behind, in dependency order."
+)]
 pub struct Cli {
     /// TOML config merged over the defaults (config/default.toml); REAPER_* env vars win over both.
     #[arg(long, short, global = true, env = "REAPER_CONFIG")]
@@ -79,11 +83,19 @@ pub async fn main(cli: Cli) -> ExitCode {
                 println!("config is valid; kinds and what must be gone before each:");
                 for k in catalog.kind_names() {
                     let spec = catalog.kind(k).expect("listed");
-                    let after = if spec.after.is_empty() { "-".to_string() } else { spec.after.join(", ") };
+                    let after = if spec.after.is_empty() {
+                        "-".to_string()
+                    } else {
+                        spec.after.join(", ")
+                    };
                     println!("  {k:<24} provider={:<12} after: {after}", spec.provider);
                 }
                 for (name, ProviderSettings::Http(h)) in &settings.providers {
-                    println!("  provider {name}: {} (max {} in flight)", crate::config::redact_url(&h.base_url), h.max_concurrency);
+                    println!(
+                        "  provider {name}: {} (max {} in flight)",
+                        crate::config::redact_url(&h.base_url),
+                        h.max_concurrency
+                    );
                 }
                 ExitCode::SUCCESS
             }

@@ -79,7 +79,7 @@ struct WireTeardown {
     #[serde(default)]
     dry_run: bool,
     occurred_at: DateTime<Utc>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "int64")]
     generation: Option<i64>,
     #[serde(default)]
     #[allow(dead_code)]
@@ -97,7 +97,7 @@ struct WireTracked {
     owner: String,
     #[serde(flatten)]
     resource: WireResource,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "int64")]
     generation: Option<i64>,
 }
 
@@ -175,6 +175,24 @@ pub fn decode(routing_key: &str, body: &[u8], catalog: &Catalog) -> Result<Event
     }
 }
 
+/// proto3's JSON mapping writes 64-bit integers as strings; accept both.
+fn int64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Int {
+        N(i64),
+        S(String),
+    }
+    match Option::<Int>::deserialize(d)? {
+        None => Ok(None),
+        Some(Int::N(n)) => Ok(Some(n)),
+        Some(Int::S(s)) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("generation {s:?} is not an integer"))),
+    }
+}
+
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Malformed> {
     serde_json::from_slice(body).map_err(|e| {
         if e.is_syntax() || e.is_eof() {
@@ -188,7 +206,9 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Malforme
 fn check_event_id(id: &str) -> Result<(), Malformed> {
     let n = id.chars().count();
     if n == 0 || n > 128 {
-        return Err(Malformed(format!("event_id must be 1..128 characters, got {n}")));
+        return Err(Malformed(format!(
+            "event_id must be 1..128 characters, got {n}"
+        )));
     }
     Ok(())
 }
@@ -197,22 +217,33 @@ fn check_event_id(id: &str) -> Result<(), Malformed> {
 pub fn check_owner(owner: &str) -> Result<(), Malformed> {
     let n = owner.chars().count();
     if n == 0 || n > 256 {
-        return Err(Malformed(format!("owner must be 1..256 characters, got {n}")));
+        return Err(Malformed(format!(
+            "owner must be 1..256 characters, got {n}"
+        )));
     }
     match owner.split_once('/') {
         Some((t, i)) if !t.is_empty() && !i.is_empty() => Ok(()),
-        _ => Err(Malformed(format!("owner {owner:?} is not of the form \"type/id\""))),
+        _ => Err(Malformed(format!(
+            "owner {owner:?} is not of the form \"type/id\""
+        ))),
     }
 }
 
 impl WireResource {
     fn validate(self, catalog: &Catalog) -> Result<TrackedResource, Malformed> {
-        let kind = catalog
-            .kind(&self.kind)
-            .ok_or_else(|| Malformed(format!("unknown kind {:?}; configured kinds: {}", self.kind, catalog.kind_names().join(", "))))?;
+        let kind = catalog.kind(&self.kind).ok_or_else(|| {
+            Malformed(format!(
+                "unknown kind {:?}; configured kinds: {}",
+                self.kind,
+                catalog.kind_names().join(", ")
+            ))
+        })?;
         let n = self.id.chars().count();
         if n == 0 || n > 512 {
-            return Err(Malformed(format!("{} id must be 1..512 characters, got {n}", self.kind)));
+            return Err(Malformed(format!(
+                "{} id must be 1..512 characters, got {n}",
+                self.kind
+            )));
         }
         if let Some(missing) = kind.missing_attribute(&self.attributes) {
             return Err(Malformed(format!(
@@ -222,10 +253,16 @@ impl WireResource {
         }
         if let Some(p) = &self.parent {
             if catalog.kind(&p.kind).is_none() {
-                return Err(Malformed(format!("parent of {}/{} has unknown kind {:?}", self.kind, self.id, p.kind)));
+                return Err(Malformed(format!(
+                    "parent of {}/{} has unknown kind {:?}",
+                    self.kind, self.id, p.kind
+                )));
             }
             if p.id.is_empty() || p.id.chars().count() > 512 {
-                return Err(Malformed(format!("parent id of {}/{} must be 1..512 characters", self.kind, self.id)));
+                return Err(Malformed(format!(
+                    "parent id of {}/{} must be 1..512 characters",
+                    self.kind, self.id
+                )));
             }
         }
         Ok(TrackedResource {
@@ -233,7 +270,10 @@ impl WireResource {
                 kind: self.kind,
                 id: self.id,
                 attributes: self.attributes,
-                parent: self.parent.map(|p| ResourceRef { kind: p.kind, id: p.id }),
+                parent: self.parent.map(|p| ResourceRef {
+                    kind: p.kind,
+                    id: p.id,
+                }),
             },
             created_at: self.created_at,
         })

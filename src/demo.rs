@@ -86,8 +86,17 @@ impl VpcNode {
             id: vni_id,
             depends_on: vec![server_path.clone()],
         };
-        let server = SampleResource { kind: "bare_metal_server", id: server, attributes: BTreeMap::new(), path: server_path, depends_on: vec![] };
-        VpcNode { owner: format!("node/{name}"), resources: vec![ip1, ip2, server, dns, vni] }
+        let server = SampleResource {
+            kind: "bare_metal_server",
+            id: server,
+            attributes: BTreeMap::new(),
+            path: server_path,
+            depends_on: vec![],
+        };
+        VpcNode {
+            owner: format!("node/{name}"),
+            resources: vec![ip1, ip2, server, dns, vni],
+        }
     }
 
     /// Creates the node's resources in the simulated cloud, dependencies first.
@@ -144,24 +153,42 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
     settings.worker.step_min_backoff_ms = 20;
     settings.worker.step_max_backoff_ms = 500;
 
-    println!("reaper demo {run_id}: simulated cloud on http://{addr}, {} nodes", args.nodes);
+    println!(
+        "reaper demo {run_id}: simulated cloud on http://{addr}, {} nodes",
+        args.nodes
+    );
     let app = Arc::new(App::build(settings.clone()).await?);
     let (conn, publisher) = broker::consumer::open(&app).await?;
     let mut tap = ResultTap::open(&conn, &app.names).await?;
     let worker = tokio::spawn(app.clone().run(shutdown.clone()));
 
-    let nodes: Vec<VpcNode> = (0..args.nodes).map(|i| VpcNode::new(&format!("demo-{run_id}-{i:04}"))).collect();
+    let nodes: Vec<VpcNode> = (0..args.nodes)
+        .map(|i| VpcNode::new(&format!("demo-{run_id}-{i:04}")))
+        .collect();
     for n in &nodes {
         n.create_in(&sim);
     }
     let total = sim.paths().len();
-    sim.set_faults(Faults { error_rate: args.error_rate, rate_limit_rate: args.rate_limit_rate, retry_after_secs: 0.2, ..Default::default() });
+    sim.set_faults(Faults {
+        error_rate: args.error_rate,
+        rate_limit_rate: args.rate_limit_rate,
+        retry_after_secs: 0.2,
+        ..Default::default()
+    });
 
     let started = Instant::now();
     for n in &nodes {
         for e in n.track_events(&run_id) {
             let body = serde_json::to_vec(&e)?;
-            publisher.publish(&app.names.events, RESOURCE_TRACKED, &body, e["event_id"].as_str().unwrap_or(""), &[]).await?;
+            publisher
+                .publish(
+                    &app.names.events,
+                    RESOURCE_TRACKED,
+                    &body,
+                    e["event_id"].as_str().unwrap_or(""),
+                    &[],
+                )
+                .await?;
         }
     }
     let owners: Vec<String> = nodes.iter().map(|n| n.owner.clone()).collect();
@@ -172,18 +199,35 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
         if n as usize >= total {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "the worker did not record the tracked resources in time");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the worker did not record the tracked resources in time"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!();
 
     for (i, n) in nodes.iter().enumerate() {
         let (key, body) = if i % 2 == 0 {
-            (DELETION_REQUESTED, json!({"event_id": format!("{run_id}-del-{i}"), "owner": n.owner, "reason": "node deleted", "requested_by": "demo", "occurred_at": Utc::now().to_rfc3339()}))
+            (
+                DELETION_REQUESTED,
+                json!({"event_id": format!("{run_id}-del-{i}"), "owner": n.owner, "reason": "node deleted", "requested_by": "demo", "occurred_at": Utc::now().to_rfc3339()}),
+            )
         } else {
-            (PROVISIONING_FAILED, json!({"event_id": format!("{run_id}-fail-{i}"), "owner": n.owner, "failed_step": "install_os", "error": "timeout waiting for the server", "occurred_at": Utc::now().to_rfc3339()}))
+            (
+                PROVISIONING_FAILED,
+                json!({"event_id": format!("{run_id}-fail-{i}"), "owner": n.owner, "failed_step": "install_os", "error": "timeout waiting for the server", "occurred_at": Utc::now().to_rfc3339()}),
+            )
         };
-        publisher.publish(&app.names.events, key, &serde_json::to_vec(&body)?, body["event_id"].as_str().unwrap_or(""), &[]).await?;
+        publisher
+            .publish(
+                &app.names.events,
+                key,
+                &serde_json::to_vec(&body)?,
+                body["event_id"].as_str().unwrap_or(""),
+                &[],
+            )
+            .await?;
     }
 
     let mut results = Vec::new();
@@ -213,17 +257,32 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
     let stats = sim.stats();
     let left = sim.paths();
     println!();
-    println!("  {:<32} {:>8}", "jobs finished", format!("{}/{}", results.len(), nodes.len()));
+    println!(
+        "  {:<32} {:>8}",
+        "jobs finished",
+        format!("{}/{}", results.len(), nodes.len())
+    );
     println!("  {:<32} {:>8}", "jobs completed", completed);
     for (o, n) in &outcomes {
         println!("  {:<32} {:>8}", format!("resources {o}"), n);
     }
     println!("  {:<32} {:>8}", "retries (steps + broker)", retries);
     println!("  {:<32} {:>8}", "API requests", stats.requests);
-    println!("  {:<32} {:>8}", "injected 503s / 429s", format!("{}/{}", stats.injected_errors, stats.injected_rate_limits));
-    println!("  {:<32} {:>8}", "deletes refused for order", stats.refused_for_order);
+    println!(
+        "  {:<32} {:>8}",
+        "injected 503s / 429s",
+        format!("{}/{}", stats.injected_errors, stats.injected_rate_limits)
+    );
+    println!(
+        "  {:<32} {:>8}",
+        "deletes refused for order", stats.refused_for_order
+    );
     println!("  {:<32} {:>8}", "simulated resources left", left.len());
-    println!("  {:<32} {:>8}", "time", format!("{:.2}s", elapsed.as_secs_f64()));
+    println!(
+        "  {:<32} {:>8}",
+        "time",
+        format!("{:.2}s", elapsed.as_secs_f64())
+    );
 
     let _ = broker::delete_topology(&conn, &app.names, &app.settings.worker.retry_delays()).await;
     let _ = conn.close(200, "demo done".into()).await;
@@ -231,7 +290,12 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
     if ok {
         println!("\nevery simulated resource is gone");
     } else {
-        println!("\nFAILED: {} resources left, {} of {} jobs completed", left.len(), completed, nodes.len());
+        println!(
+            "\nFAILED: {} resources left, {} of {} jobs completed",
+            left.len(),
+            completed,
+            nodes.len()
+        );
         for p in left.iter().take(10) {
             println!("  left: {p}");
         }

@@ -49,8 +49,14 @@ impl Executor<'_> {
         let levels = match plan::levels(resources, self.catalog) {
             Ok(l) => l,
             Err(e) => {
-                let steps = resources.iter().map(|r| blocked(r.reference(), e.to_string())).collect();
-                return Ok(Run { steps, end: RunEnd::Permanent(e.to_string()) });
+                let steps = resources
+                    .iter()
+                    .map(|r| blocked(r.reference(), e.to_string()))
+                    .collect();
+                return Ok(Run {
+                    steps,
+                    end: RunEnd::Permanent(e.to_string()),
+                });
             }
         };
         let mut steps: Vec<StepRecord> = Vec::with_capacity(resources.len());
@@ -58,10 +64,16 @@ impl Executor<'_> {
         for level in levels {
             if end != RunEnd::Completed {
                 let why = match &end {
-                    RunEnd::Permanent(w) | RunEnd::Unfinished(w) => format!("not attempted: an earlier level failed ({w})"),
+                    RunEnd::Permanent(w) | RunEnd::Unfinished(w) => {
+                        format!("not attempted: an earlier level failed ({w})")
+                    }
                     RunEnd::Completed => unreachable!(),
                 };
-                steps.extend(level.iter().map(|&i| blocked(resources[i].reference(), why.clone())));
+                steps.extend(
+                    level
+                        .iter()
+                        .map(|&i| blocked(resources[i].reference(), why.clone())),
+                );
                 continue;
             }
             let mut todo = Vec::new();
@@ -98,9 +110,12 @@ impl Executor<'_> {
         let reference = r.reference();
         let (Some(spec), Some(provider)) = (
             self.catalog.kind(&r.kind),
-            self.catalog.kind(&r.kind).and_then(|k| self.providers.get(&k.provider)),
+            self.catalog
+                .kind(&r.kind)
+                .and_then(|k| self.providers.get(&k.provider)),
         ) else {
-            let err = StepError::Permanent(format!("kind {:?} is not configured (any more)", r.kind));
+            let err =
+                StepError::Permanent(format!("kind {:?} is not configured (any more)", r.kind));
             return (failed(reference, 0, &err), Some(err));
         };
         let attempts = Arc::new(AtomicU32::new(0));
@@ -143,7 +158,15 @@ impl Executor<'_> {
             .await;
         let n = attempts.load(Ordering::Relaxed);
         match result {
-            Ok(outcome) => (StepRecord { resource: reference, outcome, attempts: n, error: None }, None),
+            Ok(outcome) => (
+                StepRecord {
+                    resource: reference,
+                    outcome,
+                    attempts: n,
+                    error: None,
+                },
+                None,
+            ),
             Err(e) => (failed(reference, n, &e), Some(e)),
         }
     }
@@ -155,17 +178,29 @@ fn full_jitter(e: &StepError, d: Option<Duration>) -> Option<Duration> {
     let d = d?;
     let jittered = d.mul_f64(fastrand::f64());
     Some(match e {
-        StepError::RateLimited { retry_after: Some(ra) } => jittered.max(*ra),
+        StepError::RateLimited {
+            retry_after: Some(ra),
+        } => jittered.max(*ra),
         _ => jittered,
     })
 }
 
 fn failed(resource: ResourceRef, attempts: u32, e: &StepError) -> StepRecord {
-    StepRecord { resource, outcome: Outcome::Failed, attempts, error: Some(e.to_string()) }
+    StepRecord {
+        resource,
+        outcome: Outcome::Failed,
+        attempts,
+        error: Some(e.to_string()),
+    }
 }
 
 fn blocked(resource: ResourceRef, why: String) -> StepRecord {
-    StepRecord { resource, outcome: Outcome::Blocked, attempts: 0, error: Some(why) }
+    StepRecord {
+        resource,
+        outcome: Outcome::Blocked,
+        attempts: 0,
+        error: Some(why),
+    }
 }
 
 /// Counts outcomes, for summaries.

@@ -27,7 +27,7 @@ pub async fn handle(app: &App, routing_key: &str, body: &[u8]) -> Disposition {
             }
             Ok(TrackOutcome::Late(start)) => {
                 tracing::info!(owner = %t.owner, resource = %t.resource.resource.reference(), "late track: the owner's teardown already started");
-                run_job(app, start).await
+                run_job(app, *start).await
             }
             Err(e) => retry::on_ledger_error(&e),
         },
@@ -47,7 +47,12 @@ async fn run_job(app: &App, start: JobStart) -> Disposition {
             let stored = job.result.clone().unwrap_or_default();
             return finished(job.event_id.clone(), job.job_id.to_string(), stored);
         }
-        let exec = Executor { catalog: &app.catalog, providers: &app.providers, ledger: &app.ledger, worker: &app.settings.worker };
+        let exec = Executor {
+            catalog: &app.catalog,
+            providers: &app.providers,
+            ledger: &app.ledger,
+            worker: &app.settings.worker,
+        };
         let run = match exec.run(&start).await {
             Ok(r) => r,
             Err(e) => return retry::on_ledger_error(&e),
@@ -55,13 +60,26 @@ async fn run_job(app: &App, start: JobStart) -> Disposition {
         let (status, reason) = match run.end {
             RunEnd::Completed => (JobStatus::Completed, None),
             RunEnd::Permanent(why) => (JobStatus::DeadLettered, Some(why)),
-            RunEnd::Unfinished(why) => match retry::next_delay(&app.settings.worker.retry_delays(), job.attempts) {
-                Some(delay) => {
-                    tracing::info!(attempt = job.attempts, delay_ms = delay.as_millis() as u64, why, "job not finished; retrying through the broker");
-                    return Disposition::RetryAfter { delay, why };
+            RunEnd::Unfinished(why) => {
+                match retry::next_delay(&app.settings.worker.retry_delays(), job.attempts) {
+                    Some(delay) => {
+                        tracing::info!(
+                            attempt = job.attempts,
+                            delay_ms = delay.as_millis() as u64,
+                            why,
+                            "job not finished; retrying through the broker"
+                        );
+                        return Disposition::RetryAfter { delay, why };
+                    }
+                    None => (
+                        JobStatus::DeadLettered,
+                        Some(format!(
+                            "out of retries after {} attempts: {why}",
+                            job.attempts
+                        )),
+                    ),
                 }
-                None => (JobStatus::DeadLettered, Some(format!("out of retries after {} attempts: {why}", job.attempts))),
-            },
+            }
         };
         let result = TeardownResult {
             event_id: job.event_id.clone(),
@@ -86,9 +104,17 @@ async fn run_job(app: &App, start: JobStart) -> Disposition {
             finished_at: Utc::now(),
             reason: reason.clone(),
         };
-        match app.ledger.finish(job, status, reason.as_deref(), &result.to_bytes()).await {
+        match app
+            .ledger
+            .finish(job, status, reason.as_deref(), &result.to_bytes())
+            .await
+        {
             Ok(stored) => {
-                tracing::info!(status = status.as_str(), reason = reason.as_deref().unwrap_or(""), "job finished");
+                tracing::info!(
+                    status = status.as_str(),
+                    reason = reason.as_deref().unwrap_or(""),
+                    "job finished"
+                );
                 finished(job.event_id.clone(), job.job_id.to_string(), stored)
             }
             Err(e) => retry::on_ledger_error(&e),
@@ -105,9 +131,17 @@ fn finished(event_id: String, job_id: String, stored: Vec<u8>) -> Disposition {
     let (routing_key, dead) = match parsed {
         Some(r) if r.status == JobStatus::DeadLettered.as_str() => (
             contract::TEARDOWN_DEAD_LETTERED,
-            Some(DeadLetter { reason: r.reason.unwrap_or_default(), job_id }),
+            Some(DeadLetter {
+                reason: r.reason.unwrap_or_default(),
+                job_id,
+            }),
         ),
         _ => (contract::TEARDOWN_COMPLETED, None),
     };
-    Disposition::Finished { event_id, result: stored, routing_key, dead }
+    Disposition::Finished {
+        event_id,
+        result: stored,
+        routing_key,
+        dead,
+    }
 }

@@ -45,9 +45,19 @@ fn db(op: &'static str) -> impl FnOnce(sqlx::Error) -> LedgerError {
 macro_rules! belongs {
     ($a:literal, $b:literal, $c:literal) => {
         concat!(
-            "(CASE WHEN ", $b, "::bigint IS NOT NULL AND r.generation IS NOT NULL THEN r.generation = ", $b, "::bigint",
-            " WHEN r.created_at IS NOT NULL THEN r.created_at <= ", $a, "::timestamptz",
-            " ELSE r.tracked_at <= ", $a, "::timestamptz + make_interval(secs => ", $c, "::double precision) END)"
+            "(CASE WHEN ",
+            $b,
+            "::bigint IS NOT NULL AND r.generation IS NOT NULL THEN r.generation = ",
+            $b,
+            "::bigint",
+            " WHEN r.created_at IS NOT NULL THEN r.created_at <= ",
+            $a,
+            "::timestamptz",
+            " ELSE r.tracked_at <= ",
+            $a,
+            "::timestamptz + make_interval(secs => ",
+            $c,
+            "::double precision) END)"
         )
     };
 }
@@ -97,7 +107,7 @@ pub enum TrackOutcome {
     /// Remembered for its owner's future teardown (or already in a running one).
     Recorded,
     /// The owner's teardown had started: this job tears the late resource down.
-    Late(JobStart),
+    Late(Box<JobStart>),
 }
 
 impl Ledger {
@@ -131,14 +141,27 @@ impl Ledger {
 
     /// Records a tracked resource; if its owner's life already ended, opens the
     /// late-track job (keyed by the track's own event_id) that tears it down.
-    pub async fn track(&self, t: &Tracked, body: &[u8], routing_key: &str) -> Result<TrackOutcome, LedgerError> {
+    pub async fn track(
+        &self,
+        t: &Tracked,
+        body: &[u8],
+        routing_key: &str,
+    ) -> Result<TrackOutcome, LedgerError> {
         let mut tx = self.pool.begin().await.map_err(db("begin"))?;
+        lock_owner(&mut tx, &t.owner).await?;
         if let Some(job) = job_by_event(&mut tx, &t.event_id).await? {
             let start = load_start(&mut tx, job, None).await?;
             tx.commit().await.map_err(db("commit"))?;
-            return Ok(TrackOutcome::Late(start));
+            return Ok(TrackOutcome::Late(Box::new(start)));
         }
-        upsert_resources(&mut tx, &t.owner, t.generation, std::slice::from_ref(&t.resource), None).await?;
+        upsert_resources(
+            &mut tx,
+            &t.owner,
+            t.generation,
+            std::slice::from_ref(&t.resource),
+            None,
+        )
+        .await?;
         let r = &t.resource.resource;
         let row = sqlx::query(
             "SELECT job_id, tracked_at FROM tracked_resources WHERE owner = $1 AND kind = $2 AND resource_id = $3",
@@ -201,16 +224,24 @@ impl Ledger {
             .execute(&mut *tx)
             .await
             .map_err(db("claiming a late-tracked resource"))?;
-        let job = job_by_event(&mut tx, &t.event_id).await?.expect("inserted above");
+        let job = job_by_event(&mut tx, &t.event_id)
+            .await?
+            .expect("inserted above");
         let start = load_start(&mut tx, job, None).await?;
         tx.commit().await.map_err(db("commit"))?;
-        Ok(TrackOutcome::Late(start))
+        Ok(TrackOutcome::Late(Box::new(start)))
     }
 
     /// Opens the job for a teardown event, or finds it again on redelivery.
     /// A new real teardown claims the owner's resources of the life it ends.
-    pub async fn begin_job(&self, req: &TeardownRequest, body: &[u8], routing_key: &str) -> Result<JobStart, LedgerError> {
+    pub async fn begin_job(
+        &self,
+        req: &TeardownRequest,
+        body: &[u8],
+        routing_key: &str,
+    ) -> Result<JobStart, LedgerError> {
         let mut tx = self.pool.begin().await.map_err(db("begin"))?;
+        lock_owner(&mut tx, &req.owner).await?;
         let row = sqlx::query(
             "INSERT INTO jobs (job_id, event_id, owner, trigger, dry_run, generation, occurred_at, event_body, routing_key)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
@@ -231,9 +262,18 @@ impl Ledger {
         .await
         .map_err(db("opening the job"))?;
         let inserted: bool = row.get("inserted");
-        let job = job_by_event(&mut tx, &req.event_id).await?.expect("upserted above");
+        let job = job_by_event(&mut tx, &req.event_id)
+            .await?
+            .expect("upserted above");
         if inserted && !job.dry_run {
-            upsert_resources(&mut tx, &req.owner, req.generation, &req.resources, Some(job.job_id)).await?;
+            upsert_resources(
+                &mut tx,
+                &req.owner,
+                req.generation,
+                &req.resources,
+                Some(job.job_id),
+            )
+            .await?;
             sqlx::query(concat!(
                 "UPDATE tracked_resources r SET job_id = $1
                  WHERE r.owner = $2 AND r.job_id IS NULL AND r.state = 'live' AND ",
@@ -248,14 +288,22 @@ impl Ledger {
             .await
             .map_err(db("claiming the owner's resources"))?;
         }
-        let dry = if job.dry_run { Some((req, self.window_secs())) } else { None };
+        let dry = if job.dry_run {
+            Some((req, self.window_secs()))
+        } else {
+            None
+        };
         let start = load_start(&mut tx, job, dry).await?;
         tx.commit().await.map_err(db("commit"))?;
         Ok(start)
     }
 
     /// Remembers finished steps so a redelivered job does not redo them.
-    pub async fn record_steps(&self, job: &JobRow, steps: &[StepRecord]) -> Result<(), LedgerError> {
+    pub async fn record_steps(
+        &self,
+        job: &JobRow,
+        steps: &[StepRecord],
+    ) -> Result<(), LedgerError> {
         if steps.is_empty() || job.dry_run {
             return Ok(());
         }
@@ -288,7 +336,13 @@ impl Ledger {
     /// Makes the job terminal with its result, unless another delivery of the
     /// same event got there first: then that one's result is returned, so every
     /// result for one event_id is byte-for-byte the same.
-    pub async fn finish(&self, job: &JobRow, status: JobStatus, reason: Option<&str>, result: &[u8]) -> Result<Vec<u8>, LedgerError> {
+    pub async fn finish(
+        &self,
+        job: &JobRow,
+        status: JobStatus,
+        reason: Option<&str>,
+        result: &[u8],
+    ) -> Result<Vec<u8>, LedgerError> {
         let row = sqlx::query(
             "WITH f AS (
                 UPDATE jobs SET status = $2, reason = $3, result = $4, finished_at = now(), lease_until = NULL
@@ -314,7 +368,10 @@ impl Ledger {
     }
 
     /// Tracked resources of an owner with their state, for status views and tests.
-    pub async fn owner_resources(&self, owner: &str) -> Result<Vec<(ResourceRef, String, Option<Uuid>)>, LedgerError> {
+    pub async fn owner_resources(
+        &self,
+        owner: &str,
+    ) -> Result<Vec<(ResourceRef, String, Option<Uuid>)>, LedgerError> {
         let rows = sqlx::query("SELECT kind, resource_id, state, job_id FROM tracked_resources WHERE owner = $1 ORDER BY kind, resource_id")
             .bind(owner)
             .fetch_all(&self.pool)
@@ -322,7 +379,16 @@ impl Ledger {
             .map_err(db("listing an owner's resources"))?;
         Ok(rows
             .iter()
-            .map(|r| (ResourceRef { kind: r.get("kind"), id: r.get("resource_id") }, r.get("state"), r.get("job_id")))
+            .map(|r| {
+                (
+                    ResourceRef {
+                        kind: r.get("kind"),
+                        id: r.get("resource_id"),
+                    },
+                    r.get("state"),
+                    r.get("job_id"),
+                )
+            })
             .collect())
     }
 }
@@ -347,7 +413,22 @@ impl From<&[StepRecord]> for StepColumns {
     }
 }
 
-async fn job_by_event(conn: &mut sqlx::PgConnection, event_id: &str) -> Result<Option<JobRow>, LedgerError> {
+/// Tracking and claiming for one owner take turns, so a track committed
+/// alongside a starting teardown is either claimed by it or sees it and
+/// becomes a late track: never neither.
+async fn lock_owner(tx: &mut Transaction<'_, Postgres>, owner: &str) -> Result<(), LedgerError> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(owner)
+        .execute(&mut **tx)
+        .await
+        .map_err(db("locking the owner"))?;
+    Ok(())
+}
+
+async fn job_by_event(
+    conn: &mut sqlx::PgConnection,
+    event_id: &str,
+) -> Result<Option<JobRow>, LedgerError> {
     let row = sqlx::query(
         "SELECT job_id, event_id, owner, trigger, dry_run, status, attempts, started_at, reason, result
          FROM jobs WHERE event_id = $1",
@@ -368,9 +449,11 @@ fn job_row(r: &sqlx::postgres::PgRow) -> Result<JobRow, LedgerError> {
         job_id,
         event_id: r.get("event_id"),
         owner: r.get("owner"),
-        trigger: Trigger::parse(&trigger).ok_or_else(|| LedgerError::Corrupt(job_id, format!("trigger {trigger:?}")))?,
+        trigger: Trigger::parse(&trigger)
+            .ok_or_else(|| LedgerError::Corrupt(job_id, format!("trigger {trigger:?}")))?,
         dry_run: r.get("dry_run"),
-        status: JobStatus::parse(&status).ok_or_else(|| LedgerError::Corrupt(job_id, format!("status {status:?}")))?,
+        status: JobStatus::parse(&status)
+            .ok_or_else(|| LedgerError::Corrupt(job_id, format!("status {status:?}")))?,
         attempts: attempts.max(0) as u32,
         started_at: r.get("started_at"),
         reason: r.get("reason"),
@@ -393,9 +476,18 @@ async fn upsert_resources(
     }
     let kinds: Vec<&str> = resources.iter().map(|r| r.resource.kind.as_str()).collect();
     let ids: Vec<&str> = resources.iter().map(|r| r.resource.id.as_str()).collect();
-    let attrs: Vec<serde_json::Value> = resources.iter().map(|r| serde_json::to_value(&r.resource.attributes).expect("a string map")).collect();
-    let pkinds: Vec<Option<&str>> = resources.iter().map(|r| r.resource.parent.as_ref().map(|p| p.kind.as_str())).collect();
-    let pids: Vec<Option<&str>> = resources.iter().map(|r| r.resource.parent.as_ref().map(|p| p.id.as_str())).collect();
+    let attrs: Vec<serde_json::Value> = resources
+        .iter()
+        .map(|r| serde_json::to_value(&r.resource.attributes).expect("a string map"))
+        .collect();
+    let pkinds: Vec<Option<&str>> = resources
+        .iter()
+        .map(|r| r.resource.parent.as_ref().map(|p| p.kind.as_str()))
+        .collect();
+    let pids: Vec<Option<&str>> = resources
+        .iter()
+        .map(|r| r.resource.parent.as_ref().map(|p| p.id.as_str()))
+        .collect();
     let created: Vec<Option<DateTime<Utc>>> = resources.iter().map(|r| r.created_at).collect();
     sqlx::query(
         "INSERT INTO tracked_resources AS t (owner, kind, resource_id, attributes, parent_kind, parent_id, generation, created_at, job_id)
@@ -435,7 +527,11 @@ async fn load_start(
     dry: Option<(&TeardownRequest, f64)>,
 ) -> Result<JobStart, LedgerError> {
     if job.status != JobStatus::Running {
-        return Ok(JobStart { job, resources: Vec::new(), done: HashMap::new() });
+        return Ok(JobStart {
+            job,
+            resources: Vec::new(),
+            done: HashMap::new(),
+        });
     }
     let rows = match dry {
         Some((req, window)) => sqlx::query(concat!(
@@ -467,32 +563,54 @@ async fn load_start(
             Resource {
                 kind: r.get("kind"),
                 id: r.get("resource_id"),
-                attributes: serde_json::from_value::<BTreeMap<String, String>>(attrs).unwrap_or_default(),
+                attributes: serde_json::from_value::<BTreeMap<String, String>>(attrs)
+                    .unwrap_or_default(),
                 parent: pk.zip(pi).map(|(kind, id)| ResourceRef { kind, id }),
             }
         })
         .collect();
     if let Some((req, _)) = dry {
         for r in &req.resources {
-            if !resources.iter().any(|x| x.kind == r.resource.kind && x.id == r.resource.id) {
+            if !resources
+                .iter()
+                .any(|x| x.kind == r.resource.kind && x.id == r.resource.id)
+            {
                 resources.push(r.resource.clone());
             }
         }
     }
-    let steps = sqlx::query("SELECT kind, resource_id, outcome, attempts, error FROM job_steps WHERE job_id = $1")
-        .bind(job.job_id)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(db("reading finished steps"))?;
+    let steps = sqlx::query(
+        "SELECT kind, resource_id, outcome, attempts, error FROM job_steps WHERE job_id = $1",
+    )
+    .bind(job.job_id)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(db("reading finished steps"))?;
     let mut done = HashMap::new();
     for s in steps {
         let outcome: String = s.get("outcome");
         let attempts: i32 = s.get("attempts");
-        let resource = ResourceRef { kind: s.get("kind"), id: s.get("resource_id") };
-        let outcome = Outcome::parse(&outcome).ok_or_else(|| LedgerError::Corrupt(job.job_id, format!("outcome {outcome:?}")))?;
-        done.insert(resource.clone(), StepRecord { resource, outcome, attempts: attempts.max(0) as u32, error: s.get("error") });
+        let resource = ResourceRef {
+            kind: s.get("kind"),
+            id: s.get("resource_id"),
+        };
+        let outcome = Outcome::parse(&outcome)
+            .ok_or_else(|| LedgerError::Corrupt(job.job_id, format!("outcome {outcome:?}")))?;
+        done.insert(
+            resource.clone(),
+            StepRecord {
+                resource,
+                outcome,
+                attempts: attempts.max(0) as u32,
+                error: s.get("error"),
+            },
+        );
     }
-    Ok(JobStart { job, resources, done })
+    Ok(JobStart {
+        job,
+        resources,
+        done,
+    })
 }
 
 impl Ledger {

@@ -12,7 +12,12 @@ use crate::ledger::LedgerError;
 pub enum Disposition {
     /// Publish the job's result; when `dead` is set also put a copy of the event
     /// on the dead queue; then ack.
-    Finished { event_id: String, result: Vec<u8>, routing_key: &'static str, dead: Option<DeadLetter> },
+    Finished {
+        event_id: String,
+        result: Vec<u8>,
+        routing_key: &'static str,
+        dead: Option<DeadLetter>,
+    },
     /// Recorded, nothing to publish: ack.
     Ack,
     /// Not finished yet: republish to the retry queue for `delay`, then ack.
@@ -33,7 +38,10 @@ pub struct DeadLetter {
 
 /// A ledger failure leaves the job where it was; the message comes back.
 pub fn on_ledger_error(e: &LedgerError) -> Disposition {
-    Disposition::Requeue { pause: Duration::from_secs(1), why: e.to_string() }
+    Disposition::Requeue {
+        pause: Duration::from_secs(1),
+        why: e.to_string(),
+    }
 }
 
 /// Which broker delay the `attempt`-th delivery of a job gets when it cannot

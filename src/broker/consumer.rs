@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
@@ -43,28 +46,56 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
 }
 
 pub async fn connect(app: &App) -> Result<Connection, BrokerError> {
-    Connection::connect(app.settings.broker.url.expose(), ConnectionProperties::default())
-        .await
-        .map_err(amqp("connecting"))
+    Connection::connect(
+        app.settings.broker.url.expose(),
+        ConnectionProperties::default(),
+    )
+    .await
+    .map_err(amqp("connecting"))
 }
 
 /// Connects, declares the topology and returns a confirm-mode publisher.
 pub async fn open(app: &App) -> Result<(Connection, Publisher), BrokerError> {
     let conn = connect(app).await?;
-    let ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
-    topology::declare(&ch, &app.names, &app.settings.broker, &app.settings.worker.retry_delays()).await?;
-    let pub_ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
-    pub_ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp("enabling confirms"))?;
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(amqp("opening a channel"))?;
+    topology::declare(
+        &ch,
+        &app.names,
+        &app.settings.broker,
+        &app.settings.worker.retry_delays(),
+    )
+    .await?;
+    let pub_ch = conn
+        .create_channel()
+        .await
+        .map_err(amqp("opening a channel"))?;
+    pub_ch
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(amqp("enabling confirms"))?;
     Ok((conn, Publisher::new(pub_ch)))
 }
 
 async fn session(app: &Arc<App>, shutdown: &CancellationToken) -> Result<(), BrokerError> {
     let (conn, publisher) = open(app).await?;
-    let ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
-    ch.basic_qos(app.settings.broker.prefetch, BasicQosOptions::default()).await.map_err(amqp("setting prefetch"))?;
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(amqp("opening a channel"))?;
+    ch.basic_qos(app.settings.broker.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(amqp("setting prefetch"))?;
     let tag = format!("reaper-{}", uuid::Uuid::new_v4());
     let mut consumer = ch
-        .basic_consume(app.names.work.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            app.names.work.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .map_err(amqp("starting the consumer"))?;
     app.ready.store(true, Ordering::Relaxed);
@@ -88,12 +119,16 @@ async fn session(app: &Arc<App>, shutdown: &CancellationToken) -> Result<(), Bro
     app.ready.store(false, Ordering::Relaxed);
     if ended.is_ok() {
         tracing::info!("shutting down: no new deliveries; waiting for jobs in flight");
-        let _ = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+        let _ = ch
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await;
     }
     tracker.close();
     let grace = Duration::from_secs(app.settings.worker.shutdown_grace_secs);
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!("jobs still running after the grace period; they go back to the queue unacked");
+        tracing::warn!(
+            "jobs still running after the grace period; they go back to the queue unacked"
+        );
     }
     let _ = conn.close(200, "reaper shutting down".into()).await;
     ended
@@ -103,19 +138,46 @@ async fn session(app: &Arc<App>, shutdown: &CancellationToken) -> Result<(), Bro
 /// publish is confirmed; any failure leaves it unacked or nacked for redelivery.
 async fn process(app: &App, publisher: &Publisher, delivery: Delivery) {
     let routing_key = original_routing_key(&delivery);
-    let handled = AssertUnwindSafe(handler::handle(app, &routing_key, &delivery.data)).catch_unwind().await;
+    let handled = AssertUnwindSafe(handler::handle(app, &routing_key, &delivery.data))
+        .catch_unwind()
+        .await;
     let disposition = match handled {
         Ok(d) => d,
         Err(_) => {
-            tracing::error!(routing_key, "the handler panicked; handing the message back (the delivery limit stops a loop)");
-            Disposition::Requeue { pause: Duration::from_secs(1), why: "handler panicked".into() }
+            tracing::error!(
+                routing_key,
+                "the handler panicked; handing the message back (the delivery limit stops a loop)"
+            );
+            Disposition::Requeue {
+                pause: Duration::from_secs(1),
+                why: "handler panicked".into(),
+            }
         }
     };
-    let message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
-    let settled = settle(app, publisher, &delivery, &routing_key, &message_id, disposition).await;
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|m| m.to_string())
+        .unwrap_or_default();
+    let settled = settle(
+        app,
+        publisher,
+        &delivery,
+        &routing_key,
+        &message_id,
+        disposition,
+    )
+    .await;
     if let Err(e) = settled {
         tracing::warn!(error = %e, "could not settle a delivery; it will be redelivered");
-        let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+        let _ = delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await;
     }
 }
 
@@ -128,8 +190,15 @@ async fn settle(
     disposition: Disposition,
 ) -> Result<(), BrokerError> {
     match disposition {
-        Disposition::Finished { event_id, result, routing_key: result_key, dead } => {
-            publisher.publish(&app.names.results, result_key, &result, &event_id, &[]).await?;
+        Disposition::Finished {
+            event_id,
+            result,
+            routing_key: result_key,
+            dead,
+        } => {
+            publisher
+                .publish(&app.names.results, result_key, &result, &event_id, &[])
+                .await?;
             if let Some(dead) = dead {
                 let hs = [
                     (headers::ROUTING_KEY, routing_key),
@@ -137,35 +206,60 @@ async fn settle(
                     (headers::JOB_ID, dead.job_id.as_str()),
                     (headers::ERROR_CLASS, "job_failed"),
                 ];
-                publisher.publish("", &app.names.dead, &delivery.data, &event_id, &hs).await?;
+                publisher
+                    .publish("", &app.names.dead, &delivery.data, &event_id, &hs)
+                    .await?;
             }
         }
         Disposition::Ack => {}
         Disposition::RetryAfter { delay, why: _ } => {
             let hs = [(headers::ROUTING_KEY, routing_key)];
-            publisher.publish("", &app.names.retry(delay), &delivery.data, message_id, &hs).await?;
+            publisher
+                .publish("", &app.names.retry(delay), &delivery.data, message_id, &hs)
+                .await?;
         }
         Disposition::Reject { reason } => {
-            let hs = [(headers::ROUTING_KEY, routing_key), (headers::REASON, reason.as_str()), (headers::ERROR_CLASS, "malformed")];
-            publisher.publish("", &app.names.dead, &delivery.data, message_id, &hs).await?;
+            let hs = [
+                (headers::ROUTING_KEY, routing_key),
+                (headers::REASON, reason.as_str()),
+                (headers::ERROR_CLASS, "malformed"),
+            ];
+            publisher
+                .publish("", &app.names.dead, &delivery.data, message_id, &hs)
+                .await?;
         }
         Disposition::Requeue { pause, why } => {
             tracing::warn!(why, "handing the message back to the broker");
             tokio::time::sleep(pause).await;
-            delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await.map_err(amqp("nacking"))?;
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+                .map_err(amqp("nacking"))?;
             return Ok(());
         }
     }
-    delivery.acker.ack(BasicAckOptions::default()).await.map_err(amqp("acking"))?;
+    delivery
+        .acker
+        .ack(BasicAckOptions::default())
+        .await
+        .map_err(amqp("acking"))?;
     Ok(())
 }
 
 /// Retry hops go through the default exchange and lose the routing key; it
 /// travels in a header instead.
 fn original_routing_key(d: &Delivery) -> String {
-    let from_header = d.properties.headers().as_ref().and_then(|h: &FieldTable| match h.inner().get(headers::ROUTING_KEY) {
-        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        _ => None,
+    let from_header = d.properties.headers().as_ref().and_then(|h: &FieldTable| {
+        match h.inner().get(headers::ROUTING_KEY) {
+            Some(AMQPValue::LongString(s)) => {
+                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
+            _ => None,
+        }
     });
     from_header.unwrap_or_else(|| d.routing_key.to_string())
 }

@@ -46,7 +46,10 @@ pub enum BrokerError {
         source: lapin::Error,
     },
     #[error("broker: publish to {exchange:?} with key {routing_key:?} was nacked")]
-    Nacked { exchange: String, routing_key: String },
+    Nacked {
+        exchange: String,
+        routing_key: String,
+    },
     #[error("broker: the consumer was cancelled by the server")]
     ConsumerCancelled,
 }
@@ -66,16 +69,27 @@ pub mod headers {
 
 /// Deletes every exchange and queue under `names` (and the retry queues for
 /// `retry_delays`). For tests and the demo, which use a prefix of their own.
-pub async fn delete_topology(conn: &lapin::Connection, names: &Names, retry_delays: &[Duration]) -> Result<(), BrokerError> {
+pub async fn delete_topology(
+    conn: &lapin::Connection,
+    names: &Names,
+    retry_delays: &[Duration],
+) -> Result<(), BrokerError> {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-    let ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(amqp("opening a channel"))?;
     let mut queues = vec![names.work.clone(), names.dead.clone()];
     queues.extend(retry_delays.iter().map(|d| names.retry(*d)));
     for q in queues {
-        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await.map_err(amqp("deleting a queue"))?;
+        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .map_err(amqp("deleting a queue"))?;
     }
     for ex in [&names.events, &names.results] {
-        ch.exchange_delete(ex.as_str().into(), ExchangeDeleteOptions::default()).await.map_err(amqp("deleting an exchange"))?;
+        ch.exchange_delete(ex.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .map_err(amqp("deleting an exchange"))?;
     }
     Ok(())
 }

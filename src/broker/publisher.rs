@@ -2,8 +2,8 @@
 //! jobs' confirms are pipelined on one channel rather than serialized.
 
 use lapin::options::BasicPublishOptions;
-use lapin::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::Confirmation;
 use lapin::{BasicProperties, Channel};
 
 use super::{amqp, BrokerError};
@@ -39,14 +39,23 @@ impl Publisher {
             .with_headers(table);
         let confirm = self
             .channel
-            .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, props)
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
             .await
             .map_err(amqp("publishing"))?
             .await
             .map_err(amqp("waiting for a publisher confirm"))?;
         match confirm {
             Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Nack(_) => Err(BrokerError::Nacked { exchange: exchange.into(), routing_key: routing_key.into() }),
+            Confirmation::Nack(_) => Err(BrokerError::Nacked {
+                exchange: exchange.into(),
+                routing_key: routing_key.into(),
+            }),
         }
     }
 }

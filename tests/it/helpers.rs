@@ -1,0 +1,273 @@
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures_util::Future;
+use lapin::options::BasicGetOptions;
+use lapin::types::AMQPValue;
+use reaper::app::App;
+use reaper::broker::publisher::Publisher;
+use reaper::broker::tap::{Observed, ResultTap};
+use reaper::broker::{self, Names};
+use reaper::config::Settings;
+use reaper::demo::VpcNode;
+use reaper::sim::Sim;
+use serde_json::{json, Value};
+use sqlx::Connection;
+use tokio_util::sync::CancellationToken;
+
+pub fn amqp_url() -> String {
+    std::env::var("REAPER_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub fn pg_server() -> String {
+    std::env::var("REAPER_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// Everything one test needs: the worker running against its own database and
+/// broker prefix, the simulated cloud, a publisher and a tap on the results.
+pub struct TestApp {
+    pub app: Arc<App>,
+    pub sim: Sim,
+    pub publisher: Publisher,
+    pub tap: ResultTap,
+    pub conn: lapin::Connection,
+    pub shutdown: CancellationToken,
+    worker: Option<tokio::task::JoinHandle<()>>,
+    _cleanup: Cleanup,
+}
+
+/// Drops the test's database and broker topology even when the test panics.
+struct Cleanup {
+    db_name: String,
+    names: Names,
+    retry_delays: Vec<Duration>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let db_name = self.db_name.clone();
+        let names = self.names.clone();
+        let delays = self.retry_delays.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok(conn) = lapin::Connection::connect(&amqp_url(), Default::default()).await
+                {
+                    let _ = broker::delete_topology(&conn, &names, &delays).await;
+                    let _ = conn.close(200, "test done".into()).await;
+                }
+                if let Ok(mut pg) =
+                    sqlx::PgConnection::connect(&format!("{}/postgres", pg_server())).await
+                {
+                    let _ = sqlx::query(&format!(
+                        "DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)"
+                    ))
+                    .execute(&mut pg)
+                    .await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// The VPC example's kinds pointed at a fresh simulated cloud, plus `extra` TOML.
+pub async fn spawn_app(extra: &str) -> TestApp {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .try_init();
+    let sim = Sim::new();
+    let shutdown = CancellationToken::new();
+    let addr = sim
+        .spawn(0, shutdown.clone())
+        .await
+        .expect("starting the simulated cloud");
+    let id = format!("{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff);
+    let db_name = format!("reaper_t_{id}");
+    let prefix = format!("t-{id}");
+    {
+        let mut pg = sqlx::PgConnection::connect(&format!("{}/postgres", pg_server()))
+            .await
+            .expect("PostgreSQL must be running on 127.0.0.1:5432");
+        sqlx::query(&format!("CREATE DATABASE \"{db_name}\""))
+            .execute(&mut pg)
+            .await
+            .expect("creating the test database");
+    }
+    let overrides = format!(
+        "[providers.cloud]\nbase_url = \"http://{addr}\"\n\
+         [broker]\nurl = \"{amqp}\"\nprefix = \"{prefix}\"\nprefetch = 16\n\
+         [database]\nurl = \"{pg}/{db_name}\"\nmax_connections = 8\n\
+         [worker]\nstep_attempts = 4\nstep_min_backoff_ms = 10\nstep_max_backoff_ms = 100\nretry_delays_secs = [0.2, 0.4]\nshutdown_grace_secs = 5\n\
+",
+        amqp = amqp_url(),
+        pg = pg_server(),
+    );
+    let mut settings = Settings::from_toml_layers(&[
+        include_str!("../../config/vpc-node.toml"),
+        &overrides,
+        extra,
+    ])
+    .expect("test settings");
+    if let Some(reaper::config::ProviderSettings::Http(h)) = settings.providers.get_mut("cloud") {
+        h.auth = None;
+    }
+    let cleanup = Cleanup {
+        db_name,
+        names: Names::new(&prefix),
+        retry_delays: settings.worker.retry_delays(),
+    };
+    let app = Arc::new(App::build(settings).await.expect("building the app"));
+    let (conn, publisher) = broker::consumer::open(&app)
+        .await
+        .expect("RabbitMQ must be running on 127.0.0.1:5672");
+    let tap = ResultTap::open(&conn, &app.names)
+        .await
+        .expect("opening the results tap");
+    let worker = Some(tokio::spawn(app.clone().run(shutdown.clone())));
+    TestApp {
+        app,
+        sim,
+        publisher,
+        tap,
+        conn,
+        shutdown,
+        worker,
+        _cleanup: cleanup,
+    }
+}
+
+impl TestApp {
+    pub async fn publish(&self, routing_key: &str, body: &Value) {
+        let bytes = serde_json::to_vec(body).unwrap();
+        let id = body["event_id"].as_str().unwrap_or("no-id");
+        self.publisher
+            .publish(&self.app.names.events, routing_key, &bytes, id, &[])
+            .await
+            .expect("publishing");
+    }
+
+    pub async fn publish_raw(&self, exchange: &str, routing_key: &str, bytes: &[u8]) {
+        self.publisher
+            .publish(exchange, routing_key, bytes, "raw", &[])
+            .await
+            .expect("publishing");
+    }
+
+    /// Creates `node` in the simulated cloud, tracks its resources, and waits
+    /// until the ledger holds all of them.
+    pub async fn provision(&self, node: &VpcNode) {
+        node.create_in(&self.sim);
+        for e in node.track_events(&node.owner) {
+            self.publish("resource.tracked", &e).await;
+        }
+        let owners = vec![node.owner.clone()];
+        let want = node.resources.len() as i64;
+        wait_until(
+            &format!("all {want} resources of {} tracked", node.owner),
+            Duration::from_secs(20),
+            || async { self.app.ledger.count_tracked(&owners).await.unwrap() >= want },
+        )
+        .await;
+    }
+
+    /// The next result; fails the test after `secs` seconds.
+    pub async fn next_result(&mut self, secs: u64) -> Observed {
+        self.tap
+            .next(Duration::from_secs(secs))
+            .await
+            .unwrap_or_else(|| panic!("no result within {secs}s"))
+    }
+
+    /// Messages now on the dead queue, with their reason header.
+    pub async fn drain_dead(&self) -> Vec<(Vec<u8>, String)> {
+        let ch = self.conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(m) = ch
+            .basic_get(
+                self.app.names.dead.as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            let reason = m
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| match h.inner().get("x-reaper-reason") {
+                    Some(AMQPValue::LongString(s)) => {
+                        Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                    }
+                    _ => None,
+                })
+                .unwrap_or_default();
+            out.push((m.delivery.data.clone(), reason));
+        }
+        out
+    }
+
+    /// Stops the worker and waits for it.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(w) = self.worker.take() {
+            tokio::time::timeout(Duration::from_secs(15), w)
+                .await
+                .expect("the worker stops within 15s")
+                .unwrap();
+        }
+    }
+}
+
+/// Polls `cond` until it holds; fails with `what` after `limit`.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub fn deletion(event_id: &str, owner: &str, occurred_at: DateTime<Utc>) -> Value {
+    json!({ "event_id": event_id, "owner": owner, "reason": "test", "requested_by": "tests", "occurred_at": occurred_at.to_rfc3339() })
+}
+
+pub fn unique(name: &str) -> String {
+    format!("{name}-{:08x}", fastrand::u32(..))
+}
+
+impl TestApp {
+    /// Waits until at least `n` messages sit on the dead queue, then takes them all.
+    pub async fn dead_wait(&self, n: usize) -> Vec<(Vec<u8>, String)> {
+        let mut got = Vec::new();
+        let start = Instant::now();
+        while got.len() < n {
+            got.extend(self.drain_dead().await);
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "only {} of {n} dead letters arrived",
+                got.len()
+            );
+            if got.len() < n {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+        got
+    }
+}

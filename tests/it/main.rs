@@ -1,0 +1,11 @@
+//! Integration tests against the real RabbitMQ and PostgreSQL, with the
+//! simulated cloud over real HTTP. Each test gets its own database and its own
+//! broker prefix (see `helpers::spawn_app`), so they run in parallel.
+
+mod helpers;
+
+mod contract_proto;
+mod malformed;
+mod owner_lives;
+mod startup;
+mod teardown;

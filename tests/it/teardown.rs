@@ -1,0 +1,305 @@
+use std::time::Duration;
+
+use chrono::Utc;
+use reaper::demo::VpcNode;
+use reaper::sim::Faults;
+use serde_json::json;
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vpc_node_is_torn_down_children_first_with_zero_order_refusals() {
+    let mut t = spawn_app("").await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    t.publish(
+        "deletion.requested",
+        &deletion("del-1", &node.owner, Utc::now()),
+    )
+    .await;
+
+    let r = t.next_result(30).await;
+    assert_eq!(r.routing_key, "teardown.completed");
+    assert_eq!(r.result.status, "completed", "{:?}", r.result);
+    assert_eq!(r.result.event_id, "del-1");
+    assert_eq!(r.result.trigger, "deletion.requested");
+    assert_eq!(r.result.resources.len(), 5);
+    assert!(
+        r.result.resources.iter().all(|s| s.outcome == "deleted"),
+        "{:?}",
+        r.result.resources
+    );
+    // Children first: the VNI and the DNS record are reported in the first level.
+    let first_two: Vec<&str> = r.result.resources[..2]
+        .iter()
+        .map(|s| s.kind.as_str())
+        .collect();
+    assert_eq!(first_two, ["dns_record", "vni"]);
+    assert!(
+        t.sim.paths().is_empty(),
+        "left in the cloud: {:?}",
+        t.sim.paths()
+    );
+    assert_eq!(t.sim.stats().refused_for_order, 0);
+    let states = t.app.ledger.owner_resources(&node.owner).await.unwrap();
+    assert!(states.iter().all(|(_, s, _)| s == "deleted"), "{states:?}");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_retry_through_5xx_and_429_to_success() {
+    let mut t = spawn_app("").await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    t.sim.set_faults(Faults {
+        fail_next: 2,
+        ..Default::default()
+    });
+    t.publish(
+        "deletion.requested",
+        &deletion("del-flaky", &node.owner, Utc::now()),
+    )
+    .await;
+    let r = t.next_result(30).await;
+    assert_eq!(r.result.status, "completed", "{:?}", r.result);
+    assert!(
+        r.result.resources.iter().any(|s| s.attempts > 1),
+        "some step must have needed a retry: {:?}",
+        r.result.resources
+    );
+
+    let node2 = VpcNode::new(&unique("node"));
+    t.provision(&node2).await;
+    t.sim.set_faults(Faults {
+        rate_limit_rate: 0.3,
+        retry_after_secs: 0.05,
+        seed: Some(7),
+        only_method: "DELETE".into(),
+        ..Default::default()
+    });
+    t.publish(
+        "deletion.requested",
+        &deletion("del-429", &node2.owner, Utc::now()),
+    )
+    .await;
+    let r = t.next_result(30).await;
+    assert_eq!(r.result.status, "completed", "{:?}", r.result);
+    let stats = t.sim.stats();
+    assert!(
+        stats.injected_errors >= 2 && stats.injected_rate_limits >= 1,
+        "{stats:?}"
+    );
+    assert!(t.sim.paths().is_empty(), "left: {:?}", t.sim.paths());
+    assert_eq!(stats.refused_for_order, 0);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_outlasts_its_step_retries_comes_back_through_the_broker() {
+    // Two in-process attempts per step; the server's delete fails four times.
+    let mut t = spawn_app("[worker]\nstep_attempts = 2\n").await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    t.sim.set_faults(Faults {
+        fail_next: 3,
+        only_method: "DELETE".into(),
+        ..Default::default()
+    });
+    t.publish(
+        "deletion.requested",
+        &deletion("del-broker-retry", &node.owner, Utc::now()),
+    )
+    .await;
+    let r = t.next_result(30).await;
+    assert_eq!(r.result.status, "completed", "{:?}", r.result);
+    assert!(
+        r.result.attempts >= 2,
+        "the job must have taken a broker retry: {:?}",
+        r.result
+    );
+    assert!(t.sim.paths().is_empty());
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_event_id_twice_is_one_job_with_identical_results() {
+    let mut t = spawn_app("").await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    let ev = deletion("dup-1", &node.owner, Utc::now());
+    t.publish("deletion.requested", &ev).await;
+    t.publish("deletion.requested", &ev).await;
+    let a = t.next_result(30).await;
+    let b = t.next_result(30).await;
+    assert_eq!(a.body, b.body, "duplicate results must be byte-identical");
+    assert_eq!(a.result.job_id, b.result.job_id);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE event_id = 'dup-1'")
+        .fetch_one(t.app.ledger.pool())
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    // Each resource was deleted once: nothing was deleted twice as "already gone" noise.
+    assert_eq!(t.sim.stats().deleted, 5);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_error_dead_letters_with_a_report_and_a_result() {
+    let mut t = spawn_app("").await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    t.sim.set_faults(Faults {
+        fail_next: 1,
+        fail_status: 403,
+        only_method: "DELETE".into(),
+        ..Default::default()
+    });
+    t.publish(
+        "deletion.requested",
+        &deletion("del-403", &node.owner, Utc::now()),
+    )
+    .await;
+    let r = t.next_result(30).await;
+    assert_eq!(r.routing_key, "teardown.dead_lettered");
+    assert_eq!(r.result.status, "dead_lettered");
+    let reason = r
+        .result
+        .reason
+        .clone()
+        .expect("a dead-lettered result has a reason");
+    assert!(reason.contains("403"), "{reason}");
+    let failed: Vec<_> = r
+        .result
+        .resources
+        .iter()
+        .filter(|s| s.outcome == "failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{:?}", r.result.resources);
+    assert!(failed[0].error.as_deref().unwrap_or("").contains("403"));
+    // The second level never started: server and IPs are blocked, still in the cloud.
+    let blocked = r
+        .result
+        .resources
+        .iter()
+        .filter(|s| s.outcome == "blocked")
+        .count();
+    assert_eq!(blocked, 3, "{:?}", r.result.resources);
+    assert!(
+        t.sim.exists(&node.resources[2].path),
+        "the server must not be touched"
+    );
+
+    let dead = t.dead_wait(1).await;
+    assert_eq!(dead.len(), 1);
+    let original: serde_json::Value = serde_json::from_slice(&dead[0].0).unwrap();
+    assert_eq!(original["event_id"], "del-403");
+    assert!(dead[0].1.contains("403"), "reason header: {}", dead[0].1);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_deletes_nothing_and_reports_would_delete() {
+    let mut t = spawn_app("").await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    let before = t.sim.paths();
+    let mut ev = deletion("dry-1", &node.owner, Utc::now());
+    ev["dry_run"] = json!(true);
+    t.publish("deletion.requested", &ev).await;
+    let r = t.next_result(30).await;
+    assert_eq!(r.result.status, "completed");
+    assert!(r.result.dry_run);
+    assert_eq!(r.result.resources.len(), 5);
+    assert!(
+        r.result
+            .resources
+            .iter()
+            .all(|s| s.outcome == "would_delete"),
+        "{:?}",
+        r.result.resources
+    );
+    assert_eq!(t.sim.paths(), before);
+    assert_eq!(t.sim.stats().deletes, 0);
+    // And the owner's resources are still there for a real teardown.
+    t.publish(
+        "deletion.requested",
+        &deletion("real-1", &node.owner, Utc::now()),
+    )
+    .await;
+    let r = t.next_result(30).await;
+    assert!(
+        r.result.resources.iter().all(|s| s.outcome == "deleted"),
+        "{:?}",
+        r.result.resources
+    );
+    assert!(t.sim.paths().is_empty());
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_failed_tears_down_what_it_lists_as_well_as_what_was_tracked() {
+    let mut t = spawn_app("").await;
+    let node = VpcNode::new(&unique("node"));
+    node.create_in(&t.sim);
+    // Only the IPs and the server were tracked before the provisioner failed;
+    // it lists the DNS record and the VNI in its failure event.
+    let tracks = node.track_events("pf");
+    for e in tracks
+        .iter()
+        .filter(|e| e["kind"] == "ip_reservation" || e["kind"] == "bare_metal_server")
+    {
+        t.publish("resource.tracked", e).await;
+    }
+    let owners = vec![node.owner.clone()];
+    wait_until("3 tracked", Duration::from_secs(20), || async {
+        t.app.ledger.count_tracked(&owners).await.unwrap() >= 3
+    })
+    .await;
+    let listed: Vec<_> = node
+        .resources
+        .iter()
+        .filter(|r| r.kind == "dns_record" || r.kind == "vni")
+        .map(|r| json!({"kind": r.kind, "id": r.id, "attributes": r.attributes}))
+        .collect();
+    let ev = json!({
+        "event_id": "pf-1", "owner": node.owner, "failed_step": "attach_vni", "error": "quota exceeded",
+        "occurred_at": Utc::now().to_rfc3339(), "resources": listed,
+    });
+    t.publish("provisioning.failed", &ev).await;
+    let r = t.next_result(30).await;
+    assert_eq!(r.result.status, "completed", "{:?}", r.result);
+    assert_eq!(r.result.trigger, "provisioning.failed");
+    assert_eq!(r.result.resources.len(), 5);
+    assert!(t.sim.paths().is_empty(), "left: {:?}", t.sim.paths());
+    assert_eq!(t.sim.stats().refused_for_order, 0);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_already_gone_at_the_provider_counts_as_done() {
+    let mut t = spawn_app("").await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    // Someone removed the VNI by hand.
+    let vni = node.resources.iter().find(|r| r.kind == "vni").unwrap();
+    let client = reqwest::Client::new();
+    let addr = t.app.settings.providers.get("cloud").map(|p| match p {
+        reaper::config::ProviderSettings::Http(h) => h.base_url.clone(),
+    });
+    let resp = client
+        .delete(format!("{}{}", addr.unwrap(), vni.path))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    t.publish(
+        "deletion.requested",
+        &deletion("gone-1", &node.owner, Utc::now()),
+    )
+    .await;
+    let r = t.next_result(30).await;
+    let v = r.result.resources.iter().find(|s| s.kind == "vni").unwrap();
+    assert_eq!(v.outcome, "already_gone");
+    assert_eq!(r.result.status, "completed");
+    t.stop().await;
+}
