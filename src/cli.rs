@@ -53,7 +53,12 @@ pub async fn main(cli: Cli) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    crate::telemetry::init(&settings.log);
+    let mut log = settings.log.clone();
+    if matches!(cli.command, Command::Demo(_)) {
+        // The demo prints its own progress and summary; only trouble is logged.
+        log.filter = "warn,lapin=off".into();
+    }
+    crate::telemetry::init(&log);
     match cli.command {
         Command::Run => {
             let app = match App::build(settings).await {

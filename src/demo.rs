@@ -125,6 +125,15 @@ impl VpcNode {
     }
 }
 
+fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    let style = indicatif::ProgressStyle::with_template("  {bar:40} {pos:>5}/{len:<5} {msg}")
+        .expect("a valid template");
+    bar.set_style(style);
+    bar.set_message(what.to_string());
+    bar
+}
+
 pub async fn run(mut settings: Settings, args: DemoArgs) -> ExitCode {
     match demo(&mut settings, args).await {
         Ok(true) => ExitCode::SUCCESS,
@@ -193,9 +202,10 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
     }
     let owners: Vec<String> = nodes.iter().map(|n| n.owner.clone()).collect();
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+    let bar = progress(total as u64, "resources tracked");
     loop {
         let n = app.ledger.count_tracked(&owners).await?;
-        print!("\rtracked {n}/{total} resources");
+        bar.set_position(n as u64);
         if n as usize >= total {
             break;
         }
@@ -205,7 +215,7 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!();
+    bar.finish();
 
     for (i, n) in nodes.iter().enumerate() {
         let (key, body) = if i % 2 == 0 {
@@ -231,15 +241,16 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
     }
 
     let mut results = Vec::new();
+    let bar = progress(nodes.len() as u64, "jobs finished");
     while results.len() < nodes.len() {
         let left = deadline.saturating_duration_since(Instant::now());
         match tap.next(left).await {
             Some(r) => results.push(r.result),
             None => break,
         }
-        print!("\rjobs finished {}/{}", results.len(), nodes.len());
+        bar.set_position(results.len() as u64);
     }
-    println!();
+    bar.finish();
     let elapsed = started.elapsed();
     shutdown.cancel();
     let _ = worker.await;

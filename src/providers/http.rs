@@ -275,7 +275,7 @@ impl HttpProvider {
         let mut p = self.pacer.lock().await;
         let until = Instant::now() + d;
         p.paused_until = Some(p.paused_until.map_or(until, |u| u.max(until)));
-        tracing::warn!(provider = %self.name, pause_ms = d.as_millis() as u64, "rate limited by the API; slowing the whole provider");
+        tracing::info!(provider = %self.name, pause_ms = d.as_millis() as u64, "rate limited by the API; slowing the whole provider");
     }
 }
 
