@@ -102,6 +102,11 @@ pub async fn spawn_app(extra: &str) -> TestApp {
             .await
             .expect("creating the test database");
     }
+    let mut cleanup = Cleanup {
+        db_name: db_name.clone(),
+        names: Names::new(&prefix),
+        retry_delays: Vec::new(),
+    };
     let overrides = format!(
         "[providers.cloud]\nbase_url = \"http://{addr}\"\n\
          [broker]\nurl = \"{amqp}\"\nprefix = \"{prefix}\"\nprefetch = 16\n\
@@ -120,11 +125,7 @@ pub async fn spawn_app(extra: &str) -> TestApp {
     if let Some(reaper::config::ProviderSettings::Http(h)) = settings.providers.get_mut("cloud") {
         h.auth = None;
     }
-    let cleanup = Cleanup {
-        db_name,
-        names: Names::new(&prefix),
-        retry_delays: settings.worker.retry_delays(),
-    };
+    cleanup.retry_delays = settings.worker.retry_delays();
     let app = Arc::new(App::build(settings).await.expect("building the app"));
     let (conn, publisher) = broker::consumer::open(&app)
         .await
