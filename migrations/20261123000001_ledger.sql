@@ -16,8 +16,6 @@ CREATE TABLE jobs (
                  CHECK (status IN ('running', 'completed', 'dead_lettered')),
     -- Deliveries of this job so far; the broker retry schedule is indexed by it.
     attempts     INTEGER NOT NULL DEFAULT 1,
-    -- A worker holds the job while it runs; an expired lease means the holder died.
-    lease_until  TIMESTAMPTZ,
     started_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
     finished_at  TIMESTAMPTZ,
     reason       TEXT,

@@ -1,8 +1,10 @@
 //! The application state, built once from settings and shared by every task.
 
+use std::collections::HashSet;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+
+use uuid::Uuid;
 
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +31,38 @@ pub struct App {
     pub names: Names,
     /// Consuming and connected; what readiness reports.
     pub ready: AtomicBool,
+    /// Deliveries being handled, whose owner leases the heartbeat renews.
+    pub holders: Holders,
+}
+
+/// The lease holders of this process. Each delivery registers one for as long
+/// as it is being handled.
+#[derive(Default)]
+pub struct Holders(Mutex<HashSet<Uuid>>);
+
+pub struct HolderGuard<'a> {
+    holders: &'a Holders,
+    pub id: Uuid,
+}
+
+impl Holders {
+    pub fn register(&self) -> HolderGuard<'_> {
+        let id = Uuid::new_v4();
+        self.0.lock().expect("not poisoned").insert(id);
+        HolderGuard { holders: self, id }
+    }
+
+    pub fn snapshot(&self) -> Vec<Uuid> {
+        self.0.lock().expect("not poisoned").iter().copied().collect()
+    }
+}
+
+impl Drop for HolderGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.holders.0.lock() {
+            set.remove(&self.id);
+        }
+    }
 }
 
 impl App {
@@ -38,15 +72,13 @@ impl App {
         let catalog = settings.validate()?;
         if catalog.is_empty() {
             return Err(ConfigError::Invalid(
-                "no kinds are configured: add [kinds.NAME] sections (see config/vpc-node.toml)"
-                    .into(),
+                "no kinds are configured: add [kinds.NAME] sections (see config/vpc-node.toml)".into(),
             )
             .into());
         }
         let providers = Providers::build(&settings.providers)?;
-        let window = Duration::from_secs(settings.worker.late_track_window_secs);
         tracing::info!(database = %redact_url(settings.database.url.expose()), "connecting to the ledger");
-        let ledger = Ledger::connect(&settings.database, window).await?;
+        let ledger = settings.ledger().await?;
         ledger.migrate().await?;
         let names = Names::new(&settings.broker.prefix);
         Ok(App {
@@ -56,13 +88,31 @@ impl App {
             providers,
             names,
             ready: AtomicBool::new(false),
+            holders: Holders::default(),
         })
     }
 
     /// Runs the worker until `shutdown` is cancelled.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         tracing::info!(broker = %redact_url(self.settings.broker.url.expose()), prefix = %self.settings.broker.prefix, "starting the worker");
+        let beat = tokio::spawn(heartbeat(self.clone(), shutdown.clone()));
         broker::consumer::run(self, shutdown).await;
+        let _ = beat.await;
+    }
+}
+
+/// Renews the owner leases of every delivery in hand, a few times per lease.
+async fn heartbeat(app: Arc<App>, shutdown: CancellationToken) {
+    let every = app.ledger.lease_ttl() / 3;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let holders = app.holders.snapshot();
+        if let Err(e) = app.ledger.renew(&holders).await {
+            tracing::warn!(error = %e, "could not renew owner leases; they may expire and the owners be taken over");
+        }
     }
 }
 
@@ -72,9 +122,8 @@ pub fn cancel_on_signals(token: CancellationToken) {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("installing a SIGTERM handler");
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing a SIGTERM handler");
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}

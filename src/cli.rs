@@ -43,6 +43,9 @@ pub enum Command {
     /// The whole job in one command: a simulated cloud, N sample VPC nodes, a mix
     /// of deletion and provisioning-failure events, the worker, and a summary.
     Demo(crate::demo::DemoArgs),
+    /// Re-run dead-lettered jobs after fixing their cause. Steps already done
+    /// stay done; each remaining resource is checked again before it is deleted.
+    Replay(crate::replay::ReplayArgs),
 }
 
 pub async fn main(cli: Cli) -> ExitCode {
@@ -70,29 +73,22 @@ pub async fn main(cli: Cli) -> ExitCode {
             app.run(token).await;
             ExitCode::SUCCESS
         }
-        Command::Migrate => {
-            let window = std::time::Duration::from_secs(settings.worker.late_track_window_secs);
-            match crate::ledger::Ledger::connect(&settings.database, window).await {
-                Ok(l) => match l.migrate().await {
-                    Ok(()) => {
-                        println!("migrations applied");
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => report(e.into()),
-                },
+        Command::Migrate => match settings.ledger().await {
+            Ok(l) => match l.migrate().await {
+                Ok(()) => {
+                    println!("migrations applied");
+                    ExitCode::SUCCESS
+                }
                 Err(e) => report(e.into()),
-            }
-        }
+            },
+            Err(e) => report(e.into()),
+        },
         Command::CheckConfig => match settings.validate() {
             Ok(catalog) => {
                 println!("config is valid; kinds and what must be gone before each:");
                 for k in catalog.kind_names() {
                     let spec = catalog.kind(k).expect("listed");
-                    let after = if spec.after.is_empty() {
-                        "-".to_string()
-                    } else {
-                        spec.after.join(", ")
-                    };
+                    let after = if spec.after.is_empty() { "-".to_string() } else { spec.after.join(", ") };
                     println!("  {k:<24} provider={:<12} after: {after}", spec.provider);
                 }
                 for (name, ProviderSettings::Http(h)) in &settings.providers {
@@ -129,6 +125,7 @@ pub async fn main(cli: Cli) -> ExitCode {
             }
         }
         Command::Demo(args) => crate::demo::run(settings, args).await,
+        Command::Replay(args) => crate::replay::run(settings, args).await,
     }
 }
 

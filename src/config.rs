@@ -91,14 +91,46 @@ pub struct WorkerSettings {
     pub retry_delays_secs: Vec<f64>,
     pub late_track_window_secs: u64,
     pub shutdown_grace_secs: u64,
+    pub lease_ttl_secs: f64,
+    pub owner_busy_delay_ms: u64,
+    pub max_replays: u32,
+}
+
+impl Settings {
+    /// Connects to the ledger with the worker's late-track window and lease time.
+    pub async fn ledger(&self) -> Result<crate::ledger::Ledger, crate::ledger::LedgerError> {
+        crate::ledger::Ledger::connect(
+            &self.database,
+            Duration::from_secs(self.worker.late_track_window_secs),
+            Duration::from_secs_f64(self.worker.lease_ttl_secs),
+        )
+        .await
+    }
 }
 
 impl WorkerSettings {
+    /// The broker retry schedule for jobs that cannot finish yet.
     pub fn retry_delays(&self) -> Vec<Duration> {
-        self.retry_delays_secs
-            .iter()
-            .map(|s| Duration::from_secs_f64(*s))
-            .collect()
+        self.retry_delays_secs.iter().map(|s| Duration::from_secs_f64(*s)).collect()
+    }
+
+    /// How long a message waits when the ledger is unreachable or the handler crashed.
+    pub fn infra_delay(&self) -> Duration {
+        self.retry_delays().first().copied().unwrap_or(Duration::from_secs(10))
+    }
+
+    pub fn busy_delay(&self) -> Duration {
+        Duration::from_millis(self.owner_busy_delay_ms)
+    }
+
+    /// Every delay a message may be parked for: one retry queue each.
+    pub fn all_delays(&self) -> Vec<Duration> {
+        let mut d = self.retry_delays();
+        d.push(self.infra_delay());
+        d.push(self.busy_delay());
+        d.sort();
+        d.dedup_by_key(|x| x.as_millis());
+        d
     }
 }
 
@@ -187,10 +219,7 @@ impl Settings {
         let mut fig = Figment::from(Toml::string(DEFAULTS));
         if let Some(file) = file {
             if !file.exists() {
-                return Err(ConfigError::Invalid(format!(
-                    "config file {} does not exist",
-                    file.display()
-                )));
+                return Err(ConfigError::Invalid(format!("config file {} does not exist", file.display())));
             }
             fig = fig.merge(Toml::file(file));
         }
@@ -215,11 +244,7 @@ impl Settings {
     /// Checks everything that can be checked without I/O.
     pub fn validate(&self) -> Result<Catalog, ConfigError> {
         let prefix_ok = !self.broker.prefix.is_empty()
-            && self
-                .broker
-                .prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            && self.broker.prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if !prefix_ok {
             return Err(ConfigError::Invalid(format!(
                 "broker.prefix {:?} must be non-empty ASCII letters, digits, '-', '_' or '.'",
@@ -227,34 +252,20 @@ impl Settings {
             )));
         }
         if self.broker.prefetch == 0 {
-            return Err(ConfigError::Invalid(
-                "broker.prefetch must be at least 1".into(),
-            ));
+            return Err(ConfigError::Invalid("broker.prefetch must be at least 1".into()));
         }
         if self.worker.step_attempts == 0 {
-            return Err(ConfigError::Invalid(
-                "worker.step_attempts must be at least 1".into(),
-            ));
+            return Err(ConfigError::Invalid("worker.step_attempts must be at least 1".into()));
         }
-        if self
-            .worker
-            .retry_delays_secs
-            .iter()
-            .any(|d| !d.is_finite() || *d < 0.0)
-        {
-            return Err(ConfigError::Invalid(
-                "worker.retry_delays_secs must be non-negative numbers".into(),
-            ));
+        if self.worker.retry_delays_secs.iter().any(|d| !d.is_finite() || *d < 0.0) {
+            return Err(ConfigError::Invalid("worker.retry_delays_secs must be non-negative numbers".into()));
         }
         for (name, p) in &self.providers {
             let ProviderSettings::Http(h) = p;
             if !(h.base_url.starts_with("http://") || h.base_url.starts_with("https://")) {
                 return Err(ConfigError::Provider {
                     provider: name.clone(),
-                    message: format!(
-                        "base_url {:?} must start with http:// or https://",
-                        h.base_url
-                    ),
+                    message: format!("base_url {:?} must start with http:// or https://", h.base_url),
                 });
             }
             if h.max_concurrency == 0 {
@@ -294,10 +305,7 @@ pub struct KindSpec {
 
 impl KindSpec {
     pub fn missing_attribute(&self, attrs: &BTreeMap<String, String>) -> Option<&str> {
-        self.required_attributes
-            .iter()
-            .find(|a| !attrs.contains_key(*a))
-            .map(|s| s.as_str())
+        self.required_attributes.iter().find(|a| !attrs.contains_key(*a)).map(|s| s.as_str())
     }
 }
 
@@ -308,26 +316,16 @@ impl Catalog {
     ) -> Result<Catalog, ConfigError> {
         let mut out = BTreeMap::new();
         for (name, k) in kinds {
-            let err = |message: String| ConfigError::Kind {
-                kind: name.clone(),
-                message,
-            };
+            let err = |message: String| ConfigError::Kind { kind: name.clone(), message };
             if !providers.contains_key(&k.provider) {
                 return Err(err(format!("provider {:?} is not configured", k.provider)));
             }
-            let delete =
-                RequestTemplate::parse(&k.delete).map_err(|e| err(format!("delete: {e}")))?;
-            let check = k
-                .check
-                .as_deref()
-                .map(RequestTemplate::parse)
-                .transpose()
-                .map_err(|e| err(format!("check: {e}")))?;
+            let delete = RequestTemplate::parse(&k.delete).map_err(|e| err(format!("delete: {e}")))?;
+            let check =
+                k.check.as_deref().map(RequestTemplate::parse).transpose().map_err(|e| err(format!("check: {e}")))?;
             for a in &k.after {
                 if !kinds.contains_key(a) {
-                    return Err(err(format!(
-                        "after names {a:?}, which is not a configured kind"
-                    )));
+                    return Err(err(format!("after names {a:?}, which is not a configured kind")));
                 }
             }
             let mut required_attributes: BTreeSet<String> = delete.attributes().collect();
@@ -383,8 +381,7 @@ impl Catalog {
                 Mark::Done => return None,
                 Mark::Open => {
                     let start = path.iter().position(|p| *p == k).unwrap_or(0);
-                    let mut cycle: Vec<String> =
-                        path[start..].iter().map(|s| s.to_string()).collect();
+                    let mut cycle: Vec<String> = path[start..].iter().map(|s| s.to_string()).collect();
                     cycle.push(k.to_string());
                     return Some(cycle);
                 }
@@ -415,14 +412,8 @@ impl Catalog {
 pub fn redact_url(url: &str) -> String {
     match url.split_once("://") {
         Some((scheme, rest)) => {
-            let (authority, path) = rest
-                .split_once('/')
-                .map(|(a, p)| (a, Some(p)))
-                .unwrap_or((rest, None));
-            let host = authority
-                .rsplit_once('@')
-                .map(|(_, h)| h)
-                .unwrap_or(authority);
+            let (authority, path) = rest.split_once('/').map(|(a, p)| (a, Some(p))).unwrap_or((rest, None));
+            let host = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
             match path {
                 Some(p) => format!("{scheme}://{host}/{}", p.split('?').next().unwrap_or("")),
                 None => format!("{scheme}://{host}"),
@@ -450,48 +441,30 @@ mod tests {
              [kinds.c]\nprovider=\"p\"\ndelete=\"DELETE /c/{{id}}\"\nafter=[\"a\"]\n"
         ))
         .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "kinds form a cycle through `after`: a -> b -> c -> a"
-        );
+        assert_eq!(err.to_string(), "kinds form a cycle through `after`: a -> b -> c -> a");
     }
 
     #[test]
     fn unknown_provider_and_after_are_refused() {
         let e = kinds("[kinds.a]\nprovider=\"nope\"\ndelete=\"DELETE /a/{id}\"\n").unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("provider \"nope\" is not configured"),
-            "{e}"
-        );
-        let e = kinds(&format!(
-            "{PROVIDER}[kinds.a]\nprovider=\"p\"\ndelete=\"DELETE /a/{{id}}\"\nafter=[\"zz\"]\n"
-        ))
-        .unwrap_err();
+        assert!(e.to_string().contains("provider \"nope\" is not configured"), "{e}");
+        let e = kinds(&format!("{PROVIDER}[kinds.a]\nprovider=\"p\"\ndelete=\"DELETE /a/{{id}}\"\nafter=[\"zz\"]\n"))
+            .unwrap_err();
         assert!(e.to_string().contains("after names \"zz\""), "{e}");
     }
 
     #[test]
     fn the_vpc_example_config_is_valid() {
         let c = kinds(include_str!("../config/vpc-node.toml")).unwrap();
-        assert_eq!(
-            c.kind_names(),
-            ["bare_metal_server", "dns_record", "ip_reservation", "vni"]
-        );
+        assert_eq!(c.kind_names(), ["bare_metal_server", "dns_record", "ip_reservation", "vni"]);
         let ip = c.kind("ip_reservation").unwrap();
-        assert_eq!(
-            ip.required_attributes.iter().collect::<Vec<_>>(),
-            ["subnet_id"]
-        );
+        assert_eq!(ip.required_attributes.iter().collect::<Vec<_>>(), ["subnet_id"]);
     }
 
     #[test]
     fn secrets_do_not_print() {
         let s = Settings::from_toml("[database]\nurl = \"postgres://u:hunter2@h/db\"\n").unwrap();
         assert!(!format!("{s:?}").contains("hunter2"));
-        assert_eq!(
-            redact_url("amqp://guest:pw@127.0.0.1:5672/%2f"),
-            "amqp://127.0.0.1:5672/%2f"
-        );
+        assert_eq!(redact_url("amqp://guest:pw@127.0.0.1:5672/%2f"), "amqp://127.0.0.1:5672/%2f");
     }
 }

@@ -123,10 +123,7 @@ pub struct WireRef {
 /// here as a [`Malformed`] with a reason a person can act on.
 pub fn decode(routing_key: &str, body: &[u8], catalog: &Catalog) -> Result<Event, Malformed> {
     if body.len() > MAX_MESSAGE_BYTES {
-        return Err(Malformed(format!(
-            "message is {} bytes, the limit is {MAX_MESSAGE_BYTES}",
-            body.len()
-        )));
+        return Err(Malformed(format!("message is {} bytes, the limit is {MAX_MESSAGE_BYTES}", body.len())));
     }
     match routing_key {
         DELETION_REQUESTED | PROVISIONING_FAILED => {
@@ -143,11 +140,7 @@ pub fn decode(routing_key: &str, body: &[u8], catalog: &Catalog) -> Result<Event
             };
             check_event_id(&wire.event_id)?;
             check_owner(&wire.owner)?;
-            let resources = wire
-                .resources
-                .into_iter()
-                .map(|r| r.validate(catalog))
-                .collect::<Result<Vec<_>, _>>()?;
+            let resources = wire.resources.into_iter().map(|r| r.validate(catalog)).collect::<Result<Vec<_>, _>>()?;
             Ok(Event::Teardown(TeardownRequest {
                 event_id: wire.event_id,
                 owner: wire.owner,
@@ -186,10 +179,9 @@ fn int64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error
     match Option::<Int>::deserialize(d)? {
         None => Ok(None),
         Some(Int::N(n)) => Ok(Some(n)),
-        Some(Int::S(s)) => s
-            .parse()
-            .map(Some)
-            .map_err(|_| serde::de::Error::custom(format!("generation {s:?} is not an integer"))),
+        Some(Int::S(s)) => {
+            s.parse().map(Some).map_err(|_| serde::de::Error::custom(format!("generation {s:?} is not an integer")))
+        }
     }
 }
 
@@ -206,9 +198,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Malforme
 fn check_event_id(id: &str) -> Result<(), Malformed> {
     let n = id.chars().count();
     if n == 0 || n > 128 {
-        return Err(Malformed(format!(
-            "event_id must be 1..128 characters, got {n}"
-        )));
+        return Err(Malformed(format!("event_id must be 1..128 characters, got {n}")));
     }
     Ok(())
 }
@@ -217,33 +207,22 @@ fn check_event_id(id: &str) -> Result<(), Malformed> {
 pub fn check_owner(owner: &str) -> Result<(), Malformed> {
     let n = owner.chars().count();
     if n == 0 || n > 256 {
-        return Err(Malformed(format!(
-            "owner must be 1..256 characters, got {n}"
-        )));
+        return Err(Malformed(format!("owner must be 1..256 characters, got {n}")));
     }
     match owner.split_once('/') {
         Some((t, i)) if !t.is_empty() && !i.is_empty() => Ok(()),
-        _ => Err(Malformed(format!(
-            "owner {owner:?} is not of the form \"type/id\""
-        ))),
+        _ => Err(Malformed(format!("owner {owner:?} is not of the form \"type/id\""))),
     }
 }
 
 impl WireResource {
     fn validate(self, catalog: &Catalog) -> Result<TrackedResource, Malformed> {
         let kind = catalog.kind(&self.kind).ok_or_else(|| {
-            Malformed(format!(
-                "unknown kind {:?}; configured kinds: {}",
-                self.kind,
-                catalog.kind_names().join(", ")
-            ))
+            Malformed(format!("unknown kind {:?}; configured kinds: {}", self.kind, catalog.kind_names().join(", ")))
         })?;
         let n = self.id.chars().count();
         if n == 0 || n > 512 {
-            return Err(Malformed(format!(
-                "{} id must be 1..512 characters, got {n}",
-                self.kind
-            )));
+            return Err(Malformed(format!("{} id must be 1..512 characters, got {n}", self.kind)));
         }
         if let Some(missing) = kind.missing_attribute(&self.attributes) {
             return Err(Malformed(format!(
@@ -253,16 +232,10 @@ impl WireResource {
         }
         if let Some(p) = &self.parent {
             if catalog.kind(&p.kind).is_none() {
-                return Err(Malformed(format!(
-                    "parent of {}/{} has unknown kind {:?}",
-                    self.kind, self.id, p.kind
-                )));
+                return Err(Malformed(format!("parent of {}/{} has unknown kind {:?}", self.kind, self.id, p.kind)));
             }
             if p.id.is_empty() || p.id.chars().count() > 512 {
-                return Err(Malformed(format!(
-                    "parent id of {}/{} must be 1..512 characters",
-                    self.kind, self.id
-                )));
+                return Err(Malformed(format!("parent id of {}/{} must be 1..512 characters", self.kind, self.id)));
             }
         }
         Ok(TrackedResource {
@@ -270,10 +243,7 @@ impl WireResource {
                 kind: self.kind,
                 id: self.id,
                 attributes: self.attributes,
-                parent: self.parent.map(|p| ResourceRef {
-                    kind: p.kind,
-                    id: p.id,
-                }),
+                parent: self.parent.map(|p| ResourceRef { kind: p.kind, id: p.id }),
             },
             created_at: self.created_at,
         })

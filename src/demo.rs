@@ -93,10 +93,7 @@ impl VpcNode {
             path: server_path,
             depends_on: vec![],
         };
-        VpcNode {
-            owner: format!("node/{name}"),
-            resources: vec![ip1, ip2, server, dns, vni],
-        }
+        VpcNode { owner: format!("node/{name}"), resources: vec![ip1, ip2, server, dns, vni] }
     }
 
     /// Creates the node's resources in the simulated cloud, dependencies first.
@@ -127,8 +124,8 @@ impl VpcNode {
 
 fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len);
-    let style = indicatif::ProgressStyle::with_template("  {bar:40} {pos:>5}/{len:<5} {msg}")
-        .expect("a valid template");
+    let style =
+        indicatif::ProgressStyle::with_template("  {bar:40} {pos:>5}/{len:<5} {msg}").expect("a valid template");
     bar.set_style(style);
     bar.set_message(what.to_string());
     bar
@@ -162,18 +159,13 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
     settings.worker.step_min_backoff_ms = 20;
     settings.worker.step_max_backoff_ms = 500;
 
-    println!(
-        "reaper demo {run_id}: simulated cloud on http://{addr}, {} nodes",
-        args.nodes
-    );
+    println!("reaper demo {run_id}: simulated cloud on http://{addr}, {} nodes", args.nodes);
     let app = Arc::new(App::build(settings.clone()).await?);
-    let (conn, publisher) = broker::consumer::open(&app).await?;
+    let (conn, publisher) = broker::consumer::open(&app.settings, &app.names).await?;
     let mut tap = ResultTap::open(&conn, &app.names).await?;
     let worker = tokio::spawn(app.clone().run(shutdown.clone()));
 
-    let nodes: Vec<VpcNode> = (0..args.nodes)
-        .map(|i| VpcNode::new(&format!("demo-{run_id}-{i:04}")))
-        .collect();
+    let nodes: Vec<VpcNode> = (0..args.nodes).map(|i| VpcNode::new(&format!("demo-{run_id}-{i:04}"))).collect();
     for n in &nodes {
         n.create_in(&sim);
     }
@@ -190,13 +182,7 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
         for e in n.track_events(&run_id) {
             let body = serde_json::to_vec(&e)?;
             publisher
-                .publish(
-                    &app.names.events,
-                    RESOURCE_TRACKED,
-                    &body,
-                    e["event_id"].as_str().unwrap_or(""),
-                    &[],
-                )
+                .publish(&app.names.events, RESOURCE_TRACKED, &body, e["event_id"].as_str().unwrap_or(""), &[])
                 .await?;
         }
     }
@@ -209,10 +195,7 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
         if n as usize >= total {
             break;
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the worker did not record the tracked resources in time"
-        );
+        anyhow::ensure!(Instant::now() < deadline, "the worker did not record the tracked resources in time");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bar.finish();
@@ -230,13 +213,7 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
             )
         };
         publisher
-            .publish(
-                &app.names.events,
-                key,
-                &serde_json::to_vec(&body)?,
-                body["event_id"].as_str().unwrap_or(""),
-                &[],
-            )
+            .publish(&app.names.events, key, &serde_json::to_vec(&body)?, body["event_id"].as_str().unwrap_or(""), &[])
             .await?;
     }
 
@@ -268,11 +245,7 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
     let stats = sim.stats();
     let left = sim.paths();
     println!();
-    println!(
-        "  {:<32} {:>8}",
-        "jobs finished",
-        format!("{}/{}", results.len(), nodes.len())
-    );
+    println!("  {:<32} {:>8}", "jobs finished", format!("{}/{}", results.len(), nodes.len()));
     println!("  {:<32} {:>8}", "jobs completed", completed);
     for (o, n) in &outcomes {
         println!("  {:<32} {:>8}", format!("resources {o}"), n);
@@ -284,29 +257,17 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
         "injected 503s / 429s",
         format!("{}/{}", stats.injected_errors, stats.injected_rate_limits)
     );
-    println!(
-        "  {:<32} {:>8}",
-        "deletes refused for order", stats.refused_for_order
-    );
+    println!("  {:<32} {:>8}", "deletes refused for order", stats.refused_for_order);
     println!("  {:<32} {:>8}", "simulated resources left", left.len());
-    println!(
-        "  {:<32} {:>8}",
-        "time",
-        format!("{:.2}s", elapsed.as_secs_f64())
-    );
+    println!("  {:<32} {:>8}", "time", format!("{:.2}s", elapsed.as_secs_f64()));
 
-    let _ = broker::delete_topology(&conn, &app.names, &app.settings.worker.retry_delays()).await;
+    let _ = broker::delete_topology(&conn, &app.names, &app.settings.worker.all_delays()).await;
     let _ = conn.close(200, "demo done".into()).await;
     let ok = left.is_empty() && completed == nodes.len();
     if ok {
         println!("\nevery simulated resource is gone");
     } else {
-        println!(
-            "\nFAILED: {} resources left, {} of {} jobs completed",
-            left.len(),
-            completed,
-            nodes.len()
-        );
+        println!("\nFAILED: {} resources left, {} of {} jobs completed", left.len(), completed, nodes.len());
         for p in left.iter().take(10) {
             println!("  left: {p}");
         }

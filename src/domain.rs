@@ -30,10 +30,7 @@ impl fmt::Display for ResourceRef {
 
 impl Resource {
     pub fn reference(&self) -> ResourceRef {
-        ResourceRef {
-            kind: self.kind.clone(),
-            id: self.id.clone(),
-        }
+        ResourceRef { kind: self.kind.clone(), id: self.id.clone() }
     }
 }
 

@@ -34,6 +34,8 @@ pub enum RunEnd {
     Permanent(String),
     /// A step ran out of in-process attempts on an error that may pass.
     Unfinished(String),
+    /// The resources cannot be ordered (their parent links form a cycle).
+    Plan(String),
 }
 
 #[derive(Debug, Clone)]
@@ -49,14 +51,8 @@ impl Executor<'_> {
         let levels = match plan::levels(resources, self.catalog) {
             Ok(l) => l,
             Err(e) => {
-                let steps = resources
-                    .iter()
-                    .map(|r| blocked(r.reference(), e.to_string()))
-                    .collect();
-                return Ok(Run {
-                    steps,
-                    end: RunEnd::Permanent(e.to_string()),
-                });
+                let steps = resources.iter().map(|r| blocked(r.reference(), e.to_string())).collect();
+                return Ok(Run { steps, end: RunEnd::Plan(e.to_string()) });
             }
         };
         let mut steps: Vec<StepRecord> = Vec::with_capacity(resources.len());
@@ -64,16 +60,12 @@ impl Executor<'_> {
         for level in levels {
             if end != RunEnd::Completed {
                 let why = match &end {
-                    RunEnd::Permanent(w) | RunEnd::Unfinished(w) => {
+                    RunEnd::Permanent(w) | RunEnd::Unfinished(w) | RunEnd::Plan(w) => {
                         format!("not attempted: an earlier level failed ({w})")
                     }
                     RunEnd::Completed => unreachable!(),
                 };
-                steps.extend(
-                    level
-                        .iter()
-                        .map(|&i| blocked(resources[i].reference(), why.clone())),
-                );
+                steps.extend(level.iter().map(|&i| blocked(resources[i].reference(), why.clone())));
                 continue;
             }
             let mut todo = Vec::new();
@@ -84,13 +76,14 @@ impl Executor<'_> {
                     _ => todo.push(r),
                 }
             }
-            let results = join_all(todo.iter().map(|r| self.step(r, start.job.dry_run))).await;
+            let recheck = start.job.replays > 0;
+            let results = join_all(todo.iter().map(|r| self.step(r, start.job.dry_run, recheck))).await;
             let mut finished = Vec::new();
             for (record, err) in results {
                 if let Some(err) = err {
                     let why = format!("{}: {}", record.resource, err);
                     end = match (&end, err.is_retryable()) {
-                        (RunEnd::Permanent(_), _) => end,
+                        (RunEnd::Permanent(_) | RunEnd::Plan(_), _) => end,
                         (_, false) => RunEnd::Permanent(why),
                         (RunEnd::Completed, true) => RunEnd::Unfinished(why),
                         (RunEnd::Unfinished(_), true) => end,
@@ -106,25 +99,31 @@ impl Executor<'_> {
     }
 
     /// One resource: delete (or, in a dry run, look) with retries.
-    async fn step(&self, r: &Resource, dry_run: bool) -> (StepRecord, Option<StepError>) {
+    async fn step(&self, r: &Resource, dry_run: bool, recheck: bool) -> (StepRecord, Option<StepError>) {
         let reference = r.reference();
-        let (Some(spec), Some(provider)) = (
-            self.catalog.kind(&r.kind),
-            self.catalog
-                .kind(&r.kind)
-                .and_then(|k| self.providers.get(&k.provider)),
-        ) else {
-            let err =
-                StepError::Permanent(format!("kind {:?} is not configured (any more)", r.kind));
+        let (Some(spec), Some(provider)) =
+            (self.catalog.kind(&r.kind), self.catalog.kind(&r.kind).and_then(|k| self.providers.get(&k.provider)))
+        else {
+            let err = StepError::Permanent(format!("kind {:?} is not configured (any more)", r.kind));
             return (failed(reference, 0, &err), Some(err));
         };
         let attempts = Arc::new(AtomicU32::new(0));
         let deleted_once = Arc::new(AtomicBool::new(false));
+        // A replayed job looks before it acts: the world may have moved on
+        // while the job sat dead-lettered.
+        let looked = Arc::new(AtomicBool::new(!recheck));
         let op = || {
+            let looked = looked.clone();
             let attempts = attempts.clone();
             let deleted_once = deleted_once.clone();
             async move {
                 attempts.fetch_add(1, Ordering::Relaxed);
+                if !looked.load(Ordering::Relaxed) {
+                    if provider.exists(spec, r).await? == Some(false) {
+                        return Ok(Outcome::AlreadyGone);
+                    }
+                    looked.store(true, Ordering::Relaxed);
+                }
                 if dry_run {
                     return Ok(match provider.exists(spec, r).await? {
                         Some(false) => Outcome::AlreadyGone,
@@ -158,15 +157,7 @@ impl Executor<'_> {
             .await;
         let n = attempts.load(Ordering::Relaxed);
         match result {
-            Ok(outcome) => (
-                StepRecord {
-                    resource: reference,
-                    outcome,
-                    attempts: n,
-                    error: None,
-                },
-                None,
-            ),
+            Ok(outcome) => (StepRecord { resource: reference, outcome, attempts: n, error: None }, None),
             Err(e) => (failed(reference, n, &e), Some(e)),
         }
     }
@@ -178,29 +169,17 @@ fn full_jitter(e: &StepError, d: Option<Duration>) -> Option<Duration> {
     let d = d?;
     let jittered = d.mul_f64(fastrand::f64());
     Some(match e {
-        StepError::RateLimited {
-            retry_after: Some(ra),
-        } => jittered.max(*ra),
+        StepError::RateLimited { retry_after: Some(ra) } => jittered.max(*ra),
         _ => jittered,
     })
 }
 
 fn failed(resource: ResourceRef, attempts: u32, e: &StepError) -> StepRecord {
-    StepRecord {
-        resource,
-        outcome: Outcome::Failed,
-        attempts,
-        error: Some(e.to_string()),
-    }
+    StepRecord { resource, outcome: Outcome::Failed, attempts, error: Some(e.to_string()) }
 }
 
 fn blocked(resource: ResourceRef, why: String) -> StepRecord {
-    StepRecord {
-        resource,
-        outcome: Outcome::Blocked,
-        attempts: 0,
-        error: Some(why),
-    }
+    StepRecord { resource, outcome: Outcome::Blocked, attempts: 0, error: Some(why) }
 }
 
 /// Counts outcomes, for summaries.

@@ -3,12 +3,13 @@
 
 use chrono::Utc;
 use tracing::Instrument;
+use uuid::Uuid;
 
 use crate::app::App;
 use crate::contract::{self, Event, ResourceReport, TeardownResult};
 use crate::domain::JobStatus;
 use crate::execute::{Executor, RunEnd};
-use crate::ledger::{JobStart, TrackOutcome};
+use crate::ledger::{Begin, JobEnd, JobStart, TrackOutcome};
 use crate::retry::{self, DeadLetter, Disposition};
 
 pub async fn handle(app: &App, routing_key: &str, body: &[u8]) -> Disposition {
@@ -16,36 +17,43 @@ pub async fn handle(app: &App, routing_key: &str, body: &[u8]) -> Disposition {
         Ok(e) => e,
         Err(m) => {
             tracing::warn!(routing_key, reason = %m, "malformed message; dead-lettering it");
-            return Disposition::Reject { reason: m.0 };
+            return Disposition::Reject { reason: m.0, class: "malformed" };
         }
     };
+    let holder = app.holders.register();
+    let busy = || Disposition::RetryAfter {
+        delay: app.settings.worker.busy_delay(),
+        why: "another job of the owner is running".into(),
+    };
     match event {
-        Event::Tracked(t) => match app.ledger.track(&t, body, routing_key).await {
+        Event::Tracked(t) => match app.ledger.track(&t, body, routing_key, holder.id).await {
             Ok(TrackOutcome::Recorded) => {
                 tracing::debug!(owner = %t.owner, resource = %t.resource.resource.reference(), "tracked");
                 Disposition::Ack
             }
             Ok(TrackOutcome::Late(start)) => {
                 tracing::info!(owner = %t.owner, resource = %t.resource.resource.reference(), "late track: the owner's teardown already started");
-                run_job(app, *start).await
+                run_job(app, *start, body, holder.id).await
             }
+            Ok(TrackOutcome::Busy) => busy(),
             Err(e) => retry::on_ledger_error(&e),
         },
-        Event::Teardown(req) => match app.ledger.begin_job(&req, body, routing_key).await {
-            Ok(start) => run_job(app, start).await,
+        Event::Teardown(req) => match app.ledger.begin_job(&req, body, routing_key, holder.id).await {
+            Ok(Begin::Start(start)) => run_job(app, *start, body, holder.id).await,
+            Ok(Begin::Busy) => busy(),
             Err(e) => retry::on_ledger_error(&e),
         },
     }
 }
 
-async fn run_job(app: &App, start: JobStart) -> Disposition {
+async fn run_job(app: &App, start: JobStart, body: &[u8], holder: Uuid) -> Disposition {
     let span = tracing::info_span!("job", event_id = %start.job.event_id, owner = %start.job.owner, job_id = %start.job.job_id);
     async move {
         let job = &start.job;
         if job.status != JobStatus::Running {
             tracing::info!("duplicate of a finished job; publishing its stored result again");
             let stored = job.result.clone().unwrap_or_default();
-            return finished(job.event_id.clone(), job.job_id.to_string(), stored);
+            return finished(job.event_id.clone(), job.job_id, stored, false);
         }
         let exec = Executor {
             catalog: &app.catalog,
@@ -55,31 +63,34 @@ async fn run_job(app: &App, start: JobStart) -> Disposition {
         };
         let run = match exec.run(&start).await {
             Ok(r) => r,
-            Err(e) => return retry::on_ledger_error(&e),
-        };
-        let (status, reason) = match run.end {
-            RunEnd::Completed => (JobStatus::Completed, None),
-            RunEnd::Permanent(why) => (JobStatus::DeadLettered, Some(why)),
-            RunEnd::Unfinished(why) => {
-                match retry::next_delay(&app.settings.worker.retry_delays(), job.attempts) {
-                    Some(delay) => {
-                        tracing::info!(
-                            attempt = job.attempts,
-                            delay_ms = delay.as_millis() as u64,
-                            why,
-                            "job not finished; retrying through the broker"
-                        );
-                        return Disposition::RetryAfter { delay, why };
-                    }
-                    None => (
-                        JobStatus::DeadLettered,
-                        Some(format!(
-                            "out of retries after {} attempts: {why}",
-                            job.attempts
-                        )),
-                    ),
-                }
+            Err(e) => {
+                let _ = app.ledger.release(&job.owner, holder).await;
+                return retry::on_ledger_error(&e);
             }
+        };
+        let (status, reason, class) = match run.end {
+            RunEnd::Completed => (JobStatus::Completed, None, None),
+            RunEnd::Permanent(why) => (JobStatus::DeadLettered, Some(why), Some("permanent")),
+            RunEnd::Plan(why) => (JobStatus::DeadLettered, Some(why), Some("plan")),
+            RunEnd::Unfinished(why) => match retry::next_delay(&app.settings.worker.retry_delays(), job.attempts) {
+                Some(delay) => {
+                    tracing::info!(
+                        attempt = job.attempts,
+                        delay_ms = delay.as_millis() as u64,
+                        why,
+                        "job not finished; retrying through the broker"
+                    );
+                    if let Err(e) = app.ledger.release(&job.owner, holder).await {
+                        tracing::warn!(error = %e, "could not release the owner; its lease will expire");
+                    }
+                    return Disposition::RetryAfter { delay, why };
+                }
+                None => (
+                    JobStatus::DeadLettered,
+                    Some(format!("out of retries after {} attempts: {why}", job.attempts)),
+                    Some("exhausted"),
+                ),
+            },
         };
         let result = TeardownResult {
             event_id: job.event_id.clone(),
@@ -104,20 +115,35 @@ async fn run_job(app: &App, start: JobStart) -> Disposition {
             finished_at: Utc::now(),
             reason: reason.clone(),
         };
-        match app
-            .ledger
-            .finish(job, status, reason.as_deref(), &result.to_bytes())
-            .await
-        {
-            Ok(stored) => {
-                tracing::info!(
-                    status = status.as_str(),
-                    reason = reason.as_deref().unwrap_or(""),
-                    "job finished"
-                );
-                finished(job.event_id.clone(), job.job_id.to_string(), stored)
+        let bytes = result.to_bytes();
+        let job_id = job.job_id.to_string();
+        let dead = reason.as_deref().map(|r| {
+            let headers = serde_json::json!({
+                crate::broker::headers::REASON: r,
+                crate::broker::headers::JOB_ID: job_id,
+                crate::broker::headers::ERROR_CLASS: class.unwrap_or("job_failed"),
+                crate::broker::headers::ROUTING_KEY: job.routing_key.as_str(),
+            });
+            (app.names.dead.as_str(), body, headers)
+        });
+        let end = JobEnd {
+            status,
+            reason: reason.as_deref(),
+            error_class: class,
+            steps: &run.steps,
+            result: &bytes,
+            result_key: result.routing_key(),
+            dead,
+        };
+        match app.ledger.finish(job, &end, holder).await {
+            Ok(f) => {
+                tracing::info!(status = status.as_str(), reason = reason.as_deref().unwrap_or(""), "job finished");
+                finished(job.event_id.clone(), job.job_id, f.result, f.queued)
             }
-            Err(e) => retry::on_ledger_error(&e),
+            Err(e) => {
+                let _ = app.ledger.release(&job.owner, holder).await;
+                retry::on_ledger_error(&e)
+            }
         }
     }
     .instrument(span)
@@ -126,22 +152,14 @@ async fn run_job(app: &App, start: JobStart) -> Disposition {
 
 /// The stored bytes decide the routing key and whether the event is dead-lettered,
 /// so a duplicate is published exactly like the original.
-fn finished(event_id: String, job_id: String, stored: Vec<u8>) -> Disposition {
+fn finished(event_id: String, job_id: Uuid, stored: Vec<u8>, queued: bool) -> Disposition {
     let parsed: Option<TeardownResult> = serde_json::from_slice(&stored).ok();
     let (routing_key, dead) = match parsed {
         Some(r) if r.status == JobStatus::DeadLettered.as_str() => (
             contract::TEARDOWN_DEAD_LETTERED,
-            Some(DeadLetter {
-                reason: r.reason.unwrap_or_default(),
-                job_id,
-            }),
+            Some(DeadLetter { reason: r.reason.unwrap_or_default(), job_id: job_id.to_string() }),
         ),
         _ => (contract::TEARDOWN_COMPLETED, None),
     };
-    Disposition::Finished {
-        event_id,
-        result: stored,
-        routing_key,
-        dead,
-    }
+    Disposition::Finished { event_id, job_id, result: stored, routing_key, dead, queued }
 }

@@ -15,6 +15,7 @@
 //! - [`app`]: the state built from settings, and the run loop.
 //! - [`sim`]: the simulated cloud used by the demo and the tests.
 //! - [`demo`]: `reaper demo`.
+//! - [`replay`]: `reaper replay`, for dead-lettered jobs.
 
 pub mod app;
 pub mod broker;
@@ -28,6 +29,7 @@ pub mod handler;
 pub mod ledger;
 pub mod plan;
 pub mod providers;
+pub mod replay;
 pub mod retry;
 pub mod sim;
 pub mod telemetry;

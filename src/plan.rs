@@ -24,11 +24,8 @@ pub type Levels = Vec<Vec<usize>>;
 
 pub fn levels(resources: &[Resource], catalog: &Catalog) -> Result<Levels, PlanError> {
     let n = resources.len();
-    let index: HashMap<(&str, &str), usize> = resources
-        .iter()
-        .enumerate()
-        .map(|(i, r)| ((r.kind.as_str(), r.id.as_str()), i))
-        .collect();
+    let index: HashMap<(&str, &str), usize> =
+        resources.iter().enumerate().map(|(i, r)| ((r.kind.as_str(), r.id.as_str()), i)).collect();
     let mut by_kind: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, r) in resources.iter().enumerate() {
         by_kind.entry(r.kind.as_str()).or_default().push(i);
@@ -37,9 +34,7 @@ pub fn levels(resources: &[Resource], catalog: &Catalog) -> Result<Levels, PlanE
     // before[y] = resources that must be gone before y.
     let mut before: Vec<Vec<usize>> = vec![Vec::new(); n];
     for (y, r) in resources.iter().enumerate() {
-        let spec = catalog
-            .kind(&r.kind)
-            .ok_or_else(|| PlanError::UnknownKind(r.reference()))?;
+        let spec = catalog.kind(&r.kind).ok_or_else(|| PlanError::UnknownKind(r.reference()))?;
         for k in &spec.after {
             if let Some(xs) = by_kind.get(k.as_str()) {
                 before[y].extend(xs.iter().copied());
@@ -78,9 +73,7 @@ pub fn levels(resources: &[Resource], catalog: &Catalog) -> Result<Levels, PlanE
         out.push(std::mem::replace(&mut current, next));
     }
     if placed < n {
-        return Err(PlanError::Cycle(describe_cycle(
-            resources, &before, &waiting,
-        )));
+        return Err(PlanError::Cycle(describe_cycle(resources, &before, &waiting)));
     }
     Ok(out)
 }
@@ -94,21 +87,15 @@ fn describe_cycle(resources: &[Resource], before: &[Vec<usize>], waiting: &[usiz
     let mut at = start;
     while let Some(&prev) = before[at].iter().find(|&&x| waiting[x] > 0) {
         if let Some(pos) = path.iter().position(|&p| p == prev) {
-            let mut cycle: Vec<String> = path[pos..]
-                .iter()
-                .rev()
-                .map(|&i| resources[i].reference().to_string())
-                .collect();
+            let mut cycle: Vec<String> =
+                path[pos..].iter().rev().map(|&i| resources[i].reference().to_string()).collect();
             cycle.push(resources[prev].reference().to_string());
             return cycle.join(" -> ");
         }
         path.push(prev);
         at = prev;
     }
-    path.iter()
-        .map(|&i| resources[i].reference().to_string())
-        .collect::<Vec<_>>()
-        .join(" -> ")
+    path.iter().map(|&i| resources[i].reference().to_string()).collect::<Vec<_>>().join(" -> ")
 }
 
 #[cfg(test)]
@@ -117,26 +104,15 @@ mod tests {
     use crate::config::Settings;
 
     fn catalog() -> Catalog {
-        Settings::from_toml(include_str!("../config/vpc-node.toml"))
-            .unwrap()
-            .validate()
-            .unwrap()
+        Settings::from_toml(include_str!("../config/vpc-node.toml")).unwrap().validate().unwrap()
     }
 
     fn r(kind: &str, id: &str) -> Resource {
-        Resource {
-            kind: kind.into(),
-            id: id.into(),
-            attributes: Default::default(),
-            parent: None,
-        }
+        Resource { kind: kind.into(), id: id.into(), attributes: Default::default(), parent: None }
     }
 
     fn names(res: &[Resource], levels: &Levels) -> Vec<Vec<String>> {
-        levels
-            .iter()
-            .map(|l| l.iter().map(|&i| res[i].reference().to_string()).collect())
-            .collect()
+        levels.iter().map(|l| l.iter().map(|&i| res[i].reference().to_string()).collect()).collect()
     }
 
     #[test]
@@ -153,11 +129,7 @@ mod tests {
             names(&res, &l),
             vec![
                 vec!["dns_record/d1", "vni/v1"],
-                vec![
-                    "bare_metal_server/s1",
-                    "ip_reservation/ip1",
-                    "ip_reservation/ip2"
-                ]
+                vec!["bare_metal_server/s1", "ip_reservation/ip1", "ip_reservation/ip2"]
             ]
         );
     }
@@ -165,10 +137,7 @@ mod tests {
     #[test]
     fn a_parent_goes_after_its_child_even_of_the_same_kind() {
         let mut child = r("vni", "child");
-        child.parent = Some(ResourceRef {
-            kind: "vni".into(),
-            id: "parent".into(),
-        });
+        child.parent = Some(ResourceRef { kind: "vni".into(), id: "parent".into() });
         let res = vec![r("vni", "parent"), child];
         let l = levels(&res, &catalog()).unwrap();
         assert_eq!(names(&res, &l), vec![vec!["vni/child"], vec!["vni/parent"]]);
@@ -177,10 +146,7 @@ mod tests {
     #[test]
     fn a_parent_outside_the_set_is_ignored() {
         let mut child = r("vni", "child");
-        child.parent = Some(ResourceRef {
-            kind: "bare_metal_server".into(),
-            id: "elsewhere".into(),
-        });
+        child.parent = Some(ResourceRef { kind: "bare_metal_server".into(), id: "elsewhere".into() });
         let l = levels(&[child.clone()], &catalog()).unwrap();
         assert_eq!(l, vec![vec![0]]);
     }
@@ -188,19 +154,11 @@ mod tests {
     #[test]
     fn a_parent_cycle_is_an_error_that_names_it() {
         let mut a = r("vni", "a");
-        a.parent = Some(ResourceRef {
-            kind: "vni".into(),
-            id: "b".into(),
-        });
+        a.parent = Some(ResourceRef { kind: "vni".into(), id: "b".into() });
         let mut b = r("vni", "b");
-        b.parent = Some(ResourceRef {
-            kind: "vni".into(),
-            id: "a".into(),
-        });
+        b.parent = Some(ResourceRef { kind: "vni".into(), id: "a".into() });
         let err = levels(&[a, b], &catalog()).unwrap_err();
-        let PlanError::Cycle(text) = err else {
-            panic!("expected a cycle")
-        };
+        let PlanError::Cycle(text) = err else { panic!("expected a cycle") };
         assert!(text.contains("vni/a") && text.contains("vni/b"), "{text}");
     }
 
@@ -209,10 +167,7 @@ mod tests {
         // The server must wait for the VNI by kind; a VNI whose parent link says the
         // server goes first contradicts that.
         let mut server = r("bare_metal_server", "s");
-        server.parent = Some(ResourceRef {
-            kind: "vni".into(),
-            id: "v".into(),
-        });
+        server.parent = Some(ResourceRef { kind: "vni".into(), id: "v".into() });
         let err = levels(&[server, r("vni", "v")], &catalog()).unwrap_err();
         assert!(matches!(err, PlanError::Cycle(_)));
     }

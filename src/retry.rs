@@ -14,6 +14,9 @@ pub enum Disposition {
     /// on the dead queue; then ack.
     Finished {
         event_id: String,
+        job_id: uuid::Uuid,
+        /// Outbox rows hold these messages too; clear them after the confirms.
+        queued: bool,
         result: Vec<u8>,
         routing_key: &'static str,
         dead: Option<DeadLetter>,
@@ -22,11 +25,12 @@ pub enum Disposition {
     Ack,
     /// Not finished yet: republish to the retry queue for `delay`, then ack.
     RetryAfter { delay: Duration, why: String },
-    /// Malformed: to the dead queue with the reason, no result (there is no job), then ack.
-    Reject { reason: String },
-    /// Our own infrastructure failed (database unreachable): hand the message
-    /// back to the broker after a pause, so another try (or replica) gets it.
-    Requeue { pause: Duration, why: String },
+    /// Malformed (or poison): to the dead queue with the reason, no result
+    /// (there is no job), then ack.
+    Reject { reason: String, class: &'static str },
+    /// Our own infrastructure failed (the database is unreachable): back through
+    /// the retry queue without counting an attempt, so no consumer slot waits.
+    InfraRetry { why: String },
 }
 
 /// Headers that travel with a dead-lettered event.
@@ -38,10 +42,8 @@ pub struct DeadLetter {
 
 /// A ledger failure leaves the job where it was; the message comes back.
 pub fn on_ledger_error(e: &LedgerError) -> Disposition {
-    Disposition::Requeue {
-        pause: Duration::from_secs(1),
-        why: e.to_string(),
-    }
+    tracing::warn!(error = %e, "the ledger failed; the message goes back through the retry queue");
+    Disposition::InfraRetry { why: e.to_string() }
 }
 
 /// Which broker delay the `attempt`-th delivery of a job gets when it cannot

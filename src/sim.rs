@@ -109,13 +109,7 @@ impl Sim {
     }
 
     pub fn paths(&self) -> Vec<String> {
-        self.inner
-            .lock()
-            .unwrap()
-            .resources
-            .keys()
-            .cloned()
-            .collect()
+        self.inner.lock().unwrap().resources.keys().cloned().collect()
     }
 
     pub fn stats(&self) -> Stats {
@@ -129,23 +123,13 @@ impl Sim {
     }
 
     /// Serves until `shutdown` is cancelled.
-    pub async fn serve(
-        self,
-        listener: TcpListener,
-        shutdown: CancellationToken,
-    ) -> std::io::Result<()> {
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
         let app = axum::Router::new().fallback(handle).with_state(self);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
+        axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
     }
 
     /// Binds 127.0.0.1 on `port` (0 for any) and serves in the background.
-    pub async fn spawn(
-        &self,
-        port: u16,
-        shutdown: CancellationToken,
-    ) -> std::io::Result<SocketAddr> {
+    pub async fn spawn(&self, port: u16, shutdown: CancellationToken) -> std::io::Result<SocketAddr> {
         let listener = TcpListener::bind(("127.0.0.1", port)).await?;
         let addr = listener.local_addr()?;
         let sim = self.clone();
@@ -161,10 +145,7 @@ impl Sim {
 impl Inner {
     fn insert(&mut self, path: String, r: SimResource) {
         for d in &r.depends_on {
-            self.dependents
-                .entry(d.clone())
-                .or_default()
-                .insert(path.clone());
+            self.dependents.entry(d.clone()).or_default().insert(path.clone());
         }
         self.resources.insert(path, r);
         self.stats.creates += 1;
@@ -194,14 +175,8 @@ impl Inner {
         if self.faults.fail_next > 0 {
             self.faults.fail_next -= 1;
             self.stats.injected_errors += 1;
-            let s = if self.faults.fail_status == 0 {
-                503
-            } else {
-                self.faults.fail_status
-            };
-            return Some(Injected::Status(
-                StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-            ));
+            let s = if self.faults.fail_status == 0 { 503 } else { self.faults.fail_status };
+            return Some(Injected::Status(StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)));
         }
         let f = &self.faults;
         let roll = rng.f64();
@@ -250,10 +225,7 @@ async fn handle(State(sim): State<Sim>, method: Method, uri: Uri, body: Bytes) -
         Some(Injected::Status(s)) => return (s, "injected fault").into_response(),
         Some(Injected::RateLimited(secs)) => {
             let mut r = (StatusCode::TOO_MANY_REQUESTS, "slow down").into_response();
-            r.headers_mut().insert(
-                "retry-after",
-                HeaderValue::from_str(&format!("{secs}")).unwrap(),
-            );
+            r.headers_mut().insert("retry-after", HeaderValue::from_str(&format!("{secs}")).unwrap());
             return r;
         }
         None => {}
@@ -278,10 +250,7 @@ async fn handle(State(sim): State<Sim>, method: Method, uri: Uri, body: Bytes) -
                 return Json(r.clone()).into_response();
             }
             let q: ListQuery =
-                serde_json::from_value(query_json(uri.query())).unwrap_or(ListQuery {
-                    start: None,
-                    limit: None,
-                });
+                serde_json::from_value(query_json(uri.query())).unwrap_or(ListQuery { start: None, limit: None });
             list(&g, &path, q)
         }
         Method::DELETE => {
@@ -290,18 +259,11 @@ async fn handle(State(sim): State<Sim>, method: Method, uri: Uri, body: Bytes) -
                 g.stats.delete_not_found += 1;
                 return StatusCode::NOT_FOUND.into_response();
             }
-            let blockers: Vec<String> = g
-                .dependents
-                .get(&path)
-                .map(|s| s.iter().cloned().collect())
-                .unwrap_or_default();
+            let blockers: Vec<String> =
+                g.dependents.get(&path).map(|s| s.iter().cloned().collect()).unwrap_or_default();
             if !blockers.is_empty() {
                 g.stats.refused_for_order += 1;
-                return (
-                    StatusCode::CONFLICT,
-                    format!("still in use by {}", blockers.join(", ")),
-                )
-                    .into_response();
+                return (StatusCode::CONFLICT, format!("still in use by {}", blockers.join(", "))).into_response();
             }
             g.remove(&path);
             g.stats.deleted += 1;
@@ -334,8 +296,7 @@ fn list(g: &Inner, path: &str, q: ListQuery) -> Response {
         }
         items.push(serde_json::json!({ "id": id, "path": p }));
     }
-    if items.is_empty() && q.start.is_none() && !g.resources.keys().any(|k| k.starts_with(&prefix))
-    {
+    if items.is_empty() && q.start.is_none() && !g.resources.keys().any(|k| k.starts_with(&prefix)) {
         return StatusCode::NOT_FOUND.into_response();
     }
     Json(serde_json::json!({ "items": items, "next": next })).into_response()
@@ -345,9 +306,7 @@ fn query_json(q: Option<&str>) -> serde_json::Value {
     let mut m = serde_json::Map::new();
     for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_encoding::percent_decode_str(v)
-            .decode_utf8_lossy()
-            .to_string();
+        let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy().to_string();
         let v = match v.parse::<usize>() {
             Ok(n) if k == "limit" => serde_json::Value::from(n),
             _ => serde_json::Value::from(v),

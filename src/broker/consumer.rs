@@ -1,7 +1,8 @@
 //! The worker loop: connect, declare, consume with manual acks; each delivery
 //! runs as its own task (prefetch bounds how many); reconnect with backoff when
-//! the connection dies; on shutdown stop consuming and let in-flight jobs finish
-//! within the grace period. Whatever is not acked comes back from the broker.
+//! the connection dies; on shutdown stop consuming, let in-flight jobs finish
+//! within the grace period, and flush the outbox. Whatever is not acked comes
+//! back from the broker.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
@@ -11,8 +12,7 @@ use std::time::Duration;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
@@ -20,10 +20,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::publisher::Publisher;
-use super::{amqp, headers, topology, BrokerError};
+use super::{amqp, headers, topology, BrokerError, Names};
 use crate::app::App;
+use crate::config::Settings;
 use crate::handler;
+use crate::ledger::{Ledger, Target};
 use crate::retry::Disposition;
+
+/// Outbox rows younger than this are the worker's own to publish.
+const OUTBOX_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs until `shutdown` is cancelled, reconnecting as needed.
 pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
@@ -45,49 +50,22 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
     app.ready.store(false, Ordering::Relaxed);
 }
 
-pub async fn connect(app: &App) -> Result<Connection, BrokerError> {
-    Connection::connect(
-        app.settings.broker.url.expose(),
-        ConnectionProperties::default(),
-    )
-    .await
-    .map_err(amqp("connecting"))
-}
-
 /// Connects, declares the topology and returns a confirm-mode publisher.
-pub async fn open(app: &App) -> Result<(Connection, Publisher), BrokerError> {
-    let conn = connect(app).await?;
-    let ch = conn
-        .create_channel()
+pub async fn open(settings: &Settings, names: &Names) -> Result<(Connection, Publisher), BrokerError> {
+    let conn = Connection::connect(settings.broker.url.expose(), ConnectionProperties::default())
         .await
-        .map_err(amqp("opening a channel"))?;
-    topology::declare(
-        &ch,
-        &app.names,
-        &app.settings.broker,
-        &app.settings.worker.retry_delays(),
-    )
-    .await?;
-    let pub_ch = conn
-        .create_channel()
-        .await
-        .map_err(amqp("opening a channel"))?;
-    pub_ch
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(amqp("enabling confirms"))?;
+        .map_err(amqp("connecting"))?;
+    let ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
+    topology::declare(&ch, names, &settings.broker, &settings.worker.all_delays()).await?;
+    let pub_ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
+    pub_ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp("enabling confirms"))?;
     Ok((conn, Publisher::new(pub_ch)))
 }
 
 async fn session(app: &Arc<App>, shutdown: &CancellationToken) -> Result<(), BrokerError> {
-    let (conn, publisher) = open(app).await?;
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(amqp("opening a channel"))?;
-    ch.basic_qos(app.settings.broker.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(amqp("setting prefetch"))?;
+    let (conn, publisher) = open(&app.settings, &app.names).await?;
+    let ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
+    ch.basic_qos(app.settings.broker.prefetch, BasicQosOptions::default()).await.map_err(amqp("setting prefetch"))?;
     let tag = format!("reaper-{}", uuid::Uuid::new_v4());
     let mut consumer = ch
         .basic_consume(
@@ -101,6 +79,13 @@ async fn session(app: &Arc<App>, shutdown: &CancellationToken) -> Result<(), Bro
     app.ready.store(true, Ordering::Relaxed);
     tracing::info!(queue = %app.names.work, prefetch = app.settings.broker.prefetch, "worker ready: consuming");
 
+    let session_over = CancellationToken::new();
+    let drainer = tokio::spawn(drain_outbox_forever(
+        app.ledger.clone(),
+        publisher.clone(),
+        app.names.clone(),
+        session_over.clone(),
+    ));
     let tracker = TaskTracker::new();
     let ended = loop {
         tokio::select! {
@@ -119,65 +104,58 @@ async fn session(app: &Arc<App>, shutdown: &CancellationToken) -> Result<(), Bro
     app.ready.store(false, Ordering::Relaxed);
     if ended.is_ok() {
         tracing::info!("shutting down: no new deliveries; waiting for jobs in flight");
-        let _ = ch
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await;
+        let _ = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
     }
     tracker.close();
     let grace = Duration::from_secs(app.settings.worker.shutdown_grace_secs);
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            "jobs still running after the grace period; they go back to the queue unacked"
-        );
+        tracing::warn!("jobs still running after the grace period; they go back to the queue unacked");
+    }
+    session_over.cancel();
+    let _ = drainer.await;
+    if ended.is_ok() {
+        match drain_outbox(&app.ledger, &publisher, &app.names, Duration::ZERO).await {
+            Ok(n) if n > 0 => tracing::info!(published = n, "outbox flushed"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not flush the outbox; the next worker will"),
+        }
     }
     let _ = conn.close(200, "reaper shutting down".into()).await;
     ended
 }
 
 /// Handles one delivery and settles it. Nothing is acked before what it must
-/// publish is confirmed; any failure leaves it unacked or nacked for redelivery.
+/// publish is confirmed; any failure leaves it nacked for redelivery.
 async fn process(app: &App, publisher: &Publisher, delivery: Delivery) {
-    let routing_key = original_routing_key(&delivery);
-    let handled = AssertUnwindSafe(handler::handle(app, &routing_key, &delivery.data))
-        .catch_unwind()
-        .await;
+    let routing_key = header(&delivery, headers::ROUTING_KEY).unwrap_or_else(|| delivery.routing_key.to_string());
+    let handled = AssertUnwindSafe(handler::handle(app, &routing_key, &delivery.data)).catch_unwind().await;
+    let panics: u32 = header(&delivery, headers::PANICS).and_then(|p| p.parse().ok()).unwrap_or(0);
     let disposition = match handled {
         Ok(d) => d,
-        Err(_) => {
-            tracing::error!(
-                routing_key,
-                "the handler panicked; handing the message back (the delivery limit stops a loop)"
-            );
-            Disposition::Requeue {
-                pause: Duration::from_secs(1),
-                why: "handler panicked".into(),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(routing_key, panics = panics + 1, what, "the handler panicked");
+            if panics + 1 >= app.settings.broker.delivery_limit {
+                Disposition::Reject {
+                    reason: format!("poison: handling panicked {} times: {what}", panics + 1),
+                    class: "poison",
+                }
+            } else {
+                let _ = settle_panic(app, publisher, &delivery, &routing_key, panics + 1)
+                    .await
+                    .map_err(|e| tracing::warn!(error = %e, "could not park a panicking message"));
+                return;
             }
         }
     };
-    let message_id = delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .map(|m| m.to_string())
-        .unwrap_or_default();
-    let settled = settle(
-        app,
-        publisher,
-        &delivery,
-        &routing_key,
-        &message_id,
-        disposition,
-    )
-    .await;
-    if let Err(e) = settled {
+    let message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
+    if let Err(e) = settle(app, publisher, &delivery, &routing_key, &message_id, disposition).await {
         tracing::warn!(error = %e, "could not settle a delivery; it will be redelivered");
-        let _ = delivery
-            .acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            })
-            .await;
+        let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
     }
 }
 
@@ -187,18 +165,12 @@ async fn settle(
     delivery: &Delivery,
     routing_key: &str,
     message_id: &str,
-    disposition: Disposition,
+    d: Disposition,
 ) -> Result<(), BrokerError> {
-    match disposition {
-        Disposition::Finished {
-            event_id,
-            result,
-            routing_key: result_key,
-            dead,
-        } => {
-            publisher
-                .publish(&app.names.results, result_key, &result, &event_id, &[])
-                .await?;
+    let mut clear_outbox = None;
+    match d {
+        Disposition::Finished { event_id, job_id, result, routing_key: result_key, dead, queued } => {
+            publisher.publish(&app.names.results, result_key, &result, &event_id, &[]).await?;
             if let Some(dead) = dead {
                 let hs = [
                     (headers::ROUTING_KEY, routing_key),
@@ -206,60 +178,102 @@ async fn settle(
                     (headers::JOB_ID, dead.job_id.as_str()),
                     (headers::ERROR_CLASS, "job_failed"),
                 ];
-                publisher
-                    .publish("", &app.names.dead, &delivery.data, &event_id, &hs)
-                    .await?;
+                publisher.publish("", &app.names.dead, &delivery.data, &event_id, &hs).await?;
+            }
+            if queued {
+                clear_outbox = Some(job_id);
             }
         }
         Disposition::Ack => {}
         Disposition::RetryAfter { delay, why: _ } => {
             let hs = [(headers::ROUTING_KEY, routing_key)];
+            publisher.publish("", &app.names.retry(delay), &delivery.data, message_id, &hs).await?;
+        }
+        Disposition::InfraRetry { why: _ } => {
+            let hs = [(headers::ROUTING_KEY, routing_key)];
             publisher
-                .publish("", &app.names.retry(delay), &delivery.data, message_id, &hs)
+                .publish("", &app.names.retry(app.settings.worker.infra_delay()), &delivery.data, message_id, &hs)
                 .await?;
         }
-        Disposition::Reject { reason } => {
+        Disposition::Reject { reason, class } => {
             let hs = [
                 (headers::ROUTING_KEY, routing_key),
                 (headers::REASON, reason.as_str()),
-                (headers::ERROR_CLASS, "malformed"),
+                (headers::ERROR_CLASS, class),
             ];
-            publisher
-                .publish("", &app.names.dead, &delivery.data, message_id, &hs)
-                .await?;
-        }
-        Disposition::Requeue { pause, why } => {
-            tracing::warn!(why, "handing the message back to the broker");
-            tokio::time::sleep(pause).await;
-            delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await
-                .map_err(amqp("nacking"))?;
-            return Ok(());
+            publisher.publish("", &app.names.dead, &delivery.data, message_id, &hs).await?;
         }
     }
-    delivery
-        .acker
-        .ack(BasicAckOptions::default())
-        .await
-        .map_err(amqp("acking"))?;
+    delivery.acker.ack(BasicAckOptions::default()).await.map_err(amqp("acking"))?;
+    if let Some(job_id) = clear_outbox {
+        if let Err(e) = app.ledger.outbox_done(job_id).await {
+            tracing::debug!(error = %e, "outbox not cleared; the drainer will publish it again");
+        }
+    }
     Ok(())
 }
 
-/// Retry hops go through the default exchange and lose the routing key; it
-/// travels in a header instead.
-fn original_routing_key(d: &Delivery) -> String {
-    let from_header = d.properties.headers().as_ref().and_then(|h: &FieldTable| {
-        match h.inner().get(headers::ROUTING_KEY) {
-            Some(AMQPValue::LongString(s)) => {
-                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-            }
-            _ => None,
+/// A delivery whose handling panicked goes to the retry queue with its panic
+/// count; at the delivery limit it is dead-lettered as poison instead.
+async fn settle_panic(
+    app: &App,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    routing_key: &str,
+    panics: u32,
+) -> Result<(), BrokerError> {
+    let n = panics.to_string();
+    let hs = [(headers::ROUTING_KEY, routing_key), (headers::PANICS, n.as_str())];
+    let id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
+    publisher.publish("", &app.names.retry(app.settings.worker.infra_delay()), &delivery.data, &id, &hs).await?;
+    delivery.acker.ack(BasicAckOptions::default()).await.map_err(amqp("acking"))?;
+    Ok(())
+}
+
+fn header(d: &Delivery, name: &str) -> Option<String> {
+    d.properties.headers().as_ref().and_then(|h: &FieldTable| match h.inner().get(name) {
+        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => None,
+    })
+}
+
+async fn drain_outbox_forever(ledger: Ledger, publisher: Publisher, names: Names, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-    });
-    from_header.unwrap_or_else(|| d.routing_key.to_string())
+        if let Err(e) = drain_outbox(&ledger, &publisher, &names, OUTBOX_GRACE).await {
+            tracing::debug!(error = %e, "outbox drain failed; trying again");
+        }
+    }
+}
+
+/// Publishes outbox rows older than `age` and deletes them once confirmed.
+pub async fn drain_outbox(
+    ledger: &Ledger,
+    publisher: &Publisher,
+    names: &Names,
+    age: Duration,
+) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
+    let mut total = 0;
+    loop {
+        let rows = ledger.outbox_due(age, 100).await?;
+        if rows.is_empty() {
+            return Ok(total);
+        }
+        let mut done = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let hs: Vec<(&str, &str)> = row.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let exchange = match row.target {
+                Target::Result => names.results.as_str(),
+                Target::Dead => "",
+                Target::Event => names.events.as_str(),
+            };
+            publisher.publish(exchange, &row.routing_key, &row.body, &row.event_id, &hs).await?;
+            done.push(row.id);
+        }
+        ledger.outbox_delete(&done).await?;
+        total += done.len();
+    }
 }

@@ -46,10 +46,9 @@ pub enum BrokerError {
         source: lapin::Error,
     },
     #[error("broker: publish to {exchange:?} with key {routing_key:?} was nacked")]
-    Nacked {
-        exchange: String,
-        routing_key: String,
-    },
+    Nacked { exchange: String, routing_key: String },
+    #[error("broker: nothing to route {routing_key:?} to on {exchange:?}")]
+    Unroutable { exchange: String, routing_key: String },
     #[error("broker: the consumer was cancelled by the server")]
     ConsumerCancelled,
 }
@@ -65,6 +64,8 @@ pub mod headers {
     pub const REASON: &str = "x-reaper-reason";
     pub const JOB_ID: &str = "x-reaper-job-id";
     pub const ERROR_CLASS: &str = "x-reaper-error-class";
+    /// How often handling this message panicked so far.
+    pub const PANICS: &str = "x-reaper-panics";
 }
 
 /// Deletes every exchange and queue under `names` (and the retry queues for
@@ -75,16 +76,11 @@ pub async fn delete_topology(
     retry_delays: &[Duration],
 ) -> Result<(), BrokerError> {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(amqp("opening a channel"))?;
+    let ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
     let mut queues = vec![names.work.clone(), names.dead.clone()];
     queues.extend(retry_delays.iter().map(|d| names.retry(*d)));
     for q in queues {
-        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .map_err(amqp("deleting a queue"))?;
+        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await.map_err(amqp("deleting a queue"))?;
     }
     for ex in [&names.events, &names.results] {
         ch.exchange_delete(ex.as_str().into(), ExchangeDeleteOptions::default())

@@ -3,8 +3,7 @@
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::Confirmation;
-use lapin::{BasicProperties, Channel};
+use lapin::{BasicProperties, Channel, Confirmation};
 
 use super::{amqp, BrokerError};
 
@@ -20,6 +19,8 @@ impl Publisher {
     }
 
     /// Publishes a persistent JSON message and waits until the broker has it.
+    /// Publishing straight to a queue (the default exchange) is mandatory: a
+    /// missing queue is an error, not a silent drop.
     pub async fn publish(
         &self,
         exchange: &str,
@@ -37,25 +38,22 @@ impl Publisher {
             .with_content_type("application/json".into())
             .with_message_id(message_id.into())
             .with_headers(table);
+        let options = BasicPublishOptions { mandatory: exchange.is_empty(), ..Default::default() };
         let confirm = self
             .channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
+            .basic_publish(exchange.into(), routing_key.into(), options, body, props)
             .await
             .map_err(amqp("publishing"))?
             .await
             .map_err(amqp("waiting for a publisher confirm"))?;
         match confirm {
-            Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Nack(_) => Err(BrokerError::Nacked {
-                exchange: exchange.into(),
-                routing_key: routing_key.into(),
-            }),
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => {
+                Err(BrokerError::Unroutable { exchange: exchange.into(), routing_key: routing_key.into() })
+            }
+            Confirmation::Nack(_) | Confirmation::NotRequested => {
+                Err(BrokerError::Nacked { exchange: exchange.into(), routing_key: routing_key.into() })
+            }
         }
     }
 }

@@ -25,18 +25,11 @@ pub struct Observed {
 
 impl ResultTap {
     pub async fn open(conn: &Connection, names: &Names) -> Result<ResultTap, BrokerError> {
-        let ch = conn
-            .create_channel()
-            .await
-            .map_err(amqp("opening a channel"))?;
+        let ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
         let q = ch
             .queue_declare(
                 "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
                 FieldTable::default(),
             )
             .await
@@ -51,12 +44,7 @@ impl ResultTap {
         .await
         .map_err(amqp("binding a results tap"))?;
         let consumer = ch
-            .basic_consume(
-                q.name().clone(),
-                "tap".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+            .basic_consume(q.name().clone(), "tap".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await
             .map_err(amqp("consuming a results tap"))?;
         Ok(ResultTap { consumer })
@@ -64,16 +52,9 @@ impl ResultTap {
 
     /// The next result, or `None` when none came within `wait`.
     pub async fn next(&mut self, wait: Duration) -> Option<Observed> {
-        let d = tokio::time::timeout(wait, self.consumer.next())
-            .await
-            .ok()??
-            .ok()?;
+        let d = tokio::time::timeout(wait, self.consumer.next()).await.ok()??.ok()?;
         let _ = d.acker.ack(BasicAckOptions::default()).await;
         let result = serde_json::from_slice(&d.data).ok()?;
-        Some(Observed {
-            routing_key: d.routing_key.to_string(),
-            body: d.data,
-            result,
-        })
+        Some(Observed { routing_key: d.routing_key.to_string(), body: d.data, result })
     }
 }

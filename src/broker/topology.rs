@@ -16,19 +16,11 @@ pub async fn declare(
     s: &BrokerSettings,
     retry_delays: &[Duration],
 ) -> Result<(), BrokerError> {
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
     for ex in [&names.events, &names.results] {
-        ch.exchange_declare(
-            ex.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .map_err(amqp("declaring an exchange"))?;
+        ch.exchange_declare(ex.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
+            .await
+            .map_err(amqp("declaring an exchange"))?;
     }
 
     let mut dead = base_args(s.queue_type);
@@ -40,10 +32,7 @@ pub async fn declare(
     let mut work = base_args(s.queue_type);
     dead_letter_to(&mut work, &names.dead, s.queue_type);
     if s.queue_type == QueueType::Quorum {
-        work.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(i64::from(s.delivery_limit)),
-        );
+        work.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(s.delivery_limit)));
     }
     declare_queue(ch, &names.work, work).await?;
     for key in [DELETION_REQUESTED, PROVISIONING_FAILED, RESOURCE_TRACKED] {
@@ -60,10 +49,7 @@ pub async fn declare(
 
     for d in retry_delays {
         let mut args = base_args(s.queue_type);
-        args.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt(d.as_millis() as i64),
-        );
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(d.as_millis() as i64));
         dead_letter_to(&mut args, &names.work, s.queue_type);
         declare_queue(ch, &names.retry(*d), args).await?;
     }
@@ -94,15 +80,8 @@ fn long(s: &str) -> AMQPValue {
 }
 
 async fn declare_queue(ch: &Channel, name: &str, args: FieldTable) -> Result<(), BrokerError> {
-    ch.queue_declare(
-        name.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .map_err(amqp("declaring a queue"))?;
+    ch.queue_declare(name.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+        .await
+        .map_err(amqp("declaring a queue"))?;
     Ok(())
 }

@@ -17,11 +17,7 @@ use crate::domain::Resource;
 
 /// Everything but RFC 3986 unreserved characters is encoded, `/` included, so a
 /// value can never step out of its path segment.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
 /// Longest pause a server's Retry-After can impose, so a bogus header can't park us.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
@@ -42,12 +38,8 @@ enum Part {
 
 impl RequestTemplate {
     pub fn parse(s: &str) -> Result<RequestTemplate, String> {
-        let (method, path) = s
-            .trim()
-            .split_once(' ')
-            .ok_or_else(|| format!("{s:?} is not \"METHOD /path\""))?;
-        let method =
-            Method::from_bytes(method.as_bytes()).map_err(|_| format!("bad method {method:?}"))?;
+        let (method, path) = s.trim().split_once(' ').ok_or_else(|| format!("{s:?} is not \"METHOD /path\""))?;
+        let method = Method::from_bytes(method.as_bytes()).map_err(|_| format!("bad method {method:?}"))?;
         let path = path.trim();
         if !path.starts_with('/') {
             return Err(format!("path {path:?} must start with '/'"));
@@ -58,20 +50,13 @@ impl RequestTemplate {
             if open > 0 {
                 parts.push(Part::Literal(rest[..open].to_string()));
             }
-            let close = rest[open..]
-                .find('}')
-                .ok_or_else(|| format!("unclosed '{{' in {path:?}"))?
-                + open;
+            let close = rest[open..].find('}').ok_or_else(|| format!("unclosed '{{' in {path:?}"))? + open;
             let name = &rest[open + 1..close];
             parts.push(match name {
                 "id" => Part::Id,
                 _ => match name.strip_prefix("attr.") {
                     Some(a) if !a.is_empty() => Part::Attr(a.to_string()),
-                    _ => {
-                        return Err(format!(
-                            "unknown placeholder {{{name}}}; use {{id}} or {{attr.NAME}}"
-                        ))
-                    }
+                    _ => return Err(format!("unknown placeholder {{{name}}}; use {{id}} or {{attr.NAME}}")),
                 },
             });
             rest = &rest[close + 1..];
@@ -97,20 +82,14 @@ impl RequestTemplate {
     }
 
     /// The path with every value percent-encoded.
-    pub fn render(
-        &self,
-        id: &str,
-        attributes: &BTreeMap<String, String>,
-    ) -> Result<String, String> {
+    pub fn render(&self, id: &str, attributes: &BTreeMap<String, String>) -> Result<String, String> {
         let mut out = String::new();
         for p in &self.parts {
             match p {
                 Part::Literal(l) => out.push_str(l),
                 Part::Id => out.extend(utf8_percent_encode(id, SEGMENT)),
                 Part::Attr(a) => {
-                    let v = attributes
-                        .get(a)
-                        .ok_or_else(|| format!("attribute {a:?} is missing"))?;
+                    let v = attributes.get(a).ok_or_else(|| format!("attribute {a:?} is missing"))?;
                     out.extend(utf8_percent_encode(v, SEGMENT));
                 }
             }
@@ -138,10 +117,7 @@ struct Pacer {
 
 impl HttpProvider {
     pub fn build(name: &str, s: &HttpProviderSettings) -> Result<HttpProvider, ProviderError> {
-        let err = |message: String| ProviderError::Build {
-            provider: name.to_string(),
-            message,
-        };
+        let err = |message: String| ProviderError::Build { provider: name.to_string(), message };
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(s.timeout_ms))
             .connect_timeout(Duration::from_millis(s.connect_timeout_ms))
@@ -152,22 +128,18 @@ impl HttpProvider {
             None => None,
             Some(a) => {
                 let token = match (&a.token_env, &a.token_file) {
-                    (Some(var), _) => std::env::var(var).map_err(|_| {
-                        err(format!("auth.token_env names {var}, which is not set"))
-                    })?,
+                    (Some(var), _) => {
+                        std::env::var(var).map_err(|_| err(format!("auth.token_env names {var}, which is not set")))?
+                    }
                     (None, Some(file)) => std::fs::read_to_string(file)
                         .map_err(|e| err(format!("auth.token_file {file}: {e}")))?
                         .trim()
                         .to_string(),
                     (None, None) => return Err(err("auth needs token_env or token_file".into())),
                 };
-                let value = if a.scheme.is_empty() {
-                    token
-                } else {
-                    format!("{} {token}", a.scheme)
-                };
-                let mut value = HeaderValue::from_str(&value)
-                    .map_err(|_| err("the token is not a valid header value".into()))?;
+                let value = if a.scheme.is_empty() { token } else { format!("{} {token}", a.scheme) };
+                let mut value =
+                    HeaderValue::from_str(&value).map_err(|_| err("the token is not a valid header value".into()))?;
                 value.set_sensitive(true);
                 let header = HeaderName::from_bytes(a.header.as_bytes())
                     .map_err(|_| err(format!("bad auth header name {:?}", a.header)))?;
@@ -214,15 +186,9 @@ impl HttpProvider {
     }
 
     async fn send(&self, t: &RequestTemplate, r: &Resource) -> Result<StatusCode, StepError> {
-        let path = t
-            .render(&r.id, &r.attributes)
-            .map_err(StepError::Permanent)?;
+        let path = t.render(&r.id, &r.attributes).map_err(StepError::Permanent)?;
         let url = format!("{}{}", self.base_url, path);
-        let _permit = self
-            .in_flight
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
+        let _permit = self.in_flight.acquire().await.expect("the semaphore is never closed");
         self.wait_for_turn().await;
         let mut req = self.client.request(t.method().clone(), &url);
         if let Some((h, v)) = &self.auth {
@@ -244,8 +210,7 @@ impl HttpProvider {
                 .and_then(|v| v.trim().parse::<f64>().ok())
                 .filter(|s| s.is_finite() && *s >= 0.0)
                 .map(|s| Duration::from_secs_f64(s).min(MAX_RETRY_AFTER));
-            self.pause(retry_after.unwrap_or(Duration::from_secs(1)))
-                .await;
+            self.pause(retry_after.unwrap_or(Duration::from_secs(1))).await;
             return Err(StepError::RateLimited { retry_after });
         }
         if !status.is_success() && status != StatusCode::NOT_FOUND && status != StatusCode::GONE {
@@ -282,10 +247,7 @@ impl HttpProvider {
 fn classify_status(status: StatusCode, body: &str) -> StepError {
     let detail: String = body.chars().take(200).collect();
     match status.as_u16() {
-        409 | 423 => StepError::NotYet {
-            status: status.as_u16(),
-            detail,
-        },
+        409 | 423 => StepError::NotYet { status: status.as_u16(), detail },
         500..=599 | 408 => StepError::Transient(format!("{status} {detail}")),
         _ => StepError::Permanent(format!("{status} {detail}")),
     }
@@ -313,14 +275,10 @@ mod tests {
 
     #[test]
     fn values_are_encoded_so_they_cannot_leave_their_segment() {
-        let t = RequestTemplate::parse("DELETE /v1/subnets/{attr.subnet_id}/reserved_ips/{id}")
-            .unwrap();
+        let t = RequestTemplate::parse("DELETE /v1/subnets/{attr.subnet_id}/reserved_ips/{id}").unwrap();
         let mut a = BTreeMap::new();
         a.insert("subnet_id".to_string(), "../admin".to_string());
-        assert_eq!(
-            t.render("a b/c?d#e", &a).unwrap(),
-            "/v1/subnets/..%2Fadmin/reserved_ips/a%20b%2Fc%3Fd%23e"
-        );
+        assert_eq!(t.render("a b/c?d#e", &a).unwrap(), "/v1/subnets/..%2Fadmin/reserved_ips/a%20b%2Fc%3Fd%23e");
         assert_eq!(t.attributes().collect::<Vec<_>>(), ["subnet_id"]);
     }
 
@@ -334,17 +292,8 @@ mod tests {
 
     #[test]
     fn statuses_map_to_retry_classes() {
-        assert!(matches!(
-            classify_status(StatusCode::CONFLICT, ""),
-            StepError::NotYet { .. }
-        ));
-        assert!(matches!(
-            classify_status(StatusCode::BAD_GATEWAY, ""),
-            StepError::Transient(_)
-        ));
-        assert!(matches!(
-            classify_status(StatusCode::FORBIDDEN, ""),
-            StepError::Permanent(_)
-        ));
+        assert!(matches!(classify_status(StatusCode::CONFLICT, ""), StepError::NotYet { .. }));
+        assert!(matches!(classify_status(StatusCode::BAD_GATEWAY, ""), StepError::Transient(_)));
+        assert!(matches!(classify_status(StatusCode::FORBIDDEN, ""), StepError::Permanent(_)));
     }
 }

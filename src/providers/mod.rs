@@ -86,9 +86,7 @@ pub enum ProviderError {
 }
 
 impl Providers {
-    pub fn build(
-        settings: &std::collections::BTreeMap<String, ProviderSettings>,
-    ) -> Result<Providers, ProviderError> {
+    pub fn build(settings: &std::collections::BTreeMap<String, ProviderSettings>) -> Result<Providers, ProviderError> {
         let mut by_name = HashMap::new();
         for (name, s) in settings {
             let p = match s {

@@ -15,24 +15,16 @@ fn pool() -> DescriptorPool {
 }
 
 fn round_trip(pool: &DescriptorPool, message: &str, value: &Value) -> Result<Value, String> {
-    let desc = pool
-        .get_message_by_name(&format!("reaper.v1.{message}"))
-        .unwrap();
+    let desc = pool.get_message_by_name(&format!("reaper.v1.{message}")).unwrap();
     let text = serde_json::to_string(value).unwrap();
     let mut de = serde_json::Deserializer::from_str(&text);
-    let msg = DynamicMessage::deserialize_with_options(
-        desc,
-        &mut de,
-        &DeserializeOptions::new().deny_unknown_fields(true),
-    )
-    .map_err(|e| e.to_string())?;
-    let opts = SerializeOptions::new()
-        .use_proto_field_name(true)
-        .stringify_64_bit_integers(false)
-        .skip_default_fields(true);
+    let msg =
+        DynamicMessage::deserialize_with_options(desc, &mut de, &DeserializeOptions::new().deny_unknown_fields(true))
+            .map_err(|e| e.to_string())?;
+    let opts =
+        SerializeOptions::new().use_proto_field_name(true).stringify_64_bit_integers(false).skip_default_fields(true);
     let mut ser = serde_json::Serializer::new(Vec::new());
-    msg.serialize_with_options(&mut ser, &opts)
-        .map_err(|e| e.to_string())?;
+    msg.serialize_with_options(&mut ser, &opts).map_err(|e| e.to_string())?;
     Ok(serde_json::from_slice(&ser.into_inner()).unwrap())
 }
 
@@ -88,10 +80,7 @@ fn examples() -> Vec<(&'static str, &'static str, Value)> {
 #[test]
 fn events_round_trip_through_the_protobuf_schemas_and_back_into_reaper() {
     let pool = pool();
-    let catalog = Settings::from_toml(include_str!("../../config/vpc-node.toml"))
-        .unwrap()
-        .validate()
-        .unwrap();
+    let catalog = Settings::from_toml(include_str!("../../config/vpc-node.toml")).unwrap().validate().unwrap();
     for (message, key, value) in examples() {
         let back = round_trip(&pool, message, &value).unwrap_or_else(|e| panic!("{message}: {e}"));
         assert_eq!(normalize(&back), normalize(&value), "{message}");
@@ -100,12 +89,8 @@ fn events_round_trip_through_the_protobuf_schemas_and_back_into_reaper() {
         if as_proto_writes.get("generation").is_some() {
             as_proto_writes["generation"] = json!("3");
         }
-        contract::decode(
-            key,
-            &serde_json::to_vec(&as_proto_writes).unwrap(),
-            &catalog,
-        )
-        .unwrap_or_else(|e| panic!("{message}: {e}"));
+        contract::decode(key, &serde_json::to_vec(&as_proto_writes).unwrap(), &catalog)
+            .unwrap_or_else(|e| panic!("{message}: {e}"));
     }
 }
 
@@ -119,13 +104,7 @@ fn the_result_reaper_publishes_round_trips_through_its_schema() {
         status: "dead_lettered".into(),
         dry_run: false,
         resources: vec![
-            ResourceReport {
-                kind: "vni".into(),
-                id: "v1".into(),
-                outcome: "deleted".into(),
-                attempts: 2,
-                error: None,
-            },
+            ResourceReport { kind: "vni".into(), id: "v1".into(), outcome: "deleted".into(), attempts: 2, error: None },
             ResourceReport {
                 kind: "bare_metal_server".into(),
                 id: "s1".into(),
@@ -151,8 +130,5 @@ fn a_field_the_schema_lacks_is_caught() {
         "DeletionRequested",
         &json!({"event_id": "e", "owner": "a/b", "occurred_at": "2026-01-01T00:00:00Z", "colour": "red"}),
     );
-    assert!(
-        err.is_err(),
-        "the round trip must refuse unknown fields, or it proves nothing"
-    );
+    assert!(err.is_err(), "the round trip must refuse unknown fields, or it proves nothing");
 }

@@ -17,8 +17,7 @@ use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
 pub fn amqp_url() -> String {
-    std::env::var("REAPER_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("REAPER_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 pub fn pg_server() -> String {
@@ -51,24 +50,16 @@ impl Drop for Cleanup {
         let names = self.names.clone();
         let delays = self.retry_delays.clone();
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
-                if let Ok(conn) = lapin::Connection::connect(&amqp_url(), Default::default()).await
-                {
+                if let Ok(conn) = lapin::Connection::connect(&amqp_url(), Default::default()).await {
                     let _ = broker::delete_topology(&conn, &names, &delays).await;
                     let _ = conn.close(200, "test done".into()).await;
                 }
-                if let Ok(mut pg) =
-                    sqlx::PgConnection::connect(&format!("{}/postgres", pg_server())).await
-                {
-                    let _ = sqlx::query(&format!(
-                        "DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)"
-                    ))
-                    .execute(&mut pg)
-                    .await;
+                if let Ok(mut pg) = sqlx::PgConnection::connect(&format!("{}/postgres", pg_server())).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)"))
+                        .execute(&mut pg)
+                        .await;
                 }
             })
         })
@@ -80,16 +71,11 @@ impl Drop for Cleanup {
 pub async fn spawn_app(extra: &str) -> TestApp {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .try_init();
     let sim = Sim::new();
     let shutdown = CancellationToken::new();
-    let addr = sim
-        .spawn(0, shutdown.clone())
-        .await
-        .expect("starting the simulated cloud");
+    let addr = sim.spawn(0, shutdown.clone()).await.expect("starting the simulated cloud");
     let id = format!("{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff);
     let db_name = format!("reaper_t_{id}");
     let prefix = format!("t-{id}");
@@ -102,11 +88,7 @@ pub async fn spawn_app(extra: &str) -> TestApp {
             .await
             .expect("creating the test database");
     }
-    let mut cleanup = Cleanup {
-        db_name: db_name.clone(),
-        names: Names::new(&prefix),
-        retry_delays: Vec::new(),
-    };
+    let mut cleanup = Cleanup { db_name: db_name.clone(), names: Names::new(&prefix), retry_delays: Vec::new() };
     let overrides = format!(
         "[providers.cloud]\nbase_url = \"http://{addr}\"\n\
          [broker]\nurl = \"{amqp}\"\nprefix = \"{prefix}\"\nprefetch = 16\n\
@@ -116,51 +98,29 @@ pub async fn spawn_app(extra: &str) -> TestApp {
         amqp = amqp_url(),
         pg = pg_server(),
     );
-    let mut settings = Settings::from_toml_layers(&[
-        include_str!("../../config/vpc-node.toml"),
-        &overrides,
-        extra,
-    ])
-    .expect("test settings");
+    let mut settings = Settings::from_toml_layers(&[include_str!("../../config/vpc-node.toml"), &overrides, extra])
+        .expect("test settings");
     if let Some(reaper::config::ProviderSettings::Http(h)) = settings.providers.get_mut("cloud") {
         h.auth = None;
     }
-    cleanup.retry_delays = settings.worker.retry_delays();
+    cleanup.retry_delays = settings.worker.all_delays();
     let app = Arc::new(App::build(settings).await.expect("building the app"));
-    let (conn, publisher) = broker::consumer::open(&app)
-        .await
-        .expect("RabbitMQ must be running on 127.0.0.1:5672");
-    let tap = ResultTap::open(&conn, &app.names)
-        .await
-        .expect("opening the results tap");
+    let (conn, publisher) =
+        broker::consumer::open(&app.settings, &app.names).await.expect("RabbitMQ must be running on 127.0.0.1:5672");
+    let tap = ResultTap::open(&conn, &app.names).await.expect("opening the results tap");
     let worker = Some(tokio::spawn(app.clone().run(shutdown.clone())));
-    TestApp {
-        app,
-        sim,
-        publisher,
-        tap,
-        conn,
-        shutdown,
-        worker,
-        _cleanup: cleanup,
-    }
+    TestApp { app, sim, publisher, tap, conn, shutdown, worker, _cleanup: cleanup }
 }
 
 impl TestApp {
     pub async fn publish(&self, routing_key: &str, body: &Value) {
         let bytes = serde_json::to_vec(body).unwrap();
         let id = body["event_id"].as_str().unwrap_or("no-id");
-        self.publisher
-            .publish(&self.app.names.events, routing_key, &bytes, id, &[])
-            .await
-            .expect("publishing");
+        self.publisher.publish(&self.app.names.events, routing_key, &bytes, id, &[]).await.expect("publishing");
     }
 
     pub async fn publish_raw(&self, exchange: &str, routing_key: &str, bytes: &[u8]) {
-        self.publisher
-            .publish(exchange, routing_key, bytes, "raw", &[])
-            .await
-            .expect("publishing");
+        self.publisher.publish(exchange, routing_key, bytes, "raw", &[]).await.expect("publishing");
     }
 
     /// Creates `node` in the simulated cloud, tracks its resources, and waits
@@ -172,33 +132,23 @@ impl TestApp {
         }
         let owners = vec![node.owner.clone()];
         let want = node.resources.len() as i64;
-        wait_until(
-            &format!("all {want} resources of {} tracked", node.owner),
-            Duration::from_secs(20),
-            || async { self.app.ledger.count_tracked(&owners).await.unwrap() >= want },
-        )
+        wait_until(&format!("all {want} resources of {} tracked", node.owner), Duration::from_secs(20), || async {
+            self.app.ledger.count_tracked(&owners).await.unwrap() >= want
+        })
         .await;
     }
 
     /// The next result; fails the test after `secs` seconds.
     pub async fn next_result(&mut self, secs: u64) -> Observed {
-        self.tap
-            .next(Duration::from_secs(secs))
-            .await
-            .unwrap_or_else(|| panic!("no result within {secs}s"))
+        self.tap.next(Duration::from_secs(secs)).await.unwrap_or_else(|| panic!("no result within {secs}s"))
     }
 
     /// Messages now on the dead queue, with their reason header.
     pub async fn drain_dead(&self) -> Vec<(Vec<u8>, String)> {
         let ch = self.conn.create_channel().await.unwrap();
         let mut out = Vec::new();
-        while let Some(m) = ch
-            .basic_get(
-                self.app.names.dead.as_str().into(),
-                BasicGetOptions { no_ack: true },
-            )
-            .await
-            .unwrap()
+        while let Some(m) =
+            ch.basic_get(self.app.names.dead.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap()
         {
             let reason = m
                 .delivery
@@ -206,9 +156,7 @@ impl TestApp {
                 .headers()
                 .as_ref()
                 .and_then(|h| match h.inner().get("x-reaper-reason") {
-                    Some(AMQPValue::LongString(s)) => {
-                        Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-                    }
+                    Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
                     _ => None,
                 })
                 .unwrap_or_default();
@@ -221,10 +169,7 @@ impl TestApp {
     pub async fn stop(&mut self) {
         self.shutdown.cancel();
         if let Some(w) = self.worker.take() {
-            tokio::time::timeout(Duration::from_secs(15), w)
-                .await
-                .expect("the worker stops within 15s")
-                .unwrap();
+            tokio::time::timeout(Duration::from_secs(15), w).await.expect("the worker stops within 15s").unwrap();
         }
     }
 }
@@ -237,10 +182,7 @@ where
 {
     let start = Instant::now();
     while !cond().await {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for: {what}"
-        );
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -260,11 +202,7 @@ impl TestApp {
         let start = Instant::now();
         while got.len() < n {
             got.extend(self.drain_dead().await);
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "only {} of {n} dead letters arrived",
-                got.len()
-            );
+            assert!(start.elapsed() < Duration::from_secs(20), "only {} of {n} dead letters arrived", got.len());
             if got.len() < n {
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }

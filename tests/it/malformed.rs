@@ -12,12 +12,39 @@ async fn each_kind_of_malformed_message_is_dead_lettered_with_a_reason_and_the_w
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("deletion.requested", b"{not json".to_vec(), "not JSON"),
         ("deletion.requested", br#"{"event_id":"m2"}"#.to_vec(), "missing field"),
-        ("deletion.requested", serde_json::to_vec(&json!({"event_id":"m3","owner":"noslash","occurred_at":now})).unwrap(), "type/id"),
-        ("deletion.requested", serde_json::to_vec(&json!({"event_id":"x".repeat(200),"owner":"a/b","occurred_at":now})).unwrap(), "event_id must be 1..128"),
-        ("deletion.requested", serde_json::to_vec(&json!({"event_id":"m5","owner":"a/b","occurred_at":"yesterday"})).unwrap(), "invalid fields"),
-        ("deletion.requested", serde_json::to_vec(&json!({"event_id":"m6","owner":"a/b","occurred_at":now,"reason":"x".repeat(300 * 1024)})).unwrap(), "the limit is 262144"),
-        ("resource.tracked", serde_json::to_vec(&json!({"event_id":"m7","owner":"a/b","kind":"spaceship","id":"s1"})).unwrap(), "unknown kind \"spaceship\""),
-        ("resource.tracked", serde_json::to_vec(&json!({"event_id":"m8","owner":"a/b","kind":"ip_reservation","id":"ip1"})).unwrap(), "lacks attribute \"subnet_id\""),
+        (
+            "deletion.requested",
+            serde_json::to_vec(&json!({"event_id":"m3","owner":"noslash","occurred_at":now})).unwrap(),
+            "type/id",
+        ),
+        (
+            "deletion.requested",
+            serde_json::to_vec(&json!({"event_id":"x".repeat(200),"owner":"a/b","occurred_at":now})).unwrap(),
+            "event_id must be 1..128",
+        ),
+        (
+            "deletion.requested",
+            serde_json::to_vec(&json!({"event_id":"m5","owner":"a/b","occurred_at":"yesterday"})).unwrap(),
+            "invalid fields",
+        ),
+        (
+            "deletion.requested",
+            serde_json::to_vec(
+                &json!({"event_id":"m6","owner":"a/b","occurred_at":now,"reason":"x".repeat(300 * 1024)}),
+            )
+            .unwrap(),
+            "the limit is 262144",
+        ),
+        (
+            "resource.tracked",
+            serde_json::to_vec(&json!({"event_id":"m7","owner":"a/b","kind":"spaceship","id":"s1"})).unwrap(),
+            "unknown kind \"spaceship\"",
+        ),
+        (
+            "resource.tracked",
+            serde_json::to_vec(&json!({"event_id":"m8","owner":"a/b","kind":"ip_reservation","id":"ip1"})).unwrap(),
+            "lacks attribute \"subnet_id\"",
+        ),
     ];
     for (key, body, _) in &cases {
         t.publish_raw(&events, key, body).await;
@@ -28,11 +55,7 @@ async fn each_kind_of_malformed_message_is_dead_lettered_with_a_reason_and_the_w
 
     let node = VpcNode::new(&unique("node"));
     t.provision(&node).await;
-    t.publish(
-        "deletion.requested",
-        &deletion("good-after-bad", &node.owner, Utc::now()),
-    )
-    .await;
+    t.publish("deletion.requested", &deletion("good-after-bad", &node.owner, Utc::now())).await;
     let r = t.next_result(30).await;
     assert_eq!(r.result.event_id, "good-after-bad");
     assert_eq!(r.result.status, "completed");
@@ -40,14 +63,8 @@ async fn each_kind_of_malformed_message_is_dead_lettered_with_a_reason_and_the_w
     let dead = t.dead_wait(cases.len() + 1).await;
     assert_eq!(dead.len(), cases.len() + 1, "every bad message, once");
     for (_, body, want) in &cases {
-        let (_, reason) = dead
-            .iter()
-            .find(|(b, _)| b == body)
-            .expect("the original body is kept on the dead queue");
-        assert!(
-            reason.contains(want),
-            "reason {reason:?} should mention {want:?}"
-        );
+        let (_, reason) = dead.iter().find(|(b, _)| b == body).expect("the original body is kept on the dead queue");
+        assert!(reason.contains(want), "reason {reason:?} should mention {want:?}");
     }
     assert!(
         dead.iter().any(|(_, r)| r.contains("unknown routing key")),

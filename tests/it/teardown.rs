@@ -12,11 +12,7 @@ async fn a_vpc_node_is_torn_down_children_first_with_zero_order_refusals() {
     let mut t = spawn_app("").await;
     let node = VpcNode::new(&unique("node"));
     t.provision(&node).await;
-    t.publish(
-        "deletion.requested",
-        &deletion("del-1", &node.owner, Utc::now()),
-    )
-    .await;
+    t.publish("deletion.requested", &deletion("del-1", &node.owner, Utc::now())).await;
 
     let r = t.next_result(30).await;
     assert_eq!(r.routing_key, "teardown.completed");
@@ -24,22 +20,11 @@ async fn a_vpc_node_is_torn_down_children_first_with_zero_order_refusals() {
     assert_eq!(r.result.event_id, "del-1");
     assert_eq!(r.result.trigger, "deletion.requested");
     assert_eq!(r.result.resources.len(), 5);
-    assert!(
-        r.result.resources.iter().all(|s| s.outcome == "deleted"),
-        "{:?}",
-        r.result.resources
-    );
+    assert!(r.result.resources.iter().all(|s| s.outcome == "deleted"), "{:?}", r.result.resources);
     // Children first: the VNI and the DNS record are reported in the first level.
-    let first_two: Vec<&str> = r.result.resources[..2]
-        .iter()
-        .map(|s| s.kind.as_str())
-        .collect();
+    let first_two: Vec<&str> = r.result.resources[..2].iter().map(|s| s.kind.as_str()).collect();
     assert_eq!(first_two, ["dns_record", "vni"]);
-    assert!(
-        t.sim.paths().is_empty(),
-        "left in the cloud: {:?}",
-        t.sim.paths()
-    );
+    assert!(t.sim.paths().is_empty(), "left in the cloud: {:?}", t.sim.paths());
     assert_eq!(t.sim.stats().refused_for_order, 0);
     let states = t.app.ledger.owner_resources(&node.owner).await.unwrap();
     assert!(states.iter().all(|(_, s, _)| s == "deleted"), "{states:?}");
@@ -51,15 +36,8 @@ async fn steps_retry_through_5xx_and_429_to_success() {
     let mut t = spawn_app("").await;
     let node = VpcNode::new(&unique("node"));
     t.provision(&node).await;
-    t.sim.set_faults(Faults {
-        fail_next: 2,
-        ..Default::default()
-    });
-    t.publish(
-        "deletion.requested",
-        &deletion("del-flaky", &node.owner, Utc::now()),
-    )
-    .await;
+    t.sim.set_faults(Faults { fail_next: 2, ..Default::default() });
+    t.publish("deletion.requested", &deletion("del-flaky", &node.owner, Utc::now())).await;
     let r = t.next_result(30).await;
     assert_eq!(r.result.status, "completed", "{:?}", r.result);
     assert!(
@@ -77,18 +55,11 @@ async fn steps_retry_through_5xx_and_429_to_success() {
         only_method: "DELETE".into(),
         ..Default::default()
     });
-    t.publish(
-        "deletion.requested",
-        &deletion("del-429", &node2.owner, Utc::now()),
-    )
-    .await;
+    t.publish("deletion.requested", &deletion("del-429", &node2.owner, Utc::now())).await;
     let r = t.next_result(30).await;
     assert_eq!(r.result.status, "completed", "{:?}", r.result);
     let stats = t.sim.stats();
-    assert!(
-        stats.injected_errors >= 2 && stats.injected_rate_limits >= 1,
-        "{stats:?}"
-    );
+    assert!(stats.injected_errors >= 2 && stats.injected_rate_limits >= 1, "{stats:?}");
     assert!(t.sim.paths().is_empty(), "left: {:?}", t.sim.paths());
     assert_eq!(stats.refused_for_order, 0);
     t.stop().await;
@@ -100,23 +71,11 @@ async fn a_job_that_outlasts_its_step_retries_comes_back_through_the_broker() {
     let mut t = spawn_app("[worker]\nstep_attempts = 2\n").await;
     let node = VpcNode::new(&unique("node"));
     t.provision(&node).await;
-    t.sim.set_faults(Faults {
-        fail_next: 3,
-        only_method: "DELETE".into(),
-        ..Default::default()
-    });
-    t.publish(
-        "deletion.requested",
-        &deletion("del-broker-retry", &node.owner, Utc::now()),
-    )
-    .await;
+    t.sim.set_faults(Faults { fail_next: 3, only_method: "DELETE".into(), ..Default::default() });
+    t.publish("deletion.requested", &deletion("del-broker-retry", &node.owner, Utc::now())).await;
     let r = t.next_result(30).await;
     assert_eq!(r.result.status, "completed", "{:?}", r.result);
-    assert!(
-        r.result.attempts >= 2,
-        "the job must have taken a broker retry: {:?}",
-        r.result
-    );
+    assert!(r.result.attempts >= 2, "the job must have taken a broker retry: {:?}", r.result);
     assert!(t.sim.paths().is_empty());
     t.stop().await;
 }
@@ -148,46 +107,20 @@ async fn a_permanent_error_dead_letters_with_a_report_and_a_result() {
     let mut t = spawn_app("").await;
     let node = VpcNode::new(&unique("node"));
     t.provision(&node).await;
-    t.sim.set_faults(Faults {
-        fail_next: 1,
-        fail_status: 403,
-        only_method: "DELETE".into(),
-        ..Default::default()
-    });
-    t.publish(
-        "deletion.requested",
-        &deletion("del-403", &node.owner, Utc::now()),
-    )
-    .await;
+    t.sim.set_faults(Faults { fail_next: 1, fail_status: 403, only_method: "DELETE".into(), ..Default::default() });
+    t.publish("deletion.requested", &deletion("del-403", &node.owner, Utc::now())).await;
     let r = t.next_result(30).await;
     assert_eq!(r.routing_key, "teardown.dead_lettered");
     assert_eq!(r.result.status, "dead_lettered");
-    let reason = r
-        .result
-        .reason
-        .clone()
-        .expect("a dead-lettered result has a reason");
+    let reason = r.result.reason.clone().expect("a dead-lettered result has a reason");
     assert!(reason.contains("403"), "{reason}");
-    let failed: Vec<_> = r
-        .result
-        .resources
-        .iter()
-        .filter(|s| s.outcome == "failed")
-        .collect();
+    let failed: Vec<_> = r.result.resources.iter().filter(|s| s.outcome == "failed").collect();
     assert_eq!(failed.len(), 1, "{:?}", r.result.resources);
     assert!(failed[0].error.as_deref().unwrap_or("").contains("403"));
     // The second level never started: server and IPs are blocked, still in the cloud.
-    let blocked = r
-        .result
-        .resources
-        .iter()
-        .filter(|s| s.outcome == "blocked")
-        .count();
+    let blocked = r.result.resources.iter().filter(|s| s.outcome == "blocked").count();
     assert_eq!(blocked, 3, "{:?}", r.result.resources);
-    assert!(
-        t.sim.exists(&node.resources[2].path),
-        "the server must not be touched"
-    );
+    assert!(t.sim.exists(&node.resources[2].path), "the server must not be touched");
 
     let dead = t.dead_wait(1).await;
     assert_eq!(dead.len(), 1);
@@ -210,28 +143,13 @@ async fn a_dry_run_deletes_nothing_and_reports_would_delete() {
     assert_eq!(r.result.status, "completed");
     assert!(r.result.dry_run);
     assert_eq!(r.result.resources.len(), 5);
-    assert!(
-        r.result
-            .resources
-            .iter()
-            .all(|s| s.outcome == "would_delete"),
-        "{:?}",
-        r.result.resources
-    );
+    assert!(r.result.resources.iter().all(|s| s.outcome == "would_delete"), "{:?}", r.result.resources);
     assert_eq!(t.sim.paths(), before);
     assert_eq!(t.sim.stats().deletes, 0);
     // And the owner's resources are still there for a real teardown.
-    t.publish(
-        "deletion.requested",
-        &deletion("real-1", &node.owner, Utc::now()),
-    )
-    .await;
+    t.publish("deletion.requested", &deletion("real-1", &node.owner, Utc::now())).await;
     let r = t.next_result(30).await;
-    assert!(
-        r.result.resources.iter().all(|s| s.outcome == "deleted"),
-        "{:?}",
-        r.result.resources
-    );
+    assert!(r.result.resources.iter().all(|s| s.outcome == "deleted"), "{:?}", r.result.resources);
     assert!(t.sim.paths().is_empty());
     t.stop().await;
 }
@@ -244,10 +162,7 @@ async fn provisioning_failed_tears_down_what_it_lists_as_well_as_what_was_tracke
     // Only the IPs and the server were tracked before the provisioner failed;
     // it lists the DNS record and the VNI in its failure event.
     let tracks = node.track_events("pf");
-    for e in tracks
-        .iter()
-        .filter(|e| e["kind"] == "ip_reservation" || e["kind"] == "bare_metal_server")
-    {
+    for e in tracks.iter().filter(|e| e["kind"] == "ip_reservation" || e["kind"] == "bare_metal_server") {
         t.publish("resource.tracked", e).await;
     }
     let owners = vec![node.owner.clone()];
@@ -286,17 +201,9 @@ async fn a_resource_already_gone_at_the_provider_counts_as_done() {
     let addr = t.app.settings.providers.get("cloud").map(|p| match p {
         reaper::config::ProviderSettings::Http(h) => h.base_url.clone(),
     });
-    let resp = client
-        .delete(format!("{}{}", addr.unwrap(), vni.path))
-        .send()
-        .await
-        .unwrap();
+    let resp = client.delete(format!("{}{}", addr.unwrap(), vni.path)).send().await.unwrap();
     assert_eq!(resp.status(), 204);
-    t.publish(
-        "deletion.requested",
-        &deletion("gone-1", &node.owner, Utc::now()),
-    )
-    .await;
+    t.publish("deletion.requested", &deletion("gone-1", &node.owner, Utc::now())).await;
     let r = t.next_result(30).await;
     let v = r.result.resources.iter().find(|s| s.kind == "vni").unwrap();
     assert_eq!(v.outcome, "already_gone");

@@ -8,6 +8,10 @@
 //! `occurred_at` plus the late-track window. The same rule claims resources when
 //! a teardown starts and decides, when a track arrives after one, that it is late.
 
+mod leases;
+pub mod outbox;
+pub mod replay;
+
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -21,6 +25,8 @@ use crate::contract::{TeardownRequest, Tracked, TrackedResource};
 use crate::domain::{JobStatus, Outcome, Resource, ResourceRef, Trigger};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+pub use outbox::{OutboxRow, Target};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -66,6 +72,7 @@ macro_rules! belongs {
 pub struct Ledger {
     pool: PgPool,
     window: Duration,
+    lease_ttl: Duration,
 }
 
 /// A job as stored.
@@ -82,6 +89,10 @@ pub struct JobRow {
     pub reason: Option<String>,
     /// Set once the job is terminal.
     pub result: Option<Vec<u8>>,
+    /// Times an operator replayed it; a replayed job re-checks before deleting.
+    pub replays: u32,
+    /// The routing key the event came with.
+    pub routing_key: String,
 }
 
 /// Everything a worker needs to run (or resume) a job.
@@ -101,6 +112,18 @@ pub struct StepRecord {
     pub error: Option<String>,
 }
 
+/// How a job ends, as `finish` writes it.
+pub struct JobEnd<'a> {
+    pub status: JobStatus,
+    pub reason: Option<&'a str>,
+    pub error_class: Option<&'a str>,
+    pub steps: &'a [StepRecord],
+    pub result: &'a [u8],
+    pub result_key: &'a str,
+    /// (dead queue, event body, headers) when the job is dead-lettered.
+    pub dead: Option<(&'a str, &'a [u8], serde_json::Value)>,
+}
+
 /// What recording a `resource.tracked` led to.
 #[derive(Debug)]
 pub enum TrackOutcome {
@@ -108,10 +131,30 @@ pub enum TrackOutcome {
     Recorded,
     /// The owner's teardown had started: this job tears the late resource down.
     Late(Box<JobStart>),
+    /// Another delivery holds the owner: try again shortly.
+    Busy,
+}
+
+/// What opening a teardown job led to.
+#[derive(Debug)]
+pub enum Begin {
+    Start(Box<JobStart>),
+    /// Another delivery (here or on another replica) is tearing the owner down.
+    Busy,
+}
+
+/// The outcome of making a job terminal.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// The stored result: ours, or the one another delivery stored first.
+    pub result: Vec<u8>,
+    /// Whether this call queued outbox rows (false when another delivery
+    /// finished the job first); delete them with `outbox_done` after the confirms.
+    pub queued: bool,
 }
 
 impl Ledger {
-    pub async fn connect(s: &DatabaseSettings, window: Duration) -> Result<Ledger, LedgerError> {
+    pub async fn connect(s: &DatabaseSettings, window: Duration, lease_ttl: Duration) -> Result<Ledger, LedgerError> {
         let opts: PgConnectOptions = s.url.expose().parse().map_err(db("parsing database.url"))?;
         let pool = PgPoolOptions::new()
             .max_connections(s.max_connections)
@@ -119,11 +162,7 @@ impl Ledger {
             .connect_with(opts)
             .await
             .map_err(db("connecting"))?;
-        Ok(Ledger { pool, window })
-    }
-
-    pub fn from_pool(pool: PgPool, window: Duration) -> Ledger {
-        Ledger { pool, window }
+        Ok(Ledger { pool, window, lease_ttl })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -146,22 +185,24 @@ impl Ledger {
         t: &Tracked,
         body: &[u8],
         routing_key: &str,
+        holder: Uuid,
     ) -> Result<TrackOutcome, LedgerError> {
         let mut tx = self.pool.begin().await.map_err(db("begin"))?;
         lock_owner(&mut tx, &t.owner).await?;
         if let Some(job) = job_by_event(&mut tx, &t.event_id).await? {
+            // A redelivered late track: resume its job.
+            if job.status == JobStatus::Running {
+                if !self.acquire_lease(&mut tx, &t.owner, holder).await? {
+                    return Ok(TrackOutcome::Busy);
+                }
+                bump_attempts(&mut tx, job.job_id).await?;
+            }
+            let job = job_by_event(&mut tx, &t.event_id).await?.expect("read above");
             let start = load_start(&mut tx, job, None).await?;
             tx.commit().await.map_err(db("commit"))?;
             return Ok(TrackOutcome::Late(Box::new(start)));
         }
-        upsert_resources(
-            &mut tx,
-            &t.owner,
-            t.generation,
-            std::slice::from_ref(&t.resource),
-            None,
-        )
-        .await?;
+        upsert_resources(&mut tx, &t.owner, t.generation, std::slice::from_ref(&t.resource), None).await?;
         let r = &t.resource.resource;
         let row = sqlx::query(
             "SELECT job_id, tracked_at FROM tracked_resources WHERE owner = $1 AND kind = $2 AND resource_id = $3",
@@ -199,6 +240,9 @@ impl Ledger {
             tx.commit().await.map_err(db("commit"))?;
             return Ok(TrackOutcome::Recorded);
         };
+        if !self.acquire_lease(&mut tx, &t.owner, holder).await? {
+            return Ok(TrackOutcome::Busy);
+        }
         let job_id = Uuid::new_v4();
         let occurred_at: DateTime<Utc> = ended.get("occurred_at");
         let generation: Option<i64> = ended.get("generation");
@@ -224,9 +268,7 @@ impl Ledger {
             .execute(&mut *tx)
             .await
             .map_err(db("claiming a late-tracked resource"))?;
-        let job = job_by_event(&mut tx, &t.event_id)
-            .await?
-            .expect("inserted above");
+        let job = job_by_event(&mut tx, &t.event_id).await?.expect("inserted above");
         let start = load_start(&mut tx, job, None).await?;
         tx.commit().await.map_err(db("commit"))?;
         Ok(TrackOutcome::Late(Box::new(start)))
@@ -239,9 +281,20 @@ impl Ledger {
         req: &TeardownRequest,
         body: &[u8],
         routing_key: &str,
-    ) -> Result<JobStart, LedgerError> {
+        holder: Uuid,
+    ) -> Result<Begin, LedgerError> {
         let mut tx = self.pool.begin().await.map_err(db("begin"))?;
         lock_owner(&mut tx, &req.owner).await?;
+        if let Some(job) = job_by_event(&mut tx, &req.event_id).await? {
+            if job.status != JobStatus::Running {
+                let start = load_start(&mut tx, job, None).await?;
+                tx.commit().await.map_err(db("commit"))?;
+                return Ok(Begin::Start(Box::new(start)));
+            }
+        }
+        if !req.dry_run && !self.acquire_lease(&mut tx, &req.owner, holder).await? {
+            return Ok(Begin::Busy);
+        }
         let row = sqlx::query(
             "INSERT INTO jobs (job_id, event_id, owner, trigger, dry_run, generation, occurred_at, event_body, routing_key)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
@@ -262,18 +315,9 @@ impl Ledger {
         .await
         .map_err(db("opening the job"))?;
         let inserted: bool = row.get("inserted");
-        let job = job_by_event(&mut tx, &req.event_id)
-            .await?
-            .expect("upserted above");
+        let job = job_by_event(&mut tx, &req.event_id).await?.expect("upserted above");
         if inserted && !job.dry_run {
-            upsert_resources(
-                &mut tx,
-                &req.owner,
-                req.generation,
-                &req.resources,
-                Some(job.job_id),
-            )
-            .await?;
+            upsert_resources(&mut tx, &req.owner, req.generation, &req.resources, Some(job.job_id)).await?;
             sqlx::query(concat!(
                 "UPDATE tracked_resources r SET job_id = $1
                  WHERE r.owner = $2 AND r.job_id IS NULL AND r.state = 'live' AND ",
@@ -288,22 +332,14 @@ impl Ledger {
             .await
             .map_err(db("claiming the owner's resources"))?;
         }
-        let dry = if job.dry_run {
-            Some((req, self.window_secs()))
-        } else {
-            None
-        };
+        let dry = if job.dry_run { Some((req, self.window_secs())) } else { None };
         let start = load_start(&mut tx, job, dry).await?;
         tx.commit().await.map_err(db("commit"))?;
-        Ok(start)
+        Ok(Begin::Start(Box::new(start)))
     }
 
     /// Remembers finished steps so a redelivered job does not redo them.
-    pub async fn record_steps(
-        &self,
-        job: &JobRow,
-        steps: &[StepRecord],
-    ) -> Result<(), LedgerError> {
+    pub async fn record_steps(&self, job: &JobRow, steps: &[StepRecord]) -> Result<(), LedgerError> {
         if steps.is_empty() || job.dry_run {
             return Ok(());
         }
@@ -333,33 +369,77 @@ impl Ledger {
         Ok(())
     }
 
-    /// Makes the job terminal with its result, unless another delivery of the
-    /// same event got there first: then that one's result is returned, so every
-    /// result for one event_id is byte-for-byte the same.
-    pub async fn finish(
-        &self,
-        job: &JobRow,
-        status: JobStatus,
-        reason: Option<&str>,
-        result: &[u8],
-    ) -> Result<Vec<u8>, LedgerError> {
+    /// Makes the job terminal, in one statement: its steps, its resources'
+    /// states, its result and the outbox rows that will carry the result (and,
+    /// when dead-lettered, the event) out, and releases the owner. If another
+    /// delivery finished the job first, nothing is written and that delivery's
+    /// result is returned, so every result for one event_id is the same bytes.
+    pub async fn finish(&self, job: &JobRow, end: &JobEnd<'_>, holder: Uuid) -> Result<Finished, LedgerError> {
+        let c = StepColumns::from(end.steps);
+        let mut targets = vec!["result"];
+        let mut keys = vec![end.result_key.to_string()];
+        let mut bodies = vec![end.result.to_vec()];
+        let mut headers = vec![serde_json::json!({})];
+        if let Some((dead_queue, body, h)) = &end.dead {
+            targets.push("dead");
+            keys.push(dead_queue.to_string());
+            bodies.push(body.to_vec());
+            headers.push(h.clone());
+        }
         let row = sqlx::query(
             "WITH f AS (
-                UPDATE jobs SET status = $2, reason = $3, result = $4, finished_at = now(), lease_until = NULL
+                UPDATE jobs SET status = $2, reason = $3, error_class = $4, result = $5, finished_at = now()
                 WHERE job_id = $1 AND status = 'running'
-                RETURNING result
-             )
-             SELECT result FROM f UNION ALL SELECT result FROM jobs WHERE job_id = $1 AND NOT EXISTS (SELECT 1 FROM f)",
+                RETURNING job_id, event_id, result
+             ),
+             s AS (
+                INSERT INTO job_steps (job_id, kind, resource_id, outcome, attempts, error)
+                SELECT f.job_id, u.* FROM f, UNNEST($7::text[], $8::text[], $9::text[], $10::int[], $11::text[]) AS u
+                ON CONFLICT (job_id, kind, resource_id) DO UPDATE
+                   SET outcome = EXCLUDED.outcome, attempts = EXCLUDED.attempts, error = EXCLUDED.error, finished_at = now()
+             ),
+             r AS (
+                UPDATE tracked_resources t SET state = u.outcome
+                FROM f, UNNEST($7::text[], $8::text[], $9::text[]) AS u(kind, resource_id, outcome)
+                WHERE t.owner = $6 AND t.job_id = f.job_id AND t.kind = u.kind AND t.resource_id = u.resource_id
+                  AND u.outcome IN ('deleted', 'already_gone')
+             ),
+             o AS (
+                INSERT INTO outbox (job_id, event_id, target, routing_key, body, headers)
+                SELECT f.job_id, f.event_id, x.target, x.routing_key, x.body, x.headers
+                FROM f, UNNEST($12::text[], $13::text[], $14::bytea[], $15::jsonb[]) AS x(target, routing_key, body, headers)
+                RETURNING id
+             ),
+             l AS (DELETE FROM owner_leases WHERE owner = $6 AND holder = $16)
+             SELECT (SELECT result FROM f) AS mine,
+                    (SELECT result FROM jobs WHERE job_id = $1) AS earlier,
+                    (SELECT count(*) FROM o) AS queued",
         )
         .bind(job.job_id)
-        .bind(status.as_str())
-        .bind(reason)
-        .bind(result)
+        .bind(end.status.as_str())
+        .bind(end.reason)
+        .bind(end.error_class)
+        .bind(end.result)
+        .bind(&job.owner)
+        .bind(&c.kinds)
+        .bind(&c.ids)
+        .bind(&c.outcomes)
+        .bind(&c.attempts)
+        .bind(&c.errors)
+        .bind(&targets)
+        .bind(&keys)
+        .bind(&bodies)
+        .bind(&headers)
+        .bind(holder)
         .fetch_one(&self.pool)
         .await
         .map_err(db("finishing the job"))?;
-        let stored: Option<Vec<u8>> = row.get("result");
-        stored.ok_or_else(|| LedgerError::Corrupt(job.job_id, "terminal without a result".into()))
+        let mine: Option<Vec<u8>> = row.get("mine");
+        let earlier: Option<Vec<u8>> = row.get("earlier");
+        let queued: i64 = row.get("queued");
+        let result =
+            mine.or(earlier).ok_or_else(|| LedgerError::Corrupt(job.job_id, "terminal without a result".into()))?;
+        Ok(Finished { result, queued: queued > 0 })
     }
 
     pub async fn job_by_event(&self, event_id: &str) -> Result<Option<JobRow>, LedgerError> {
@@ -368,10 +448,7 @@ impl Ledger {
     }
 
     /// Tracked resources of an owner with their state, for status views and tests.
-    pub async fn owner_resources(
-        &self,
-        owner: &str,
-    ) -> Result<Vec<(ResourceRef, String, Option<Uuid>)>, LedgerError> {
+    pub async fn owner_resources(&self, owner: &str) -> Result<Vec<(ResourceRef, String, Option<Uuid>)>, LedgerError> {
         let rows = sqlx::query("SELECT kind, resource_id, state, job_id FROM tracked_resources WHERE owner = $1 ORDER BY kind, resource_id")
             .bind(owner)
             .fetch_all(&self.pool)
@@ -379,16 +456,7 @@ impl Ledger {
             .map_err(db("listing an owner's resources"))?;
         Ok(rows
             .iter()
-            .map(|r| {
-                (
-                    ResourceRef {
-                        kind: r.get("kind"),
-                        id: r.get("resource_id"),
-                    },
-                    r.get("state"),
-                    r.get("job_id"),
-                )
-            })
+            .map(|r| (ResourceRef { kind: r.get("kind"), id: r.get("resource_id") }, r.get("state"), r.get("job_id")))
             .collect())
     }
 }
@@ -425,12 +493,18 @@ async fn lock_owner(tx: &mut Transaction<'_, Postgres>, owner: &str) -> Result<(
     Ok(())
 }
 
-async fn job_by_event(
-    conn: &mut sqlx::PgConnection,
-    event_id: &str,
-) -> Result<Option<JobRow>, LedgerError> {
+async fn bump_attempts(tx: &mut Transaction<'_, Postgres>, job_id: Uuid) -> Result<(), LedgerError> {
+    sqlx::query("UPDATE jobs SET attempts = attempts + 1 WHERE job_id = $1")
+        .bind(job_id)
+        .execute(&mut **tx)
+        .await
+        .map_err(db("counting an attempt"))?;
+    Ok(())
+}
+
+async fn job_by_event(conn: &mut sqlx::PgConnection, event_id: &str) -> Result<Option<JobRow>, LedgerError> {
     let row = sqlx::query(
-        "SELECT job_id, event_id, owner, trigger, dry_run, status, attempts, started_at, reason, result
+        "SELECT job_id, event_id, owner, trigger, dry_run, status, attempts, started_at, reason, result, replays, routing_key
          FROM jobs WHERE event_id = $1",
     )
     .bind(event_id)
@@ -445,6 +519,7 @@ fn job_row(r: &sqlx::postgres::PgRow) -> Result<JobRow, LedgerError> {
     let trigger: String = r.get("trigger");
     let status: String = r.get("status");
     let attempts: i32 = r.get("attempts");
+    let replays: i32 = r.get("replays");
     Ok(JobRow {
         job_id,
         event_id: r.get("event_id"),
@@ -452,12 +527,13 @@ fn job_row(r: &sqlx::postgres::PgRow) -> Result<JobRow, LedgerError> {
         trigger: Trigger::parse(&trigger)
             .ok_or_else(|| LedgerError::Corrupt(job_id, format!("trigger {trigger:?}")))?,
         dry_run: r.get("dry_run"),
-        status: JobStatus::parse(&status)
-            .ok_or_else(|| LedgerError::Corrupt(job_id, format!("status {status:?}")))?,
+        status: JobStatus::parse(&status).ok_or_else(|| LedgerError::Corrupt(job_id, format!("status {status:?}")))?,
         attempts: attempts.max(0) as u32,
         started_at: r.get("started_at"),
         reason: r.get("reason"),
         result: r.get("result"),
+        replays: replays.max(0) as u32,
+        routing_key: r.get("routing_key"),
     })
 }
 
@@ -476,18 +552,11 @@ async fn upsert_resources(
     }
     let kinds: Vec<&str> = resources.iter().map(|r| r.resource.kind.as_str()).collect();
     let ids: Vec<&str> = resources.iter().map(|r| r.resource.id.as_str()).collect();
-    let attrs: Vec<serde_json::Value> = resources
-        .iter()
-        .map(|r| serde_json::to_value(&r.resource.attributes).expect("a string map"))
-        .collect();
-    let pkinds: Vec<Option<&str>> = resources
-        .iter()
-        .map(|r| r.resource.parent.as_ref().map(|p| p.kind.as_str()))
-        .collect();
-    let pids: Vec<Option<&str>> = resources
-        .iter()
-        .map(|r| r.resource.parent.as_ref().map(|p| p.id.as_str()))
-        .collect();
+    let attrs: Vec<serde_json::Value> =
+        resources.iter().map(|r| serde_json::to_value(&r.resource.attributes).expect("a string map")).collect();
+    let pkinds: Vec<Option<&str>> =
+        resources.iter().map(|r| r.resource.parent.as_ref().map(|p| p.kind.as_str())).collect();
+    let pids: Vec<Option<&str>> = resources.iter().map(|r| r.resource.parent.as_ref().map(|p| p.id.as_str())).collect();
     let created: Vec<Option<DateTime<Utc>>> = resources.iter().map(|r| r.created_at).collect();
     sqlx::query(
         "INSERT INTO tracked_resources AS t (owner, kind, resource_id, attributes, parent_kind, parent_id, generation, created_at, job_id)
@@ -527,11 +596,7 @@ async fn load_start(
     dry: Option<(&TeardownRequest, f64)>,
 ) -> Result<JobStart, LedgerError> {
     if job.status != JobStatus::Running {
-        return Ok(JobStart {
-            job,
-            resources: Vec::new(),
-            done: HashMap::new(),
-        });
+        return Ok(JobStart { job, resources: Vec::new(), done: HashMap::new() });
     }
     let rows = match dry {
         Some((req, window)) => sqlx::query(concat!(
@@ -563,54 +628,36 @@ async fn load_start(
             Resource {
                 kind: r.get("kind"),
                 id: r.get("resource_id"),
-                attributes: serde_json::from_value::<BTreeMap<String, String>>(attrs)
-                    .unwrap_or_default(),
+                attributes: serde_json::from_value::<BTreeMap<String, String>>(attrs).unwrap_or_default(),
                 parent: pk.zip(pi).map(|(kind, id)| ResourceRef { kind, id }),
             }
         })
         .collect();
     if let Some((req, _)) = dry {
         for r in &req.resources {
-            if !resources
-                .iter()
-                .any(|x| x.kind == r.resource.kind && x.id == r.resource.id)
-            {
+            if !resources.iter().any(|x| x.kind == r.resource.kind && x.id == r.resource.id) {
                 resources.push(r.resource.clone());
             }
         }
     }
-    let steps = sqlx::query(
-        "SELECT kind, resource_id, outcome, attempts, error FROM job_steps WHERE job_id = $1",
-    )
-    .bind(job.job_id)
-    .fetch_all(&mut **tx)
-    .await
-    .map_err(db("reading finished steps"))?;
+    let steps = sqlx::query("SELECT kind, resource_id, outcome, attempts, error FROM job_steps WHERE job_id = $1")
+        .bind(job.job_id)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db("reading finished steps"))?;
     let mut done = HashMap::new();
     for s in steps {
         let outcome: String = s.get("outcome");
         let attempts: i32 = s.get("attempts");
-        let resource = ResourceRef {
-            kind: s.get("kind"),
-            id: s.get("resource_id"),
-        };
-        let outcome = Outcome::parse(&outcome)
-            .ok_or_else(|| LedgerError::Corrupt(job.job_id, format!("outcome {outcome:?}")))?;
+        let resource = ResourceRef { kind: s.get("kind"), id: s.get("resource_id") };
+        let outcome =
+            Outcome::parse(&outcome).ok_or_else(|| LedgerError::Corrupt(job.job_id, format!("outcome {outcome:?}")))?;
         done.insert(
             resource.clone(),
-            StepRecord {
-                resource,
-                outcome,
-                attempts: attempts.max(0) as u32,
-                error: s.get("error"),
-            },
+            StepRecord { resource, outcome, attempts: attempts.max(0) as u32, error: s.get("error") },
         );
     }
-    Ok(JobStart {
-        job,
-        resources,
-        done,
-    })
+    Ok(JobStart { job, resources, done })
 }
 
 impl Ledger {

@@ -1,0 +1,189 @@
+//! `reaper replay`: re-run dead-lettered jobs once their cause is fixed.
+//! Each job is reopened in the ledger with its original event queued in the
+//! outbox (one transaction), then the event is published and the outbox row
+//! cleared. If this process dies in between, a running worker's outbox drainer
+//! publishes the event. Safe to run twice or from two terminals: a job is
+//! reopened by exactly one of them.
+
+use std::process::ExitCode;
+
+use chrono::{DateTime, Utc};
+
+use crate::broker::{self, Names};
+use crate::config::Settings;
+use crate::ledger::replay::{DeadFilter, Reopen};
+
+#[derive(clap::Args, Debug)]
+pub struct ReplayArgs {
+    /// One job, by its job_id.
+    #[arg(long)]
+    pub job: Option<uuid::Uuid>,
+    /// Jobs of this owner ("type/id").
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Jobs whose reason contains this text (case-insensitive).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Jobs dead-lettered since this time: RFC 3339, or an age like 30m, 6h, 2d.
+    #[arg(long, value_parser = parse_since)]
+    pub since: Option<DateTime<Utc>>,
+    /// permanent (an API refused), exhausted (ran out of retries) or plan (a parent cycle).
+    #[arg(long)]
+    pub error_class: Option<String>,
+    /// Jobs with a failed or blocked resource of this kind.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Replay every dead-lettered job (needed when no other filter is given).
+    #[arg(long)]
+    pub all: bool,
+    /// List what would be replayed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = n.parse().map_err(|_| format!("{s:?} is neither RFC 3339 nor an age like 30m, 6h, 2d"))?;
+    let d = match unit {
+        "s" => chrono::Duration::seconds(n),
+        "m" => chrono::Duration::minutes(n),
+        "h" => chrono::Duration::hours(n),
+        "d" => chrono::Duration::days(n),
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    Ok(Utc::now() - d)
+}
+
+pub async fn run(settings: Settings, args: ReplayArgs) -> ExitCode {
+    let filter = DeadFilter {
+        job: args.job,
+        owner: args.owner.clone(),
+        reason: args.reason.clone(),
+        since: args.since,
+        error_class: args.error_class.clone(),
+        kind: args.kind.clone(),
+    };
+    if filter.is_empty() && !args.all {
+        eprintln!("error: give a filter (--job, --owner, --reason, --since, --error-class, --kind) or --all");
+        return ExitCode::from(2);
+    }
+    match replay(&settings, &filter, &args).await {
+        Ok(summary) => summary.print(args.json, args.dry_run),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+struct Summary {
+    matched: usize,
+    replayed: Vec<String>,
+    held_back: Vec<String>,
+    skipped: Vec<String>,
+    failed: Vec<String>,
+}
+
+impl Summary {
+    fn print(&self, json: bool, dry_run: bool) -> ExitCode {
+        if json {
+            println!("{}", serde_json::to_string_pretty(self).expect("serializable"));
+        } else {
+            let verb = if dry_run { "would replay" } else { "replayed" };
+            println!("{} dead-lettered jobs matched; {verb} {}", self.matched, self.replayed.len());
+            if !self.held_back.is_empty() {
+                println!("held back (replayed too often; look at them by hand): {}", self.held_back.len());
+                for j in &self.held_back {
+                    println!("  {j}");
+                }
+            }
+            if !self.skipped.is_empty() {
+                println!(
+                    "skipped (no longer dead-lettered, e.g. replayed from another terminal): {}",
+                    self.skipped.len()
+                );
+            }
+            for f in &self.failed {
+                println!("failed: {f}");
+            }
+        }
+        if self.failed.is_empty() && self.held_back.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn replay(
+    settings: &Settings,
+    filter: &DeadFilter,
+    args: &ReplayArgs,
+) -> Result<Summary, Box<dyn std::error::Error>> {
+    let ledger = settings.ledger().await?;
+    ledger.migrate().await?;
+    let jobs = ledger.dead_jobs(filter).await?;
+    let mut summary = Summary { matched: jobs.len(), ..Default::default() };
+    if args.dry_run {
+        if !args.json {
+            println!("{:<38} {:<28} {:<10} {:>7}  reason", "job", "owner", "class", "replays");
+            for j in &jobs {
+                let reason: String = j.reason.as_deref().unwrap_or("").chars().take(80).collect();
+                println!(
+                    "{:<38} {:<28} {:<10} {:>7}  {reason}",
+                    j.job_id,
+                    j.owner,
+                    j.error_class.as_deref().unwrap_or("-"),
+                    j.replays
+                );
+            }
+        }
+        summary.replayed =
+            jobs.iter().filter(|j| j.replays < settings.worker.max_replays).map(|j| j.job_id.to_string()).collect();
+        summary.held_back =
+            jobs.iter().filter(|j| j.replays >= settings.worker.max_replays).map(|j| j.job_id.to_string()).collect();
+        return Ok(summary);
+    }
+    let names = Names::new(&settings.broker.prefix);
+    let (conn, publisher) = broker::consumer::open(settings, &names).await?;
+    let bar = indicatif::ProgressBar::new(jobs.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("  {bar:40} {pos}/{len} jobs replayed").expect("a valid template"),
+    );
+    for j in &jobs {
+        match ledger.reopen(j.job_id, settings.worker.max_replays).await? {
+            Reopen::Reopened(row) => {
+                let published = publisher.publish(&names.events, &row.routing_key, &row.body, &row.event_id, &[]).await;
+                match published {
+                    Ok(()) => {
+                        let _ = ledger.outbox_delete(&[row.id]).await;
+                        summary.replayed.push(j.job_id.to_string());
+                    }
+                    // Reopened and queued in the outbox: a worker's drainer sends it.
+                    Err(e) => summary
+                        .failed
+                        .push(format!("{}: {e} (queued in the outbox; a running worker will send it)", j.job_id)),
+                }
+            }
+            Reopen::HeldBack { replays } => summary.held_back.push(format!(
+                "{} ({} replays; owner {}; {})",
+                j.job_id,
+                replays,
+                j.owner,
+                j.reason.as_deref().unwrap_or("")
+            )),
+            Reopen::NotDead => summary.skipped.push(j.job_id.to_string()),
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let _ = conn.close(200, "replay done".into()).await;
+    Ok(summary)
+}
