@@ -33,6 +33,8 @@ pub struct TestApp {
     pub tap: ResultTap,
     pub conn: lapin::Connection,
     pub shutdown: CancellationToken,
+    /// A whole config file with this test's settings, for running the binary.
+    pub config_text: String,
     worker: Option<tokio::task::JoinHandle<()>>,
     _cleanup: Cleanup,
 }
@@ -98,6 +100,13 @@ pub async fn spawn_app(extra: &str) -> TestApp {
         amqp = amqp_url(),
         pg = pg_server(),
     );
+    let config_text = format!(
+        "{}\n{}",
+        include_str!("../../config/vpc-node.toml")
+            .replace("auth = {", "# auth = {")
+            .replace("base_url = \"http://127.0.0.1:8089\"", &format!("base_url = \"http://{addr}\"")),
+        overrides.split_once("[broker]").map(|(_, rest)| format!("[broker]{rest}")).unwrap_or_default()
+    );
     let mut settings = Settings::from_toml_layers(&[include_str!("../../config/vpc-node.toml"), &overrides, extra])
         .expect("test settings");
     if let Some(reaper::config::ProviderSettings::Http(h)) = settings.providers.get_mut("cloud") {
@@ -109,7 +118,7 @@ pub async fn spawn_app(extra: &str) -> TestApp {
         broker::consumer::open(&app.settings, &app.names).await.expect("RabbitMQ must be running on 127.0.0.1:5672");
     let tap = ResultTap::open(&conn, &app.names).await.expect("opening the results tap");
     let worker = Some(tokio::spawn(app.clone().run(shutdown.clone())));
-    TestApp { app, sim, publisher, tap, conn, shutdown, worker, _cleanup: cleanup }
+    TestApp { app, sim, publisher, tap, conn, shutdown, config_text, worker, _cleanup: cleanup }
 }
 
 impl TestApp {
@@ -208,5 +217,31 @@ impl TestApp {
             }
         }
         got
+    }
+}
+
+impl TestApp {
+    /// Writes this test's config to a file and returns its path.
+    pub fn config_file(&self) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("reaper-{}.toml", self.app.names.events));
+        std::fs::write(&path, &self.config_text).unwrap();
+        path
+    }
+
+    /// Runs the reaper binary with this test's config and extra environment.
+    pub fn reaper(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_reaper"));
+        cmd.args(args).arg("--config").arg(self.config_file());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("running reaper")
+    }
+
+    /// Starts a second worker on the same queue and ledger: another replica.
+    pub async fn spawn_replica(&self) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let token = CancellationToken::new();
+        let app = Arc::new(App::build(self.app.settings.clone()).await.expect("building a replica"));
+        (token.clone(), tokio::spawn(app.run(token)))
     }
 }

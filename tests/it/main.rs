@@ -7,5 +7,6 @@ mod helpers;
 mod contract_proto;
 mod malformed;
 mod owner_lives;
+mod reliability;
 mod startup;
 mod teardown;

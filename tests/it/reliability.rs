@@ -1,0 +1,157 @@
+//! Replay, replicas and shutdown, on the real services.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use chrono::Utc;
+use reaper::demo::VpcNode;
+use reaper::sim::Faults;
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_job_is_replayed_from_the_cli_once_its_cause_is_fixed() {
+    let mut t = spawn_app("").await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    // The DNS API refuses (403) until someone fixes the permissions.
+    t.sim.set_faults(Faults { fail_next: 1, fail_status: 403, only_method: "DELETE".into(), ..Default::default() });
+    t.publish("deletion.requested", &deletion("replay-me", &node.owner, Utc::now())).await;
+    let first = t.next_result(30).await.result;
+    assert_eq!(first.status, "dead_lettered");
+    let deleted_before = t.sim.stats().deleted;
+
+    // Dry run lists it and changes nothing.
+    let out = t.reaper(&["replay", "--owner", &node.owner, "--dry-run"], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&first.job_id.to_string()) && stdout.contains("would replay 1"), "{stdout}");
+
+    let out = t.reaper(&["replay", "--owner", &node.owner], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("replayed 1"), "{stdout}");
+
+    let second = t.next_result(30).await.result;
+    assert_eq!(
+        (second.event_id.as_str(), second.job_id),
+        ("replay-me", first.job_id),
+        "the same job, the same event_id"
+    );
+    assert_eq!(second.status, "completed", "{second:?}");
+    assert!(t.sim.paths().is_empty(), "left: {:?}", t.sim.paths());
+    // Steps done before the failure were not redone: only what was left got deleted.
+    // Of the first level (DNS record, VNI) one was refused and one deleted.
+    let done_first = first.resources.iter().filter(|s| s.outcome == "deleted").count();
+    assert_eq!(done_first, 1, "{:?}", first.resources);
+    assert_eq!(t.sim.stats().deleted - deleted_before, 4, "one was done already; the other four were left");
+    assert_eq!(t.sim.stats().delete_not_found, 0);
+
+    // Nothing is dead any more: a second replay finds nothing and changes nothing.
+    let out = t.reaper(&["replay", "--owner", &node.owner, "--json"], &[]);
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
+    assert_eq!(summary["matched"], 0);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_replayed_too_often_is_held_back_and_reported() {
+    let mut t = spawn_app("").await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    t.sim.set_faults(Faults { fail_next: 100, fail_status: 403, only_method: "DELETE".into(), ..Default::default() });
+    t.publish("deletion.requested", &deletion("hopeless", &node.owner, Utc::now())).await;
+    assert_eq!(t.next_result(30).await.result.status, "dead_lettered");
+    let env = [("REAPER_WORKER__MAX_REPLAYS", "1")];
+    let out = t.reaper(&["replay", "--reason", "403"], &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let again = t.next_result(30).await.result;
+    assert_eq!((again.status.as_str(), again.attempts), ("dead_lettered", 1), "the attempt budget was reset");
+    let out = t.reaper(&["replay", "--reason", "403"], &env);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "held-back jobs make the command fail: {stdout}");
+    assert!(stdout.contains("held back") && stdout.contains(&node.owner), "{stdout}");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_without_a_filter_or_all_refuses_to_guess() {
+    let t = spawn_app("").await;
+    let out = t.reaper(&["replay"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("or --all"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_never_run_one_job_twice_at_once() {
+    let mut t = spawn_app("").await;
+    let (replica, handle) = t.spawn_replica().await;
+    let nodes: Vec<VpcNode> = (0..12).map(|_| VpcNode::new(&unique("node"))).collect();
+    for n in &nodes {
+        t.provision(n).await;
+    }
+    t.sim.set_faults(Faults { latency_ms: 20, ..Default::default() });
+    // Every deletion twice, back to back: the two copies land on different workers.
+    for (i, n) in nodes.iter().enumerate() {
+        let ev = deletion(&format!("twice-{i}"), &n.owner, Utc::now());
+        t.publish("deletion.requested", &ev).await;
+        t.publish("deletion.requested", &ev).await;
+    }
+    let mut by_event: std::collections::HashMap<String, Vec<Vec<u8>>> = Default::default();
+    for _ in 0..nodes.len() * 2 {
+        let r = t.next_result(60).await;
+        by_event.entry(r.result.event_id.clone()).or_default().push(r.body);
+    }
+    assert_eq!(by_event.len(), nodes.len());
+    for (ev, bodies) in &by_event {
+        assert_eq!(bodies.len(), 2, "{ev}");
+        assert_eq!(bodies[0], bodies[1], "{ev}: both results identical");
+    }
+    let stats = t.sim.stats();
+    assert!(t.sim.paths().is_empty());
+    assert_eq!(stats.deleted, 60);
+    assert_eq!(stats.delete_not_found, 0, "no delete ran twice: the copies never ran at the same time");
+    assert_eq!(stats.refused_for_order, 0);
+    replica.cancel();
+    handle.await.unwrap();
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_worker_cleanly_with_exit_code_zero() {
+    let t = spawn_app("").await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_reaper"))
+        .args(["run", "--config"])
+        .arg(t.config_file())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for readiness as an operator would: the log line.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("the worker logs that it is ready");
+        if line.contains("worker ready") {
+            break;
+        }
+    }
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "reaper did not stop within 15s of SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+}
