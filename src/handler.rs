@@ -55,6 +55,26 @@ async fn run_job(app: &App, start: JobStart, body: &[u8], holder: Uuid) -> Dispo
             let stored = job.result.clone().unwrap_or_default();
             return finished(job.event_id.clone(), job.job_id, stored, false);
         }
+        let poison_after = app.settings.worker.retry_delays().len() as u32 + 1 + app.settings.broker.delivery_limit;
+        if job.attempts > poison_after {
+            let why =
+                format!("poison: delivered {} times without finishing; the worker may be crashing on it", job.attempts);
+            tracing::error!(why, "dead-lettering a job that keeps coming back");
+            let steps: Vec<_> = start
+                .resources
+                .iter()
+                .map(|r| {
+                    start.done.get(&r.reference()).cloned().unwrap_or(crate::ledger::StepRecord {
+                        resource: r.reference(),
+                        outcome: crate::domain::Outcome::Blocked,
+                        attempts: 0,
+                        error: Some("not attempted: the job is poison".into()),
+                    })
+                })
+                .collect();
+            let run = crate::execute::Run { steps, end: RunEnd::Permanent(why) };
+            return conclude(app, &start, run, body, holder, Some("poison")).await;
+        }
         let exec = Executor {
             catalog: &app.catalog,
             providers: &app.providers,
@@ -68,86 +88,100 @@ async fn run_job(app: &App, start: JobStart, body: &[u8], holder: Uuid) -> Dispo
                 return retry::on_ledger_error(&e);
             }
         };
-        let (status, reason, class) = match run.end {
-            RunEnd::Completed => (JobStatus::Completed, None, None),
-            RunEnd::Permanent(why) => (JobStatus::DeadLettered, Some(why), Some("permanent")),
-            RunEnd::Plan(why) => (JobStatus::DeadLettered, Some(why), Some("plan")),
-            RunEnd::Unfinished(why) => match retry::next_delay(&app.settings.worker.retry_delays(), job.attempts) {
-                Some(delay) => {
-                    tracing::info!(
-                        attempt = job.attempts,
-                        delay_ms = delay.as_millis() as u64,
-                        why,
-                        "job not finished; retrying through the broker"
-                    );
-                    if let Err(e) = app.ledger.release(&job.owner, holder).await {
-                        tracing::warn!(error = %e, "could not release the owner; its lease will expire");
-                    }
-                    return Disposition::RetryAfter { delay, why };
-                }
-                None => (
-                    JobStatus::DeadLettered,
-                    Some(format!("out of retries after {} attempts: {why}", job.attempts)),
-                    Some("exhausted"),
-                ),
-            },
-        };
-        let result = TeardownResult {
-            event_id: job.event_id.clone(),
-            job_id: job.job_id,
-            owner: job.owner.clone(),
-            trigger: job.trigger.as_str().to_string(),
-            status: status.as_str().to_string(),
-            dry_run: job.dry_run,
-            resources: run
-                .steps
-                .iter()
-                .map(|s| ResourceReport {
-                    kind: s.resource.kind.clone(),
-                    id: s.resource.id.clone(),
-                    outcome: s.outcome.as_str().to_string(),
-                    attempts: s.attempts,
-                    error: s.error.clone(),
-                })
-                .collect(),
-            attempts: job.attempts,
-            started_at: job.started_at,
-            finished_at: Utc::now(),
-            reason: reason.clone(),
-        };
-        let bytes = result.to_bytes();
-        let job_id = job.job_id.to_string();
-        let dead = reason.as_deref().map(|r| {
-            let headers = serde_json::json!({
-                crate::broker::headers::REASON: r,
-                crate::broker::headers::JOB_ID: job_id,
-                crate::broker::headers::ERROR_CLASS: class.unwrap_or("job_failed"),
-                crate::broker::headers::ROUTING_KEY: job.routing_key.as_str(),
-            });
-            (app.names.dead.as_str(), body, headers)
-        });
-        let end = JobEnd {
-            status,
-            reason: reason.as_deref(),
-            error_class: class,
-            steps: &run.steps,
-            result: &bytes,
-            result_key: result.routing_key(),
-            dead,
-        };
-        match app.ledger.finish(job, &end, holder).await {
-            Ok(f) => {
-                tracing::info!(status = status.as_str(), reason = reason.as_deref().unwrap_or(""), "job finished");
-                finished(job.event_id.clone(), job.job_id, f.result, f.queued)
-            }
-            Err(e) => {
-                let _ = app.ledger.release(&job.owner, holder).await;
-                retry::on_ledger_error(&e)
-            }
-        }
+        conclude(app, &start, run, body, holder, None).await
     }
     .instrument(span)
     .await
+}
+
+/// Turns a run into the job's end: completed, dead-lettered, or back to the
+/// broker for a later attempt. `class` overrides the error class (poison).
+async fn conclude(
+    app: &App,
+    start: &JobStart,
+    run: crate::execute::Run,
+    body: &[u8],
+    holder: Uuid,
+    class: Option<&'static str>,
+) -> Disposition {
+    let job = &start.job;
+    let (status, reason, class) = match run.end {
+        RunEnd::Completed => (JobStatus::Completed, None, None),
+        RunEnd::Permanent(why) => (JobStatus::DeadLettered, Some(why), Some(class.unwrap_or("permanent"))),
+        RunEnd::Plan(why) => (JobStatus::DeadLettered, Some(why), Some("plan")),
+        RunEnd::Unfinished(why) => match retry::next_delay(&app.settings.worker.retry_delays(), job.attempts) {
+            Some(delay) => {
+                tracing::info!(
+                    attempt = job.attempts,
+                    delay_ms = delay.as_millis() as u64,
+                    why,
+                    "job not finished; retrying through the broker"
+                );
+                if let Err(e) = app.ledger.release(&job.owner, holder).await {
+                    tracing::warn!(error = %e, "could not release the owner; its lease will expire");
+                }
+                return Disposition::RetryAfter { delay, why };
+            }
+            None => (
+                JobStatus::DeadLettered,
+                Some(format!("out of retries after {} attempts: {why}", job.attempts)),
+                Some("exhausted"),
+            ),
+        },
+    };
+    let result = TeardownResult {
+        event_id: job.event_id.clone(),
+        job_id: job.job_id,
+        owner: job.owner.clone(),
+        trigger: job.trigger.as_str().to_string(),
+        status: status.as_str().to_string(),
+        dry_run: job.dry_run,
+        resources: run
+            .steps
+            .iter()
+            .map(|s| ResourceReport {
+                kind: s.resource.kind.clone(),
+                id: s.resource.id.clone(),
+                outcome: s.outcome.as_str().to_string(),
+                attempts: s.attempts,
+                error: s.error.clone(),
+            })
+            .collect(),
+        attempts: job.attempts,
+        started_at: job.started_at,
+        finished_at: Utc::now(),
+        reason: reason.clone(),
+    };
+    let bytes = result.to_bytes();
+    let job_id = job.job_id.to_string();
+    let dead = reason.as_deref().map(|r| {
+        let headers = serde_json::json!({
+            crate::broker::headers::REASON: r,
+            crate::broker::headers::JOB_ID: job_id,
+            crate::broker::headers::ERROR_CLASS: class.unwrap_or("job_failed"),
+            crate::broker::headers::ROUTING_KEY: job.routing_key.as_str(),
+        });
+        (app.names.dead.as_str(), body, headers)
+    });
+    let end = JobEnd {
+        status,
+        reason: reason.as_deref(),
+        error_class: class,
+        steps: &run.steps,
+        result: &bytes,
+        result_key: result.routing_key(),
+        dead,
+    };
+    match app.ledger.finish(job, &end, holder).await {
+        Ok(f) => {
+            tracing::info!(status = status.as_str(), reason = reason.as_deref().unwrap_or(""), "job finished");
+            finished(job.event_id.clone(), job.job_id, f.result, f.queued)
+        }
+        Err(e) => {
+            let _ = app.ledger.release(&job.owner, holder).await;
+            retry::on_ledger_error(&e)
+        }
+    }
 }
 
 /// The stored bytes decide the routing key and whether the event is dead-lettered,

@@ -32,7 +32,7 @@ pub async fn declare(
     let mut work = base_args(s.queue_type);
     dead_letter_to(&mut work, &names.dead, s.queue_type);
     if s.queue_type == QueueType::Quorum {
-        work.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(s.delivery_limit)));
+        work.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(4 * i64::from(s.delivery_limit)));
     }
     declare_queue(ch, &names.work, work).await?;
     for key in [DELETION_REQUESTED, PROVISIONING_FAILED, RESOURCE_TRACKED] {
