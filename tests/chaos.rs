@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Connection, ConnectionProperties};
 use reaper::broker::publisher::Publisher;
@@ -46,7 +48,12 @@ fn sh(cmd: &str) {
 }
 
 fn pg_cluster() -> String {
-    std::fs::read_dir("/etc/postgresql").ok().and_then(|mut d| d.next()).and_then(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).unwrap_or_else(|| "15".into())
+    std::fs::read_dir("/etc/postgresql")
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .unwrap_or_else(|| "15".into())
 }
 
 /// A publisher that reconnects when RabbitMQ goes away, so the test itself
@@ -84,7 +91,12 @@ impl Producer {
 }
 
 /// Collects results from a durable queue of the test's own, reconnecting as needed.
-async fn collect_results(names: Names, tap: String, stop: CancellationToken, out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) {
+async fn collect_results(
+    names: Names,
+    tap: String,
+    stop: CancellationToken,
+    out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+) {
     while !stop.is_cancelled() {
         let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else {
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -93,12 +105,34 @@ async fn collect_results(names: Names, tap: String, stop: CancellationToken, out
         let Ok(ch) = conn.create_channel().await else { continue };
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
-        if ch.queue_declare(tap.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args).await.is_err() {
+        if ch
+            .queue_declare(tap.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+            .await
+            .is_err()
+        {
             continue;
         }
-        let _ = ch.queue_bind(tap.as_str().into(), names.results.as_str().into(), "#".into(), QueueBindOptions::default(), FieldTable::default()).await;
+        let _ = ch
+            .queue_bind(
+                tap.as_str().into(),
+                names.results.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await;
         let _ = ch.basic_qos(500, BasicQosOptions::default()).await;
-        let Ok(mut consumer) = ch.basic_consume(tap.as_str().into(), "chaos-tap".into(), BasicConsumeOptions::default(), FieldTable::default()).await else { continue };
+        let Ok(mut consumer) = ch
+            .basic_consume(
+                tap.as_str().into(),
+                "chaos-tap".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        else {
+            continue;
+        };
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -232,7 +266,14 @@ async fn nothing_is_lost_when_the_worker_the_broker_and_the_database_fail() {
     }
     println!("chaos: {} resources tracked in {:.1}s", want, started.elapsed().as_secs_f64());
 
-    sim.set_faults(Faults { error_rate: 0.10, rate_limit_rate: 0.02, retry_after_secs: 0.1, latency_ms: 2, seed: Some(42), ..Default::default() });
+    sim.set_faults(Faults {
+        error_rate: 0.10,
+        rate_limit_rate: 0.02,
+        retry_after_secs: 0.1,
+        latency_ms: 2,
+        seed: Some(42),
+        ..Default::default()
+    });
 
     // Publish the deletions over a while, killing the worker as it works, and
     // take the broker and the database away once each.
@@ -244,9 +285,15 @@ async fn nothing_is_lost_when_the_worker_the_broker_and_the_database_fail() {
     let per_event = Duration::from_secs_f64(15.0 / jobs as f64);
     for (i, n) in nodes.iter().enumerate() {
         let (key, ev) = if i % 2 == 0 {
-            ("deletion.requested", json!({"event_id": format!("chaos-{i}"), "owner": n.owner, "occurred_at": Utc::now().to_rfc3339()}))
+            (
+                "deletion.requested",
+                json!({"event_id": format!("chaos-{i}"), "owner": n.owner, "occurred_at": Utc::now().to_rfc3339()}),
+            )
         } else {
-            ("provisioning.failed", json!({"event_id": format!("chaos-{i}"), "owner": n.owner, "failed_step": "boot", "occurred_at": Utc::now().to_rfc3339()}))
+            (
+                "provisioning.failed",
+                json!({"event_id": format!("chaos-{i}"), "owner": n.owner, "failed_step": "boot", "occurred_at": Utc::now().to_rfc3339()}),
+            )
         };
         producer.publish(key, &ev).await;
         tokio::time::sleep(per_event).await;
@@ -282,7 +329,11 @@ async fn nothing_is_lost_when_the_worker_the_broker_and_the_database_fail() {
         if results.len() >= jobs && kills >= min_kills {
             break;
         }
-        assert!(Instant::now() < deadline, "only {} of {jobs} events got a result in time (kills {kills})", results.len());
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {jobs} events got a result in time (kills {kills})",
+            results.len()
+        );
         if kills < min_kills && Instant::now() >= next_kill {
             worker.kill9();
             kills += 1;
@@ -324,7 +375,14 @@ async fn nothing_is_lost_when_the_worker_the_broker_and_the_database_fail() {
     let queue_depth = {
         let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
         let ch = conn.create_channel().await.unwrap();
-        let q = ch.queue_declare(names.work.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+        let q = ch
+            .queue_declare(
+                names.work.as_str().into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
         let depth = q.message_count();
         // Leave nothing behind on the broker.
         let _ = ch.queue_delete(tap.as_str().into(), Default::default()).await;
@@ -357,7 +415,12 @@ async fn nothing_is_lost_when_the_worker_the_broker_and_the_database_fail() {
     assert_eq!(results.len(), jobs, "every event has a terminal result");
     assert_eq!(outcomes.get("completed").copied().unwrap_or(0), jobs, "every job completed: {outcomes:?}");
     assert!(controls_intact, "nothing was deleted that no event asked for");
-    assert_eq!(left.len(), controls.len() * 5, "the cloud holds only the control nodes: {:?}", left.iter().filter(|p| !p.contains("keep")).take(5).collect::<Vec<_>>());
+    assert_eq!(
+        left.len(),
+        controls.len() * 5,
+        "the cloud holds only the control nodes: {:?}",
+        left.iter().filter(|p| !p.contains("keep")).take(5).collect::<Vec<_>>()
+    );
     assert_eq!(stats.refused_for_order, 0, "no delete was refused for order");
     assert_eq!(queue_depth, 0, "the work queue is empty");
     assert!(kills >= min_kills);
