@@ -14,6 +14,7 @@ CREATE TABLE outbox (
     headers      JSONB NOT NULL DEFAULT '{}'::jsonb,
     created_at   TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+CREATE INDEX outbox_job_idx ON outbox (job_id);
 
 -- One teardown per owner at a time, across every replica. A holder is one
 -- delivery being handled; a live worker renews its leases, a dead one's expire.

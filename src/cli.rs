@@ -39,7 +39,14 @@ pub enum Command {
     Sim {
         #[arg(long, default_value_t = 8089)]
         port: u16,
+        /// Answer every request 204 (after --latency-ms): a near-zero-cost API for benchmarks.
+        #[arg(long)]
+        null: bool,
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
     },
+    /// Measure the broker's ceiling and reaper's end-to-end rate, latency, CPU and memory.
+    Bench(crate::bench::BenchArgs),
     /// The whole job in one command: a simulated cloud, N sample VPC nodes, a mix
     /// of deletion and provisioning-failure events, the worker, and a summary.
     Demo(crate::demo::DemoArgs),
@@ -105,7 +112,7 @@ pub async fn main(cli: Cli) -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Sim { port } => {
+        Command::Sim { port, null, latency_ms } => {
             let token = CancellationToken::new();
             app::cancel_on_signals(token.clone());
             let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
@@ -115,8 +122,14 @@ pub async fn main(cli: Cli) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            println!("simulated cloud on http://127.0.0.1:{port} (control API under /_sim)");
-            match Sim::new().serve(listener, token).await {
+            let served = if null {
+                println!("null API on http://127.0.0.1:{port}: 204 to everything after {latency_ms} ms");
+                Sim::serve_null(listener, std::time::Duration::from_millis(latency_ms), token).await
+            } else {
+                println!("simulated cloud on http://127.0.0.1:{port} (control API under /_sim)");
+                Sim::new().serve(listener, token).await
+            };
+            match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -126,6 +139,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         }
         Command::Demo(args) => crate::demo::run(settings, args).await,
         Command::Replay(args) => crate::replay::run(settings, args).await,
+        Command::Bench(args) => crate::bench::run(settings, args).await,
     }
 }
 

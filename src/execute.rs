@@ -57,7 +57,8 @@ impl Executor<'_> {
         };
         let mut steps: Vec<StepRecord> = Vec::with_capacity(resources.len());
         let mut end = RunEnd::Completed;
-        for level in levels {
+        let last = levels.len().saturating_sub(1);
+        for (n, level) in levels.into_iter().enumerate() {
             if end != RunEnd::Completed {
                 let why = match &end {
                     RunEnd::Permanent(w) | RunEnd::Unfinished(w) | RunEnd::Plan(w) => {
@@ -93,7 +94,10 @@ impl Executor<'_> {
                 }
                 steps.push(record);
             }
-            self.ledger.record_steps(&start.job, &finished).await?;
+            // The last level's steps are written by `finish`, with the result.
+            if n < last {
+                self.ledger.record_steps(&start.job, &finished).await?;
+            }
         }
         Ok(Run { steps, end })
     }

@@ -15,9 +15,11 @@
 //! - [`app`]: the state built from settings, and the run loop.
 //! - [`sim`]: the simulated cloud used by the demo and the tests.
 //! - [`demo`]: `reaper demo`.
+//! - [`bench`]: `reaper bench`, the benchmark the performance figures come from.
 //! - [`replay`]: `reaper replay`, for dead-lettered jobs.
 
 pub mod app;
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -128,6 +128,22 @@ impl Sim {
         axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
     }
 
+    /// An endpoint that answers every request 204 after `latency`: the
+    /// near-zero-cost API of the benchmark.
+    pub async fn serve_null(
+        listener: TcpListener,
+        latency: Duration,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let app = axum::Router::new().fallback(move || async move {
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
+            StatusCode::NO_CONTENT
+        });
+        axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    }
+
     /// Binds 127.0.0.1 on `port` (0 for any) and serves in the background.
     pub async fn spawn(&self, port: u16, shutdown: CancellationToken) -> std::io::Result<SocketAddr> {
         let listener = TcpListener::bind(("127.0.0.1", port)).await?;

@@ -57,6 +57,7 @@ pub async fn open(settings: &Settings, names: &Names) -> Result<(Connection, Pub
         .map_err(amqp("connecting"))?;
     let ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
     topology::declare(&ch, names, &settings.broker, &settings.worker.all_delays()).await?;
+    let _ = ch.close(200, "declared".into()).await;
     let pub_ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
     pub_ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp("enabling confirms"))?;
     Ok((conn, Publisher::new(pub_ch)))
@@ -120,6 +121,10 @@ async fn session(app: &Arc<App>, shutdown: &CancellationToken) -> Result<(), Bro
             Err(e) => tracing::warn!(error = %e, "could not flush the outbox; the next worker will"),
         }
     }
+    // Channels first: closing the connection under open channels makes lapin
+    // log a spurious connection error.
+    let _ = ch.close(200, "reaper shutting down".into()).await;
+    publisher.close().await;
     let _ = conn.close(200, "reaper shutting down".into()).await;
     ended
 }

@@ -2,6 +2,7 @@
 //! consumer loop that turns deliveries into handler calls and dispositions
 //! into publishes and acks.
 
+pub mod ceiling;
 pub mod consumer;
 pub mod publisher;
 pub mod tap;

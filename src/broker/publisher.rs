@@ -18,6 +18,10 @@ impl Publisher {
         Publisher { channel }
     }
 
+    pub async fn close(&self) {
+        let _ = self.channel.close(200, "done".into()).await;
+    }
+
     /// Publishes a persistent JSON message and waits until the broker has it.
     /// Publishing straight to a queue (the default exchange) is mandatory: a
     /// missing queue is an error, not a silent drop.
