@@ -33,6 +33,11 @@ pub struct App {
     pub ready: AtomicBool,
     /// Deliveries being handled, whose owner leases the heartbeat renews.
     pub holders: Holders,
+    pub metrics: crate::metrics::Metrics,
+    /// The admin API's bearer token, if configured.
+    pub admin_token: Option<crate::config::Secret>,
+    /// Where the admin API listens once it does (`admin.listen` may say port 0).
+    pub admin_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 /// The lease holders of this process. Each delivery registers one for as long
@@ -66,6 +71,15 @@ impl Drop for HolderGuard<'_> {
 }
 
 impl App {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.ready.set(i64::from(ready));
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Validates the settings, connects to PostgreSQL and applies migrations.
     /// Fails before touching the broker if anything is wrong.
     pub async fn build(settings: Settings) -> Result<App, AppError> {
@@ -77,6 +91,22 @@ impl App {
             .into());
         }
         let providers = Providers::build(&settings.providers)?;
+        let admin_token = settings.admin.token()?;
+        if !settings.admin.listen.is_empty() {
+            let addr: std::net::SocketAddr = settings.admin.listen.parse().map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "admin.listen {:?} is not an address like 127.0.0.1:9090",
+                    settings.admin.listen
+                ))
+            })?;
+            if !addr.ip().is_loopback() && admin_token.is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "admin.listen {addr} is not a loopback address and no admin token is set ({} or admin.token_file); refusing to start",
+                    settings.admin.token_env
+                ))
+                .into());
+            }
+        }
         tracing::info!(database = %redact_url(settings.database.url.expose()), "connecting to the ledger");
         let ledger = settings.ledger().await?;
         ledger.migrate().await?;
@@ -89,6 +119,9 @@ impl App {
             names,
             ready: AtomicBool::new(false),
             holders: Holders::default(),
+            metrics: crate::metrics::Metrics::new(),
+            admin_token,
+            admin_addr: std::sync::OnceLock::new(),
         })
     }
 
@@ -96,8 +129,22 @@ impl App {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         tracing::info!(broker = %redact_url(self.settings.broker.url.expose()), prefix = %self.settings.broker.prefix, "starting the worker");
         let beat = tokio::spawn(heartbeat(self.clone(), shutdown.clone()));
+        let admin = match self.settings.admin.listen.parse::<std::net::SocketAddr>() {
+            Ok(addr) => {
+                let (app, stop) = (self.clone(), shutdown.clone());
+                Some(tokio::spawn(async move {
+                    if let Err(e) = crate::admin::serve(app, addr, stop).await {
+                        tracing::error!(error = %e, %addr, "the admin API could not start");
+                    }
+                }))
+            }
+            Err(_) => None,
+        };
         broker::consumer::run(self, shutdown).await;
         let _ = beat.await;
+        if let Some(a) = admin {
+            let _ = a.await;
+        }
     }
 }
 

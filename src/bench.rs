@@ -216,7 +216,7 @@ impl Ctx {
         let delays: Vec<String> = s.worker.retry_delays_secs.iter().map(|d| d.to_string()).collect();
         format!(
             "[broker]\nurl = \"{}\"\nprefix = \"{}\"\nqueue_type = \"{}\"\nprefetch = {}\n\
-             [database]\nurl = \"{}\"\nmax_connections = {}\n\
+             [admin]\nlisten = \"\"\n[database]\nurl = \"{}\"\nmax_connections = {}\n\
              [worker]\nretry_delays_secs = [{}]\n\
              [providers.cloud]\ntype = \"http\"\nbase_url = \"http://127.0.0.1:{port}\"\nmax_concurrency = 512\n\
              [kinds.vni]\nprovider = \"cloud\"\ndelete = \"DELETE /v1/virtual_network_interfaces/{{id}}\"\n\

@@ -45,6 +45,41 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
     },
+    /// Counts of owners, resources and jobs by state.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One owner: its tracked resources and its jobs.
+    Show {
+        /// "type/id", e.g. node/node01
+        owner: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask each provider whether the owner's resources are really gone (PASS/FAIL).
+    Validate {
+        owner: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// What is left of an owner, in teardown order: a table, JSON, or a shell script.
+    Plan {
+        owner: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: PlanFormat,
+    },
+    /// Publish a deletion.requested for an owner, as a producer would.
+    RequestDeletion {
+        owner: String,
+        /// Plan and report only; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, default_value = "requested by hand")]
+        reason: String,
+    },
+    /// Print shell completions: reaper completions bash > /etc/bash_completion.d/reaper
+    Completions { shell: clap_complete::Shell },
     /// Measure the broker's ceiling and reaper's end-to-end rate, latency, CPU and memory.
     Bench(crate::bench::BenchArgs),
     /// The whole job in one command: a simulated cloud, N sample VPC nodes, a mix
@@ -55,7 +90,19 @@ pub enum Command {
     Replay(crate::replay::ReplayArgs),
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum PlanFormat {
+    Table,
+    Json,
+    Sh,
+}
+
 pub async fn main(cli: Cli) -> ExitCode {
+    if let Command::Completions { shell } = cli.command {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut cmd, "reaper", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
@@ -140,6 +187,14 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Demo(args) => crate::demo::run(settings, args).await,
         Command::Replay(args) => crate::replay::run(settings, args).await,
         Command::Bench(args) => crate::bench::run(settings, args).await,
+        Command::Completions { .. } => ExitCode::SUCCESS,
+        Command::Status { json } => crate::ops_cli::status(&settings, json).await,
+        Command::Show { owner, json } => crate::ops_cli::show(&settings, &owner, json).await,
+        Command::Validate { owner, json } => crate::ops_cli::validate(settings, &owner, json).await,
+        Command::Plan { owner, format } => crate::ops_cli::plan(settings, &owner, format).await,
+        Command::RequestDeletion { owner, dry_run, reason } => {
+            crate::ops_cli::request_deletion(&settings, &owner, dry_run, &reason).await
+        }
     }
 }
 

@@ -54,6 +54,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub worker: WorkerSettings,
     pub log: LogSettings,
+    pub admin: AdminSettings,
     #[serde(default)]
     pub providers: BTreeMap<String, ProviderSettings>,
     #[serde(default)]
@@ -131,6 +132,28 @@ impl WorkerSettings {
         d.sort();
         d.dedup_by_key(|x| x.as_millis());
         d
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdminSettings {
+    pub listen: String,
+    pub token_env: String,
+    pub token_file: String,
+}
+
+impl AdminSettings {
+    /// The configured token, if any. Read at start-up; never logged.
+    pub fn token(&self) -> Result<Option<Secret>, ConfigError> {
+        if !self.token_file.is_empty() {
+            let t = std::fs::read_to_string(&self.token_file)
+                .map_err(|e| ConfigError::Invalid(format!("admin.token_file {}: {e}", self.token_file)))?;
+            return Ok(Some(Secret::new(t.trim())).filter(|s| !s.expose().is_empty()));
+        }
+        if self.token_env.is_empty() {
+            return Ok(None);
+        }
+        Ok(std::env::var(&self.token_env).ok().filter(|t| !t.is_empty()).map(Secret::new))
     }
 }
 

@@ -155,6 +155,7 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
         h.auth = None;
     }
     settings.broker.prefix = format!("reaper-demo-{run_id}");
+    settings.admin.listen = String::new();
     settings.worker.retry_delays_secs = vec![0.5, 1.0, 2.0, 5.0];
     settings.worker.step_min_backoff_ms = 20;
     settings.worker.step_max_backoff_ms = 500;

@@ -23,6 +23,7 @@ pub struct Executor<'a> {
     pub providers: &'a Providers,
     pub ledger: &'a Ledger,
     pub worker: &'a WorkerSettings,
+    pub metrics: Option<&'a crate::metrics::Metrics>,
 }
 
 /// How a run ended, before the retry policy decides what happens next.
@@ -111,6 +112,7 @@ impl Executor<'_> {
             let err = StepError::Permanent(format!("kind {:?} is not configured (any more)", r.kind));
             return (failed(reference, 0, &err), Some(err));
         };
+        let started = std::time::Instant::now();
         let attempts = Arc::new(AtomicU32::new(0));
         let deleted_once = Arc::new(AtomicBool::new(false));
         // A replayed job looks before it acts: the world may have moved on
@@ -160,6 +162,12 @@ impl Executor<'_> {
             .notify(|e, d| tracing::debug!(resource = %reference, error = %e, retry_in_ms = d.as_millis() as u64, "step will be retried"))
             .await;
         let n = attempts.load(Ordering::Relaxed);
+        if let Some(m) = self.metrics {
+            m.step_seconds
+                .with_label_values(&[r.kind.as_str(), spec.provider.as_str()])
+                .observe(started.elapsed().as_secs_f64());
+            m.step_retries.with_label_values(&[r.kind.as_str()]).inc_by(u64::from(n.saturating_sub(1)));
+        }
         match result {
             Ok(outcome) => (StepRecord { resource: reference, outcome, attempts: n, error: None }, None),
             Err(e) => (failed(reference, n, &e), Some(e)),

@@ -80,6 +80,7 @@ async fn run_job(app: &App, start: JobStart, body: &[u8], holder: Uuid) -> Dispo
             providers: &app.providers,
             ledger: &app.ledger,
             worker: &app.settings.worker,
+            metrics: Some(&app.metrics),
         };
         let run = match exec.run(&start).await {
             Ok(r) => r,
@@ -175,6 +176,9 @@ async fn conclude(
     match app.ledger.finish(job, &end, holder).await {
         Ok(f) => {
             tracing::info!(status = status.as_str(), reason = reason.as_deref().unwrap_or(""), "job finished");
+            if f.queued {
+                app.metrics.jobs.with_label_values(&[status.as_str()]).inc();
+            }
             finished(job.event_id.clone(), job.job_id, f.result, f.queued)
         }
         Err(e) => {

@@ -13,11 +13,13 @@
 //! - [`retry`]: the one classification into ack / retry later / dead-letter.
 //! - [`broker`]: the only code that knows lapin.
 //! - [`app`]: the state built from settings, and the run loop.
+//! - [`admin`]: the admin HTTP API; [`metrics`]: every metric; [`ops`]: what operators ask, for the API and the CLI.
 //! - [`sim`]: the simulated cloud used by the demo and the tests.
 //! - [`demo`]: `reaper demo`.
 //! - [`bench`]: `reaper bench`, the benchmark the performance figures come from.
 //! - [`replay`]: `reaper replay`, for dead-lettered jobs.
 
+pub mod admin;
 pub mod app;
 pub mod bench;
 pub mod broker;
@@ -29,6 +31,9 @@ pub mod domain;
 pub mod execute;
 pub mod handler;
 pub mod ledger;
+pub mod metrics;
+pub mod ops;
+pub mod ops_cli;
 pub mod plan;
 pub mod providers;
 pub mod replay;

@@ -73,7 +73,13 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> ExitCode {
         eprintln!("error: give a filter (--job, --owner, --reason, --since, --error-class, --kind) or --all");
         return ExitCode::from(2);
     }
-    match replay(&settings, &filter, &args).await {
+    if args.dry_run && !args.json {
+        if let Err(e) = list(&settings, &filter).await {
+            eprintln!("error: {e}");
+            return ExitCode::from(3);
+        }
+    }
+    match replay_jobs(&settings, &filter, args.dry_run, !args.json).await {
         Ok(summary) => summary.print(args.json, args.dry_run),
         Err(e) => {
             eprintln!("error: {e}");
@@ -82,13 +88,14 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> ExitCode {
     }
 }
 
+/// What a replay did (or, dry, would do), job by job.
 #[derive(Debug, Default, serde::Serialize)]
-struct Summary {
-    matched: usize,
-    replayed: Vec<String>,
-    held_back: Vec<String>,
-    skipped: Vec<String>,
-    failed: Vec<String>,
+pub struct Summary {
+    pub matched: usize,
+    pub replayed: Vec<String>,
+    pub held_back: Vec<String>,
+    pub skipped: Vec<String>,
+    pub failed: Vec<String>,
 }
 
 impl Summary {
@@ -122,29 +129,36 @@ impl Summary {
     }
 }
 
-async fn replay(
+async fn list(settings: &Settings, filter: &DeadFilter) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let ledger = settings.ledger().await?;
+    let jobs = ledger.dead_jobs(filter).await?;
+    println!("{:<38} {:<28} {:<10} {:>7}  reason", "job", "owner", "class", "replays");
+    for j in &jobs {
+        let reason: String = j.reason.as_deref().unwrap_or("").chars().take(80).collect();
+        println!(
+            "{:<38} {:<28} {:<10} {:>7}  {reason}",
+            j.job_id,
+            j.owner,
+            j.error_class.as_deref().unwrap_or("-"),
+            j.replays
+        );
+    }
+    Ok(())
+}
+
+/// Reopens and re-publishes the dead-lettered jobs `filter` picks (or, with
+/// `dry_run`, only says which it would).
+pub async fn replay_jobs(
     settings: &Settings,
     filter: &DeadFilter,
-    args: &ReplayArgs,
-) -> Result<Summary, Box<dyn std::error::Error>> {
+    dry_run: bool,
+    progress: bool,
+) -> Result<Summary, Box<dyn std::error::Error + Send + Sync>> {
     let ledger = settings.ledger().await?;
     ledger.migrate().await?;
     let jobs = ledger.dead_jobs(filter).await?;
     let mut summary = Summary { matched: jobs.len(), ..Default::default() };
-    if args.dry_run {
-        if !args.json {
-            println!("{:<38} {:<28} {:<10} {:>7}  reason", "job", "owner", "class", "replays");
-            for j in &jobs {
-                let reason: String = j.reason.as_deref().unwrap_or("").chars().take(80).collect();
-                println!(
-                    "{:<38} {:<28} {:<10} {:>7}  {reason}",
-                    j.job_id,
-                    j.owner,
-                    j.error_class.as_deref().unwrap_or("-"),
-                    j.replays
-                );
-            }
-        }
+    if dry_run {
         summary.replayed =
             jobs.iter().filter(|j| j.replays < settings.worker.max_replays).map(|j| j.job_id.to_string()).collect();
         summary.held_back =
@@ -153,7 +167,7 @@ async fn replay(
     }
     let names = Names::new(&settings.broker.prefix);
     let (conn, publisher) = broker::consumer::open(settings, &names).await?;
-    let bar = indicatif::ProgressBar::new(jobs.len() as u64);
+    let bar = if progress { indicatif::ProgressBar::new(jobs.len() as u64) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(
         indicatif::ProgressStyle::with_template("  {bar:40} {pos}/{len} jobs replayed").expect("a valid template"),
     );

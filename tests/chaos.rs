@@ -220,7 +220,7 @@ async fn nothing_is_lost_when_the_worker_the_broker_and_the_database_fail() {
     let addr = sim.spawn(0, stop_sim.clone()).await.unwrap();
     let config = format!(
         "{}\n[broker]\nurl = \"{}\"\nprefix = \"{prefix}\"\nprefetch = 64\n\
-         [database]\nurl = \"{}/{db}\"\nmax_connections = 16\nacquire_timeout_ms = 2000\n\
+         [admin]\nlisten = \"\"\n[database]\nurl = \"{}/{db}\"\nmax_connections = 16\nacquire_timeout_ms = 2000\n\
          [worker]\nstep_attempts = 4\nstep_min_backoff_ms = 20\nstep_max_backoff_ms = 300\n\
          retry_delays_secs = [0.5, 1, 2, 4, 8, 15]\nlease_ttl_secs = 3\nowner_busy_delay_ms = 300\nshutdown_grace_secs = 10\n",
         include_str!("../config/vpc-node.toml")

@@ -5,7 +5,6 @@
 //! back from the broker.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +36,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
         match session(&app, &shutdown).await {
             Ok(()) => break,
             Err(e) => {
-                app.ready.store(false, Ordering::Relaxed);
+                app.set_ready(false);
                 tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "worker not ready: broker session ended; reconnecting");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -47,7 +46,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
             }
         }
     }
-    app.ready.store(false, Ordering::Relaxed);
+    app.set_ready(false);
 }
 
 /// Connects, declares the topology and returns a confirm-mode publisher.
@@ -77,7 +76,7 @@ async fn session(app: &Arc<App>, shutdown: &CancellationToken) -> Result<(), Bro
         )
         .await
         .map_err(amqp("starting the consumer"))?;
-    app.ready.store(true, Ordering::Relaxed);
+    app.set_ready(true);
     tracing::info!(queue = %app.names.work, prefetch = app.settings.broker.prefetch, "worker ready: consuming");
 
     let session_over = CancellationToken::new();
@@ -86,6 +85,7 @@ async fn session(app: &Arc<App>, shutdown: &CancellationToken) -> Result<(), Bro
         publisher.clone(),
         app.names.clone(),
         session_over.clone(),
+        Some(app.metrics.outbox_backlog.clone()),
     ));
     let tracker = TaskTracker::new();
     let ended = loop {
@@ -102,7 +102,7 @@ async fn session(app: &Arc<App>, shutdown: &CancellationToken) -> Result<(), Bro
             }
         }
     };
-    app.ready.store(false, Ordering::Relaxed);
+    app.set_ready(false);
     if ended.is_ok() {
         tracing::info!("shutting down: no new deliveries; waiting for jobs in flight");
         let _ = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
@@ -132,6 +132,12 @@ async fn session(app: &Arc<App>, shutdown: &CancellationToken) -> Result<(), Bro
 /// Handles one delivery and settles it. Nothing is acked before what it must
 /// publish is confirmed; any failure leaves it nacked for redelivery.
 async fn process(app: &App, publisher: &Publisher, delivery: Delivery) {
+    app.metrics.in_flight.inc();
+    process_one(app, publisher, delivery).await;
+    app.metrics.in_flight.dec();
+}
+
+async fn process_one(app: &App, publisher: &Publisher, delivery: Delivery) {
     let routing_key = header(&delivery, headers::ROUTING_KEY).unwrap_or_else(|| delivery.routing_key.to_string());
     let handled = AssertUnwindSafe(handler::handle(app, &routing_key, &delivery.data)).catch_unwind().await;
     let panics: u32 = header(&delivery, headers::PANICS).and_then(|p| p.parse().ok()).unwrap_or(0);
@@ -150,6 +156,8 @@ async fn process(app: &App, publisher: &Publisher, delivery: Delivery) {
                     class: "poison",
                 }
             } else {
+                app.metrics.events.with_label_values(&[routing_key.as_str(), "panic"]).inc();
+                app.metrics.broker_retries.with_label_values(&["panic"]).inc();
                 let _ = settle_panic(app, publisher, &delivery, &routing_key, panics + 1)
                     .await
                     .map_err(|e| tracing::warn!(error = %e, "could not park a panicking message"));
@@ -158,6 +166,7 @@ async fn process(app: &App, publisher: &Publisher, delivery: Delivery) {
         }
     };
     let message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
+    count(app, &routing_key, &disposition);
     if let Err(e) = settle(app, publisher, &delivery, &routing_key, &message_id, disposition).await {
         tracing::warn!(error = %e, "could not settle a delivery; it will be redelivered");
         let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
@@ -235,6 +244,33 @@ async fn settle_panic(
     Ok(())
 }
 
+/// The consumer's metrics: one verdict per delivery.
+fn count(app: &App, routing_key: &str, d: &Disposition) {
+    let m = &app.metrics;
+    let verdict = match d {
+        Disposition::Finished { routing_key: k, .. } if *k == crate::contract::TEARDOWN_DEAD_LETTERED => {
+            m.dead_letters.with_label_values(&["job_failed"]).inc();
+            "dead_lettered"
+        }
+        Disposition::Finished { .. } => "completed",
+        Disposition::Ack => "recorded",
+        Disposition::RetryAfter { why, .. } => {
+            let busy = why.starts_with("another job");
+            m.broker_retries.with_label_values(&[if busy { "owner_busy" } else { "unfinished" }]).inc();
+            "retry"
+        }
+        Disposition::InfraRetry { .. } => {
+            m.broker_retries.with_label_values(&["infra"]).inc();
+            "infra_retry"
+        }
+        Disposition::Reject { class, .. } => {
+            m.dead_letters.with_label_values(&[class]).inc();
+            class
+        }
+    };
+    m.events.with_label_values(&[routing_key, verdict]).inc();
+}
+
 fn header(d: &Delivery, name: &str) -> Option<String> {
     d.properties.headers().as_ref().and_then(|h: &FieldTable| match h.inner().get(name) {
         Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
@@ -242,7 +278,13 @@ fn header(d: &Delivery, name: &str) -> Option<String> {
     })
 }
 
-async fn drain_outbox_forever(ledger: Ledger, publisher: Publisher, names: Names, stop: CancellationToken) {
+async fn drain_outbox_forever(
+    ledger: Ledger,
+    publisher: Publisher,
+    names: Names,
+    stop: CancellationToken,
+    backlog: Option<prometheus::IntGauge>,
+) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -250,6 +292,9 @@ async fn drain_outbox_forever(ledger: Ledger, publisher: Publisher, names: Names
         }
         if let Err(e) = drain_outbox(&ledger, &publisher, &names, OUTBOX_GRACE).await {
             tracing::debug!(error = %e, "outbox drain failed; trying again");
+        }
+        if let (Ok(n), Some(g)) = (ledger.outbox_len().await, &backlog) {
+            g.set(n);
         }
     }
 }

@@ -11,6 +11,7 @@
 mod leases;
 pub mod outbox;
 pub mod replay;
+pub mod views;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;

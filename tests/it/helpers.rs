@@ -94,7 +94,7 @@ pub async fn spawn_app(extra: &str) -> TestApp {
     let overrides = format!(
         "[providers.cloud]\nbase_url = \"http://{addr}\"\n\
          [broker]\nurl = \"{amqp}\"\nprefix = \"{prefix}\"\nprefetch = 16\n\
-         [database]\nurl = \"{pg}/{db_name}\"\nmax_connections = 8\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n[database]\nurl = \"{pg}/{db_name}\"\nmax_connections = 8\n\
          [worker]\nstep_attempts = 4\nstep_min_backoff_ms = 10\nstep_max_backoff_ms = 100\nretry_delays_secs = [0.2, 0.4]\nshutdown_grace_secs = 5\n\
 ",
         amqp = amqp_url(),

@@ -4,6 +4,7 @@
 
 mod helpers;
 
+mod admin;
 mod contract_proto;
 mod malformed;
 mod owner_lives;

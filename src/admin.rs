@@ -1,0 +1,275 @@
+//! The admin HTTP API (axum). Health, readiness, metrics and the OpenAPI
+//! document are open; every other route needs `Authorization: Bearer <token>`
+//! (401 without, 403 with a wrong one), compared in constant time.
+//! Owners contain a slash: send them percent-encoded (`node%2Fn1`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::config::{redact_url, ProviderSettings};
+use crate::ledger::replay::DeadFilter;
+use crate::ops;
+
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+pub fn router(app: Arc<App>) -> Router {
+    let protected = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/owners/{owner}", get(owner))
+        .route("/v1/owners/{owner}/teardown", post(teardown))
+        .route("/v1/owners/{owner}/validate", get(validate))
+        .route("/v1/owners/{owner}/script", get(script))
+        .route("/v1/jobs/{id}", get(job))
+        .route("/v1/dead", get(dead))
+        .route("/v1/dead/replay", post(replay))
+        .route("/v1/reconcile/{rule}", post(reconcile))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
+        .merge(protected)
+        .with_state(app)
+}
+
+/// Serves the API on `addr` until `shutdown`.
+pub async fn serve(app: Arc<App>, addr: SocketAddr, shutdown: CancellationToken) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let _ = app.admin_addr.set(bound);
+    tracing::info!(addr = %bound, "admin API listening");
+    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+async fn require_token(State(app): State<Arc<App>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let Some(expected) = &app.admin_token else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "no admin token is configured; set admin.token_env (REAPER_ADMIN_TOKEN) or admin.token_file",
+        );
+    };
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        None => error(StatusCode::UNAUTHORIZED, "missing bearer token"),
+        Some(t) if constant_time_eq(t.as_bytes(), expected.expose().as_bytes()) => next.run(req).await,
+        Some(_) => error(StatusCode::FORBIDDEN, "wrong token"),
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal how much matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
+    }
+    diff == 0
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    let consuming = app.is_ready();
+    let database = app.ledger.ping().await;
+    let code = if consuming && database { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(json!({ "ready": consuming && database, "consuming": consuming, "database": database })))
+        .into_response()
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
+}
+
+async fn status(State(app): State<Arc<App>>) -> Response {
+    let counts = match app.ledger.status_counts().await {
+        Ok(c) => c,
+        Err(e) => return internal(e),
+    };
+    let s = &app.settings;
+    let providers: serde_json::Map<String, serde_json::Value> = s
+        .providers
+        .iter()
+        .map(|(name, ProviderSettings::Http(h))| {
+            (name.clone(), json!({ "type": "http", "base_url": redact_url(&h.base_url), "max_concurrency": h.max_concurrency, "rate_per_sec": h.rate_per_sec, "auth": h.auth.is_some() }))
+        })
+        .collect();
+    let kinds: serde_json::Map<String, serde_json::Value> = app
+        .catalog
+        .kind_names()
+        .into_iter()
+        .filter_map(|k| {
+            app.catalog.kind(k).map(|spec| {
+                (
+                    k.to_string(),
+                    json!({ "provider": spec.provider, "after": spec.after, "check": spec.check.is_some() }),
+                )
+            })
+        })
+        .collect();
+    Json(json!({
+        "ready": app.is_ready(),
+        "counts": counts,
+        "reconcile": {},
+        "config": {
+            "broker": { "url": redact_url(s.broker.url.expose()), "prefix": s.broker.prefix, "prefetch": s.broker.prefetch,
+                        "queue_type": format!("{:?}", s.broker.queue_type).to_lowercase() },
+            "database": { "url": redact_url(s.database.url.expose()), "max_connections": s.database.max_connections },
+            "worker": { "step_attempts": s.worker.step_attempts, "retry_delays_secs": s.worker.retry_delays_secs,
+                        "lease_ttl_secs": s.worker.lease_ttl_secs, "max_replays": s.worker.max_replays },
+            "providers": providers,
+            "kinds": kinds,
+        }
+    }))
+    .into_response()
+}
+
+async fn owner(State(app): State<Arc<App>>, Path(owner): Path<String>) -> Response {
+    match app.ledger.owner_view(&owner).await {
+        Ok((resources, jobs)) if resources.is_empty() && jobs.is_empty() => {
+            error(StatusCode::NOT_FOUND, &format!("reaper knows nothing of owner {owner:?}"))
+        }
+        Ok((resources, jobs)) => Json(json!({ "owner": owner, "resources": resources, "jobs": jobs })).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct TeardownQuery {
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn teardown(State(app): State<Arc<App>>, Path(owner): Path<String>, Query(q): Query<TeardownQuery>) -> Response {
+    if q.dry_run {
+        return match ops::plan(&app, &owner).await {
+            Ok(steps) => Json(json!({ "owner": owner, "dry_run": true, "plan": steps })).into_response(),
+            Err(e) => internal(e),
+        };
+    }
+    let reason = q.reason.unwrap_or_else(|| "requested through the admin API".into());
+    match ops::request_deletion(&app.settings, &owner, false, &reason, "admin-api").await {
+        Ok(event_id) => (StatusCode::ACCEPTED, Json(json!({ "event_id": event_id, "owner": owner }))).into_response(),
+        Err(ops::OpsError::Invalid(m)) => error(StatusCode::BAD_REQUEST, &m),
+        Err(e) => internal(e),
+    }
+}
+
+async fn validate(State(app): State<Arc<App>>, Path(owner): Path<String>) -> Response {
+    match ops::validate(&app, &owner).await {
+        Ok(v) if v.is_empty() => error(StatusCode::NOT_FOUND, &format!("reaper tracks nothing for owner {owner:?}")),
+        Ok(v) => {
+            let pass = v.iter().all(|x| x.verdict == "PASS");
+            Json(json!({ "owner": owner, "result": if pass { "PASS" } else { "FAIL" }, "resources": v }))
+                .into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+async fn script(State(app): State<Arc<App>>, Path(owner): Path<String>) -> Response {
+    match ops::plan(&app, &owner).await {
+        Ok(steps) => {
+            ([(header::CONTENT_TYPE, "text/x-shellscript")], ops::script(&app.settings, &owner, &steps)).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+async fn job(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    let Ok(id) = uuid::Uuid::parse_str(&id) else { return error(StatusCode::BAD_REQUEST, "job ids are UUIDs") };
+    match app.ledger.job_view(id).await {
+        Ok(Some(v)) => Json(v).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "no such job"),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct FilterBody {
+    job: Option<uuid::Uuid>,
+    owner: Option<String>,
+    reason: Option<String>,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    error_class: Option<String>,
+    kind: Option<String>,
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+impl FilterBody {
+    fn filter(&self) -> DeadFilter {
+        DeadFilter {
+            job: self.job,
+            owner: self.owner.clone(),
+            reason: self.reason.clone(),
+            since: self.since,
+            error_class: self.error_class.clone(),
+            kind: self.kind.clone(),
+        }
+    }
+}
+
+async fn dead(State(app): State<Arc<App>>, Query(f): Query<FilterBody>) -> Response {
+    match app.ledger.dead_jobs(&f.filter()).await {
+        Ok(jobs) => Json(json!({
+            "jobs": jobs.iter().map(|j| json!({ "job_id": j.job_id, "event_id": j.event_id, "owner": j.owner, "reason": j.reason,
+                                                 "error_class": j.error_class, "finished_at": j.finished_at, "replays": j.replays })).collect::<Vec<_>>()
+        }))
+        .into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn replay(State(app): State<Arc<App>>, body: Option<Json<FilterBody>>) -> Response {
+    let f = body.map(|b| b.0).unwrap_or_default();
+    let filter = f.filter();
+    if filter.is_empty() && !f.all {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "give a filter (job, owner, reason, since, error_class, kind) or \"all\": true",
+        );
+    }
+    match crate::replay::replay_jobs(&app.settings, &filter, f.dry_run, false).await {
+        Ok(summary) => Json(summary).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn reconcile(Path(rule): Path<String>) -> Response {
+    error(StatusCode::NOT_FOUND, &format!("no reconcile rule named {rule:?}: reconcile rules are not configurable yet"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn tokens_compare_equal_only_when_equal() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
+        assert!(!constant_time_eq(b"s3cret", b"s3cre"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}

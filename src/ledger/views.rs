@@ -1,0 +1,208 @@
+//! Read-only views for operators: status counts, one owner, one job.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{db, Ledger, LedgerError};
+use crate::domain::{Resource, ResourceRef};
+
+#[derive(Debug, Serialize)]
+pub struct StatusCounts {
+    pub owners_tracked: i64,
+    /// Tracked resources by state (live, deleted, already_gone).
+    pub resources: BTreeMap<String, i64>,
+    /// Jobs by status (running, completed, dead_lettered).
+    pub jobs: BTreeMap<String, i64>,
+    pub outbox_backlog: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OwnerResource {
+    pub kind: String,
+    pub id: String,
+    pub state: String,
+    pub job_id: Option<Uuid>,
+    pub tracked_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OwnerJob {
+    pub job_id: Uuid,
+    pub event_id: String,
+    pub trigger: String,
+    pub status: String,
+    pub dry_run: bool,
+    pub attempts: i32,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    #[serde(flatten)]
+    pub job: OwnerJob,
+    pub owner: String,
+    /// The published result, once the job is terminal.
+    pub result: Option<serde_json::Value>,
+    /// Steps recorded so far (for a running job).
+    pub steps: Vec<serde_json::Value>,
+}
+
+impl Ledger {
+    pub async fn status_counts(&self) -> Result<StatusCounts, LedgerError> {
+        let owners: i64 = sqlx::query("SELECT count(DISTINCT owner) AS n FROM tracked_resources")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("counting owners"))?
+            .get("n");
+        let mut resources = BTreeMap::new();
+        for r in sqlx::query("SELECT state, count(*) AS n FROM tracked_resources GROUP BY state")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("counting resources"))?
+        {
+            resources.insert(r.get("state"), r.get("n"));
+        }
+        let mut jobs = BTreeMap::new();
+        for r in sqlx::query("SELECT status, count(*) AS n FROM jobs GROUP BY status")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("counting jobs"))?
+        {
+            jobs.insert(r.get("status"), r.get("n"));
+        }
+        Ok(StatusCounts { owners_tracked: owners, resources, jobs, outbox_backlog: self.outbox_len().await? })
+    }
+
+    pub async fn owner_view(&self, owner: &str) -> Result<(Vec<OwnerResource>, Vec<OwnerJob>), LedgerError> {
+        let resources = sqlx::query(
+            "SELECT kind, resource_id, state, job_id, tracked_at FROM tracked_resources WHERE owner = $1 ORDER BY kind, resource_id",
+        )
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading an owner"))?
+        .iter()
+        .map(|r| OwnerResource { kind: r.get("kind"), id: r.get("resource_id"), state: r.get("state"), job_id: r.get("job_id"), tracked_at: r.get("tracked_at") })
+        .collect();
+        let jobs = sqlx::query(
+            "SELECT job_id, event_id, trigger, status, dry_run, attempts, started_at, finished_at, reason FROM jobs WHERE owner = $1 ORDER BY started_at",
+        )
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading an owner's jobs"))?
+        .iter()
+        .map(owner_job)
+        .collect();
+        Ok((resources, jobs))
+    }
+
+    pub async fn job_view(&self, job_id: Uuid) -> Result<Option<JobView>, LedgerError> {
+        let Some(r) = sqlx::query(
+            "SELECT job_id, event_id, owner, trigger, status, dry_run, attempts, started_at, finished_at, reason, result FROM jobs WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading a job"))?
+        else {
+            return Ok(None);
+        };
+        let result: Option<Vec<u8>> = r.get("result");
+        let steps = sqlx::query(
+            "SELECT kind, resource_id, outcome, attempts, error FROM job_steps WHERE job_id = $1 ORDER BY finished_at",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading a job's steps"))?
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "kind": s.get::<String, _>("kind"), "id": s.get::<String, _>("resource_id"),
+                "outcome": s.get::<String, _>("outcome"), "attempts": s.get::<i32, _>("attempts"),
+                "error": s.get::<Option<String>, _>("error"),
+            })
+        })
+        .collect();
+        Ok(Some(JobView {
+            job: owner_job(&r),
+            owner: r.get("owner"),
+            result: result.and_then(|b| serde_json::from_slice(&b).ok()),
+            steps,
+        }))
+    }
+
+    /// An owner's resources not yet proven gone: what a teardown would still have to do.
+    pub async fn remaining(&self, owner: &str) -> Result<Vec<Resource>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT kind, resource_id, attributes, parent_kind, parent_id FROM tracked_resources WHERE owner = $1 AND state = 'live' ORDER BY kind, resource_id",
+        )
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading an owner's remaining resources"))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let attrs: serde_json::Value = r.get("attributes");
+                let pk: Option<String> = r.get("parent_kind");
+                let pi: Option<String> = r.get("parent_id");
+                Resource {
+                    kind: r.get("kind"),
+                    id: r.get("resource_id"),
+                    attributes: serde_json::from_value(attrs).unwrap_or_default(),
+                    parent: pk.zip(pi).map(|(kind, id)| ResourceRef { kind, id }),
+                }
+            })
+            .collect())
+    }
+
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+}
+
+fn owner_job(r: &sqlx::postgres::PgRow) -> OwnerJob {
+    OwnerJob {
+        job_id: r.get("job_id"),
+        event_id: r.get("event_id"),
+        trigger: r.get("trigger"),
+        status: r.get("status"),
+        dry_run: r.get("dry_run"),
+        attempts: r.get("attempts"),
+        started_at: r.get("started_at"),
+        finished_at: r.get("finished_at"),
+        reason: r.get("reason"),
+    }
+}
+
+impl Ledger {
+    /// One tracked resource with its attributes.
+    pub async fn resource(&self, owner: &str, kind: &str, id: &str) -> Result<Option<Resource>, LedgerError> {
+        let r = sqlx::query("SELECT attributes, parent_kind, parent_id FROM tracked_resources WHERE owner = $1 AND kind = $2 AND resource_id = $3")
+            .bind(owner)
+            .bind(kind)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("reading a resource"))?;
+        Ok(r.map(|r| {
+            let attrs: serde_json::Value = r.get("attributes");
+            let pk: Option<String> = r.get("parent_kind");
+            let pi: Option<String> = r.get("parent_id");
+            Resource {
+                kind: kind.to_string(),
+                id: id.to_string(),
+                attributes: serde_json::from_value(attrs).unwrap_or_default(),
+                parent: pk.zip(pi).map(|(kind, id)| ResourceRef { kind, id }),
+            }
+        }))
+    }
+}

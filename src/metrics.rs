@@ -1,0 +1,100 @@
+//! Every metric reaper exports, defined in one place. Names are stable and
+//! listed in docs/operations.md; each `App` has its own registry.
+
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Deliveries handled, by routing key and what became of them.
+    pub events: IntCounterVec,
+    /// Jobs that ended, by outcome (completed, dead_lettered).
+    pub jobs: IntCounterVec,
+    /// One provider step (with its in-process retries), by kind and provider.
+    pub step_seconds: HistogramVec,
+    /// Attempts beyond the first within steps, by kind.
+    pub step_retries: IntCounterVec,
+    /// Messages parked in a retry queue, by why (unfinished, busy, infra, panic).
+    pub broker_retries: IntCounterVec,
+    /// Messages put on the dead queue, by class.
+    pub dead_letters: IntCounterVec,
+    pub outbox_backlog: IntGauge,
+    pub in_flight: IntGauge,
+    /// 1 while consuming and connected.
+    pub ready: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let events = IntCounterVec::new(
+            Opts::new("reaper_events_consumed_total", "Deliveries handled, by routing key and verdict"),
+            &["routing_key", "verdict"],
+        )
+        .expect("valid metric");
+        let jobs = IntCounterVec::new(Opts::new("reaper_jobs_total", "Jobs that ended, by outcome"), &["outcome"])
+            .expect("valid metric");
+        let step_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "reaper_step_duration_seconds",
+                "Time to delete (or check) one resource, retries included",
+            )
+            .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            &["kind", "provider"],
+        )
+        .expect("valid metric");
+        let step_retries = IntCounterVec::new(
+            Opts::new("reaper_step_retries_total", "In-process retries of resource steps"),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let broker_retries =
+            IntCounterVec::new(Opts::new("reaper_broker_retries_total", "Messages parked in a retry queue"), &["why"])
+                .expect("valid metric");
+        let dead_letters =
+            IntCounterVec::new(Opts::new("reaper_dead_letters_total", "Messages put on the dead queue"), &["class"])
+                .expect("valid metric");
+        let outbox_backlog = IntGauge::new("reaper_outbox_backlog", "Outbox rows not yet confirmed by the broker")
+            .expect("valid metric");
+        let in_flight = IntGauge::new("reaper_jobs_in_flight", "Deliveries being handled now").expect("valid metric");
+        let ready =
+            IntGauge::new("reaper_ready", "1 while the worker is connected and consuming").expect("valid metric");
+        for c in [
+            Box::new(events.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(jobs.clone()),
+            Box::new(step_seconds.clone()),
+            Box::new(step_retries.clone()),
+            Box::new(broker_retries.clone()),
+            Box::new(dead_letters.clone()),
+            Box::new(outbox_backlog.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(ready.clone()),
+        ] {
+            registry.register(c).expect("each metric registered once");
+        }
+        Metrics {
+            registry,
+            events,
+            jobs,
+            step_seconds,
+            step_retries,
+            broker_retries,
+            dead_letters,
+            outbox_backlog,
+            in_flight,
+            ready,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

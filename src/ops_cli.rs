@@ -1,0 +1,148 @@
+//! The operator commands of the CLI: tables for people, `--json` for scripts.
+//! Exit codes: 0 fine, 1 the answer is bad news (validate FAIL), 2 bad usage
+//! or config, 3 a service could not be reached.
+
+use std::process::ExitCode;
+
+use crate::app::App;
+use crate::cli::PlanFormat;
+use crate::config::Settings;
+use crate::ops;
+
+fn fail(code: u8, e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(code)
+}
+
+pub async fn status(settings: &Settings, json: bool) -> ExitCode {
+    let ledger = match settings.ledger().await {
+        Ok(l) => l,
+        Err(e) => return fail(3, e),
+    };
+    match ledger.status_counts().await {
+        Ok(c) if json => {
+            println!("{}", serde_json::to_string_pretty(&c).expect("serializable"));
+            ExitCode::SUCCESS
+        }
+        Ok(c) => {
+            println!("owners tracked      {}", c.owners_tracked);
+            for (state, n) in &c.resources {
+                println!("resources {state:<12} {n}");
+            }
+            for (status, n) in &c.jobs {
+                println!("jobs {status:<17} {n}");
+            }
+            println!("outbox backlog      {}", c.outbox_backlog);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(3, e),
+    }
+}
+
+pub async fn show(settings: &Settings, owner: &str, json: bool) -> ExitCode {
+    let ledger = match settings.ledger().await {
+        Ok(l) => l,
+        Err(e) => return fail(3, e),
+    };
+    let (resources, jobs) = match ledger.owner_view(owner).await {
+        Ok(v) => v,
+        Err(e) => return fail(3, e),
+    };
+    if resources.is_empty() && jobs.is_empty() {
+        return fail(1, format!("reaper knows nothing of owner {owner:?}"));
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "owner": owner, "resources": resources, "jobs": jobs }))
+                .expect("serializable")
+        );
+        return ExitCode::SUCCESS;
+    }
+    println!("{owner}");
+    println!("  {:<20} {:<40} {:<13} job", "kind", "id", "state");
+    for r in &resources {
+        println!(
+            "  {:<20} {:<40} {:<13} {}",
+            r.kind,
+            r.id,
+            r.state,
+            r.job_id.map(|j| j.to_string()).unwrap_or_else(|| "-".into())
+        );
+    }
+    println!("  jobs:");
+    for j in &jobs {
+        println!(
+            "  {} {:<20} {:<14} attempts {} {}",
+            j.job_id,
+            j.trigger,
+            j.status,
+            j.attempts,
+            j.reason.as_deref().unwrap_or("")
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+pub async fn validate(settings: Settings, owner: &str, json: bool) -> ExitCode {
+    let app = match App::build(settings).await {
+        Ok(a) => a,
+        Err(e) => return fail(2, e),
+    };
+    let verdicts = match ops::validate(&app, owner).await {
+        Ok(v) => v,
+        Err(e) => return fail(3, e),
+    };
+    if verdicts.is_empty() {
+        return fail(1, format!("reaper tracks nothing for owner {owner:?}"));
+    }
+    let pass = verdicts.iter().all(|v| v.verdict == "PASS");
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "owner": owner, "result": if pass { "PASS" } else { "FAIL" }, "resources": verdicts })).expect("serializable"));
+    } else {
+        for v in &verdicts {
+            println!("{:<8} {:<20} {:<40} {}", v.verdict, v.kind, v.id, v.detail);
+        }
+        println!("{}: {owner}", if pass { "PASS" } else { "FAIL" });
+    }
+    if pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+pub async fn plan(settings: Settings, owner: &str, format: PlanFormat) -> ExitCode {
+    let app = match App::build(settings).await {
+        Ok(a) => a,
+        Err(e) => return fail(2, e),
+    };
+    let steps = match ops::plan(&app, owner).await {
+        Ok(s) => s,
+        Err(e) => return fail(3, e),
+    };
+    match format {
+        PlanFormat::Json => println!("{}", serde_json::to_string_pretty(&steps).expect("serializable")),
+        PlanFormat::Sh => print!("{}", ops::script(&app.settings, owner, &steps)),
+        PlanFormat::Table => {
+            if steps.is_empty() {
+                println!("nothing left of {owner}");
+            }
+            for s in &steps {
+                println!("level {}  {:<20} {:<40} {}", s.level, s.kind, s.id, s.request);
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+pub async fn request_deletion(settings: &Settings, owner: &str, dry_run: bool, reason: &str) -> ExitCode {
+    match ops::request_deletion(settings, owner, dry_run, reason, "reaper-cli").await {
+        Ok(event_id) => {
+            println!("{event_id}");
+            ExitCode::SUCCESS
+        }
+        Err(ops::OpsError::Invalid(m)) => fail(2, m),
+        Err(e) => fail(3, e),
+    }
+}
