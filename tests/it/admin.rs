@@ -30,7 +30,7 @@ fn enc(owner: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_metrics_and_openapi_are_open_everything_else_needs_the_token() {
-    let (t, base) = with_admin().await;
+    let (_t, base) = with_admin().await;
     let c = reqwest::Client::new();
     assert_eq!(c.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
     wait_until("ready", Duration::from_secs(10), || {

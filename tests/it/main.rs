@@ -6,6 +6,7 @@ mod helpers;
 
 mod admin;
 mod contract_proto;
+mod deploy;
 mod malformed;
 mod owner_lives;
 mod reliability;
