@@ -61,6 +61,8 @@ pub struct Stats {
     pub injected_rate_limits: u64,
     pub injected_hangs: u64,
     pub checks: u64,
+    /// Requests that carried an Authorization header (the token itself is not kept).
+    pub with_authorization: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -220,7 +222,13 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-async fn handle(State(sim): State<Sim>, method: Method, uri: Uri, body: Bytes) -> Response {
+async fn handle(
+    State(sim): State<Sim>,
+    method: Method,
+    uri: Uri,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
     let path = uri.path().to_string();
     if let Some(control) = path.strip_prefix("/_sim/") {
         return control_api(&sim, &method, control, &body);
@@ -228,6 +236,9 @@ async fn handle(State(sim): State<Sim>, method: Method, uri: Uri, body: Bytes) -
     let (latency, injected) = {
         let mut g = sim.inner.lock().unwrap();
         g.stats.requests += 1;
+        if headers.contains_key(axum::http::header::AUTHORIZATION) {
+            g.stats.with_authorization += 1;
+        }
         (g.faults.latency_ms, g.roll(&method))
     };
     if latency > 0 {

@@ -77,7 +77,8 @@ pub async fn spawn_app(extra: &str) -> TestApp {
         .try_init();
     let sim = Sim::new();
     let shutdown = CancellationToken::new();
-    let addr = sim.spawn(0, shutdown.clone()).await.expect("starting the simulated cloud");
+    // The simulated cloud outlives the worker, so a test can stop one and run another.
+    let addr = sim.spawn(0, CancellationToken::new()).await.expect("starting the simulated cloud");
     let id = format!("{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff);
     let db_name = format!("reaper_t_{id}");
     let prefix = format!("t-{id}");

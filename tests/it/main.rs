@@ -10,5 +10,6 @@ mod deploy;
 mod malformed;
 mod owner_lives;
 mod reliability;
+mod secrets;
 mod startup;
 mod teardown;

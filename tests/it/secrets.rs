@@ -1,0 +1,75 @@
+//! Tokens and passwords from the config never reach the logs or /v1/status.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use chrono::Utc;
+use reaper::demo::VpcNode;
+
+use crate::helpers::*;
+
+const CLOUD_TOKEN: &str = "cloud-secret-9f8e7d6c";
+const ADMIN_TOKEN: &str = "admin-secret-1a2b3c4d";
+const DB_PASSWORD: &str = "db-pass-5e6f7a8b";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_passwords_never_appear_in_logs_or_status() {
+    let mut t = spawn_app("").await;
+    t.stop().await; // the binary below does the work, with secrets in its config
+    let dir = std::env::temp_dir().join(format!("reaper-secrets-{:08x}", fastrand::u32(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("admin-token"), ADMIN_TOKEN).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = t
+        .config_text
+        .replace("# auth = {", "auth = {")
+        .replace("postgres://postgres@", &format!("postgres://postgres:{DB_PASSWORD}@"))
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            &format!("[admin]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"", dir.join("admin-token").display()),
+        );
+    assert!(config.contains(DB_PASSWORD) && config.contains("token_env = \"REAPER_CLOUD_TOKEN\""));
+    std::fs::write(dir.join("reaper.toml"), &config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_reaper"))
+        .args(["run", "--config"])
+        .arg(dir.join("reaper.toml"))
+        .env("REAPER_CLOUD_TOKEN", CLOUD_TOKEN)
+        .env("RUST_LOG", "debug")
+        .env("REAPER_LOG__FORMAT", "json")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let base = format!("http://127.0.0.1:{port}");
+    let c = reqwest::Client::new();
+    wait_until("the worker is ready", Duration::from_secs(20), || {
+        let c = c.clone();
+        let url = format!("{base}/readyz");
+        async move { c.get(url).send().await.map(|r| r.status() == 200).unwrap_or(false) }
+    })
+    .await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    t.publish("deletion.requested", &deletion("secret-run", &node.owner, Utc::now())).await;
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "completed", "{r:?}");
+    assert!(t.sim.stats().with_authorization >= 5, "the API token was sent with the requests");
+    let status =
+        c.get(format!("{base}/v1/status")).bearer_auth(ADMIN_TOKEN).send().await.unwrap().text().await.unwrap();
+    assert!(status.contains("\"counts\""), "{status}");
+    assert_eq!(c.get(format!("{base}/v1/status")).bearer_auth("wrong").send().await.unwrap().status(), 403);
+
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let mut logs = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+    child.stdout.take().unwrap().read_to_string(&mut logs).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(logs.len() > 1000 && logs.contains("job finished"), "debug logs were written: {} bytes", logs.len());
+    for secret in [CLOUD_TOKEN, ADMIN_TOKEN, DB_PASSWORD] {
+        assert!(!logs.contains(secret), "{secret} leaked into the logs");
+        assert!(!status.contains(secret), "{secret} leaked into /v1/status");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
