@@ -5,6 +5,7 @@
 mod helpers;
 
 mod admin;
+mod commands;
 mod contract_proto;
 mod deploy;
 mod malformed;

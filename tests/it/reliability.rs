@@ -155,3 +155,39 @@ async fn sigterm_stops_the_worker_cleanly_with_exit_code_zero() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_terminals_replaying_at_once_replay_each_job_once() {
+    let mut t = spawn_app("").await;
+    let nodes: Vec<VpcNode> = (0..4).map(|_| VpcNode::new(&unique("node"))).collect();
+    for n in &nodes {
+        t.provision(n).await;
+    }
+    t.sim.set_faults(Faults { fail_next: 4, fail_status: 403, only_method: "DELETE".into(), ..Default::default() });
+    for (i, n) in nodes.iter().enumerate() {
+        t.publish("deletion.requested", &deletion(&format!("both-{i}"), &n.owner, Utc::now())).await;
+    }
+    let mut dead = 0;
+    for _ in 0..nodes.len() {
+        if t.next_result(30).await.result.status == "dead_lettered" {
+            dead += 1;
+        }
+    }
+    assert!(dead >= 1, "at least one job was refused");
+    let config = t.config_file();
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_reaper")).args(["replay", "--reason", "403", "--json", "--config"]).arg(&config).stdout(Stdio::piped()).spawn().unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let sa: serde_json::Value = serde_json::from_slice(&a.stdout).unwrap();
+    let sb: serde_json::Value = serde_json::from_slice(&b.stdout).unwrap();
+    let replayed = sa["replayed"].as_array().unwrap().len() + sb["replayed"].as_array().unwrap().len();
+    assert_eq!(replayed, dead, "each dead job replayed exactly once between the two: {sa} {sb}");
+    for _ in 0..dead {
+        assert_eq!(t.next_result(30).await.result.status, "completed");
+    }
+    assert!(t.tap.next(Duration::from_millis(500)).await.is_none(), "no job ran twice");
+    assert!(t.sim.paths().is_empty());
+    t.stop().await;
+}

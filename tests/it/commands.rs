@@ -1,0 +1,63 @@
+//! The remaining documented commands, run as a new user would type them.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_end_to_end_and_exits_zero_when_everything_is_gone() {
+    let t = spawn_app("").await;
+    let out = t.reaper(&["demo", "--nodes", "6", "--timeout-secs", "60"], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("every simulated resource is gone") && stdout.contains("deletes refused for order"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_applies_the_schema_and_is_idempotent() {
+    let t = spawn_app("").await;
+    for _ in 0..2 {
+        let out = t.reaper(&["migrate"], &[]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("migrations applied"));
+    }
+    let out = t.reaper(&["migrate"], &[("REAPER_DATABASE__URL", "postgres://postgres@127.0.0.1:1/nowhere")]);
+    assert_eq!(out.status.code(), Some(3), "an unreachable database is exit code 3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sim_serves_the_simulated_cloud_with_dependencies_enforced() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_reaper")).args(["sim", "--port", &port.to_string()]).stdout(Stdio::null()).spawn().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let c = reqwest::Client::new();
+    wait_until("the sim listens", Duration::from_secs(10), || {
+        let c = c.clone();
+        let url = format!("{base}/_sim/stats");
+        async move { c.get(url).send().await.is_ok() }
+    })
+    .await;
+    assert_eq!(c.put(format!("{base}/v1/servers/s1")).send().await.unwrap().status(), 201);
+    let dep = serde_json::json!({ "depends_on": ["/v1/servers/s1"] });
+    assert_eq!(c.put(format!("{base}/v1/vnis/v1")).json(&dep).send().await.unwrap().status(), 201);
+    assert_eq!(c.delete(format!("{base}/v1/servers/s1")).send().await.unwrap().status(), 409, "the VNI still needs the server");
+    assert_eq!(c.delete(format!("{base}/v1/vnis/v1")).send().await.unwrap().status(), 204);
+    assert_eq!(c.delete(format!("{base}/v1/servers/s1")).send().await.unwrap().status(), 204);
+    assert_eq!(c.delete(format!("{base}/v1/servers/s1")).send().await.unwrap().status(), 404);
+    let stats: serde_json::Value = c.get(format!("{base}/_sim/stats")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(stats["refused_for_order"], 1);
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    assert!(child.wait().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_measures_a_small_run() {
+    let t = spawn_app("").await;
+    let out = t.reaper(&["bench", "--jobs", "150", "--only-e2e", "--json"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["ceiling_msgs_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(report["e2e"]["jobs_per_sec"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(report["e2e"]["worker_peak_rss_mib"].as_f64().unwrap() > 1.0, "{report}");
+}
