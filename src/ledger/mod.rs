@@ -301,7 +301,8 @@ impl Ledger {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
              ON CONFLICT (event_id) DO UPDATE
                 SET attempts = jobs.attempts + CASE WHEN jobs.status = 'running' THEN 1 ELSE 0 END
-             RETURNING (xmax = 0) AS inserted",
+             RETURNING (xmax = 0) AS inserted, job_id, event_id, owner, trigger, dry_run, status, attempts,
+                       started_at, reason, result, replays, routing_key",
         )
         .bind(Uuid::new_v4())
         .bind(&req.event_id)
@@ -316,22 +317,30 @@ impl Ledger {
         .await
         .map_err(db("opening the job"))?;
         let inserted: bool = row.get("inserted");
-        let job = job_by_event(&mut tx, &req.event_id).await?.expect("upserted above");
+        let job = job_row(&row)?;
         if inserted && !job.dry_run {
             upsert_resources(&mut tx, &req.owner, req.generation, &req.resources, Some(job.job_id)).await?;
-            sqlx::query(concat!(
+            let claimed = sqlx::query(concat!(
                 "UPDATE tracked_resources r SET job_id = $1
                  WHERE r.owner = $2 AND r.job_id IS NULL AND r.state = 'live' AND ",
-                belongs!("$3", "$4", "$5")
+                belongs!("$3", "$4", "$5"),
+                " RETURNING kind, resource_id, attributes, parent_kind, parent_id"
             ))
             .bind(job.job_id)
             .bind(&req.owner)
             .bind(req.occurred_at)
             .bind(req.generation)
             .bind(self.window_secs())
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await
             .map_err(db("claiming the owner's resources"))?;
+            // A new job has no steps yet, and without listed resources what it
+            // just claimed is all it has: no need to read them back.
+            if req.resources.is_empty() {
+                let resources = claimed.iter().map(resource_row).collect();
+                tx.commit().await.map_err(db("commit"))?;
+                return Ok(Begin::Start(Box::new(JobStart { job, resources, done: HashMap::new() })));
+            }
         }
         let dry = if job.dry_run { Some((req, self.window_secs())) } else { None };
         let start = load_start(&mut tx, job, dry).await?;
@@ -589,6 +598,19 @@ async fn upsert_resources(
     Ok(())
 }
 
+/// A tracked_resources row (kind, resource_id, attributes, parent_kind, parent_id).
+fn resource_row(r: &sqlx::postgres::PgRow) -> Resource {
+    let attrs: serde_json::Value = r.get("attributes");
+    let pk: Option<String> = r.get("parent_kind");
+    let pi: Option<String> = r.get("parent_id");
+    Resource {
+        kind: r.get("kind"),
+        id: r.get("resource_id"),
+        attributes: serde_json::from_value::<BTreeMap<String, String>>(attrs).unwrap_or_default(),
+        parent: pk.zip(pi).map(|(kind, id)| ResourceRef { kind, id }),
+    }
+}
+
 /// Loads what a job works on. A dry run claims nothing: it reads what a real
 /// teardown would claim now, plus what the event itself lists.
 async fn load_start(
@@ -620,20 +642,7 @@ async fn load_start(
         .await
         .map_err(db("reading the job's resources"))?,
     };
-    let mut resources: Vec<Resource> = rows
-        .iter()
-        .map(|r| {
-            let attrs: serde_json::Value = r.get("attributes");
-            let pk: Option<String> = r.get("parent_kind");
-            let pi: Option<String> = r.get("parent_id");
-            Resource {
-                kind: r.get("kind"),
-                id: r.get("resource_id"),
-                attributes: serde_json::from_value::<BTreeMap<String, String>>(attrs).unwrap_or_default(),
-                parent: pk.zip(pi).map(|(kind, id)| ResourceRef { kind, id }),
-            }
-        })
-        .collect();
+    let mut resources: Vec<Resource> = rows.iter().map(resource_row).collect();
     if let Some((req, _)) = dry {
         for r in &req.resources {
             if !resources.iter().any(|x| x.kind == r.resource.kind && x.id == r.resource.id) {
