@@ -38,6 +38,9 @@ pub struct App {
     pub admin_token: Option<crate::config::Secret>,
     /// Where the admin API listens once it does (`admin.listen` may say port 0).
     pub admin_addr: std::sync::OnceLock<std::net::SocketAddr>,
+    /// Jobs whose outbox rows are confirmed, cleared in batches by one task.
+    confirmed: tokio::sync::mpsc::UnboundedSender<Uuid>,
+    confirmed_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Uuid>>>,
 }
 
 /// The lease holders of this process. Each delivery registers one for as long
@@ -76,6 +79,12 @@ impl App {
         self.metrics.ready.set(i64::from(ready));
     }
 
+    /// The job's result is confirmed by the broker: its outbox rows can go.
+    /// Batched, so a busy worker spends one statement on many jobs.
+    pub fn outbox_confirmed(&self, job_id: Uuid) {
+        let _ = self.confirmed.send(job_id);
+    }
+
     pub fn is_ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -92,6 +101,7 @@ impl App {
         }
         let providers = Providers::build(&settings.providers)?;
         let admin_token = settings.admin.token()?;
+        let (confirmed, confirmed_rx) = tokio::sync::mpsc::unbounded_channel();
         if !settings.admin.listen.is_empty() {
             let addr: std::net::SocketAddr = settings.admin.listen.parse().map_err(|_| {
                 ConfigError::Invalid(format!(
@@ -122,6 +132,8 @@ impl App {
             metrics: crate::metrics::Metrics::new(),
             admin_token,
             admin_addr: std::sync::OnceLock::new(),
+            confirmed,
+            confirmed_rx: Mutex::new(Some(confirmed_rx)),
         })
     }
 
@@ -129,6 +141,9 @@ impl App {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         tracing::info!(broker = %redact_url(self.settings.broker.url.expose()), prefix = %self.settings.broker.prefix, "starting the worker");
         let beat = tokio::spawn(heartbeat(self.clone(), shutdown.clone()));
+        let rx = self.confirmed_rx.lock().expect("not poisoned").take();
+        let stop_clearer = CancellationToken::new();
+        let clearer = rx.map(|rx| tokio::spawn(clear_outbox(self.clone(), rx, stop_clearer.clone())));
         let admin = match self.settings.admin.listen.parse::<std::net::SocketAddr>() {
             Ok(addr) => {
                 let (app, stop) = (self.clone(), shutdown.clone());
@@ -142,8 +157,36 @@ impl App {
         };
         broker::consumer::run(self, shutdown).await;
         let _ = beat.await;
+        stop_clearer.cancel();
+        if let Some(c) = clearer {
+            let _ = c.await;
+        }
         if let Some(a) = admin {
             let _ = a.await;
+        }
+    }
+}
+
+/// Deletes confirmed outbox rows, many jobs per statement. What it misses (a
+/// crash, a failed delete) the drainer publishes again: a duplicate, never a loss.
+async fn clear_outbox(app: Arc<App>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Uuid>, shutdown: CancellationToken) {
+    loop {
+        let first = tokio::select! {
+            id = rx.recv() => id,
+            _ = shutdown.cancelled() => None,
+        };
+        let mut batch: Vec<Uuid> = first.into_iter().collect();
+        while batch.len() < 1000 {
+            match rx.try_recv() {
+                Ok(id) => batch.push(id),
+                Err(_) => break,
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = app.ledger.outbox_done(&batch).await {
+            tracing::debug!(error = %e, jobs = batch.len(), "outbox not cleared; the drainer will publish those results again");
         }
     }
 }

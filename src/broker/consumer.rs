@@ -220,9 +220,7 @@ async fn settle(
     }
     delivery.acker.ack(BasicAckOptions::default()).await.map_err(amqp("acking"))?;
     if let Some(job_id) = clear_outbox {
-        if let Err(e) = app.ledger.outbox_done(job_id).await {
-            tracing::debug!(error = %e, "outbox not cleared; the drainer will publish it again");
-        }
+        app.outbox_confirmed(job_id);
     }
     Ok(())
 }

@@ -60,10 +60,10 @@ impl Ledger {
         Ok(())
     }
 
-    /// The job's result and dead-letter copy are confirmed: forget them.
-    pub async fn outbox_done(&self, job_id: Uuid) -> Result<(), LedgerError> {
-        sqlx::query("DELETE FROM outbox WHERE job_id = $1 AND target IN ('result', 'dead')")
-            .bind(job_id)
+    /// These jobs' results and dead-letter copies are confirmed: forget them.
+    pub async fn outbox_done(&self, job_ids: &[Uuid]) -> Result<(), LedgerError> {
+        sqlx::query("DELETE FROM outbox WHERE job_id = ANY($1) AND target IN ('result', 'dead')")
+            .bind(job_ids)
             .execute(&self.pool)
             .await
             .map_err(db("clearing the outbox"))?;

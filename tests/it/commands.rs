@@ -11,7 +11,10 @@ async fn demo_runs_end_to_end_and_exits_zero_when_everything_is_gone() {
     let out = t.reaper(&["demo", "--nodes", "6", "--timeout-secs", "60"], &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("every simulated resource is gone") && stdout.contains("deletes refused for order"), "{stdout}");
+    assert!(
+        stdout.contains("every simulated resource is gone") && stdout.contains("deletes refused for order"),
+        "{stdout}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,7 +32,11 @@ async fn migrate_applies_the_schema_and_is_idempotent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sim_serves_the_simulated_cloud_with_dependencies_enforced() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_reaper")).args(["sim", "--port", &port.to_string()]).stdout(Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_reaper"))
+        .args(["sim", "--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     let base = format!("http://127.0.0.1:{port}");
     let c = reqwest::Client::new();
     wait_until("the sim listens", Duration::from_secs(10), || {
@@ -41,7 +48,11 @@ async fn sim_serves_the_simulated_cloud_with_dependencies_enforced() {
     assert_eq!(c.put(format!("{base}/v1/servers/s1")).send().await.unwrap().status(), 201);
     let dep = serde_json::json!({ "depends_on": ["/v1/servers/s1"] });
     assert_eq!(c.put(format!("{base}/v1/vnis/v1")).json(&dep).send().await.unwrap().status(), 201);
-    assert_eq!(c.delete(format!("{base}/v1/servers/s1")).send().await.unwrap().status(), 409, "the VNI still needs the server");
+    assert_eq!(
+        c.delete(format!("{base}/v1/servers/s1")).send().await.unwrap().status(),
+        409,
+        "the VNI still needs the server"
+    );
     assert_eq!(c.delete(format!("{base}/v1/vnis/v1")).send().await.unwrap().status(), 204);
     assert_eq!(c.delete(format!("{base}/v1/servers/s1")).send().await.unwrap().status(), 204);
     assert_eq!(c.delete(format!("{base}/v1/servers/s1")).send().await.unwrap().status(), 404);

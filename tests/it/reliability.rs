@@ -176,7 +176,12 @@ async fn two_terminals_replaying_at_once_replay_each_job_once() {
     assert!(dead >= 1, "at least one job was refused");
     let config = t.config_file();
     let spawn = || {
-        Command::new(env!("CARGO_BIN_EXE_reaper")).args(["replay", "--reason", "403", "--json", "--config"]).arg(&config).stdout(Stdio::piped()).spawn().unwrap()
+        Command::new(env!("CARGO_BIN_EXE_reaper"))
+            .args(["replay", "--reason", "403", "--json", "--config"])
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
     };
     let (a, b) = (spawn(), spawn());
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
