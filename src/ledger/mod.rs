@@ -284,6 +284,11 @@ impl Ledger {
         routing_key: &str,
         holder: Uuid,
     ) -> Result<Begin, LedgerError> {
+        if !req.dry_run && req.resources.is_empty() {
+            if let Some(begun) = self.begin_new_job(req, body, routing_key, holder).await? {
+                return Ok(begun);
+            }
+        }
         let mut tx = self.pool.begin().await.map_err(db("begin"))?;
         lock_owner(&mut tx, &req.owner).await?;
         if let Some(job) = job_by_event(&mut tx, &req.event_id).await? {
@@ -346,6 +351,84 @@ impl Ledger {
         let start = load_start(&mut tx, job, dry).await?;
         tx.commit().await.map_err(db("commit"))?;
         Ok(Begin::Start(Box::new(start)))
+    }
+
+    /// The common case in one round trip (migrations/..._begin_job_function.sql):
+    /// a first delivery of a real teardown that lists no resources. `None`
+    /// when the event already has a job; the general path then takes over.
+    async fn begin_new_job(
+        &self,
+        req: &TeardownRequest,
+        body: &[u8],
+        routing_key: &str,
+        holder: Uuid,
+    ) -> Result<Option<Begin>, LedgerError> {
+        #[derive(serde::Deserialize)]
+        struct Opened {
+            outcome: String,
+            started_at: Option<DateTime<Utc>>,
+            #[serde(default)]
+            resources: Vec<ClaimedRow>,
+        }
+        #[derive(serde::Deserialize)]
+        struct ClaimedRow {
+            kind: String,
+            resource_id: String,
+            #[serde(default)]
+            attributes: BTreeMap<String, String>,
+            parent_kind: Option<String>,
+            parent_id: Option<String>,
+        }
+        let job_id = Uuid::new_v4();
+        let opened: serde_json::Value =
+            sqlx::query_scalar("SELECT reaper_begin_job($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
+                .bind(job_id)
+                .bind(&req.event_id)
+                .bind(&req.owner)
+                .bind(req.trigger.as_str())
+                .bind(req.generation)
+                .bind(req.occurred_at)
+                .bind(body)
+                .bind(routing_key)
+                .bind(holder)
+                .bind(self.lease_ttl.as_secs_f64())
+                .bind(self.window_secs())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db("opening the job"))?;
+        let opened: Opened = serde_json::from_value(opened)
+            .map_err(|e| LedgerError::Corrupt(job_id, format!("reaper_begin_job answered: {e}")))?;
+        match opened.outcome.as_str() {
+            "busy" => Ok(Some(Begin::Busy)),
+            "new" => {
+                let job = JobRow {
+                    job_id,
+                    event_id: req.event_id.clone(),
+                    owner: req.owner.clone(),
+                    trigger: req.trigger,
+                    dry_run: false,
+                    status: JobStatus::Running,
+                    attempts: 1,
+                    started_at: opened.started_at.unwrap_or_else(Utc::now),
+                    reason: None,
+                    result: None,
+                    replays: 0,
+                    routing_key: routing_key.to_string(),
+                };
+                let resources = opened
+                    .resources
+                    .into_iter()
+                    .map(|r| Resource {
+                        kind: r.kind,
+                        id: r.resource_id,
+                        attributes: r.attributes,
+                        parent: r.parent_kind.zip(r.parent_id).map(|(kind, id)| ResourceRef { kind, id }),
+                    })
+                    .collect();
+                Ok(Some(Begin::Start(Box::new(JobStart { job, resources, done: HashMap::new() }))))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Remembers finished steps so a redelivered job does not redo them.
