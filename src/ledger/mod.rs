@@ -682,7 +682,7 @@ async fn upsert_resources(
 }
 
 /// A tracked_resources row (kind, resource_id, attributes, parent_kind, parent_id).
-fn resource_row(r: &sqlx::postgres::PgRow) -> Resource {
+pub(super) fn resource_row(r: &sqlx::postgres::PgRow) -> Resource {
     let attrs: serde_json::Value = r.get("attributes");
     let pk: Option<String> = r.get("parent_kind");
     let pi: Option<String> = r.get("parent_id");

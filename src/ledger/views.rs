@@ -8,7 +8,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{db, Ledger, LedgerError};
-use crate::domain::{Resource, ResourceRef};
+use crate::domain::Resource;
 
 #[derive(Debug, Serialize)]
 pub struct StatusCounts {
@@ -148,20 +148,7 @@ impl Ledger {
         .fetch_all(&self.pool)
         .await
         .map_err(db("reading an owner's remaining resources"))?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let attrs: serde_json::Value = r.get("attributes");
-                let pk: Option<String> = r.get("parent_kind");
-                let pi: Option<String> = r.get("parent_id");
-                Resource {
-                    kind: r.get("kind"),
-                    id: r.get("resource_id"),
-                    attributes: serde_json::from_value(attrs).unwrap_or_default(),
-                    parent: pk.zip(pi).map(|(kind, id)| ResourceRef { kind, id }),
-                }
-            })
-            .collect())
+        Ok(rows.iter().map(super::resource_row).collect())
     }
 
     pub async fn ping(&self) -> bool {
@@ -186,23 +173,15 @@ fn owner_job(r: &sqlx::postgres::PgRow) -> OwnerJob {
 impl Ledger {
     /// One tracked resource with its attributes.
     pub async fn resource(&self, owner: &str, kind: &str, id: &str) -> Result<Option<Resource>, LedgerError> {
-        let r = sqlx::query("SELECT attributes, parent_kind, parent_id FROM tracked_resources WHERE owner = $1 AND kind = $2 AND resource_id = $3")
-            .bind(owner)
-            .bind(kind)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db("reading a resource"))?;
-        Ok(r.map(|r| {
-            let attrs: serde_json::Value = r.get("attributes");
-            let pk: Option<String> = r.get("parent_kind");
-            let pi: Option<String> = r.get("parent_id");
-            Resource {
-                kind: kind.to_string(),
-                id: id.to_string(),
-                attributes: serde_json::from_value(attrs).unwrap_or_default(),
-                parent: pk.zip(pi).map(|(kind, id)| ResourceRef { kind, id }),
-            }
-        }))
+        let r = sqlx::query(
+            "SELECT kind, resource_id, attributes, parent_kind, parent_id FROM tracked_resources WHERE owner = $1 AND kind = $2 AND resource_id = $3",
+        )
+        .bind(owner)
+        .bind(kind)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading a resource"))?;
+        Ok(r.as_ref().map(super::resource_row))
     }
 }
