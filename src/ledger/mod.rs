@@ -8,6 +8,7 @@
 //! `occurred_at` plus the late-track window. The same rule claims resources when
 //! a teardown starts and decides, when a track arrives after one, that it is late.
 
+mod finish;
 mod leases;
 pub mod outbox;
 pub mod replay;
@@ -39,6 +40,10 @@ pub enum LedgerError {
     },
     #[error("ledger: migrating: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("ledger: finishing a batch of jobs: {0}")]
+    Batch(String),
+    #[error("ledger: the finishing task is gone")]
+    FinisherGone,
     #[error("ledger: job {0} has a corrupt row: {1}")]
     Corrupt(Uuid, String),
 }
@@ -74,6 +79,8 @@ pub struct Ledger {
     pool: PgPool,
     window: Duration,
     lease_ttl: Duration,
+    /// The group-commit task that writes finished jobs (see finish.rs).
+    finisher: tokio::sync::mpsc::UnboundedSender<finish::FinishReq>,
 }
 
 /// A job as stored.
@@ -163,7 +170,8 @@ impl Ledger {
             .connect_with(opts)
             .await
             .map_err(db("connecting"))?;
-        Ok(Ledger { pool, window, lease_ttl })
+        let finisher = finish::spawn(pool.clone());
+        Ok(Ledger { pool, window, lease_ttl, finisher })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -462,77 +470,33 @@ impl Ledger {
         Ok(())
     }
 
-    /// Makes the job terminal, in one statement: its steps, its resources'
+    /// Makes the job terminal, in one statement shared with every job ending at
+    /// the same moment (group commit, finish.rs): its steps, its resources'
     /// states, its result and the outbox rows that will carry the result (and,
-    /// when dead-lettered, the event) out, and releases the owner. If another
+    /// when dead-lettered, the event) out, and releases the owner. Returns
+    /// after the commit. If another
     /// delivery finished the job first, nothing is written and that delivery's
     /// result is returned, so every result for one event_id is the same bytes.
     pub async fn finish(&self, job: &JobRow, end: &JobEnd<'_>, holder: Uuid) -> Result<Finished, LedgerError> {
-        let c = StepColumns::from(end.steps);
-        let mut targets = vec!["result"];
-        let mut keys = vec![end.result_key.to_string()];
-        let mut bodies = vec![end.result.to_vec()];
-        let mut headers = vec![serde_json::json!({})];
-        if let Some((dead_queue, body, h)) = &end.dead {
-            targets.push("dead");
-            keys.push(dead_queue.to_string());
-            bodies.push(body.to_vec());
-            headers.push(h.clone());
+        let mut outbox = vec![("result", end.result_key.to_string(), end.result.to_vec(), serde_json::json!({}))];
+        if let Some((dead_queue, body, headers)) = &end.dead {
+            outbox.push(("dead", dead_queue.to_string(), body.to_vec(), headers.clone()));
         }
-        let row = sqlx::query(
-            "WITH f AS (
-                UPDATE jobs SET status = $2, reason = $3, error_class = $4, result = $5, finished_at = now()
-                WHERE job_id = $1 AND status = 'running'
-                RETURNING job_id, event_id, result
-             ),
-             s AS (
-                INSERT INTO job_steps (job_id, kind, resource_id, outcome, attempts, error)
-                SELECT f.job_id, u.* FROM f, UNNEST($7::text[], $8::text[], $9::text[], $10::int[], $11::text[]) AS u
-                ON CONFLICT (job_id, kind, resource_id) DO UPDATE
-                   SET outcome = EXCLUDED.outcome, attempts = EXCLUDED.attempts, error = EXCLUDED.error, finished_at = now()
-             ),
-             r AS (
-                UPDATE tracked_resources t SET state = u.outcome
-                FROM f, UNNEST($7::text[], $8::text[], $9::text[]) AS u(kind, resource_id, outcome)
-                WHERE t.owner = $6 AND t.job_id = f.job_id AND t.kind = u.kind AND t.resource_id = u.resource_id
-                  AND u.outcome IN ('deleted', 'already_gone')
-             ),
-             o AS (
-                INSERT INTO outbox (job_id, event_id, target, routing_key, body, headers)
-                SELECT f.job_id, f.event_id, x.target, x.routing_key, x.body, x.headers
-                FROM f, UNNEST($12::text[], $13::text[], $14::bytea[], $15::jsonb[]) AS x(target, routing_key, body, headers)
-                RETURNING id
-             ),
-             l AS (DELETE FROM owner_leases WHERE owner = $6 AND holder = $16)
-             SELECT (SELECT result FROM f) AS mine,
-                    (SELECT result FROM jobs WHERE job_id = $1) AS earlier,
-                    (SELECT count(*) FROM o) AS queued",
-        )
-        .bind(job.job_id)
-        .bind(end.status.as_str())
-        .bind(end.reason)
-        .bind(end.error_class)
-        .bind(end.result)
-        .bind(&job.owner)
-        .bind(&c.kinds)
-        .bind(&c.ids)
-        .bind(&c.outcomes)
-        .bind(&c.attempts)
-        .bind(&c.errors)
-        .bind(&targets)
-        .bind(&keys)
-        .bind(&bodies)
-        .bind(&headers)
-        .bind(holder)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db("finishing the job"))?;
-        let mine: Option<Vec<u8>> = row.get("mine");
-        let earlier: Option<Vec<u8>> = row.get("earlier");
-        let queued: i64 = row.get("queued");
-        let result =
-            mine.or(earlier).ok_or_else(|| LedgerError::Corrupt(job.job_id, "terminal without a result".into()))?;
-        Ok(Finished { result, queued: queued > 0 })
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let req = finish::FinishReq {
+            job_id: job.job_id,
+            owner: job.owner.clone(),
+            status: end.status.as_str(),
+            reason: end.reason.map(str::to_string),
+            error_class: end.error_class.map(str::to_string),
+            result: end.result.to_vec(),
+            steps: end.steps.to_vec(),
+            outbox,
+            holder,
+            reply,
+        };
+        self.finisher.send(req).map_err(|_| LedgerError::FinisherGone)?;
+        answer.await.map_err(|_| LedgerError::FinisherGone)?
     }
 
     pub async fn job_by_event(&self, event_id: &str) -> Result<Option<JobRow>, LedgerError> {

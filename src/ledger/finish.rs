@@ -1,0 +1,172 @@
+//! Group commit for finishing jobs. Every job that ends hands its terminal
+//! write to one task, which writes all the jobs that ended meanwhile in one
+//! statement and one commit, then answers each. A job publishes its result only
+//! after that answer, i.e. after the commit that holds its own rows.
+
+use std::collections::HashSet;
+
+use sqlx::{PgPool, Row};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::{Finished, LedgerError, StepRecord};
+
+/// Most jobs written by one statement.
+const MAX_BATCH: usize = 256;
+
+/// One job's terminal write, owned so it can wait in the queue.
+pub(super) struct FinishReq {
+    pub job_id: Uuid,
+    pub owner: String,
+    pub status: &'static str,
+    pub reason: Option<String>,
+    pub error_class: Option<String>,
+    pub result: Vec<u8>,
+    pub steps: Vec<StepRecord>,
+    /// (target, routing key, body, headers)
+    pub outbox: Vec<(&'static str, String, Vec<u8>, serde_json::Value)>,
+    pub holder: Uuid,
+    pub reply: oneshot::Sender<Result<Finished, LedgerError>>,
+}
+
+pub(super) fn spawn(pool: PgPool) -> mpsc::UnboundedSender<FinishReq> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(run(pool, rx));
+    tx
+}
+
+async fn run(pool: PgPool, mut rx: mpsc::UnboundedReceiver<FinishReq>) {
+    let mut deferred: Vec<FinishReq> = Vec::new();
+    loop {
+        if deferred.is_empty() {
+            match rx.recv().await {
+                Some(r) => deferred.push(r),
+                None => return,
+            }
+        }
+        while deferred.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => deferred.push(r),
+                Err(_) => break,
+            }
+        }
+        // The same job twice in one statement would update its rows twice:
+        // the second copy waits for the next batch.
+        let mut seen = HashSet::new();
+        let (batch, later): (Vec<_>, Vec<_>) = deferred.drain(..).partition(|r| seen.insert(r.job_id));
+        deferred = later;
+        write(&pool, batch).await;
+    }
+}
+
+async fn write(pool: &PgPool, batch: Vec<FinishReq>) {
+    let job_ids: Vec<Uuid> = batch.iter().map(|r| r.job_id).collect();
+    let statuses: Vec<&str> = batch.iter().map(|r| r.status).collect();
+    let reasons: Vec<Option<&str>> = batch.iter().map(|r| r.reason.as_deref()).collect();
+    let classes: Vec<Option<&str>> = batch.iter().map(|r| r.error_class.as_deref()).collect();
+    let results: Vec<&[u8]> = batch.iter().map(|r| r.result.as_slice()).collect();
+    let owners: Vec<&str> = batch.iter().map(|r| r.owner.as_str()).collect();
+    let holders: Vec<Uuid> = batch.iter().map(|r| r.holder).collect();
+    let (mut s_job, mut s_kind, mut s_id, mut s_out, mut s_att, mut s_err) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut o_job, mut o_target, mut o_key, mut o_body, mut o_headers) = (vec![], vec![], vec![], vec![], vec![]);
+    for r in &batch {
+        for s in &r.steps {
+            s_job.push(r.job_id);
+            s_kind.push(s.resource.kind.as_str());
+            s_id.push(s.resource.id.as_str());
+            s_out.push(s.outcome.as_str());
+            s_att.push(s.attempts as i32);
+            s_err.push(s.error.as_deref());
+        }
+        for (target, key, body, headers) in &r.outbox {
+            o_job.push(r.job_id);
+            o_target.push(*target);
+            o_key.push(key.as_str());
+            o_body.push(body.as_slice());
+            o_headers.push(headers.clone());
+        }
+    }
+    let rows = sqlx::query(
+        "WITH input AS (
+            SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[], $7::uuid[])
+                AS i(job_id, status, reason, error_class, result, owner, holder)
+         ),
+         f AS (
+            UPDATE jobs j SET status = i.status, reason = i.reason, error_class = i.error_class, result = i.result, finished_at = now()
+            FROM input i WHERE j.job_id = i.job_id AND j.status = 'running'
+            RETURNING j.job_id, j.event_id, j.result
+         ),
+         steps AS (
+            SELECT * FROM UNNEST($8::uuid[], $9::text[], $10::text[], $11::text[], $12::int[], $13::text[])
+                AS u(job_id, kind, resource_id, outcome, attempts, error)
+         ),
+         s AS (
+            INSERT INTO job_steps (job_id, kind, resource_id, outcome, attempts, error)
+            SELECT u.job_id, u.kind, u.resource_id, u.outcome, u.attempts, u.error FROM steps u JOIN f ON f.job_id = u.job_id
+            ON CONFLICT (job_id, kind, resource_id) DO UPDATE
+               SET outcome = EXCLUDED.outcome, attempts = EXCLUDED.attempts, error = EXCLUDED.error, finished_at = now()
+         ),
+         r AS (
+            UPDATE tracked_resources t SET state = u.outcome
+            FROM steps u JOIN f ON f.job_id = u.job_id JOIN input i ON i.job_id = u.job_id
+            WHERE t.owner = i.owner AND t.job_id = u.job_id AND t.kind = u.kind AND t.resource_id = u.resource_id
+              AND u.outcome IN ('deleted', 'already_gone')
+         ),
+         o AS (
+            INSERT INTO outbox (job_id, event_id, target, routing_key, body, headers)
+            SELECT x.job_id, f.event_id, x.target, x.routing_key, x.body, x.headers
+            FROM UNNEST($14::uuid[], $15::text[], $16::text[], $17::bytea[], $18::jsonb[]) AS x(job_id, target, routing_key, body, headers)
+            JOIN f ON f.job_id = x.job_id
+            RETURNING job_id
+         ),
+         l AS (DELETE FROM owner_leases ol USING input i WHERE ol.owner = i.owner AND ol.holder = i.holder)
+         SELECT i.job_id, f.result AS mine, j.result AS earlier, EXISTS (SELECT 1 FROM o WHERE o.job_id = i.job_id) AS queued
+         FROM input i LEFT JOIN f ON f.job_id = i.job_id LEFT JOIN jobs j ON j.job_id = i.job_id",
+    )
+    .bind(&job_ids)
+    .bind(&statuses)
+    .bind(&reasons)
+    .bind(&classes)
+    .bind(&results)
+    .bind(&owners)
+    .bind(&holders)
+    .bind(&s_job)
+    .bind(&s_kind)
+    .bind(&s_id)
+    .bind(&s_out)
+    .bind(&s_att)
+    .bind(&s_err)
+    .bind(&o_job)
+    .bind(&o_target)
+    .bind(&o_key)
+    .bind(&o_body)
+    .bind(&o_headers)
+    .fetch_all(pool)
+    .await;
+    match rows {
+        Err(e) => {
+            let message = e.to_string();
+            for r in batch {
+                let _ = r.reply.send(Err(LedgerError::Batch(message.clone())));
+            }
+        }
+        Ok(rows) => {
+            for r in batch {
+                let row = rows.iter().find(|row| row.get::<Uuid, _>("job_id") == r.job_id);
+                let answer = match row {
+                    None => Err(LedgerError::Corrupt(r.job_id, "missing from its batch's answer".into())),
+                    Some(row) => {
+                        let mine: Option<Vec<u8>> = row.get("mine");
+                        let earlier: Option<Vec<u8>> = row.get("earlier");
+                        let queued: bool = row.get("queued");
+                        mine.or(earlier)
+                            .map(|result| Finished { result, queued })
+                            .ok_or_else(|| LedgerError::Corrupt(r.job_id, "terminal without a result".into()))
+                    }
+                };
+                let _ = r.reply.send(answer);
+            }
+        }
+    }
+}
