@@ -1,7 +1,8 @@
-//! Group commit for finishing jobs. Every job that ends hands its terminal
-//! write to one task, which writes all the jobs that ended meanwhile in one
-//! statement and one commit, then answers each. A job publishes its result only
-//! after that answer, i.e. after the commit that holds its own rows.
+//! Group commit. Every job that ends hands its terminal write to one task,
+//! which writes all the jobs that ended meanwhile in one statement and one
+//! commit, then answers each; the same for the steps a job records after each
+//! level. A job publishes its result only after that answer, i.e. after the
+//! commit that holds its own rows.
 
 use std::collections::HashSet;
 
@@ -29,14 +30,26 @@ pub(super) struct FinishReq {
     pub reply: oneshot::Sender<Result<Finished, LedgerError>>,
 }
 
-pub(super) fn spawn(pool: PgPool) -> mpsc::UnboundedSender<FinishReq> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(pool, rx));
-    tx
+/// One job's steps after a level (not its last), for crash resume.
+pub(super) struct StepsReq {
+    pub job_id: Uuid,
+    pub owner: String,
+    pub steps: Vec<StepRecord>,
+    pub reply: oneshot::Sender<Result<(), LedgerError>>,
 }
 
-async fn run(pool: PgPool, mut rx: mpsc::UnboundedReceiver<FinishReq>) {
-    let mut deferred: Vec<FinishReq> = Vec::new();
+pub(super) fn spawn(pool: PgPool) -> (mpsc::UnboundedSender<FinishReq>, mpsc::UnboundedSender<StepsReq>) {
+    let (finish_tx, finish_rx) = mpsc::unbounded_channel();
+    let (steps_tx, steps_rx) = mpsc::unbounded_channel();
+    let p = pool.clone();
+    tokio::spawn(batches(finish_rx, |r: &FinishReq| r.job_id, async move |b| write(&p, b).await));
+    tokio::spawn(batches(steps_rx, |r: &StepsReq| r.job_id, async move |b| write_steps(&pool, b).await));
+    (finish_tx, steps_tx)
+}
+
+/// Takes whatever is queued (up to MAX_BATCH) and writes it at once, forever.
+async fn batches<T>(mut rx: mpsc::UnboundedReceiver<T>, job: fn(&T) -> Uuid, mut write: impl AsyncFnMut(Vec<T>)) {
+    let mut deferred: Vec<T> = Vec::new();
     loop {
         if deferred.is_empty() {
             match rx.recv().await {
@@ -53,9 +66,56 @@ async fn run(pool: PgPool, mut rx: mpsc::UnboundedReceiver<FinishReq>) {
         // The same job twice in one statement would update its rows twice:
         // the second copy waits for the next batch.
         let mut seen = HashSet::new();
-        let (batch, later): (Vec<_>, Vec<_>) = deferred.drain(..).partition(|r| seen.insert(r.job_id));
+        let (batch, later): (Vec<_>, Vec<_>) = deferred.drain(..).partition(|r| seen.insert(job(r)));
         deferred = later;
-        write(&pool, batch).await;
+        write(batch).await;
+    }
+}
+
+async fn write_steps(pool: &PgPool, batch: Vec<StepsReq>) {
+    let (mut s_job, mut s_owner, mut s_kind, mut s_id, mut s_out, mut s_att, mut s_err) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    for r in &batch {
+        for s in &r.steps {
+            s_job.push(r.job_id);
+            s_owner.push(r.owner.as_str());
+            s_kind.push(s.resource.kind.as_str());
+            s_id.push(s.resource.id.as_str());
+            s_out.push(s.outcome.as_str());
+            s_att.push(s.attempts as i32);
+            s_err.push(s.error.as_deref());
+        }
+    }
+    let done = sqlx::query(
+        "WITH u AS (
+            SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::text[])
+                AS u(job_id, owner, kind, resource_id, outcome, attempts, error)
+         ),
+         s AS (
+            INSERT INTO job_steps (job_id, kind, resource_id, outcome, attempts, error)
+            SELECT job_id, kind, resource_id, outcome, attempts, error FROM u
+            ON CONFLICT (job_id, kind, resource_id) DO UPDATE
+               SET outcome = EXCLUDED.outcome, attempts = EXCLUDED.attempts, error = EXCLUDED.error, finished_at = now()
+         )
+         UPDATE tracked_resources t SET state = u.outcome FROM u
+         WHERE t.owner = u.owner AND t.job_id = u.job_id AND t.kind = u.kind AND t.resource_id = u.resource_id
+           AND u.outcome IN ('deleted', 'already_gone')",
+    )
+    .bind(&s_job)
+    .bind(&s_owner)
+    .bind(&s_kind)
+    .bind(&s_id)
+    .bind(&s_out)
+    .bind(&s_att)
+    .bind(&s_err)
+    .execute(pool)
+    .await;
+    let message = done.err().map(|e| e.to_string());
+    for r in batch {
+        let _ = r.reply.send(match &message {
+            None => Ok(()),
+            Some(m) => Err(LedgerError::Batch(m.clone())),
+        });
     }
 }
 

@@ -81,6 +81,7 @@ pub struct Ledger {
     lease_ttl: Duration,
     /// The group-commit task that writes finished jobs (see finish.rs).
     finisher: tokio::sync::mpsc::UnboundedSender<finish::FinishReq>,
+    stepper: tokio::sync::mpsc::UnboundedSender<finish::StepsReq>,
 }
 
 /// A job as stored.
@@ -170,8 +171,8 @@ impl Ledger {
             .connect_with(opts)
             .await
             .map_err(db("connecting"))?;
-        let finisher = finish::spawn(pool.clone());
-        Ok(Ledger { pool, window, lease_ttl, finisher })
+        let (finisher, stepper) = finish::spawn(pool.clone());
+        Ok(Ledger { pool, window, lease_ttl, finisher, stepper })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -444,30 +445,10 @@ impl Ledger {
         if steps.is_empty() || job.dry_run {
             return Ok(());
         }
-        let c = StepColumns::from(steps);
-        sqlx::query(
-            "WITH s AS (
-                INSERT INTO job_steps (job_id, kind, resource_id, outcome, attempts, error)
-                SELECT $1, * FROM UNNEST($3::text[], $4::text[], $5::text[], $6::int[], $7::text[])
-                ON CONFLICT (job_id, kind, resource_id) DO UPDATE
-                   SET outcome = EXCLUDED.outcome, attempts = EXCLUDED.attempts, error = EXCLUDED.error, finished_at = now()
-             )
-             UPDATE tracked_resources t SET state = u.outcome
-             FROM UNNEST($3::text[], $4::text[], $5::text[]) AS u(kind, resource_id, outcome)
-             WHERE t.owner = $2 AND t.job_id = $1 AND t.kind = u.kind AND t.resource_id = u.resource_id
-               AND u.outcome IN ('deleted', 'already_gone')",
-        )
-        .bind(job.job_id)
-        .bind(&job.owner)
-        .bind(&c.kinds)
-        .bind(&c.ids)
-        .bind(&c.outcomes)
-        .bind(&c.attempts)
-        .bind(&c.errors)
-        .execute(&self.pool)
-        .await
-        .map_err(db("recording steps"))?;
-        Ok(())
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let req = finish::StepsReq { job_id: job.job_id, owner: job.owner.clone(), steps: steps.to_vec(), reply };
+        self.stepper.send(req).map_err(|_| LedgerError::FinisherGone)?;
+        answer.await.map_err(|_| LedgerError::FinisherGone)?
     }
 
     /// Makes the job terminal, in one statement shared with every job ending at
@@ -515,26 +496,6 @@ impl Ledger {
             .iter()
             .map(|r| (ResourceRef { kind: r.get("kind"), id: r.get("resource_id") }, r.get("state"), r.get("job_id")))
             .collect())
-    }
-}
-
-struct StepColumns {
-    kinds: Vec<String>,
-    ids: Vec<String>,
-    outcomes: Vec<&'static str>,
-    attempts: Vec<i32>,
-    errors: Vec<Option<String>>,
-}
-
-impl From<&[StepRecord]> for StepColumns {
-    fn from(steps: &[StepRecord]) -> Self {
-        StepColumns {
-            kinds: steps.iter().map(|s| s.resource.kind.clone()).collect(),
-            ids: steps.iter().map(|s| s.resource.id.clone()).collect(),
-            outcomes: steps.iter().map(|s| s.outcome.as_str()).collect(),
-            attempts: steps.iter().map(|s| s.attempts as i32).collect(),
-            errors: steps.iter().map(|s| s.error.clone()).collect(),
-        }
     }
 }
 
