@@ -38,13 +38,77 @@ pub(super) struct StepsReq {
     pub reply: oneshot::Sender<Result<(), LedgerError>>,
 }
 
-pub(super) fn spawn(pool: PgPool) -> (mpsc::UnboundedSender<FinishReq>, mpsc::UnboundedSender<StepsReq>) {
-    let (finish_tx, finish_rx) = mpsc::unbounded_channel();
-    let (steps_tx, steps_rx) = mpsc::unbounded_channel();
-    let p = pool.clone();
-    tokio::spawn(batches(finish_rx, |r: &FinishReq| r.job_id, async move |b| write(&p, b).await));
-    tokio::spawn(batches(steps_rx, |r: &StepsReq| r.job_id, async move |b| write_steps(&pool, b).await));
-    (finish_tx, steps_tx)
+/// A first delivery of a teardown that lists no resources (see reaper_begin_job).
+pub(super) struct BeginReq {
+    pub job_id: Uuid,
+    pub event_id: String,
+    pub owner: String,
+    pub trigger: &'static str,
+    pub generation: Option<i64>,
+    pub occurred_at: chrono::DateTime<chrono::Utc>,
+    pub body: Vec<u8>,
+    pub routing_key: String,
+    pub holder: Uuid,
+    pub reply: oneshot::Sender<Result<serde_json::Value, LedgerError>>,
+}
+
+/// The three group-commit queues.
+pub(super) struct Batchers {
+    pub finish: mpsc::UnboundedSender<FinishReq>,
+    pub steps: mpsc::UnboundedSender<StepsReq>,
+    pub begin: mpsc::UnboundedSender<BeginReq>,
+}
+
+pub(super) fn spawn(pool: PgPool, lease_secs: f64, window_secs: f64) -> Batchers {
+    let (finish, finish_rx) = mpsc::unbounded_channel();
+    let (steps, steps_rx) = mpsc::unbounded_channel();
+    let (begin, begin_rx) = mpsc::unbounded_channel();
+    let (p1, p2) = (pool.clone(), pool.clone());
+    tokio::spawn(batches(finish_rx, |r: &FinishReq| r.job_id, async move |b| write(&p1, b).await));
+    tokio::spawn(batches(steps_rx, |r: &StepsReq| r.job_id, async move |b| write_steps(&p2, b).await));
+    tokio::spawn(batches(
+        begin_rx,
+        |r: &BeginReq| r.job_id,
+        async move |b| write_begins(&pool, b, lease_secs, window_secs).await,
+    ));
+    Batchers { finish, steps, begin }
+}
+
+async fn write_begins(pool: &PgPool, batch: Vec<BeginReq>, lease_secs: f64, window_secs: f64) {
+    let answer: Result<serde_json::Value, sqlx::Error> =
+        sqlx::query_scalar("SELECT reaper_begin_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
+            .bind(batch.iter().map(|r| r.job_id).collect::<Vec<_>>())
+            .bind(batch.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|r| r.owner.as_str()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|r| r.trigger).collect::<Vec<_>>())
+            .bind(batch.iter().map(|r| r.generation).collect::<Vec<_>>())
+            .bind(batch.iter().map(|r| r.occurred_at).collect::<Vec<_>>())
+            .bind(batch.iter().map(|r| r.body.as_slice()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|r| r.routing_key.as_str()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|r| r.holder).collect::<Vec<_>>())
+            .bind(lease_secs)
+            .bind(window_secs)
+            .fetch_one(pool)
+            .await;
+    match answer {
+        Ok(serde_json::Value::Array(items)) if items.len() == batch.len() => {
+            for (r, item) in batch.into_iter().zip(items) {
+                let _ = r.reply.send(Ok(item));
+            }
+        }
+        Ok(other) => {
+            for r in batch {
+                let _ =
+                    r.reply.send(Err(LedgerError::Corrupt(r.job_id, format!("reaper_begin_jobs answered {other}"))));
+            }
+        }
+        Err(e) => {
+            let message = e.to_string();
+            for r in batch {
+                let _ = r.reply.send(Err(LedgerError::Batch(message.clone())));
+            }
+        }
+    }
 }
 
 /// Takes whatever is queued (up to MAX_BATCH) and writes it at once, forever.

@@ -15,6 +15,7 @@ pub mod replay;
 pub mod views;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -42,7 +43,7 @@ pub enum LedgerError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("ledger: finishing a batch of jobs: {0}")]
     Batch(String),
-    #[error("ledger: the finishing task is gone")]
+    #[error("ledger: the group-commit task is gone")]
     FinisherGone,
     #[error("ledger: job {0} has a corrupt row: {1}")]
     Corrupt(Uuid, String),
@@ -80,8 +81,8 @@ pub struct Ledger {
     window: Duration,
     lease_ttl: Duration,
     /// The group-commit task that writes finished jobs (see finish.rs).
-    finisher: tokio::sync::mpsc::UnboundedSender<finish::FinishReq>,
-    stepper: tokio::sync::mpsc::UnboundedSender<finish::StepsReq>,
+    /// The group-commit queues (finish.rs).
+    batchers: Arc<finish::Batchers>,
 }
 
 /// A job as stored.
@@ -171,8 +172,8 @@ impl Ledger {
             .connect_with(opts)
             .await
             .map_err(db("connecting"))?;
-        let (finisher, stepper) = finish::spawn(pool.clone());
-        Ok(Ledger { pool, window, lease_ttl, finisher, stepper })
+        let batchers = Arc::new(finish::spawn(pool.clone(), lease_ttl.as_secs_f64(), window.as_secs_f64()));
+        Ok(Ledger { pool, window, lease_ttl, batchers })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -389,22 +390,21 @@ impl Ledger {
             parent_id: Option<String>,
         }
         let job_id = Uuid::new_v4();
-        let opened: serde_json::Value =
-            sqlx::query_scalar("SELECT reaper_begin_job($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
-                .bind(job_id)
-                .bind(&req.event_id)
-                .bind(&req.owner)
-                .bind(req.trigger.as_str())
-                .bind(req.generation)
-                .bind(req.occurred_at)
-                .bind(body)
-                .bind(routing_key)
-                .bind(holder)
-                .bind(self.lease_ttl.as_secs_f64())
-                .bind(self.window_secs())
-                .fetch_one(&self.pool)
-                .await
-                .map_err(db("opening the job"))?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let ask = finish::BeginReq {
+            job_id,
+            event_id: req.event_id.clone(),
+            owner: req.owner.clone(),
+            trigger: req.trigger.as_str(),
+            generation: req.generation,
+            occurred_at: req.occurred_at,
+            body: body.to_vec(),
+            routing_key: routing_key.to_string(),
+            holder,
+            reply,
+        };
+        self.batchers.begin.send(ask).map_err(|_| LedgerError::FinisherGone)?;
+        let opened = answer.await.map_err(|_| LedgerError::FinisherGone)??;
         let opened: Opened = serde_json::from_value(opened)
             .map_err(|e| LedgerError::Corrupt(job_id, format!("reaper_begin_job answered: {e}")))?;
         match opened.outcome.as_str() {
@@ -447,7 +447,7 @@ impl Ledger {
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
         let req = finish::StepsReq { job_id: job.job_id, owner: job.owner.clone(), steps: steps.to_vec(), reply };
-        self.stepper.send(req).map_err(|_| LedgerError::FinisherGone)?;
+        self.batchers.steps.send(req).map_err(|_| LedgerError::FinisherGone)?;
         answer.await.map_err(|_| LedgerError::FinisherGone)?
     }
 
@@ -476,7 +476,7 @@ impl Ledger {
             holder,
             reply,
         };
-        self.finisher.send(req).map_err(|_| LedgerError::FinisherGone)?;
+        self.batchers.finish.send(req).map_err(|_| LedgerError::FinisherGone)?;
         answer.await.map_err(|_| LedgerError::FinisherGone)?
     }
 
