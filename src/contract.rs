@@ -195,7 +195,19 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Malforme
     })
 }
 
+/// PostgreSQL text and jsonb cannot hold NUL; refusing it here keeps such an
+/// event from failing in the ledger over and over.
+fn check_no_nul<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<(), Malformed> {
+    for (name, value) in fields {
+        if value.contains('\0') {
+            return Err(Malformed(format!("{name} contains a NUL character")));
+        }
+    }
+    Ok(())
+}
+
 fn check_event_id(id: &str) -> Result<(), Malformed> {
+    check_no_nul([("event_id", id)])?;
     let n = id.chars().count();
     if n == 0 || n > 128 {
         return Err(Malformed(format!("event_id must be 1..128 characters, got {n}")));
@@ -205,6 +217,7 @@ fn check_event_id(id: &str) -> Result<(), Malformed> {
 
 /// Owners are "type/id", both parts non-empty, 1..256 characters in all.
 pub fn check_owner(owner: &str) -> Result<(), Malformed> {
+    check_no_nul([("owner", owner)])?;
     let n = owner.chars().count();
     if n == 0 || n > 256 {
         return Err(Malformed(format!("owner must be 1..256 characters, got {n}")));
@@ -217,6 +230,15 @@ pub fn check_owner(owner: &str) -> Result<(), Malformed> {
 
 impl WireResource {
     fn validate(self, catalog: &Catalog) -> Result<TrackedResource, Malformed> {
+        check_no_nul([("kind", self.kind.as_str()), ("id", self.id.as_str())])?;
+        check_no_nul(
+            self.attributes
+                .iter()
+                .flat_map(|(k, v)| [("an attribute name", k.as_str()), ("an attribute value", v.as_str())]),
+        )?;
+        if let Some(p) = &self.parent {
+            check_no_nul([("parent.kind", p.kind.as_str()), ("parent.id", p.id.as_str())])?;
+        }
         let kind = catalog.kind(&self.kind).ok_or_else(|| {
             Malformed(format!("unknown kind {:?}; configured kinds: {}", self.kind, catalog.kind_names().join(", ")))
         })?;

@@ -74,7 +74,12 @@ pub(super) fn spawn(pool: PgPool, lease_secs: f64, window_secs: f64) -> Batchers
     Batchers { finish, steps, begin }
 }
 
-async fn write_begins(pool: &PgPool, batch: Vec<BeginReq>, lease_secs: f64, window_secs: f64) {
+async fn write_begins(
+    pool: &PgPool,
+    batch: Vec<BeginReq>,
+    lease_secs: f64,
+    window_secs: f64,
+) -> Result<(), Failed<BeginReq>> {
     let answer: Result<serde_json::Value, sqlx::Error> =
         sqlx::query_scalar("SELECT reaper_begin_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
             .bind(batch.iter().map(|r| r.job_id).collect::<Vec<_>>())
@@ -102,17 +107,17 @@ async fn write_begins(pool: &PgPool, batch: Vec<BeginReq>, lease_secs: f64, wind
                     r.reply.send(Err(LedgerError::Corrupt(r.job_id, format!("reaper_begin_jobs answered {other}"))));
             }
         }
-        Err(e) => {
-            let message = e.to_string();
-            for r in batch {
-                let _ = r.reply.send(Err(LedgerError::Batch(message.clone())));
-            }
-        }
+        Err(e) => return Err(Failed::new(batch, e)),
     }
+    Ok(())
 }
 
 /// Takes whatever is queued (up to MAX_BATCH) and writes it at once, forever.
-async fn batches<T>(mut rx: mpsc::UnboundedReceiver<T>, job: fn(&T) -> Uuid, mut write: impl AsyncFnMut(Vec<T>)) {
+async fn batches<T: Answer>(
+    mut rx: mpsc::UnboundedReceiver<T>,
+    job: fn(&T) -> Uuid,
+    mut write: impl AsyncFnMut(Vec<T>) -> Result<(), Failed<T>>,
+) {
     let mut deferred: Vec<T> = Vec::new();
     loop {
         if deferred.is_empty() {
@@ -132,11 +137,67 @@ async fn batches<T>(mut rx: mpsc::UnboundedReceiver<T>, job: fn(&T) -> Uuid, mut
         let mut seen = HashSet::new();
         let (batch, later): (Vec<_>, Vec<_>) = deferred.drain(..).partition(|r| seen.insert(job(r)));
         deferred = later;
-        write(batch).await;
+        match write(batch).await {
+            Ok(()) => {}
+            // The database refused the data: one job's rows may be at fault, so
+            // write each alone rather than fail its batch-mates with it.
+            Err(Failed { batch, message, data: true }) if batch.len() > 1 => {
+                for r in batch {
+                    if let Err(one) = write(vec![r]).await {
+                        one.answer();
+                    }
+                }
+                tracing::warn!(message, "a group commit was refused; its jobs were written one by one");
+            }
+            Err(failed) => failed.answer(),
+        }
     }
 }
 
-async fn write_steps(pool: &PgPool, batch: Vec<StepsReq>) {
+/// A batch the database did not take, handed back so it can be retried or answered.
+struct Failed<T> {
+    batch: Vec<T>,
+    message: String,
+    /// The server refused the data (as opposed to being unreachable).
+    data: bool,
+}
+
+impl<T: Answer> Failed<T> {
+    fn new(batch: Vec<T>, e: sqlx::Error) -> Failed<T> {
+        Failed { batch, data: matches!(e, sqlx::Error::Database(_)), message: e.to_string() }
+    }
+
+    fn answer(self) {
+        for r in self.batch {
+            r.fail(LedgerError::Batch(self.message.clone()));
+        }
+    }
+}
+
+/// Every queued request can be told that its write failed.
+trait Answer {
+    fn fail(self, e: LedgerError);
+}
+
+impl Answer for FinishReq {
+    fn fail(self, e: LedgerError) {
+        let _ = self.reply.send(Err(e));
+    }
+}
+
+impl Answer for StepsReq {
+    fn fail(self, e: LedgerError) {
+        let _ = self.reply.send(Err(e));
+    }
+}
+
+impl Answer for BeginReq {
+    fn fail(self, e: LedgerError) {
+        let _ = self.reply.send(Err(e));
+    }
+}
+
+async fn write_steps(pool: &PgPool, batch: Vec<StepsReq>) -> Result<(), Failed<StepsReq>> {
     let (mut s_job, mut s_owner, mut s_kind, mut s_id, mut s_out, mut s_att, mut s_err) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     for r in &batch {
@@ -174,16 +235,16 @@ async fn write_steps(pool: &PgPool, batch: Vec<StepsReq>) {
     .bind(&s_err)
     .execute(pool)
     .await;
-    let message = done.err().map(|e| e.to_string());
-    for r in batch {
-        let _ = r.reply.send(match &message {
-            None => Ok(()),
-            Some(m) => Err(LedgerError::Batch(m.clone())),
-        });
+    if let Err(e) = done {
+        return Err(Failed::new(batch, e));
     }
+    for r in batch {
+        let _ = r.reply.send(Ok(()));
+    }
+    Ok(())
 }
 
-async fn write(pool: &PgPool, batch: Vec<FinishReq>) {
+async fn write(pool: &PgPool, batch: Vec<FinishReq>) -> Result<(), Failed<FinishReq>> {
     let job_ids: Vec<Uuid> = batch.iter().map(|r| r.job_id).collect();
     let statuses: Vec<&str> = batch.iter().map(|r| r.status).collect();
     let reasons: Vec<Option<&str>> = batch.iter().map(|r| r.reason.as_deref()).collect();
@@ -269,12 +330,7 @@ async fn write(pool: &PgPool, batch: Vec<FinishReq>) {
     .fetch_all(pool)
     .await;
     match rows {
-        Err(e) => {
-            let message = e.to_string();
-            for r in batch {
-                let _ = r.reply.send(Err(LedgerError::Batch(message.clone())));
-            }
-        }
+        Err(e) => return Err(Failed::new(batch, e)),
         Ok(rows) => {
             for r in batch {
                 let row = rows.iter().find(|row| row.get::<Uuid, _>("job_id") == r.job_id);
@@ -293,4 +349,5 @@ async fn write(pool: &PgPool, batch: Vec<FinishReq>) {
             }
         }
     }
+    Ok(())
 }

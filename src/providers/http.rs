@@ -245,7 +245,9 @@ impl HttpProvider {
 }
 
 fn classify_status(status: StatusCode, body: &str) -> StepError {
-    let detail: String = body.chars().take(200).collect();
+    // NUL cannot be stored in PostgreSQL text; an API's body must not be able
+    // to make a job's report unwritable.
+    let detail: String = body.chars().filter(|c| *c != '\0').take(200).collect();
     match status.as_u16() {
         409 | 423 => StepError::NotYet { status: status.as_u16(), detail },
         500..=599 | 408 => StepError::Transient(format!("{status} {detail}")),
@@ -256,7 +258,7 @@ fn classify_status(status: StatusCode, body: &str) -> StepError {
 /// reqwest errors print the URL; ours are built from templates and carry no
 /// secrets, but the base URL may, so keep only the cause.
 fn without_url(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
+    let mut s = e.to_string().replace('\0', "");
     if let Some(u) = e.url() {
         s = s.replace(u.as_str(), "");
     }

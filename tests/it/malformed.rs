@@ -45,6 +45,11 @@ async fn each_kind_of_malformed_message_is_dead_lettered_with_a_reason_and_the_w
             serde_json::to_vec(&json!({"event_id":"m8","owner":"a/b","kind":"ip_reservation","id":"ip1"})).unwrap(),
             "lacks attribute \"subnet_id\"",
         ),
+        (
+            "resource.tracked",
+            serde_json::to_vec(&json!({"event_id":"m10","owner":"a/b","kind":"vni","id":"v\u{0}1"})).unwrap(),
+            "id contains a NUL character",
+        ),
     ];
     for (key, body, _) in &cases {
         t.publish_raw(&events, key, body).await;
