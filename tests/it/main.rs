@@ -2,6 +2,7 @@
 //! simulated cloud over real HTTP. Each test gets its own database and its own
 //! broker prefix (see `helpers::spawn_app`), so they run in parallel.
 
+mod group_commit;
 mod helpers;
 
 mod admin;

@@ -1,0 +1,67 @@
+//! Group commit: jobs ending together share a statement, and one job the
+//! database refuses does not take its batch-mates down with it.
+
+use chrono::Utc;
+use reaper::contract::TeardownRequest;
+use reaper::domain::{JobStatus, Trigger};
+use reaper::ledger::{Begin, JobEnd};
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_finish_fails_alone_and_its_batch_mates_are_written() {
+    let mut t = spawn_app("").await;
+    t.stop().await; // drive the ledger directly
+    let ledger = t.app.ledger.clone();
+    let mut jobs = Vec::new();
+    for i in 0..8 {
+        let req = TeardownRequest {
+            event_id: format!("gc-{i}"),
+            owner: format!("node/gc-{i}"),
+            trigger: Trigger::DeletionRequested,
+            dry_run: false,
+            occurred_at: Utc::now(),
+            generation: None,
+            resources: vec![],
+        };
+        let holder = Uuid::new_v4();
+        match ledger.begin_job(&req, b"{}", "deletion.requested", holder).await.unwrap() {
+            Begin::Start(s) => jobs.push((s.job, holder)),
+            Begin::Busy => panic!("nobody else holds these owners"),
+        }
+    }
+    // Job 3's reason holds a NUL, which PostgreSQL refuses; the rest are fine.
+    let finishes = jobs.iter().enumerate().map(|(i, (job, holder))| {
+        let ledger = ledger.clone();
+        async move {
+            let reason = if i == 3 { Some("bad\u{0}reason") } else { None };
+            let body = format!("{{\"n\":{i}}}").into_bytes();
+            let end = JobEnd {
+                status: JobStatus::Completed,
+                reason,
+                error_class: None,
+                steps: &[],
+                result: &body,
+                result_key: "teardown.completed",
+                dead: None,
+            };
+            ledger.finish(job, &end, *holder).await
+        }
+    });
+    let answers = futures_util::future::join_all(finishes).await;
+    for (i, a) in answers.iter().enumerate() {
+        if i == 3 {
+            assert!(a.is_err(), "the refused job reports the failure");
+        } else {
+            let f = a.as_ref().unwrap_or_else(|e| panic!("job {i} failed with its batch-mate: {e}"));
+            assert_eq!(f.result, format!("{{\"n\":{i}}}").into_bytes());
+            assert!(f.queued);
+        }
+    }
+    let done: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'completed'")
+        .fetch_one(ledger.pool())
+        .await
+        .unwrap();
+    assert_eq!(done, 7);
+}
