@@ -107,8 +107,12 @@ async fn status(State(app): State<Arc<App>>) -> Response {
     let providers: serde_json::Map<String, serde_json::Value> = s
         .providers
         .iter()
-        .map(|(name, ProviderSettings::Http(h))| {
-            (name.clone(), json!({ "type": "http", "base_url": redact_url(&h.base_url), "max_concurrency": h.max_concurrency, "rate_per_sec": h.rate_per_sec, "auth": h.auth.is_some() }))
+        .map(|(name, p)| {
+            let summary = match p {
+                ProviderSettings::Http(h) => json!({ "type": "http", "base_url": redact_url(&h.base_url), "max_concurrency": h.max_concurrency, "rate_per_sec": h.rate_per_sec, "auth": h.auth.is_some() }),
+                ProviderSettings::Postgres(pg) => json!({ "type": "postgres", "url": redact_url(pg.url.expose()), "max_connections": pg.max_connections }),
+            };
+            (name.clone(), summary)
         })
         .collect();
     let kinds: serde_json::Map<String, serde_json::Value> = app

@@ -145,12 +145,12 @@ pub async fn main(cli: Cli) -> ExitCode {
                     let after = if spec.after.is_empty() { "-".to_string() } else { spec.after.join(", ") };
                     println!("  {k:<24} provider={:<12} after: {after}", spec.provider);
                 }
-                for (name, ProviderSettings::Http(h)) in &settings.providers {
-                    println!(
-                        "  provider {name}: {} (max {} in flight)",
-                        crate::config::redact_url(&h.base_url),
-                        h.max_concurrency
-                    );
+                for (name, p) in &settings.providers {
+                    let (url, max) = match p {
+                        ProviderSettings::Http(h) => (h.base_url.clone(), h.max_concurrency),
+                        ProviderSettings::Postgres(pg) => (pg.url.expose().to_string(), pg.max_connections as usize),
+                    };
+                    println!("  provider {name}: {} (max {} in flight)", crate::config::redact_url(&url), max);
                 }
                 ExitCode::SUCCESS
             }

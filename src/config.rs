@@ -11,6 +11,8 @@ use figment::Figment;
 use serde::Deserialize;
 
 use crate::providers::http::RequestTemplate;
+use crate::providers::postgres::SqlTemplate;
+use crate::providers::Action;
 
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
@@ -174,6 +176,24 @@ pub enum LogFormat {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ProviderSettings {
     Http(HttpProviderSettings),
+    Postgres(PostgresProviderSettings),
+}
+
+/// An application's own PostgreSQL database, where some kinds live as rows.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PostgresProviderSettings {
+    pub url: Secret,
+    #[serde(default = "default_pg_connections")]
+    pub max_connections: u32,
+    #[serde(default = "default_pg_acquire_ms")]
+    pub acquire_timeout_ms: u64,
+}
+
+fn default_pg_connections() -> u32 {
+    4
+}
+fn default_pg_acquire_ms() -> u64 {
+    5_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -234,6 +254,9 @@ pub struct KindSettings {
     /// Kinds whose resources must all be gone before one of this kind is deleted.
     #[serde(default)]
     pub after: Vec<String>,
+    /// SQL kinds: what binds to $1, $2, …: "id" or "attr.NAME" (default ["id"]).
+    #[serde(default)]
+    pub params: Option<Vec<String>>,
 }
 
 impl Settings {
@@ -284,7 +307,7 @@ impl Settings {
             return Err(ConfigError::Invalid("worker.retry_delays_secs must be non-negative numbers".into()));
         }
         for (name, p) in &self.providers {
-            let ProviderSettings::Http(h) = p;
+            let ProviderSettings::Http(h) = p else { continue };
             if !(h.base_url.starts_with("http://") || h.base_url.starts_with("https://")) {
                 return Err(ConfigError::Provider {
                     provider: name.clone(),
@@ -319,8 +342,8 @@ pub struct Catalog {
 pub struct KindSpec {
     pub name: String,
     pub provider: String,
-    pub delete: RequestTemplate,
-    pub check: Option<RequestTemplate>,
+    pub delete: Action,
+    pub check: Option<Action>,
     pub after: Vec<String>,
     /// Attributes the templates use: a tracked resource without them is refused.
     pub required_attributes: BTreeSet<String>,
@@ -343,15 +366,24 @@ impl Catalog {
             if !providers.contains_key(&k.provider) {
                 return Err(err(format!("provider {:?} is not configured", k.provider)));
             }
-            let delete = RequestTemplate::parse(&k.delete).map_err(|e| err(format!("delete: {e}")))?;
-            let check =
-                k.check.as_deref().map(RequestTemplate::parse).transpose().map_err(|e| err(format!("check: {e}")))?;
+            let parse = |what: &str, text: &str| -> Result<Action, ConfigError> {
+                match &providers[&k.provider] {
+                    ProviderSettings::Http(_) => RequestTemplate::parse(text).map(Action::Http),
+                    ProviderSettings::Postgres(_) => {
+                        SqlTemplate::parse(text, k.params.as_deref().unwrap_or(&["id".to_string()]), what == "delete")
+                            .map(Action::Sql)
+                    }
+                }
+                .map_err(|e| err(format!("{what}: {e}")))
+            };
+            let delete = parse("delete", &k.delete)?;
+            let check = k.check.as_deref().map(|c| parse("check", c)).transpose()?;
             for a in &k.after {
                 if !kinds.contains_key(a) {
                     return Err(err(format!("after names {a:?}, which is not a configured kind")));
                 }
             }
-            let mut required_attributes: BTreeSet<String> = delete.attributes().collect();
+            let mut required_attributes: BTreeSet<String> = delete.attributes().into_iter().collect();
             if let Some(c) = &check {
                 required_attributes.extend(c.attributes());
             }

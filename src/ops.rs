@@ -10,6 +10,7 @@ use crate::config::{ProviderSettings, Settings};
 use crate::contract;
 use crate::domain::Resource;
 use crate::plan;
+use crate::providers::Action;
 
 #[derive(Debug, Serialize)]
 pub struct PlanStep {
@@ -50,17 +51,26 @@ pub fn plan_of(
         for &i in level {
             let r = &resources[i];
             let Some(spec) = catalog.kind(&r.kind) else { continue };
-            let base = match settings.providers.get(&spec.provider) {
-                Some(ProviderSettings::Http(h)) => h.base_url.trim_end_matches('/').to_string(),
-                None => String::new(),
+            let request = match &spec.delete {
+                Action::Http(t) => {
+                    let base = match settings.providers.get(&spec.provider) {
+                        Some(ProviderSettings::Http(h)) => h.base_url.trim_end_matches('/').to_string(),
+                        _ => String::new(),
+                    };
+                    let path = t.render(&r.id, &r.attributes).map_err(OpsError::Invalid)?;
+                    format!("{} {base}{path}", t.method())
+                }
+                Action::Sql(t) => {
+                    let values = t.values(r).map_err(OpsError::Invalid)?;
+                    format!("SQL {} -- with {}", t.sql, serde_json::to_string(&values).expect("strings serialize"))
+                }
             };
-            let path = spec.delete.render(&r.id, &r.attributes).map_err(OpsError::Invalid)?;
             out.push(PlanStep {
                 level: n,
                 kind: r.kind.clone(),
                 id: r.id.clone(),
                 provider: spec.provider.clone(),
-                request: format!("{} {base}{path}", spec.delete.method()),
+                request,
             });
         }
     }
@@ -128,7 +138,18 @@ pub fn script(settings: &Settings, owner: &str, steps: &[PlanStep]) -> String {
             s.push_str(&format!("\n# level {level}: these can go in any order\n"));
         }
         let (method, url) = step.request.split_once(' ').unwrap_or(("DELETE", &step.request));
+        if method == "SQL" {
+            // Values are bound by reaper, never pasted; by hand, run it with them bound.
+            s.push_str(&format!(
+                "# {}/{}: in the application database, run: {}\n",
+                step.kind,
+                shell_comment(&step.id),
+                shell_comment(url)
+            ));
+            continue;
+        }
         let auth = match settings.providers.get(&step.provider) {
+            Some(ProviderSettings::Postgres(_)) => None,
             Some(ProviderSettings::Http(h)) => h.auth.as_ref().map(|a| {
                 let var =
                     a.token_env.clone().unwrap_or_else(|| format!("REAPER_{}_TOKEN", step.provider.to_uppercase()));

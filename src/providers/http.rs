@@ -165,7 +165,9 @@ impl HttpProvider {
     }
 
     pub async fn delete(&self, kind: &KindSpec, r: &Resource) -> Result<Deleted, StepError> {
-        let status = self.send(&kind.delete, r).await?;
+        let t =
+            kind.delete.http().ok_or_else(|| StepError::Permanent(format!("kind {} has no HTTP delete", kind.name)))?;
+        let status = self.send(t, r).await?;
         match status {
             s if s.is_success() => Ok(Deleted::Now),
             StatusCode::NOT_FOUND | StatusCode::GONE => Ok(Deleted::AlreadyGone),
@@ -174,7 +176,7 @@ impl HttpProvider {
     }
 
     pub async fn exists(&self, kind: &KindSpec, r: &Resource) -> Result<Option<bool>, StepError> {
-        let Some(check) = &kind.check else {
+        let Some(check) = kind.check.as_ref().and_then(|c| c.http()) else {
             return Ok(None);
         };
         let status = self.send(check, r).await?;

@@ -2,6 +2,7 @@
 //! is idempotent: a resource that is already gone counts as done.
 
 pub mod http;
+pub mod postgres;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -55,13 +56,46 @@ pub enum Deleted {
 }
 
 pub enum Provider {
-    Http(http::HttpProvider),
+    Http(Box<http::HttpProvider>),
+    Postgres(postgres::PostgresProvider),
+}
+
+/// How a kind deletes (or checks) one resource, in its provider's terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Http(http::RequestTemplate),
+    Sql(postgres::SqlTemplate),
+}
+
+impl Action {
+    pub fn http(&self) -> Option<&http::RequestTemplate> {
+        match self {
+            Action::Http(t) => Some(t),
+            Action::Sql(_) => None,
+        }
+    }
+
+    pub fn sql(&self) -> Option<&postgres::SqlTemplate> {
+        match self {
+            Action::Sql(t) => Some(t),
+            Action::Http(_) => None,
+        }
+    }
+
+    /// Attributes a resource must carry for this action.
+    pub fn attributes(&self) -> Vec<String> {
+        match self {
+            Action::Http(t) => t.attributes().collect(),
+            Action::Sql(t) => t.attributes().collect(),
+        }
+    }
 }
 
 impl Provider {
     pub async fn delete(&self, kind: &KindSpec, r: &Resource) -> Result<Deleted, StepError> {
         match self {
             Provider::Http(p) => p.delete(kind, r).await,
+            Provider::Postgres(p) => p.delete(kind, r).await,
         }
     }
 
@@ -69,6 +103,7 @@ impl Provider {
     pub async fn exists(&self, kind: &KindSpec, r: &Resource) -> Result<Option<bool>, StepError> {
         match self {
             Provider::Http(p) => p.exists(kind, r).await,
+            Provider::Postgres(p) => p.exists(kind, r).await,
         }
     }
 }
@@ -90,7 +125,8 @@ impl Providers {
         let mut by_name = HashMap::new();
         for (name, s) in settings {
             let p = match s {
-                ProviderSettings::Http(h) => Provider::Http(http::HttpProvider::build(name, h)?),
+                ProviderSettings::Http(h) => Provider::Http(Box::new(http::HttpProvider::build(name, h)?)),
+                ProviderSettings::Postgres(pg) => Provider::Postgres(postgres::PostgresProvider::build(name, pg)?),
             };
             by_name.insert(name.clone(), Arc::new(p));
         }

@@ -108,7 +108,9 @@ pub async fn spawn_app(extra: &str) -> TestApp {
             .replace("base_url = \"http://127.0.0.1:8089\"", &format!("base_url = \"http://{addr}\"")),
         overrides.split_once("[broker]").map(|(_, rest)| format!("[broker]{rest}")).unwrap_or_default()
     );
-    let mut settings = Settings::from_toml_layers(&[include_str!("../../config/vpc-node.toml"), &overrides, extra])
+    // `{db_url}` in `extra` is this test's own database (an "application" database for SQL kinds).
+    let extra = extra.replace("{db_url}", &format!("{}/{db_name}", pg_server()));
+    let mut settings = Settings::from_toml_layers(&[include_str!("../../config/vpc-node.toml"), &overrides, &extra])
         .expect("test settings");
     if let Some(reaper::config::ProviderSettings::Http(h)) = settings.providers.get_mut("cloud") {
         h.auth = None;

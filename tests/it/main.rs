@@ -13,5 +13,6 @@ mod malformed;
 mod owner_lives;
 mod reliability;
 mod secrets;
+mod sql_kinds;
 mod startup;
 mod teardown;

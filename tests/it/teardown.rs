@@ -198,8 +198,9 @@ async fn a_resource_already_gone_at_the_provider_counts_as_done() {
     // Someone removed the VNI by hand.
     let vni = node.resources.iter().find(|r| r.kind == "vni").unwrap();
     let client = reqwest::Client::new();
-    let addr = t.app.settings.providers.get("cloud").map(|p| match p {
-        reaper::config::ProviderSettings::Http(h) => h.base_url.clone(),
+    let addr = t.app.settings.providers.get("cloud").and_then(|p| match p {
+        reaper::config::ProviderSettings::Http(h) => Some(h.base_url.clone()),
+        _ => None,
     });
     let resp = client.delete(format!("{}{}", addr.unwrap(), vni.path)).send().await.unwrap();
     assert_eq!(resp.status(), 204);

@@ -1,0 +1,186 @@
+//! The PostgreSQL provider: rows in an application's own database, deleted
+//! (or soft-deleted with an UPDATE) by configured SQL whose values are always
+//! bound — `$1`, `$2`, … take the resource's id and attributes in the order
+//! `params` names them; nothing is ever pasted into the SQL. One pool per
+//! configured database.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+use super::{Deleted, ProviderError, StepError};
+use crate::config::{KindSpec, PostgresProviderSettings};
+use crate::domain::Resource;
+
+/// A statement and what binds to its placeholders, checked at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlTemplate {
+    pub sql: String,
+    params: Vec<Param>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Param {
+    Id,
+    Attr(String),
+}
+
+impl SqlTemplate {
+    /// `params` says what binds to $1, $2, …; the delete must use them all, a
+    /// check may use the first few (`exact = false`).
+    pub fn parse(sql: &str, params: &[String], exact: bool) -> Result<SqlTemplate, String> {
+        let sql = sql.trim();
+        if sql.is_empty() {
+            return Err("the SQL is empty".into());
+        }
+        let highest = placeholders(sql);
+        if highest > params.len() || (exact && highest != params.len()) {
+            return Err(format!(
+                "the SQL uses ${highest} as its highest placeholder but params names {} values",
+                params.len()
+            ));
+        }
+        let params = params[..highest]
+            .iter()
+            .map(|p| match p.as_str() {
+                "id" => Ok(Param::Id),
+                other => match other.strip_prefix("attr.") {
+                    Some(a) if !a.is_empty() => Ok(Param::Attr(a.to_string())),
+                    _ => Err(format!("param {other:?} must be \"id\" or \"attr.NAME\"")),
+                },
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(SqlTemplate { sql: sql.to_string(), params })
+    }
+
+    pub fn attributes(&self) -> impl Iterator<Item = String> + '_ {
+        self.params.iter().filter_map(|p| match p {
+            Param::Attr(a) => Some(a.clone()),
+            Param::Id => None,
+        })
+    }
+
+    /// The values, in placeholder order.
+    pub fn values(&self, r: &Resource) -> Result<Vec<String>, String> {
+        self.params
+            .iter()
+            .map(|p| match p {
+                Param::Id => Ok(r.id.clone()),
+                Param::Attr(a) => r.attributes.get(a).cloned().ok_or_else(|| format!("attribute {a:?} is missing")),
+            })
+            .collect()
+    }
+}
+
+/// The highest `$N` in `sql`, outside quotes.
+fn placeholders(sql: &str) -> usize {
+    let mut highest = 0;
+    let mut quote: Option<char> = None;
+    let chars: Vec<char> = sql.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '\'' || c == '"' => quote = Some(c),
+            None if c == '$' => {
+                let digits: String = chars[i + 1..].iter().take_while(|d| d.is_ascii_digit()).collect();
+                if let Ok(n) = digits.parse::<usize>() {
+                    highest = highest.max(n);
+                }
+            }
+            None => {}
+        }
+        i += 1;
+    }
+    highest
+}
+
+pub struct PostgresProvider {
+    pool: PgPool,
+}
+
+impl PostgresProvider {
+    pub fn build(name: &str, s: &PostgresProviderSettings) -> Result<PostgresProvider, ProviderError> {
+        let opts: PgConnectOptions = s
+            .url
+            .expose()
+            .parse()
+            .map_err(|e| ProviderError::Build { provider: name.to_string(), message: format!("url: {e}") })?;
+        let pool = PgPoolOptions::new()
+            .max_connections(s.max_connections)
+            .acquire_timeout(Duration::from_millis(s.acquire_timeout_ms))
+            .connect_lazy_with(opts);
+        Ok(PostgresProvider { pool })
+    }
+
+    pub async fn delete(&self, kind: &KindSpec, r: &Resource) -> Result<Deleted, StepError> {
+        let t =
+            kind.delete.sql().ok_or_else(|| StepError::Permanent(format!("kind {} has no SQL delete", kind.name)))?;
+        let done = bind(sqlx::query(&t.sql), t, r)?.execute(&self.pool).await.map_err(classify)?;
+        Ok(if done.rows_affected() > 0 { Deleted::Now } else { Deleted::AlreadyGone })
+    }
+
+    pub async fn exists(&self, kind: &KindSpec, r: &Resource) -> Result<Option<bool>, StepError> {
+        let Some(t) = kind.check.as_ref().and_then(|c| c.sql()) else { return Ok(None) };
+        let row = bind(sqlx::query(&t.sql), t, r)?.fetch_optional(&self.pool).await.map_err(classify)?;
+        Ok(Some(row.is_some()))
+    }
+}
+
+fn bind<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    t: &SqlTemplate,
+    r: &Resource,
+) -> Result<sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>, StepError> {
+    for v in t.values(r).map_err(StepError::Permanent)? {
+        q = q.bind(v);
+    }
+    Ok(q)
+}
+
+/// A row still referenced (foreign key) is "not yet"; conflicts and
+/// unreachable databases pass; anything else the SQL itself got wrong.
+fn classify(e: sqlx::Error) -> StepError {
+    match &e {
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("23503") => StepError::NotYet { status: 409, detail: db.message().chars().take(200).collect() },
+            Some("40001" | "40P01" | "55P03" | "57014" | "57P01") => StepError::Transient(db.message().to_string()),
+            _ => StepError::Permanent(format!("the database refused the statement: {}", db.message())),
+        },
+        _ => StepError::Transient(format!("database: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_and_params_must_agree() {
+        assert!(SqlTemplate::parse("DELETE FROM models WHERE id = $1", &["id".into()], true).is_ok());
+        assert!(SqlTemplate::parse("DELETE FROM t WHERE a = $1 AND b = $2", &["id".into()], true).is_err());
+        assert!(
+            SqlTemplate::parse("DELETE FROM t WHERE a = '$2' AND b = $1", &["id".into()], true).is_ok(),
+            "quoted $2 is text"
+        );
+        assert!(SqlTemplate::parse("DELETE FROM t WHERE a = $1", &["name".into()], true).is_err());
+        assert!(
+            SqlTemplate::parse("SELECT 1 FROM t WHERE a = $1", &["id".into(), "attr.x".into()], false).is_ok(),
+            "a check may use fewer"
+        );
+        assert!(
+            SqlTemplate::parse("DELETE FROM t WHERE a = $1", &["id".into(), "attr.x".into()], true).is_err(),
+            "a delete uses them all"
+        );
+        let t = SqlTemplate::parse(
+            "UPDATE t SET deleted_at = now() WHERE a = $1 AND b = $2",
+            &["id".into(), "attr.tenant".into()],
+            true,
+        )
+        .unwrap();
+        assert_eq!(t.attributes().collect::<Vec<_>>(), ["tenant"]);
+    }
+}

@@ -1,0 +1,128 @@
+//! Rows in an application's own PostgreSQL database as resources: deleted by
+//! configured SQL with every value bound, in dependency order.
+
+use chrono::Utc;
+use serde_json::json;
+
+use crate::helpers::*;
+
+const APP_KINDS: &str = r#"
+[providers.appdb]
+type = "postgres"
+url = "{db_url}"
+
+[kinds.deployment_row]
+provider = "appdb"
+delete = "DELETE FROM app_deployments WHERE id = $1 AND tenant = $2"
+check = "SELECT 1 FROM app_deployments WHERE id = $1"
+params = ["id", "attr.tenant"]
+
+[kinds.model_row]
+provider = "appdb"
+delete = "DELETE FROM app_models WHERE id = $1"
+check = "SELECT 1 FROM app_models WHERE id = $1"
+after = ["deployment_row"]
+"#;
+
+async fn app_tables(t: &TestApp) {
+    for sql in [
+        "CREATE TABLE app_models (id text PRIMARY KEY, name text)",
+        "CREATE TABLE app_deployments (id text PRIMARY KEY, tenant text NOT NULL, model_id text NOT NULL REFERENCES app_models (id))",
+        "INSERT INTO app_models VALUES ('m1', 'llama'), ('m2', 'other')",
+        "INSERT INTO app_deployments VALUES ('d1', 't1', 'm1')",
+    ] {
+        sqlx::query(sql).execute(t.app.ledger.pool()).await.unwrap();
+    }
+}
+
+async fn count(t: &TestApp, table: &str) -> i64 {
+    let sql = match table {
+        "models" => "SELECT count(*) FROM app_models",
+        _ => "SELECT count(*) FROM app_deployments",
+    };
+    sqlx::query_scalar(sql).fetch_one(t.app.ledger.pool()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_are_deleted_by_bound_sql_children_first_and_nothing_else_is_touched() {
+    let mut t = spawn_app(APP_KINDS).await;
+    app_tables(&t).await;
+    let owner = "model/m1";
+    for (kind, id, attrs) in [("model_row", "m1", json!({})), ("deployment_row", "d1", json!({"tenant": "t1"}))] {
+        t.publish(
+            "resource.tracked",
+            &json!({"event_id": format!("tr-{id}"), "owner": owner, "kind": kind, "id": id, "attributes": attrs}),
+        )
+        .await;
+    }
+    // A hostile id: if it were pasted into the SQL it would delete every model.
+    t.publish(
+        "resource.tracked",
+        &json!({"event_id": "tr-evil", "owner": owner, "kind": "model_row", "id": "x' OR '1'='1"}),
+    )
+    .await;
+    let owners = vec![owner.to_string()];
+    wait_until("3 tracked", std::time::Duration::from_secs(20), || async {
+        t.app.ledger.count_tracked(&owners).await.unwrap() >= 3
+    })
+    .await;
+
+    let mut dry = deletion("sql-dry", owner, Utc::now());
+    dry["dry_run"] = json!(true);
+    t.publish("deletion.requested", &dry).await;
+    let r = t.next_result(30).await.result;
+    let outcomes: Vec<(&str, &str)> = r.resources.iter().map(|s| (s.id.as_str(), s.outcome.as_str())).collect();
+    assert!(
+        outcomes.contains(&("m1", "would_delete"))
+            && outcomes.contains(&("d1", "would_delete"))
+            && outcomes.contains(&("x' OR '1'='1", "already_gone")),
+        "{outcomes:?}"
+    );
+    assert_eq!((count(&t, "models").await, count(&t, "deployments").await), (2, 1), "a dry run deletes nothing");
+
+    t.publish("deletion.requested", &deletion("sql-del", owner, Utc::now())).await;
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "completed", "{r:?}");
+    assert_eq!(r.resources[0].id, "d1", "the deployment goes first: {:?}", r.resources);
+    let by_id = |id: &str| r.resources.iter().find(|s| s.id == id).unwrap().outcome.clone();
+    assert_eq!(
+        (by_id("d1").as_str(), by_id("m1").as_str(), by_id("x' OR '1'='1").as_str()),
+        ("deleted", "deleted", "already_gone")
+    );
+    assert_eq!(count(&t, "deployments").await, 0);
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM app_models").fetch_all(t.app.ledger.pool()).await.unwrap();
+    assert_eq!(left, ["m2"], "only the owner's rows went");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_another_row_still_references_is_retried_as_not_yet_then_dead_lettered_untouched() {
+    // A deployment that is not the owner's (d2) keeps the model referenced: the
+    // foreign key refuses the delete (not yet), the job retries through the
+    // broker, and is dead-lettered in the end with the model untouched.
+    let kinds = APP_KINDS.replace("after = [\"deployment_row\"]\n", "");
+    let mut t = spawn_app(&format!("{kinds}\n[worker]\nstep_attempts = 2\n")).await;
+    app_tables(&t).await;
+    sqlx::query("INSERT INTO app_deployments VALUES ('d2', 't1', 'm1')").execute(t.app.ledger.pool()).await.unwrap();
+    let owner = "model/m1";
+    t.publish("resource.tracked", &json!({"event_id": "a", "owner": owner, "kind": "model_row", "id": "m1"})).await;
+    t.publish(
+        "resource.tracked",
+        &json!({"event_id": "b", "owner": owner, "kind": "deployment_row", "id": "d1", "attributes": {"tenant": "t1"}}),
+    )
+    .await;
+    let owners = vec![owner.to_string()];
+    wait_until("2 tracked", std::time::Duration::from_secs(20), || async {
+        t.app.ledger.count_tracked(&owners).await.unwrap() >= 2
+    })
+    .await;
+    t.publish("deletion.requested", &deletion("fk", owner, Utc::now())).await;
+    // d2 is not ours and keeps m1 referenced: the model can never go.
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "dead_lettered", "{r:?}");
+    let m1 = r.resources.iter().find(|s| s.id == "m1").unwrap();
+    assert!(m1.error.as_deref().unwrap_or("").contains("dependency still exists"), "{m1:?}");
+    assert_eq!(count(&t, "models").await, 2, "the referenced model is still there");
+    t.stop().await;
+}
