@@ -257,6 +257,19 @@ pub struct KindSettings {
     /// SQL kinds: what binds to $1, $2, …: "id" or "attr.NAME" (default ["id"]).
     #[serde(default)]
     pub params: Option<Vec<String>>,
+    /// Find this kind's resources in an application's own database when the
+    /// owner goes, as well as (or instead of) what was tracked.
+    #[serde(default)]
+    pub lookup: Option<LookupSettings>,
+}
+
+/// `SELECT … AS id, other_columns FROM … WHERE node_name = $1`: $1 is the
+/// owner's id (the part after "type/"), $2 the whole owner. Every other column
+/// becomes an attribute; cast non-text columns (`::text`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct LookupSettings {
+    pub provider: String,
+    pub sql: String,
 }
 
 impl Settings {
@@ -347,6 +360,7 @@ pub struct KindSpec {
     pub after: Vec<String>,
     /// Attributes the templates use: a tracked resource without them is refused.
     pub required_attributes: BTreeSet<String>,
+    pub lookup: Option<LookupSettings>,
 }
 
 impl KindSpec {
@@ -378,6 +392,14 @@ impl Catalog {
             };
             let delete = parse("delete", &k.delete)?;
             let check = k.check.as_deref().map(|c| parse("check", c)).transpose()?;
+            if let Some(l) = &k.lookup {
+                if !matches!(providers.get(&l.provider), Some(ProviderSettings::Postgres(_))) {
+                    return Err(err(format!("lookup.provider {:?} is not a configured postgres provider", l.provider)));
+                }
+                if crate::providers::postgres::placeholders(&l.sql) > 2 {
+                    return Err(err("lookup.sql may use $1 (the owner's id) and $2 (the whole owner), no more".into()));
+                }
+            }
             for a in &k.after {
                 if !kinds.contains_key(a) {
                     return Err(err(format!("after names {a:?}, which is not a configured kind")));
@@ -396,6 +418,7 @@ impl Catalog {
                     check,
                     after: k.after.clone(),
                     required_attributes,
+                    lookup: k.lookup.clone(),
                 },
             );
         }
@@ -416,6 +439,11 @@ impl Catalog {
 
     pub fn is_empty(&self) -> bool {
         self.kinds.is_empty()
+    }
+
+    /// Kinds that look their resources up in an application's database.
+    pub fn lookups(&self) -> impl Iterator<Item = &KindSpec> {
+        self.kinds.values().filter(|k| k.lookup.is_some())
     }
 
     /// A cycle in `after`, as the list of kinds around it (first repeated last).

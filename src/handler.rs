@@ -46,7 +46,7 @@ pub async fn handle(app: &App, routing_key: &str, body: &[u8]) -> Disposition {
     }
 }
 
-async fn run_job(app: &App, start: JobStart, body: &[u8], holder: Uuid) -> Disposition {
+async fn run_job(app: &App, mut start: JobStart, body: &[u8], holder: Uuid) -> Disposition {
     let span = tracing::info_span!("job", event_id = %start.job.event_id, owner = %start.job.owner, job_id = %start.job.job_id);
     async move {
         let job = &start.job;
@@ -75,6 +75,11 @@ async fn run_job(app: &App, start: JobStart, body: &[u8], holder: Uuid) -> Dispo
             let run = crate::execute::Run { steps, end: RunEnd::Permanent(why) };
             return conclude(app, &start, run, body, holder, Some("poison")).await;
         }
+        if let Err(why) = look_up(app, &mut start).await {
+            let run = crate::execute::Run { steps: Vec::new(), end: RunEnd::Unfinished(why) };
+            return conclude(app, &start, run, body, holder, None).await;
+        }
+        let job = &start.job;
         let exec = Executor {
             catalog: &app.catalog,
             providers: &app.providers,
@@ -93,6 +98,41 @@ async fn run_job(app: &App, start: JobStart, body: &[u8], holder: Uuid) -> Dispo
     }
     .instrument(span)
     .await
+}
+
+/// Runs the kinds' lookups for the job's owner and adds what they find. An
+/// inventory that failed to load stops the job (it is retried later): acting on
+/// half a list would look like success while leaking the rest.
+async fn look_up(app: &App, start: &mut JobStart) -> Result<(), String> {
+    if start.job.trigger == crate::domain::Trigger::LateTrack {
+        return Ok(());
+    }
+    let mut found = Vec::new();
+    for kind in app.catalog.lookups() {
+        let Some(l) = &kind.lookup else { continue };
+        let Some(crate::providers::Provider::Postgres(p)) = app.providers.get(&l.provider).map(|p| p.as_ref()) else {
+            return Err(format!("lookup for {}: provider {} is not postgres", kind.name, l.provider));
+        };
+        let rows = p
+            .lookup(&kind.name, &l.sql, &start.job.owner)
+            .await
+            .map_err(|e| format!("lookup for {} failed: {e}", kind.name))?;
+        found.extend(rows);
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(found = found.len(), "resources found by lookups");
+    if start.job.dry_run {
+        for r in found {
+            if !start.resources.iter().any(|x| x.kind == r.kind && x.id == r.id) {
+                start.resources.push(r);
+            }
+        }
+    } else {
+        start.resources = app.ledger.adopt(&start.job, &found).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Turns a run into the job's end: completed, dead-lettered, or back to the

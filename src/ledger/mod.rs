@@ -440,6 +440,25 @@ impl Ledger {
         }
     }
 
+    /// Adds resources found by lookups to a running job (tracked and claimed
+    /// like listed ones) and returns everything the job now owns.
+    pub async fn adopt(&self, job: &JobRow, found: &[Resource]) -> Result<Vec<Resource>, LedgerError> {
+        let found: Vec<TrackedResource> =
+            found.iter().map(|r| TrackedResource { resource: r.clone(), created_at: None }).collect();
+        let mut tx = self.pool.begin().await.map_err(db("begin"))?;
+        lock_owner(&mut tx, &job.owner).await?;
+        upsert_resources(&mut tx, &job.owner, None, &found, Some(job.job_id)).await?;
+        let rows = sqlx::query(
+            "SELECT kind, resource_id, attributes, parent_kind, parent_id FROM tracked_resources WHERE job_id = $1",
+        )
+        .bind(job.job_id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db("reading the job's resources"))?;
+        tx.commit().await.map_err(db("commit"))?;
+        Ok(rows.iter().map(resource_row).collect())
+    }
+
     /// Remembers finished steps so a redelivered job does not redo them.
     pub async fn record_steps(&self, job: &JobRow, steps: &[StepRecord]) -> Result<(), LedgerError> {
         if steps.is_empty() || job.dry_run {

@@ -74,7 +74,7 @@ impl SqlTemplate {
 }
 
 /// The highest `$N` in `sql`, outside quotes.
-fn placeholders(sql: &str) -> usize {
+pub fn placeholders(sql: &str) -> usize {
     let mut highest = 0;
     let mut quote: Option<char> = None;
     let chars: Vec<char> = sql.chars().collect();
@@ -127,6 +127,52 @@ impl PostgresProvider {
         let Some(t) = kind.check.as_ref().and_then(|c| c.sql()) else { return Ok(None) };
         let row = bind(sqlx::query(&t.sql), t, r)?.fetch_optional(&self.pool).await.map_err(classify)?;
         Ok(Some(row.is_some()))
+    }
+}
+
+impl PostgresProvider {
+    /// Runs a lookup: each row is a resource of `kind`, its `id` column the
+    /// provider's ID and every other column an attribute.
+    pub async fn lookup(&self, kind: &str, sql: &str, owner: &str) -> Result<Vec<Resource>, StepError> {
+        use sqlx::{Column, Row};
+        let owner_id = owner.split_once('/').map(|(_, id)| id).unwrap_or(owner);
+        let mut q = sqlx::query(sql);
+        let n = placeholders(sql);
+        if n >= 1 {
+            q = q.bind(owner_id);
+        }
+        if n >= 2 {
+            q = q.bind(owner);
+        }
+        let rows = q.fetch_all(&self.pool).await.map_err(classify)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut id = None;
+            let mut attributes = std::collections::BTreeMap::new();
+            for (i, col) in row.columns().iter().enumerate() {
+                let value: Option<String> = row.try_get(i).map_err(|e| {
+                    StepError::Permanent(format!(
+                        "lookup for {kind}: column {:?} is not text (cast it with ::text): {e}",
+                        col.name()
+                    ))
+                })?;
+                match (col.name(), value) {
+                    ("id", v) => id = v,
+                    (_, Some(v)) => {
+                        attributes.insert(col.name().to_string(), v);
+                    }
+                    (_, None) => {}
+                }
+            }
+            match id {
+                Some(id) if !id.is_empty() => {
+                    out.push(Resource { kind: kind.to_string(), id, attributes, parent: None })
+                }
+                // A row with no id (a provisioner that failed before the call returned) has nothing to delete.
+                _ => continue,
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -126,3 +126,83 @@ async fn a_row_another_row_still_references_is_retried_as_not_yet_then_dead_lett
     assert_eq!(count(&t, "models").await, 2, "the referenced model is still there");
     t.stop().await;
 }
+
+/// The provisioner's own tables, as in the VPC field report, keyed by node name.
+const LOOKUPS: &str = r#"
+[providers.provisioner_db]
+type = "postgres"
+url = "{db_url}"
+
+[kinds.ip_reservation]
+lookup = { provider = "provisioner_db", sql = "SELECT reservation_id AS id, subnet_id FROM ip_reservations WHERE node_name = $1" }
+[kinds.dns_record]
+lookup = { provider = "provisioner_db", sql = "SELECT record_id AS id, zone_id FROM dns_records WHERE node_name = $1" }
+[kinds.vni]
+lookup = { provider = "provisioner_db", sql = "SELECT vnic_id AS id FROM vnic_info WHERE node_name = $1" }
+[kinds.bare_metal_server]
+lookup = { provider = "provisioner_db", sql = "SELECT bare_metal_id AS id FROM nodes WHERE node_name = $1 AND bare_metal_id IS NOT NULL" }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_found_in_the_provisioners_tables_are_torn_down_in_order_without_any_track() {
+    let mut t = spawn_app(LOOKUPS).await;
+    let name = unique("node");
+    let node = reaper::demo::VpcNode::new(&name);
+    node.create_in(&t.sim);
+    let pool = t.app.ledger.pool();
+    for sql in [
+        "CREATE TABLE ip_reservations (id serial PRIMARY KEY, node_name text, reservation_id text, subnet_id text)",
+        "CREATE TABLE dns_records (id serial PRIMARY KEY, node_name text, record_id text, zone_id text)",
+        "CREATE TABLE vnic_info (id serial PRIMARY KEY, node_name text, vnic_id text)",
+        "CREATE TABLE nodes (id serial PRIMARY KEY, node_name text, bare_metal_id text)",
+    ] {
+        sqlx::query(sql).execute(pool).await.unwrap();
+    }
+    for r in &node.resources {
+        let q = match r.kind {
+            "ip_reservation" => {
+                sqlx::query("INSERT INTO ip_reservations (node_name, reservation_id, subnet_id) VALUES ($1, $2, $3)")
+                    .bind(&name)
+                    .bind(&r.id)
+                    .bind(&r.attributes["subnet_id"])
+            }
+            "dns_record" => sqlx::query("INSERT INTO dns_records (node_name, record_id, zone_id) VALUES ($1, $2, $3)")
+                .bind(&name)
+                .bind(&r.id)
+                .bind(&r.attributes["zone_id"]),
+            "vni" => sqlx::query("INSERT INTO vnic_info (node_name, vnic_id) VALUES ($1, $2)").bind(&name).bind(&r.id),
+            _ => sqlx::query("INSERT INTO nodes (node_name, bare_metal_id) VALUES ($1, $2)").bind(&name).bind(&r.id),
+        };
+        q.execute(pool).await.unwrap();
+    }
+    // A node of the same pool that must be left alone.
+    sqlx::query("INSERT INTO vnic_info (node_name, vnic_id) VALUES ('someone-else', 'their-vni')")
+        .execute(pool)
+        .await
+        .unwrap();
+    t.sim.create("/v1/virtual_network_interfaces/their-vni", &[]);
+
+    // No resource.tracked at all: the provisioner died before it could send any.
+    t.publish("provisioning.failed", &serde_json::json!({"event_id": "pf-lookup", "owner": node.owner, "failed_step": "boot", "occurred_at": Utc::now().to_rfc3339()})).await;
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "completed", "{r:?}");
+    assert_eq!(r.resources.len(), 5, "{:?}", r.resources);
+    assert!(r.resources.iter().all(|s| s.outcome == "deleted"), "{:?}", r.resources);
+    assert_eq!(t.sim.paths(), ["/v1/virtual_network_interfaces/their-vni"], "only the other node's VNI is left");
+    assert_eq!(t.sim.stats().refused_for_order, 0);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_that_fails_stops_the_job_before_anything_is_deleted() {
+    // The table does not exist: the inventory cannot load, so nothing may act on half of it.
+    let mut t = spawn_app(&format!("{LOOKUPS}\n[worker]\nretry_delays_secs = [0.1]\n")).await;
+    let node = reaper::demo::VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    t.publish("deletion.requested", &deletion("lookup-broken", &node.owner, Utc::now())).await;
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "dead_lettered", "{r:?}");
+    assert!(r.reason.as_deref().unwrap_or("").contains("lookup for"), "{r:?}");
+    assert_eq!(t.sim.stats().deletes, 0, "nothing was deleted");
+    t.stop().await;
+}
