@@ -44,10 +44,21 @@ struct Cleanup {
     db_name: String,
     names: Names,
     retry_delays: Vec<Duration>,
+    /// Workers of this test (the app and any replicas), stopped before the
+    /// topology goes, so none of them redeclares it while reconnecting.
+    workers: Vec<(CancellationToken, Arc<App>)>,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        for (token, _) in &self.workers {
+            token.cancel();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.workers.iter().any(|(_, app)| app.is_ready()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_file(std::env::temp_dir().join(format!("reaper-{}.toml", self.names.events)));
         let db_name = self.db_name.clone();
         let names = self.names.clone();
         let delays = self.retry_delays.clone();
@@ -91,7 +102,8 @@ pub async fn spawn_app(extra: &str) -> TestApp {
             .await
             .expect("creating the test database");
     }
-    let mut cleanup = Cleanup { db_name: db_name.clone(), names: Names::new(&prefix), retry_delays: Vec::new() };
+    let mut cleanup =
+        Cleanup { db_name: db_name.clone(), names: Names::new(&prefix), retry_delays: Vec::new(), workers: Vec::new() };
     let overrides = format!(
         "[providers.cloud]\nbase_url = \"http://{addr}\"\n\
          [broker]\nurl = \"{amqp}\"\nprefix = \"{prefix}\"\nprefetch = 16\n\
@@ -117,6 +129,7 @@ pub async fn spawn_app(extra: &str) -> TestApp {
     }
     cleanup.retry_delays = settings.worker.all_delays();
     let app = Arc::new(App::build(settings).await.expect("building the app"));
+    cleanup.workers.push((shutdown.clone(), app.clone()));
     let (conn, publisher) =
         broker::consumer::open(&app.settings, &app.names).await.expect("RabbitMQ must be running on 127.0.0.1:5672");
     let tap = ResultTap::open(&conn, &app.names).await.expect("opening the results tap");
