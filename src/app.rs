@@ -31,6 +31,8 @@ pub struct App {
     pub names: Names,
     /// Consuming and connected; what readiness reports.
     pub ready: AtomicBool,
+    /// Between the start and the end of `run`, reconnects included.
+    pub running: AtomicBool,
     /// Deliveries being handled, whose owner leases the heartbeat renews.
     pub holders: Holders,
     pub metrics: crate::metrics::Metrics,
@@ -128,6 +130,7 @@ impl App {
             providers,
             names,
             ready: AtomicBool::new(false),
+            running: AtomicBool::new(false),
             holders: Holders::default(),
             metrics: crate::metrics::Metrics::new(),
             admin_token,
@@ -139,6 +142,8 @@ impl App {
 
     /// Runs the worker until `shutdown` is cancelled.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        self.running.store(true, std::sync::atomic::Ordering::SeqCst);
+        let this = self.clone();
         tracing::info!(broker = %redact_url(self.settings.broker.url.expose()), prefix = %self.settings.broker.prefix, "starting the worker");
         let beat = tokio::spawn(heartbeat(self.clone(), shutdown.clone()));
         let rx = self.confirmed_rx.lock().expect("not poisoned").take();
@@ -164,6 +169,7 @@ impl App {
         if let Some(a) = admin {
             let _ = a.await;
         }
+        this.running.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -55,7 +55,8 @@ impl Drop for Cleanup {
             token.cancel();
         }
         let deadline = Instant::now() + Duration::from_secs(5);
-        while self.workers.iter().any(|(_, app)| app.is_ready()) && Instant::now() < deadline {
+        let running = |app: &Arc<App>| app.running.load(std::sync::atomic::Ordering::SeqCst);
+        while self.workers.iter().any(|(_, app)| running(app)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = std::fs::remove_file(std::env::temp_dir().join(format!("reaper-{}.toml", self.names.events)));
