@@ -3,7 +3,6 @@
 //! process a few times with exponential backoff and full jitter. Finished steps
 //! are written to the ledger once per level, so a redelivered job resumes.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -192,13 +191,4 @@ fn failed(resource: ResourceRef, attempts: u32, e: &StepError) -> StepRecord {
 
 fn blocked(resource: ResourceRef, why: String) -> StepRecord {
     StepRecord { resource, outcome: Outcome::Blocked, attempts: 0, error: Some(why) }
-}
-
-/// Counts outcomes, for summaries.
-pub fn tally(steps: &[StepRecord]) -> HashMap<Outcome, usize> {
-    let mut m = HashMap::new();
-    for s in steps {
-        *m.entry(s.outcome).or_insert(0) += 1;
-    }
-    m
 }

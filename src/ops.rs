@@ -91,20 +91,9 @@ pub struct Verdict {
 
 /// Asks each provider whether each of the owner's resources still exists.
 pub async fn validate(app: &App, owner: &str) -> Result<Vec<Verdict>, OpsError> {
-    let (resources, _) = app.ledger.owner_view(owner).await?;
-    let remaining = app.ledger.remaining(owner).await?;
     let mut out = Vec::new();
-    for r in resources {
-        let full = remaining.iter().find(|x| x.kind == r.kind && x.id == r.id).cloned();
-        let resource = match full {
-            Some(f) => f,
-            None => app.ledger.resource(owner, &r.kind, &r.id).await?.unwrap_or(Resource {
-                kind: r.kind.clone(),
-                id: r.id.clone(),
-                attributes: Default::default(),
-                parent: None,
-            }),
-        };
+    for (resource, state) in app.ledger.resources_with_state(owner).await? {
+        let r = &resource;
         let (verdict, detail) =
             match (app.catalog.kind(&r.kind), app.catalog.kind(&r.kind).and_then(|k| app.providers.get(&k.provider))) {
                 (Some(spec), Some(p)) => match p.exists(spec, &resource).await {
@@ -115,7 +104,7 @@ pub async fn validate(app: &App, owner: &str) -> Result<Vec<Verdict>, OpsError> 
                 },
                 _ => ("UNKNOWN", format!("kind {:?} is not configured", r.kind)),
             };
-        out.push(Verdict { kind: r.kind, id: r.id, state: r.state, verdict, detail });
+        out.push(Verdict { kind: resource.kind.clone(), id: resource.id.clone(), state, verdict, detail });
     }
     Ok(out)
 }

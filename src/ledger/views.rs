@@ -171,17 +171,15 @@ fn owner_job(r: &sqlx::postgres::PgRow) -> OwnerJob {
 }
 
 impl Ledger {
-    /// One tracked resource with its attributes.
-    pub async fn resource(&self, owner: &str, kind: &str, id: &str) -> Result<Option<Resource>, LedgerError> {
-        let r = sqlx::query(
-            "SELECT kind, resource_id, attributes, parent_kind, parent_id FROM tracked_resources WHERE owner = $1 AND kind = $2 AND resource_id = $3",
+    /// Every tracked resource of an owner, with its attributes and its state.
+    pub async fn resources_with_state(&self, owner: &str) -> Result<Vec<(Resource, String)>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT kind, resource_id, attributes, parent_kind, parent_id, state FROM tracked_resources WHERE owner = $1 ORDER BY kind, resource_id",
         )
         .bind(owner)
-        .bind(kind)
-        .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_all(&self.pool)
         .await
-        .map_err(db("reading a resource"))?;
-        Ok(r.as_ref().map(super::resource_row))
+        .map_err(db("reading an owner's resources"))?;
+        Ok(rows.iter().map(|r| (super::resource_row(r), r.get("state"))).collect())
     }
 }

@@ -160,10 +160,6 @@ impl HttpProvider {
         })
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     pub async fn delete(&self, kind: &KindSpec, r: &Resource) -> Result<Deleted, StepError> {
         let t =
             kind.delete.http().ok_or_else(|| StepError::Permanent(format!("kind {} has no HTTP delete", kind.name)))?;

@@ -35,17 +35,6 @@ impl StepError {
     pub fn is_retryable(&self) -> bool {
         !matches!(self, StepError::Permanent(_))
     }
-
-    /// Short machine-friendly class for reports and metrics.
-    pub fn class(&self) -> &'static str {
-        match self {
-            StepError::NotYet { .. } => "not_yet",
-            StepError::RateLimited { .. } => "rate_limited",
-            StepError::Transient(_) => "transient",
-            StepError::StillThere => "still_there",
-            StepError::Permanent(_) => "permanent",
-        }
-    }
 }
 
 /// What a successful delete call found.
