@@ -111,6 +111,7 @@ async fn status(State(app): State<Arc<App>>) -> Response {
             let summary = match p {
                 ProviderSettings::Http(h) => json!({ "type": "http", "base_url": redact_url(&h.base_url), "max_concurrency": h.max_concurrency, "rate_per_sec": h.rate_per_sec, "auth": h.auth.is_some() }),
                 ProviderSettings::Postgres(pg) => json!({ "type": "postgres", "url": redact_url(pg.url.expose()), "max_connections": pg.max_connections }),
+                ProviderSettings::Mongodb(m) => json!({ "type": "mongodb", "url": redact_url(m.url.expose()), "database": m.database, "batch_size": m.batch_size }),
             };
             (name.clone(), summary)
         })
@@ -131,7 +132,11 @@ async fn status(State(app): State<Arc<App>>) -> Response {
     Json(json!({
         "ready": app.is_ready(),
         "counts": counts,
-        "reconcile": {},
+        "reconcile": s.reconcile.rules.iter().map(|(name, r)| (name.clone(), json!({
+            "every_secs": r.every_secs, "execute_on_schedule": r.execute_on_schedule,
+            "max_count": r.max_count, "max_fraction": r.max_fraction, "grace_secs": r.grace_secs,
+            "quarantine_sweeps": r.quarantine_sweeps,
+        }))).collect::<serde_json::Map<_, _>>(),
         "config": {
             "broker": { "url": redact_url(s.broker.url.expose()), "prefix": s.broker.prefix, "prefetch": s.broker.prefetch,
                         "queue_type": format!("{:?}", s.broker.queue_type).to_lowercase() },
@@ -261,8 +266,34 @@ async fn replay(State(app): State<Arc<App>>, body: Option<Json<FilterBody>>) -> 
     }
 }
 
-async fn reconcile(Path(rule): Path<String>) -> Response {
-    error(StatusCode::NOT_FOUND, &format!("no reconcile rule named {rule:?}: reconcile rules are not configurable yet"))
+#[derive(Deserialize, Default)]
+struct ReconcileQuery {
+    #[serde(default)]
+    execute: bool,
+    #[serde(default)]
+    force: bool,
+}
+
+/// A dry run unless `?execute=true`. 200 with the report when the sweep ran,
+/// 422 with it when a safety rule refused, 409 while another sweep of the
+/// rule runs, 503 when an inventory failed to load.
+async fn reconcile(State(app): State<Arc<App>>, Path(rule): Path<String>, Query(q): Query<ReconcileQuery>) -> Response {
+    use crate::reconcile::{Mode, ReconcileError, Sweeper};
+    let sweeper = Sweeper {
+        settings: &app.settings,
+        catalog: &app.catalog,
+        ledger: &app.ledger,
+        providers: &app.providers,
+        metrics: Some(&app.metrics),
+    };
+    match sweeper.sweep(&rule, Mode { execute: q.execute, force: q.force }).await {
+        Ok(r) if r.outcome == "refused" => (StatusCode::UNPROCESSABLE_ENTITY, Json(r)).into_response(),
+        Ok(r) => Json(r).into_response(),
+        Err(e @ ReconcileError::UnknownRule(_)) => error(StatusCode::NOT_FOUND, &e.to_string()),
+        Err(e @ ReconcileError::Busy { .. }) => error(StatusCode::CONFLICT, &e.to_string()),
+        Err(e @ ReconcileError::Inventory { .. }) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Err(e) => internal(e),
+    }
 }
 
 #[cfg(test)]

@@ -101,7 +101,7 @@ impl App {
             )
             .into());
         }
-        let providers = Providers::build(&settings.providers)?;
+        let providers = Providers::build(&settings.providers).await?;
         let admin_token = settings.admin.token()?;
         let (confirmed, confirmed_rx) = tokio::sync::mpsc::unbounded_channel();
         if !settings.admin.listen.is_empty() {
@@ -160,8 +160,10 @@ impl App {
             }
             Err(_) => None,
         };
+        let sweeps = tokio::spawn(crate::reconcile::schedule::run(self.clone(), shutdown.clone()));
         broker::consumer::run(self, shutdown).await;
         let _ = beat.await;
+        let _ = sweeps.await;
         stop_clearer.cancel();
         if let Some(c) = clearer {
             let _ = c.await;

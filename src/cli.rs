@@ -88,6 +88,12 @@ pub enum Command {
     /// Re-run dead-lettered jobs after fixing their cause. Steps already done
     /// stay done; each remaining resource is checked again before it is deleted.
     Replay(crate::replay::ReplayArgs),
+    /// Put back the rows and documents a job deleted and archived.
+    Restore(crate::restore::RestoreArgs),
+    /// Sweep one reconcile rule: find orphans (only in the copy, not in the
+    /// truth) and report them; with --execute, tear them down. Exit 0 when it
+    /// ran, 1 when a safety rule refused, 3 when an inventory failed to load.
+    Reconcile(crate::reconcile::cli::ReconcileArgs),
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -145,10 +151,15 @@ pub async fn main(cli: Cli) -> ExitCode {
                     let after = if spec.after.is_empty() { "-".to_string() } else { spec.after.join(", ") };
                     println!("  {k:<24} provider={:<12} after: {after}", spec.provider);
                 }
+                for (name, r) in &settings.reconcile.rules {
+                    let every = r.every_secs.map(|e| format!("every {e}s")).unwrap_or_else(|| "by hand".into());
+                    println!("  reconcile rule {name}: {every}");
+                }
                 for (name, p) in &settings.providers {
                     let (url, max) = match p {
                         ProviderSettings::Http(h) => (h.base_url.clone(), h.max_concurrency),
                         ProviderSettings::Postgres(pg) => (pg.url.expose().to_string(), pg.max_connections as usize),
+                        ProviderSettings::Mongodb(m) => (m.url.expose().to_string(), m.batch_size as usize),
                     };
                     println!("  provider {name}: {} (max {} in flight)", crate::config::redact_url(&url), max);
                 }
@@ -186,6 +197,8 @@ pub async fn main(cli: Cli) -> ExitCode {
         }
         Command::Demo(args) => crate::demo::run(settings, args).await,
         Command::Replay(args) => crate::replay::run(settings, args).await,
+        Command::Restore(args) => crate::restore::run(settings, args).await,
+        Command::Reconcile(args) => crate::reconcile::cli::run(settings, args).await,
         Command::Bench(args) => crate::bench::run(settings, args).await,
         Command::Completions { .. } => ExitCode::SUCCESS,
         Command::Status { json } => crate::ops_cli::status(&settings, json).await,

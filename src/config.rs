@@ -10,8 +10,6 @@ use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::Deserialize;
 
-use crate::providers::http::RequestTemplate;
-use crate::providers::postgres::SqlTemplate;
 use crate::providers::Action;
 
 const DEFAULTS: &str = include_str!("../config/default.toml");
@@ -61,6 +59,15 @@ pub struct Settings {
     pub providers: BTreeMap<String, ProviderSettings>,
     #[serde(default)]
     pub kinds: BTreeMap<String, KindSettings>,
+    pub archive: ArchiveSettings,
+    pub reconcile: crate::reconcile::ReconcileSettings,
+}
+
+/// Rows and documents deleted with `archive = true` are kept this long, so
+/// `reaper restore JOB` can put them back.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ArchiveSettings {
+    pub retention_days: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -177,6 +184,21 @@ pub enum LogFormat {
 pub enum ProviderSettings {
     Http(HttpProviderSettings),
     Postgres(PostgresProviderSettings),
+    Mongodb(MongoProviderSettings),
+}
+
+/// An application's MongoDB database, where some kinds live as documents.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MongoProviderSettings {
+    pub url: Secret,
+    pub database: String,
+    /// Documents read, archived and deleted per round trip.
+    #[serde(default = "default_mongo_batch")]
+    pub batch_size: u32,
+}
+
+fn default_mongo_batch() -> u32 {
+    1000
 }
 
 /// An application's own PostgreSQL database, where some kinds live as rows.
@@ -261,15 +283,59 @@ pub struct KindSettings {
     /// owner goes, as well as (or instead of) what was tracked.
     #[serde(default)]
     pub lookup: Option<LookupSettings>,
+    /// MongoDB kinds: the collection `delete` (a filter) applies to.
+    #[serde(default)]
+    pub collection: Option<String>,
+    /// MongoDB kinds: set this field to the time instead of deleting the documents.
+    #[serde(default)]
+    pub soft_delete_field: Option<String>,
+    /// Keep what is deleted (rows, documents) in the ledger for `reaper restore`.
+    #[serde(default)]
+    pub archive: bool,
+    /// SQL kinds with `archive`: the table a restore inserts the rows back into.
+    #[serde(default)]
+    pub archive_table: Option<String>,
+    /// A check that blocks the teardown while the resource is in use.
+    #[serde(default)]
+    pub guard: Option<GuardSettings>,
 }
 
-/// `SELECT … AS id, other_columns FROM … WHERE node_name = $1`: $1 is the
-/// owner's id (the part after "type/"), $2 the whole owner. Every other column
-/// becomes an attribute; cast non-text columns (`::text`).
+/// Where to find a kind's resources in an application's own store when the
+/// owner goes. SQL: `SELECT … AS id, other_columns FROM … WHERE node_name = $1`
+/// ($1 the owner's id, the part after "type/"; $2 the whole owner; every other
+/// column an attribute; cast non-text columns with `::text`). MongoDB:
+/// `collection` and `filter` (JSON whose string values "{owner_id}" or
+/// "{owner}" are replaced whole), `id_field` the field that is the resource id.
 #[derive(Debug, Clone, Deserialize)]
 pub struct LookupSettings {
     pub provider: String,
-    pub sql: String,
+    #[serde(default)]
+    pub sql: Option<String>,
+    #[serde(default)]
+    pub collection: Option<String>,
+    #[serde(default)]
+    pub filter: Option<String>,
+    #[serde(default)]
+    pub id_field: Option<String>,
+    /// MongoDB: fields copied into the resource's attributes.
+    #[serde(default)]
+    pub attributes: Vec<String>,
+}
+
+/// "In use" check: SQL returning a row, a MongoDB filter matching a document,
+/// or an HTTP GET answering 2xx means the resource must not go yet.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GuardSettings {
+    pub provider: String,
+    /// SQL, "GET /path/{id}", or a MongoDB filter (with `collection`).
+    pub query: String,
+    #[serde(default)]
+    pub params: Option<Vec<String>>,
+    #[serde(default)]
+    pub collection: Option<String>,
+    /// Said in the blocked outcome, e.g. "an active deployment uses this model".
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 impl Settings {
@@ -340,7 +406,12 @@ impl Settings {
                 });
             }
         }
-        Catalog::build(&self.kinds, &self.providers)
+        if self.archive.retention_days.is_nan() || self.archive.retention_days <= 0.0 {
+            return Err(ConfigError::Invalid("archive.retention_days must be positive".into()));
+        }
+        let catalog = Catalog::build(&self.kinds, &self.providers)?;
+        self.reconcile.check(&self.providers, &catalog).map_err(ConfigError::Invalid)?;
+        Ok(catalog)
     }
 }
 
@@ -360,7 +431,120 @@ pub struct KindSpec {
     pub after: Vec<String>,
     /// Attributes the templates use: a tracked resource without them is refused.
     pub required_attributes: BTreeSet<String>,
-    pub lookup: Option<LookupSettings>,
+    pub lookup: Option<Lookup>,
+    pub guard: Option<Guard>,
+    /// Set when what this kind deletes is kept for `reaper restore`.
+    pub archive: Option<ArchiveSpec>,
+}
+
+/// A kind's lookup, checked against its provider.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    Sql {
+        provider: String,
+        sql: String,
+    },
+    Mongo {
+        provider: String,
+        filter: crate::providers::mongo::MongoTemplate,
+        id_field: String,
+        attributes: Vec<String>,
+    },
+}
+
+impl Lookup {
+    pub fn provider(&self) -> &str {
+        match self {
+            Lookup::Sql { provider, .. } | Lookup::Mongo { provider, .. } => provider,
+        }
+    }
+
+    fn parse(l: &LookupSettings, providers: &BTreeMap<String, ProviderSettings>) -> Result<Lookup, String> {
+        match providers.get(&l.provider) {
+            Some(ProviderSettings::Postgres(_)) => {
+                let sql = l.sql.clone().ok_or("lookup: a postgres lookup needs `sql`")?;
+                if crate::providers::postgres::placeholders(&sql) > 2 {
+                    return Err("lookup.sql may use $1 (the owner's id) and $2 (the whole owner), no more".into());
+                }
+                Ok(Lookup::Sql { provider: l.provider.clone(), sql })
+            }
+            Some(ProviderSettings::Mongodb(_)) => {
+                let collection = l.collection.as_deref().ok_or("lookup: a mongodb lookup needs `collection`")?;
+                let filter = l.filter.as_deref().ok_or("lookup: a mongodb lookup needs `filter`")?;
+                let filter = crate::providers::mongo::MongoTemplate::parse(collection, filter, None, true)
+                    .map_err(|e| format!("lookup.filter: {e}"))?;
+                Ok(Lookup::Mongo {
+                    provider: l.provider.clone(),
+                    filter,
+                    id_field: l.id_field.clone().unwrap_or_else(|| "_id".into()),
+                    attributes: l.attributes.clone(),
+                })
+            }
+            _ => Err(format!("lookup.provider {:?} is not a configured postgres or mongodb provider", l.provider)),
+        }
+    }
+}
+
+/// A kind's "in use" check. It may live on another provider than the kind
+/// (deployments in the app's database guarding a model in a registry API).
+#[derive(Debug, Clone)]
+pub struct Guard {
+    pub provider: String,
+    pub action: Action,
+    pub reason: String,
+}
+
+impl Guard {
+    fn parse(g: &GuardSettings, providers: &BTreeMap<String, ProviderSettings>) -> Result<Guard, String> {
+        let p = providers.get(&g.provider).ok_or(format!("guard.provider {:?} is not configured", g.provider))?;
+        let default_params = ["id".to_string()];
+        let params = g.params.as_deref().unwrap_or(&default_params);
+        let action = Action::parse(p, &g.query, params, false, g.collection.as_deref(), None)
+            .map_err(|e| format!("guard.query: {e}"))?;
+        let reason = g.reason.clone().unwrap_or_else(|| format!("in use (guard on provider {})", g.provider));
+        Ok(Guard { provider: g.provider.clone(), action, reason })
+    }
+}
+
+/// Where a restore puts archived records back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArchiveSpec {
+    /// Rows: `INSERT INTO table SELECT * FROM json_populate_record(...)`.
+    Table(String),
+    /// Documents: inserted back into the collection.
+    Collection(String),
+}
+
+impl ArchiveSpec {
+    fn parse(k: &KindSettings, delete: &Action) -> Result<ArchiveSpec, String> {
+        match delete {
+            Action::Http(_) => Err("archive: a cloud deletion cannot be undone, so it cannot be archived; \
+                                    archive is for database rows and documents"
+                .into()),
+            Action::Sql(t) => {
+                if !t.sql.trim_start().to_ascii_uppercase().starts_with("DELETE") {
+                    return Err("archive: the SQL must be a DELETE (its rows are kept with RETURNING *)".into());
+                }
+                if t.sql.to_ascii_uppercase().contains("RETURNING") {
+                    return Err("archive: leave RETURNING out of the DELETE; reaper adds RETURNING *".into());
+                }
+                let table = k.archive_table.clone().ok_or("archive: SQL kinds need archive_table")?;
+                let ident = |p: &str| {
+                    !p.is_empty()
+                        && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                        && !p.starts_with(|c: char| c.is_ascii_digit())
+                };
+                if !table.split('.').all(ident) || table.split('.').count() > 2 {
+                    return Err(format!("archive_table {table:?} must be a plain [schema.]table name"));
+                }
+                Ok(ArchiveSpec::Table(table))
+            }
+            Action::Mongo(t) if t.soft_delete_field.is_some() => {
+                Err("archive: a soft delete keeps the documents; archive is for hard deletes".into())
+            }
+            Action::Mongo(t) => Ok(ArchiveSpec::Collection(t.collection.clone())),
+        }
+    }
 }
 
 impl KindSpec {
@@ -377,29 +561,27 @@ impl Catalog {
         let mut out = BTreeMap::new();
         for (name, k) in kinds {
             let err = |message: String| ConfigError::Kind { kind: name.clone(), message };
-            if !providers.contains_key(&k.provider) {
+            let Some(provider) = providers.get(&k.provider) else {
                 return Err(err(format!("provider {:?} is not configured", k.provider)));
-            }
+            };
+            let default_params = ["id".to_string()];
+            let params = k.params.as_deref().unwrap_or(&default_params);
             let parse = |what: &str, text: &str| -> Result<Action, ConfigError> {
-                match &providers[&k.provider] {
-                    ProviderSettings::Http(_) => RequestTemplate::parse(text).map(Action::Http),
-                    ProviderSettings::Postgres(_) => {
-                        SqlTemplate::parse(text, k.params.as_deref().unwrap_or(&["id".to_string()]), what == "delete")
-                            .map(Action::Sql)
-                    }
-                }
+                Action::parse(
+                    provider,
+                    text,
+                    params,
+                    what == "delete",
+                    k.collection.as_deref(),
+                    k.soft_delete_field.as_deref(),
+                )
                 .map_err(|e| err(format!("{what}: {e}")))
             };
             let delete = parse("delete", &k.delete)?;
             let check = k.check.as_deref().map(|c| parse("check", c)).transpose()?;
-            if let Some(l) = &k.lookup {
-                if !matches!(providers.get(&l.provider), Some(ProviderSettings::Postgres(_))) {
-                    return Err(err(format!("lookup.provider {:?} is not a configured postgres provider", l.provider)));
-                }
-                if crate::providers::postgres::placeholders(&l.sql) > 2 {
-                    return Err(err("lookup.sql may use $1 (the owner's id) and $2 (the whole owner), no more".into()));
-                }
-            }
+            let lookup = k.lookup.as_ref().map(|l| Lookup::parse(l, providers)).transpose().map_err(err)?;
+            let guard = k.guard.as_ref().map(|g| Guard::parse(g, providers)).transpose().map_err(err)?;
+            let archive = if k.archive { Some(ArchiveSpec::parse(k, &delete).map_err(err)?) } else { None };
             for a in &k.after {
                 if !kinds.contains_key(a) {
                     return Err(err(format!("after names {a:?}, which is not a configured kind")));
@@ -408,6 +590,9 @@ impl Catalog {
             let mut required_attributes: BTreeSet<String> = delete.attributes().into_iter().collect();
             if let Some(c) = &check {
                 required_attributes.extend(c.attributes());
+            }
+            if let Some(g) = &guard {
+                required_attributes.extend(g.action.attributes());
             }
             out.insert(
                 name.clone(),
@@ -418,7 +603,9 @@ impl Catalog {
                     check,
                     after: k.after.clone(),
                     required_attributes,
-                    lookup: k.lookup.clone(),
+                    lookup,
+                    guard,
+                    archive,
                 },
             );
         }

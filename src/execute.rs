@@ -14,7 +14,7 @@ use crate::config::{Catalog, WorkerSettings};
 use crate::domain::{Outcome, Resource, ResourceRef};
 use crate::ledger::{JobStart, Ledger, LedgerError, StepRecord};
 use crate::plan;
-use crate::providers::{Deleted, Providers, StepError};
+use crate::providers::{ArchiveTo, Deleted, Providers, StepError};
 
 /// What the executor needs, borrowed from the application state.
 pub struct Executor<'a> {
@@ -36,6 +36,8 @@ pub enum RunEnd {
     Unfinished(String),
     /// The resources cannot be ordered (their parent links form a cycle).
     Plan(String),
+    /// A guard says a resource is in use: nothing was deleted.
+    Blocked(String),
 }
 
 #[derive(Debug, Clone)]
@@ -55,13 +57,16 @@ impl Executor<'_> {
                 return Ok(Run { steps, end: RunEnd::Plan(e.to_string()) });
             }
         };
+        if let Some(run) = self.guards(start).await {
+            return Ok(run);
+        }
         let mut steps: Vec<StepRecord> = Vec::with_capacity(resources.len());
         let mut end = RunEnd::Completed;
         let last = levels.len().saturating_sub(1);
         for (n, level) in levels.into_iter().enumerate() {
             if end != RunEnd::Completed {
                 let why = match &end {
-                    RunEnd::Permanent(w) | RunEnd::Unfinished(w) | RunEnd::Plan(w) => {
+                    RunEnd::Permanent(w) | RunEnd::Unfinished(w) | RunEnd::Plan(w) | RunEnd::Blocked(w) => {
                         format!("not attempted: an earlier level failed ({w})")
                     }
                     RunEnd::Completed => unreachable!(),
@@ -78,13 +83,13 @@ impl Executor<'_> {
                 }
             }
             let recheck = start.job.replays > 0;
-            let results = join_all(todo.iter().map(|r| self.step(r, start.job.dry_run, recheck))).await;
+            let results = join_all(todo.iter().map(|r| self.step(r, start, recheck))).await;
             let mut finished = Vec::new();
             for (record, err) in results {
                 if let Some(err) = err {
                     let why = format!("{}: {}", record.resource, err);
                     end = match (&end, err.is_retryable()) {
-                        (RunEnd::Permanent(_) | RunEnd::Plan(_), _) => end,
+                        (RunEnd::Permanent(_) | RunEnd::Plan(_) | RunEnd::Blocked(_), _) => end,
                         (_, false) => RunEnd::Permanent(why),
                         (RunEnd::Completed, true) => RunEnd::Unfinished(why),
                         (RunEnd::Unfinished(_), true) => end,
@@ -102,8 +107,47 @@ impl Executor<'_> {
         Ok(Run { steps, end })
     }
 
+    /// Runs every guard before anything is deleted: one resource in use
+    /// blocks the whole owner, so nothing is taken from under a user. `None`
+    /// when the run may go on. A guard that cannot be asked counts as in use.
+    async fn guards(&self, start: &JobStart) -> Option<Run> {
+        let mut blocked = Vec::new();
+        for r in &start.resources {
+            let Some(guard) = self.catalog.kind(&r.kind).and_then(|k| k.guard.as_ref()) else { continue };
+            if start.done.get(&r.reference()).is_some_and(|d| d.outcome.is_gone()) {
+                continue;
+            }
+            let answer = match self.providers.get(&guard.provider) {
+                Some(p) => p.probe(&guard.action, r).await,
+                None => Err(StepError::Permanent(format!("guard provider {} is not configured", guard.provider))),
+            };
+            match answer {
+                Ok(false) => {}
+                Ok(true) => blocked.push((r.reference(), format!("blocked: {}", guard.reason))),
+                Err(e) => blocked.push((r.reference(), format!("blocked: the guard could not be checked ({e})"))),
+            }
+        }
+        if blocked.is_empty() {
+            return None;
+        }
+        let why = blocked.iter().map(|(r, w)| format!("{r} {w}")).collect::<Vec<_>>().join("; ");
+        let steps = start
+            .resources
+            .iter()
+            .map(|r| match blocked.iter().find(|(b, _)| *b == r.reference()) {
+                Some((b, w)) => self::blocked(b.clone(), w.clone()),
+                None => match start.done.get(&r.reference()) {
+                    Some(d) if d.outcome.is_gone() => d.clone(),
+                    _ => self::blocked(r.reference(), "not attempted: another resource of the owner is in use".into()),
+                },
+            })
+            .collect();
+        Some(Run { steps, end: RunEnd::Blocked(why) })
+    }
+
     /// One resource: delete (or, in a dry run, look) with retries.
-    async fn step(&self, r: &Resource, dry_run: bool, recheck: bool) -> (StepRecord, Option<StepError>) {
+    async fn step(&self, r: &Resource, start: &JobStart, recheck: bool) -> (StepRecord, Option<StepError>) {
+        let dry_run = start.job.dry_run;
         let reference = r.reference();
         let (Some(spec), Some(provider)) =
             (self.catalog.kind(&r.kind), self.catalog.kind(&r.kind).and_then(|k| self.providers.get(&k.provider)))
@@ -117,6 +161,13 @@ impl Executor<'_> {
         // A replayed job looks before it acts: the world may have moved on
         // while the job sat dead-lettered.
         let looked = Arc::new(AtomicBool::new(!recheck));
+        let archive = spec.archive.as_ref().filter(|_| !dry_run).map(|_| ArchiveTo {
+            ledger: self.ledger,
+            job_id: start.job.job_id,
+            kind: &r.kind,
+            resource_id: &r.id,
+        });
+        let archive = archive.as_ref();
         let op = || {
             let looked = looked.clone();
             let attempts = attempts.clone();
@@ -138,7 +189,7 @@ impl Executor<'_> {
                 // After an accepted delete only the check is repeated: a second
                 // DELETE would answer 404 and hide that we deleted it.
                 if !deleted_once.load(Ordering::Relaxed) {
-                    match provider.delete(spec, r).await? {
+                    match provider.delete(spec, r, archive).await? {
                         Deleted::AlreadyGone => return Ok(Outcome::AlreadyGone),
                         Deleted::Now => deleted_once.store(true, Ordering::Relaxed),
                     }

@@ -6,10 +6,12 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::app::App;
+use crate::config::Lookup;
 use crate::contract::{self, Event, ResourceReport, TeardownResult};
 use crate::domain::JobStatus;
 use crate::execute::{Executor, RunEnd};
 use crate::ledger::{Begin, JobEnd, JobStart, TrackOutcome};
+use crate::providers::Provider;
 use crate::retry::{self, DeadLetter, Disposition};
 
 pub async fn handle(app: &App, routing_key: &str, body: &[u8]) -> Disposition {
@@ -110,14 +112,17 @@ async fn look_up(app: &App, start: &mut JobStart) -> Result<(), String> {
     let mut found = Vec::new();
     for kind in app.catalog.lookups() {
         let Some(l) = &kind.lookup else { continue };
-        let Some(crate::providers::Provider::Postgres(p)) = app.providers.get(&l.provider).map(|p| p.as_ref()) else {
-            return Err(format!("lookup for {}: provider {} is not postgres", kind.name, l.provider));
+        let Some(provider) = app.providers.get(l.provider()) else {
+            return Err(format!("lookup for {}: provider {} is not configured", kind.name, l.provider()));
         };
-        let rows = p
-            .lookup(&kind.name, &l.sql, &start.job.owner)
-            .await
-            .map_err(|e| format!("lookup for {} failed: {e}", kind.name))?;
-        found.extend(rows);
+        let rows = match (provider.as_ref(), l) {
+            (Provider::Postgres(p), Lookup::Sql { sql, .. }) => p.lookup(&kind.name, sql, &start.job.owner).await,
+            (Provider::Mongo(p), Lookup::Mongo { filter, id_field, attributes, .. }) => {
+                p.lookup(&kind.name, filter, id_field, attributes, &start.job.owner).await
+            }
+            _ => return Err(format!("lookup for {}: provider {} cannot run it", kind.name, l.provider())),
+        };
+        found.extend(rows.map_err(|e| format!("lookup for {} failed: {e}", kind.name))?);
     }
     if found.is_empty() {
         return Ok(());
@@ -150,6 +155,8 @@ async fn conclude(
         RunEnd::Completed => (JobStatus::Completed, None, None),
         RunEnd::Permanent(why) => (JobStatus::DeadLettered, Some(why), Some(class.unwrap_or("permanent"))),
         RunEnd::Plan(why) => (JobStatus::DeadLettered, Some(why), Some("plan")),
+        // In use: no retry schedule will change that; an operator replays it later.
+        RunEnd::Blocked(why) => (JobStatus::DeadLettered, Some(why), Some("blocked")),
         RunEnd::Unfinished(why) => match retry::next_delay(&app.settings.worker.retry_delays(), job.attempts) {
             Some(delay) => {
                 tracing::info!(

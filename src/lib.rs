@@ -7,7 +7,7 @@
 //! - [`config`]: settings and the validated catalog of resource kinds.
 //! - [`plan`]: pure ordering of resources into levels.
 //! - [`ledger`]: tracked resources, jobs and steps in PostgreSQL.
-//! - [`providers`]: how one resource is deleted and checked (HTTP today).
+//! - [`providers`]: how one resource is deleted and checked: HTTP APIs, PostgreSQL rows, MongoDB documents.
 //! - [`execute`]: runs a plan with bounded concurrency and in-process retries.
 //! - [`handler`]: one event end to end, ending in a [`retry::Disposition`].
 //! - [`retry`]: the one classification into ack / retry later / dead-letter.
@@ -17,7 +17,8 @@
 //! - [`sim`]: the simulated cloud used by the demo and the tests.
 //! - [`demo`]: `reaper demo`.
 //! - [`bench`]: `reaper bench`, the benchmark the performance figures come from.
-//! - [`replay`]: `reaper replay`, for dead-lettered jobs.
+//! - [`replay`]: `reaper replay`, for dead-lettered jobs; [`restore`]: `reaper restore`, for archived rows and documents.
+//! - [`reconcile`]: orphan sweeps (inventories, set difference, safety brakes, schedule).
 
 pub mod admin;
 pub mod app;
@@ -36,7 +37,9 @@ pub mod ops;
 pub mod ops_cli;
 pub mod plan;
 pub mod providers;
+pub mod reconcile;
 pub mod replay;
+pub mod restore;
 pub mod retry;
 pub mod sim;
 pub mod telemetry;

@@ -1,7 +1,9 @@
 //! Every metric reaper exports, defined in one place. Names are stable and
 //! listed in docs/operations.md; each `App` has its own registry.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 pub struct Metrics {
     registry: Registry,
@@ -21,6 +23,13 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     /// 1 while consuming and connected.
     pub ready: IntGauge,
+    /// Reconcile sweeps, by rule and outcome (acted, nothing_to_do, dry_run, refused, failed, busy).
+    pub reconcile_runs: IntCounterVec,
+    pub reconcile_seconds: HistogramVec,
+    /// Orphans the last sweep of a rule found (before grace and quarantine).
+    pub reconcile_orphans: IntGaugeVec,
+    /// Teardown events reconcile published, by rule.
+    pub reconcile_published: IntCounterVec,
 }
 
 impl Metrics {
@@ -58,6 +67,25 @@ impl Metrics {
         let in_flight = IntGauge::new("reaper_jobs_in_flight", "Deliveries being handled now").expect("valid metric");
         let ready =
             IntGauge::new("reaper_ready", "1 while the worker is connected and consuming").expect("valid metric");
+        let reconcile_runs = IntCounterVec::new(
+            Opts::new("reaper_reconcile_runs_total", "Reconcile sweeps, by rule and outcome"),
+            &["rule", "outcome"],
+        )
+        .expect("valid metric");
+        let reconcile_seconds = HistogramVec::new(
+            HistogramOpts::new("reaper_reconcile_duration_seconds", "Time of one reconcile sweep")
+                .buckets(vec![0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0]),
+            &["rule"],
+        )
+        .expect("valid metric");
+        let reconcile_orphans =
+            IntGaugeVec::new(Opts::new("reaper_reconcile_orphans", "Orphans found by the last sweep"), &["rule"])
+                .expect("valid metric");
+        let reconcile_published = IntCounterVec::new(
+            Opts::new("reaper_reconcile_published_total", "Teardown events published by reconcile"),
+            &["rule"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(events.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(jobs.clone()),
@@ -68,6 +96,10 @@ impl Metrics {
             Box::new(outbox_backlog.clone()),
             Box::new(in_flight.clone()),
             Box::new(ready.clone()),
+            Box::new(reconcile_runs.clone()),
+            Box::new(reconcile_seconds.clone()),
+            Box::new(reconcile_orphans.clone()),
+            Box::new(reconcile_published.clone()),
         ] {
             registry.register(c).expect("each metric registered once");
         }
@@ -82,6 +114,10 @@ impl Metrics {
             outbox_backlog,
             in_flight,
             ready,
+            reconcile_runs,
+            reconcile_seconds,
+            reconcile_orphans,
+            reconcile_published,
         }
     }
 

@@ -64,6 +64,14 @@ pub fn plan_of(
                     let values = t.values(r).map_err(OpsError::Invalid)?;
                     format!("SQL {} -- with {}", t.sql, serde_json::to_string(&values).expect("strings serialize"))
                 }
+                Action::Mongo(t) => {
+                    let filter = t.for_resource(r).map_err(OpsError::Invalid)?;
+                    let verb = match &t.soft_delete_field {
+                        Some(f) => format!("updateMany (set {f} = now)"),
+                        None => "deleteMany".into(),
+                    };
+                    format!("MONGO db.{}.{verb} {}", t.collection, filter)
+                }
             };
             out.push(PlanStep {
                 level: n,
@@ -127,7 +135,7 @@ pub fn script(settings: &Settings, owner: &str, steps: &[PlanStep]) -> String {
             s.push_str(&format!("\n# level {level}: these can go in any order\n"));
         }
         let (method, url) = step.request.split_once(' ').unwrap_or(("DELETE", &step.request));
-        if method == "SQL" {
+        if method == "SQL" || method == "MONGO" {
             // Values are bound by reaper, never pasted; by hand, run it with them bound.
             s.push_str(&format!(
                 "# {}/{}: in the application database, run: {}\n",
@@ -138,7 +146,7 @@ pub fn script(settings: &Settings, owner: &str, steps: &[PlanStep]) -> String {
             continue;
         }
         let auth = match settings.providers.get(&step.provider) {
-            Some(ProviderSettings::Postgres(_)) => None,
+            Some(ProviderSettings::Postgres(_) | ProviderSettings::Mongodb(_)) => None,
             Some(ProviderSettings::Http(h)) => h.auth.as_ref().map(|a| {
                 let var =
                     a.token_env.clone().unwrap_or_else(|| format!("REAPER_{}_TOKEN", step.provider.to_uppercase()));

@@ -8,6 +8,7 @@
 //! `occurred_at` plus the late-track window. The same rule claims resources when
 //! a teardown starts and decides, when a track arrives after one, that it is late.
 
+pub mod archive;
 mod finish;
 mod leases;
 pub mod outbox;

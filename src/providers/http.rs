@@ -171,32 +171,44 @@ impl HttpProvider {
         }
     }
 
-    pub async fn exists(&self, kind: &KindSpec, r: &Resource) -> Result<Option<bool>, StepError> {
-        let Some(check) = kind.check.as_ref().and_then(|c| c.http()) else {
-            return Ok(None);
-        };
-        let status = self.send(check, r).await?;
-        match status {
-            s if s.is_success() => Ok(Some(true)),
-            StatusCode::NOT_FOUND | StatusCode::GONE => Ok(Some(false)),
+    /// 2xx: it exists (or, for a guard, is in use); 404/410: it does not.
+    pub async fn probe(&self, t: &RequestTemplate, r: &Resource) -> Result<bool, StepError> {
+        match self.send(t, r).await? {
+            s if s.is_success() => Ok(true),
+            StatusCode::NOT_FOUND | StatusCode::GONE => Ok(false),
             other => Err(classify_status(other, "")),
         }
     }
 
     async fn send(&self, t: &RequestTemplate, r: &Resource) -> Result<StatusCode, StepError> {
         let path = t.render(&r.id, &r.attributes).map_err(StepError::Permanent)?;
+        Ok(self.request(t.method(), &path).await?.status())
+    }
+
+    /// One page of a list, as JSON. A 404 is a failure here, not an empty
+    /// list: an inventory that is not there must not look like one with nothing in it.
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, StepError> {
+        let resp = self.request(&Method::GET, path).await?;
+        if !resp.status().is_success() {
+            return Err(StepError::Permanent(format!("{} from the list", resp.status())));
+        }
+        resp.json().await.map_err(|e| StepError::Transient(format!("the answer is not JSON: {}", without_url(&e))))
+    }
+
+    /// Paced and capped; 429 pauses the provider; 2xx, 404 and 410 come back.
+    async fn request(&self, method: &Method, path: &str) -> Result<reqwest::Response, StepError> {
         let url = format!("{}{}", self.base_url, path);
         let _permit = self.in_flight.acquire().await.expect("the semaphore is never closed");
         self.wait_for_turn().await;
-        let mut req = self.client.request(t.method().clone(), &url);
+        let mut req = self.client.request(method.clone(), &url);
         if let Some((h, v)) = &self.auth {
             req = req.header(h.clone(), v.clone());
         }
         let resp = req.send().await.map_err(|e| {
             if e.is_timeout() || e.is_connect() || e.is_request() {
-                StepError::Transient(format!("{} {path}: {}", t.method(), without_url(&e)))
+                StepError::Transient(format!("{method} {path}: {}", without_url(&e)))
             } else {
-                StepError::Permanent(format!("{} {path}: {}", t.method(), without_url(&e)))
+                StepError::Permanent(format!("{method} {path}: {}", without_url(&e)))
             }
         })?;
         let status = resp.status();
@@ -215,7 +227,7 @@ impl HttpProvider {
             let detail = resp.text().await.unwrap_or_default();
             return Err(classify_status(status, &detail));
         }
-        Ok(status)
+        Ok(resp)
     }
 
     async fn wait_for_turn(&self) {

@@ -2,6 +2,7 @@
 //! is idempotent: a resource that is already gone counts as done.
 
 pub mod http;
+pub mod mongo;
 pub mod postgres;
 
 use std::collections::HashMap;
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use crate::config::{KindSpec, ProviderSettings};
 use crate::domain::Resource;
+use crate::ledger::Ledger;
 
 /// How one provider call failed, in the terms the retry policy needs.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -47,27 +49,48 @@ pub enum Deleted {
 pub enum Provider {
     Http(Box<http::HttpProvider>),
     Postgres(postgres::PostgresProvider),
+    Mongo(mongo::MongoProvider),
 }
 
-/// How a kind deletes (or checks) one resource, in its provider's terms.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How a kind deletes (or checks, or guards) one resource, in its provider's terms.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     Http(http::RequestTemplate),
     Sql(postgres::SqlTemplate),
+    Mongo(mongo::MongoTemplate),
 }
 
 impl Action {
+    /// `text` in the provider's language: "METHOD /path", SQL, or a filter.
+    pub fn parse(
+        provider: &ProviderSettings,
+        text: &str,
+        params: &[String],
+        exact: bool,
+        collection: Option<&str>,
+        soft_delete_field: Option<&str>,
+    ) -> Result<Action, String> {
+        match provider {
+            ProviderSettings::Http(_) => http::RequestTemplate::parse(text).map(Action::Http),
+            ProviderSettings::Postgres(_) => postgres::SqlTemplate::parse(text, params, exact).map(Action::Sql),
+            ProviderSettings::Mongodb(_) => {
+                let c = collection.ok_or("a mongodb kind needs `collection`")?;
+                mongo::MongoTemplate::parse(c, text, soft_delete_field, false).map(Action::Mongo)
+            }
+        }
+    }
+
     pub fn http(&self) -> Option<&http::RequestTemplate> {
         match self {
             Action::Http(t) => Some(t),
-            Action::Sql(_) => None,
+            _ => None,
         }
     }
 
     pub fn sql(&self) -> Option<&postgres::SqlTemplate> {
         match self {
             Action::Sql(t) => Some(t),
-            Action::Http(_) => None,
+            _ => None,
         }
     }
 
@@ -76,23 +99,61 @@ impl Action {
         match self {
             Action::Http(t) => t.attributes().collect(),
             Action::Sql(t) => t.attributes().collect(),
+            Action::Mongo(t) => t.attributes(),
         }
     }
 }
 
+/// Where a provider keeps what it is about to delete, before it deletes it:
+/// the job's archive in the ledger.
+pub struct ArchiveTo<'a> {
+    pub ledger: &'a Ledger,
+    pub job_id: uuid::Uuid,
+    pub kind: &'a str,
+    pub resource_id: &'a str,
+}
+
+impl ArchiveTo<'_> {
+    pub async fn keep(&self, records: &[serde_json::Value]) -> Result<(), StepError> {
+        self.ledger
+            .archive_keep(self.job_id, self.kind, self.resource_id, records)
+            .await
+            .map_err(|e| StepError::Transient(format!("archiving before the delete: {e}")))
+    }
+}
+
 impl Provider {
-    pub async fn delete(&self, kind: &KindSpec, r: &Resource) -> Result<Deleted, StepError> {
-        match self {
-            Provider::Http(p) => p.delete(kind, r).await,
-            Provider::Postgres(p) => p.delete(kind, r).await,
+    pub async fn delete(
+        &self,
+        kind: &KindSpec,
+        r: &Resource,
+        archive: Option<&ArchiveTo<'_>>,
+    ) -> Result<Deleted, StepError> {
+        match (self, &kind.delete) {
+            (Provider::Http(p), _) => p.delete(kind, r).await,
+            (Provider::Postgres(p), Action::Sql(t)) => p.delete(t, r, archive).await,
+            (Provider::Mongo(p), Action::Mongo(t)) => p.delete(t, r, archive).await,
+            _ => Err(StepError::Permanent(format!("kind {}: its delete does not fit its provider", kind.name))),
         }
     }
 
-    /// `None` when the kind has no check configured.
+    /// Whether the resource still exists; `None` when nothing can tell (an
+    /// HTTP or SQL kind without a check). A MongoDB kind's filter is its check.
     pub async fn exists(&self, kind: &KindSpec, r: &Resource) -> Result<Option<bool>, StepError> {
-        match self {
-            Provider::Http(p) => p.exists(kind, r).await,
-            Provider::Postgres(p) => p.exists(kind, r).await,
+        match (&kind.check, &kind.delete) {
+            (Some(c), _) => self.probe(c, r).await.map(Some),
+            (None, a @ Action::Mongo(_)) => self.probe(a, r).await.map(Some),
+            (None, _) => Ok(None),
+        }
+    }
+
+    /// Runs a check or guard: true when the thing exists (is in use).
+    pub async fn probe(&self, action: &Action, r: &Resource) -> Result<bool, StepError> {
+        match (self, action) {
+            (Provider::Http(p), Action::Http(t)) => p.probe(t, r).await,
+            (Provider::Postgres(p), Action::Sql(t)) => p.probe(t, r).await,
+            (Provider::Mongo(p), Action::Mongo(t)) => p.probe(t, r).await,
+            _ => Err(StepError::Permanent("a check does not fit its provider".into())),
         }
     }
 }
@@ -110,12 +171,16 @@ pub enum ProviderError {
 }
 
 impl Providers {
-    pub fn build(settings: &std::collections::BTreeMap<String, ProviderSettings>) -> Result<Providers, ProviderError> {
+    /// Builds every client; nothing connects yet.
+    pub async fn build(
+        settings: &std::collections::BTreeMap<String, ProviderSettings>,
+    ) -> Result<Providers, ProviderError> {
         let mut by_name = HashMap::new();
         for (name, s) in settings {
             let p = match s {
                 ProviderSettings::Http(h) => Provider::Http(Box::new(http::HttpProvider::build(name, h)?)),
                 ProviderSettings::Postgres(pg) => Provider::Postgres(postgres::PostgresProvider::build(name, pg)?),
+                ProviderSettings::Mongodb(m) => Provider::Mongo(mongo::MongoProvider::build(name, m).await?),
             };
             by_name.insert(name.clone(), Arc::new(p));
         }

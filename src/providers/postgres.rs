@@ -9,8 +9,8 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-use super::{Deleted, ProviderError, StepError};
-use crate::config::{KindSpec, PostgresProviderSettings};
+use super::{ArchiveTo, Deleted, ProviderError, StepError};
+use crate::config::PostgresProviderSettings;
 use crate::domain::Resource;
 
 /// A statement and what binds to its placeholders, checked at start-up.
@@ -116,17 +116,54 @@ impl PostgresProvider {
         Ok(PostgresProvider { pool })
     }
 
-    pub async fn delete(&self, kind: &KindSpec, r: &Resource) -> Result<Deleted, StepError> {
-        let t =
-            kind.delete.sql().ok_or_else(|| StepError::Permanent(format!("kind {} has no SQL delete", kind.name)))?;
-        let done = bind(sqlx::query(&t.sql), t, r)?.execute(&self.pool).await.map_err(classify)?;
-        Ok(if done.rows_affected() > 0 { Deleted::Now } else { Deleted::AlreadyGone })
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
-    pub async fn exists(&self, kind: &KindSpec, r: &Resource) -> Result<Option<bool>, StepError> {
-        let Some(t) = kind.check.as_ref().and_then(|c| c.sql()) else { return Ok(None) };
+    pub async fn delete(
+        &self,
+        t: &SqlTemplate,
+        r: &Resource,
+        archive: Option<&ArchiveTo<'_>>,
+    ) -> Result<Deleted, StepError> {
+        let Some(archive) = archive else {
+            let done = bind(sqlx::query(&t.sql), t, r)?.execute(&self.pool).await.map_err(classify)?;
+            return Ok(if done.rows_affected() > 0 { Deleted::Now } else { Deleted::AlreadyGone });
+        };
+        // The rows are deleted in a transaction that commits only after the
+        // ledger holds them: a crash in between leaves the rows in place.
+        let sql = format!(
+            "WITH deleted AS ({} RETURNING *) SELECT row_to_json(deleted)::text FROM deleted",
+            t.sql.trim_end().trim_end_matches(';')
+        );
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let rows: Vec<(String,)> = bind_as(sqlx::query_as(&sql), t, r)?.fetch_all(&mut *tx).await.map_err(classify)?;
+        if rows.is_empty() {
+            return Ok(Deleted::AlreadyGone);
+        }
+        let records: Vec<serde_json::Value> =
+            rows.iter().map(|(j,)| serde_json::from_str(j).unwrap_or(serde_json::Value::String(j.clone()))).collect();
+        archive.keep(&records).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(Deleted::Now)
+    }
+
+    /// Inserts an archived row back into `table`. `Ok(false)` when it conflicts
+    /// with a row that is there again.
+    pub async fn restore(&self, table: &str, record: &serde_json::Value) -> Result<bool, StepError> {
+        // `table` is checked at start-up to be a plain [schema.]name.
+        let quoted: Vec<String> = table.split('.').map(|p| format!("\"{p}\"")).collect();
+        let t = quoted.join(".");
+        let sql =
+            format!("INSERT INTO {t} SELECT * FROM json_populate_record(NULL::{t}, $1::json) ON CONFLICT DO NOTHING");
+        let done = sqlx::query(&sql).bind(record.to_string()).execute(&self.pool).await.map_err(classify)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// A row back means it exists (or, for a guard, is in use).
+    pub async fn probe(&self, t: &SqlTemplate, r: &Resource) -> Result<bool, StepError> {
         let row = bind(sqlx::query(&t.sql), t, r)?.fetch_optional(&self.pool).await.map_err(classify)?;
-        Ok(Some(row.is_some()))
+        Ok(row.is_some())
     }
 }
 
@@ -181,6 +218,17 @@ fn bind<'q>(
     t: &SqlTemplate,
     r: &Resource,
 ) -> Result<sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>, StepError> {
+    for v in t.values(r).map_err(StepError::Permanent)? {
+        q = q.bind(v);
+    }
+    Ok(q)
+}
+
+fn bind_as<'q, O>(
+    mut q: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    t: &SqlTemplate,
+    r: &Resource,
+) -> Result<sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>, StepError> {
     for v in t.values(r).map_err(StepError::Permanent)? {
         q = q.bind(v);
     }

@@ -1,0 +1,385 @@
+//! Inventories: the items one side of a reconcile rule holds, read page by
+//! page from an HTTP list, a SQL query, a MongoDB find or reaper's own ledger.
+//! Each is read by a task of its own that hands over pages through a channel
+//! of two, so memory stays bounded however long the list is.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use futures_util::TryStreamExt;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::providers::{mongo, Provider, Providers};
+
+/// Items per page handed to the sweep.
+pub const PAGE: usize = 5_000;
+
+/// One item of an inventory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub key: String,
+    /// When the item was created, if the provider says (always UTC).
+    pub created_at: Option<DateTime<Utc>>,
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// Where one side of a rule is read from. Which fields apply depends on the
+/// provider's type; `provider = "ledger"` reads what reaper itself tracks.
+#[derive(Debug, Clone, Deserialize)]
+pub struct InventorySettings {
+    pub provider: String,
+    /// HTTP: "GET /path" of the list.
+    #[serde(default)]
+    pub request: Option<String>,
+    /// HTTP: JSON pointer to the array of items in a page ("" = the page is the array).
+    #[serde(default)]
+    pub items: String,
+    /// The key: a JSON pointer in an HTTP item ("/name"), a document field, a
+    /// SQL column (default "key").
+    #[serde(default)]
+    pub key: Option<String>,
+    /// HTTP: JSON pointer to the next page's token; absent or null ends the list.
+    #[serde(default)]
+    pub next: Option<String>,
+    /// HTTP: query parameter the token is sent back in.
+    #[serde(default = "default_next_param")]
+    pub next_param: String,
+    /// Where the creation time is (pointer, field or column); RFC 3339, a
+    /// UNIX time in seconds, or a timestamp column. Times without a zone are UTC.
+    #[serde(default)]
+    pub created_at: Option<String>,
+    /// Attribute name → pointer or field (HTTP, MongoDB). SQL: every other column.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// SQL: the query.
+    #[serde(default)]
+    pub sql: Option<String>,
+    /// MongoDB: the collection and a filter (plain JSON, no placeholders).
+    #[serde(default)]
+    pub collection: Option<String>,
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// Ledger: the kind whose live tracked resources are the inventory.
+    #[serde(default)]
+    pub kind: Option<String>,
+}
+
+fn default_next_param() -> String {
+    "start".into()
+}
+
+pub const LEDGER: &str = "ledger";
+
+impl InventorySettings {
+    /// Checks the fields the provider's type needs. `providers` are the
+    /// configured ones; "ledger" is always there.
+    pub fn check(&self, providers: &BTreeMap<String, crate::config::ProviderSettings>) -> Result<(), String> {
+        use crate::config::ProviderSettings as P;
+        if self.provider == LEDGER {
+            return self.kind.as_ref().map(|_| ()).ok_or_else(|| "a ledger inventory needs `kind`".into());
+        }
+        match providers.get(&self.provider) {
+            None => Err(format!("provider {:?} is not configured", self.provider)),
+            Some(P::Http(_)) => {
+                let r = self.request.as_deref().ok_or("an HTTP inventory needs `request` (\"GET /path\")")?;
+                let t = crate::providers::http::RequestTemplate::parse(r)?;
+                if t.method() != reqwest::Method::GET || r.contains('{') {
+                    return Err("an HTTP inventory's request is a GET without placeholders".into());
+                }
+                if self.key.is_none() {
+                    return Err("an HTTP inventory needs `key` (a JSON pointer such as \"/name\")".into());
+                }
+                for p in [Some(&self.items), self.key.as_ref(), self.next.as_ref(), self.created_at.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .chain(self.attributes.values())
+                {
+                    if !p.is_empty() && !p.starts_with('/') {
+                        return Err(format!("{p:?} is not a JSON pointer (they start with '/')"));
+                    }
+                }
+                Ok(())
+            }
+            Some(P::Postgres(_)) => match &self.sql {
+                Some(sql) if crate::providers::postgres::placeholders(sql) == 0 => Ok(()),
+                Some(_) => Err("an inventory's SQL takes no parameters".into()),
+                None => Err("a postgres inventory needs `sql`".into()),
+            },
+            Some(P::Mongodb(_)) => {
+                self.collection.as_ref().ok_or("a mongodb inventory needs `collection`")?;
+                self.key.as_ref().ok_or("a mongodb inventory needs `key` (a field)")?;
+                let f = self.filter.as_deref().unwrap_or("{}");
+                mongo::MongoTemplate::parse("x", f, None, true).map(|_| ())
+            }
+        }
+    }
+}
+
+/// Starts reading an inventory; pages arrive on the receiver, then either the
+/// channel closes (the end) or an `Err` arrives (the read failed: the whole
+/// inventory must then be treated as not loaded).
+pub fn read(
+    inv: &InventorySettings,
+    providers: &Providers,
+    ledger: &crate::ledger::Ledger,
+) -> mpsc::Receiver<Result<Vec<Item>, String>> {
+    let (tx, rx) = mpsc::channel(2);
+    let inv = inv.clone();
+    if inv.provider == LEDGER {
+        let pool = ledger.pool().clone();
+        let sql = "SELECT DISTINCT resource_id AS key FROM tracked_resources WHERE kind = $1 AND state = 'live'";
+        let kind = inv.kind.clone().unwrap_or_default();
+        tokio::spawn(async move {
+            let rows = sqlx::query(sql).bind(kind).fetch(&pool);
+            pump_sql(rows, &inv, tx).await
+        });
+        return rx;
+    }
+    let Some(provider) = providers.get(&inv.provider).cloned() else {
+        let _ = tx.try_send(Err(format!("provider {} is not configured", inv.provider)));
+        return rx;
+    };
+    tokio::spawn(async move {
+        match provider.as_ref() {
+            Provider::Postgres(p) => {
+                let sql = inv.sql.clone().unwrap_or_default();
+                let rows = sqlx::query(&sql).fetch(p.pool());
+                pump_sql(rows, &inv, tx).await
+            }
+            Provider::Mongo(m) => pump_mongo(m, &inv, tx).await,
+            Provider::Http(h) => pump_http(h, &inv, tx).await,
+        }
+    });
+    rx
+}
+
+type Tx = mpsc::Sender<Result<Vec<Item>, String>>;
+
+async fn pump_sql<'a>(
+    mut rows: futures_util::stream::BoxStream<'a, Result<sqlx::postgres::PgRow, sqlx::Error>>,
+    inv: &InventorySettings,
+    tx: Tx,
+) {
+    let key_col = inv.key.clone().unwrap_or_else(|| "key".into());
+    let mut page = Vec::with_capacity(PAGE);
+    loop {
+        let row = match rows.try_next().await {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(e) => {
+                let _ = tx.send(Err(format!("query failed: {e}"))).await;
+                return;
+            }
+        };
+        match sql_item(&row, &key_col, inv.created_at.as_deref()) {
+            Ok(Some(item)) => page.push(item),
+            Ok(None) => {}
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        }
+        if page.len() == PAGE && tx.send(Ok(std::mem::replace(&mut page, Vec::with_capacity(PAGE)))).await.is_err() {
+            return;
+        }
+    }
+    if !page.is_empty() {
+        let _ = tx.send(Ok(page)).await;
+    }
+}
+
+fn sql_item(row: &sqlx::postgres::PgRow, key_col: &str, created_col: Option<&str>) -> Result<Option<Item>, String> {
+    use sqlx::{Column, Row};
+    let mut item = Item { key: String::new(), created_at: None, attributes: BTreeMap::new() };
+    for (i, col) in row.columns().iter().enumerate() {
+        let name = col.name();
+        if Some(name) == created_col {
+            item.created_at = match row.try_get::<Option<DateTime<Utc>>, _>(i) {
+                Ok(t) => t,
+                Err(_) => row
+                    .try_get::<Option<NaiveDateTime>, _>(i)
+                    .map_err(|e| format!("column {name:?} is not a timestamp: {e}"))?
+                    .map(|n| n.and_utc()),
+            };
+            continue;
+        }
+        let v: Option<String> =
+            row.try_get(i).map_err(|e| format!("column {name:?} is not text (cast it with ::text): {e}"))?;
+        match (name == key_col, v) {
+            (true, Some(k)) => item.key = k,
+            (true, None) => return Ok(None),
+            (false, Some(v)) => {
+                item.attributes.insert(name.to_string(), v);
+            }
+            (false, None) => {}
+        }
+    }
+    if item.key.is_empty() {
+        if row.columns().iter().all(|c| c.name() != key_col) {
+            return Err(format!("the query returns no column named {key_col:?}"));
+        }
+        return Ok(None);
+    }
+    Ok(Some(item))
+}
+
+async fn pump_mongo(m: &mongo::MongoProvider, inv: &InventorySettings, tx: Tx) {
+    use mongodb::bson::{Bson, Document};
+    let key = inv.key.clone().unwrap_or_default();
+    let filter: Document = match serde_json::from_str::<serde_json::Value>(inv.filter.as_deref().unwrap_or("{}"))
+        .map_err(|e| e.to_string())
+        .and_then(|v| Bson::try_from(v).map_err(|e| e.to_string()))
+    {
+        Ok(Bson::Document(d)) => d,
+        Ok(_) => Document::new(),
+        Err(e) => {
+            let _ = tx.send(Err(format!("filter: {e}"))).await;
+            return;
+        }
+    };
+    let mut projection = mongodb::bson::doc! { key.as_str(): 1 };
+    for f in inv.created_at.iter().chain(inv.attributes.values()) {
+        projection.insert(f.clone(), 1);
+    }
+    let coll = m.database().collection::<Document>(inv.collection.as_deref().unwrap_or_default());
+    let mut cursor = match coll.find(filter).projection(projection).batch_size(PAGE as u32).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tx.send(Err(mongo::classify(e).to_string())).await;
+            return;
+        }
+    };
+    let mut page = Vec::with_capacity(PAGE);
+    loop {
+        match cursor.try_next().await {
+            Ok(Some(d)) => {
+                let Some(k) = get_path(&d, &key).and_then(mongo::as_text) else { continue };
+                let created_at = inv.created_at.as_deref().and_then(|f| get_path(&d, f)).and_then(|v| match v {
+                    Bson::DateTime(t) => DateTime::from_timestamp_millis(t.timestamp_millis()),
+                    other => mongo::as_text(other).and_then(|s| parse_time(&s)),
+                });
+                let attributes = inv
+                    .attributes
+                    .iter()
+                    .filter_map(|(name, f)| get_path(&d, f).and_then(mongo::as_text).map(|v| (name.clone(), v)))
+                    .collect();
+                page.push(Item { key: k, created_at, attributes });
+                if page.len() == PAGE
+                    && tx.send(Ok(std::mem::replace(&mut page, Vec::with_capacity(PAGE)))).await.is_err()
+                {
+                    return;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let _ = tx.send(Err(mongo::classify(e).to_string())).await;
+                return;
+            }
+        }
+    }
+    if !page.is_empty() {
+        let _ = tx.send(Ok(page)).await;
+    }
+}
+
+/// `a.b.c` in a document.
+fn get_path<'d>(d: &'d mongodb::bson::Document, path: &str) -> Option<&'d mongodb::bson::Bson> {
+    let mut parts = path.split('.');
+    let mut v = d.get(parts.next()?)?;
+    for p in parts {
+        v = v.as_document()?.get(p)?;
+    }
+    Some(v)
+}
+
+async fn pump_http(h: &crate::providers::http::HttpProvider, inv: &InventorySettings, tx: Tx) {
+    let request = inv.request.clone().unwrap_or_default();
+    let path = request.split_once(' ').map(|(_, p)| p.trim().to_string()).unwrap_or_default();
+    let key = inv.key.clone().unwrap_or_default();
+    let mut token: Option<String> = None;
+    let mut seen_tokens = std::collections::HashSet::new();
+    loop {
+        let url = match &token {
+            None => path.clone(),
+            Some(t) => {
+                let sep = if path.contains('?') { '&' } else { '?' };
+                let t = percent_encoding::utf8_percent_encode(t, percent_encoding::NON_ALPHANUMERIC);
+                format!("{path}{sep}{}={t}", inv.next_param)
+            }
+        };
+        let page = match h.get_json(&url).await {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = tx.send(Err(format!("GET {url}: {e}"))).await;
+                return;
+            }
+        };
+        let Some(items) = page.pointer(&inv.items).and_then(|v| v.as_array()) else {
+            let _ = tx.send(Err(format!("GET {url}: no array at {:?} in the answer", inv.items))).await;
+            return;
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for it in items {
+            let Some(k) = it.pointer(&key).and_then(json_text) else { continue };
+            let created_at = inv.created_at.as_deref().and_then(|p| it.pointer(p)).and_then(|v| match v {
+                serde_json::Value::Number(n) => n.as_f64().and_then(|s| DateTime::from_timestamp(s as i64, 0)),
+                other => json_text(other).and_then(|s| parse_time(&s)),
+            });
+            let attributes = inv
+                .attributes
+                .iter()
+                .filter_map(|(name, p)| it.pointer(p).and_then(json_text).map(|v| (name.clone(), v)))
+                .collect();
+            out.push(Item { key: k, created_at, attributes });
+        }
+        if !out.is_empty() && tx.send(Ok(out)).await.is_err() {
+            return;
+        }
+        token = inv.next.as_deref().and_then(|p| page.pointer(p)).and_then(json_text).filter(|t| !t.is_empty());
+        match &token {
+            None => return,
+            Some(t) if !seen_tokens.insert(t.clone()) => {
+                let _ = tx.send(Err(format!("GET {url}: the API sent page token {t:?} twice"))).await;
+                return;
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+fn json_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// RFC 3339, or a date-time without a zone (taken as UTC), or UNIX seconds.
+pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    for f in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
+        if let Ok(n) = NaiveDateTime::parse_from_str(s, f) {
+            return Some(n.and_utc());
+        }
+    }
+    s.parse::<f64>().ok().and_then(|secs| DateTime::from_timestamp(secs as i64, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_utc() {
+        let t = parse_time("2026-11-20T10:00:00+02:00").unwrap();
+        assert_eq!(t.to_rfc3339(), "2026-11-20T08:00:00+00:00");
+        assert_eq!(parse_time("2026-11-20 08:00:00").unwrap(), t);
+        assert_eq!(parse_time("1795075200").unwrap().timestamp(), 1_795_075_200);
+        assert!(parse_time("yesterday").is_none());
+    }
+}

@@ -1,0 +1,626 @@
+//! Reconcile rules: find orphans as the set difference between a source of
+//! truth and a copy, and tear them down through the normal job pipeline.
+//!
+//! A sweep reads both inventories (concurrently, page by page) into temporary
+//! tables in the ledger, lets PostgreSQL compute what is only in the copy, and
+//! keeps per-item state across sweeps (first seen, consecutive sweeps
+//! orphaned) for the grace period and the quarantine. The whole sweep is one
+//! ledger transaction: a dry run is the same sweep rolled back, so what it
+//! reports is exactly what `--execute` would do at that moment.
+//!
+//! Safety, in the order it is applied: an inventory that fails to load stops
+//! the sweep (nothing is counted, nothing is touched); a side that comes back
+//! empty while the other does not stops it; exclusions are never touched;
+//! items younger than the grace period or seen orphaned in fewer consecutive
+//! sweeps than the quarantine wait; more deletions than `max_count` or
+//! `max_fraction` of the copy are refused unless forced.
+
+pub mod cli;
+pub mod inventory;
+pub mod schedule;
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{Postgres, Transaction};
+
+use crate::broker::{BrokerError, Names};
+use crate::config::{Catalog, ProviderSettings, Settings};
+use crate::ledger::{Ledger, LedgerError};
+use crate::providers::Providers;
+use inventory::{InventorySettings, Item};
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReconcileSettings {
+    /// The shortest `every_secs` a rule's schedule may have.
+    pub min_interval_secs: f64,
+    #[serde(default)]
+    pub rules: BTreeMap<String, RuleSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RuleSettings {
+    /// The source of truth. Without one, every item of the copy that passes
+    /// the filters is an orphan (a rule like "failed for more than 24 hours").
+    #[serde(default)]
+    pub truth: Option<InventorySettings>,
+    pub copy: InventorySettings,
+    pub action: ActionSettings,
+    /// Items younger than this (by their created_at, else by when reaper first
+    /// saw them orphaned) are left alone.
+    #[serde(default)]
+    pub grace_secs: f64,
+    /// Consecutive sweeps that must all find an item orphaned before it is touched.
+    #[serde(default = "one")]
+    pub quarantine_sweeps: u32,
+    /// Refuse (unless forced) when a sweep would tear down more than this many...
+    #[serde(default = "default_max_count")]
+    pub max_count: u64,
+    /// ...or more than this fraction of the copy (rules with a truth only).
+    #[serde(default = "default_max_fraction")]
+    pub max_fraction: f64,
+    /// Only items matching all of these are considered.
+    #[serde(default)]
+    pub include: Vec<Filter>,
+    /// Items matching any of these are never touched.
+    #[serde(default)]
+    pub exclude: Vec<Filter>,
+    /// Run inside `reaper run` this often; unset: by hand only.
+    #[serde(default)]
+    pub every_secs: Option<f64>,
+    /// Scheduled sweeps act (true) or only report (false, the default).
+    #[serde(default)]
+    pub execute_on_schedule: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_max_count() -> u64 {
+    100
+}
+fn default_max_fraction() -> f64 {
+    0.5
+}
+
+/// What a sweep does with each orphan.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ActionSettings {
+    /// Tear the orphan down as a resource of this kind (provisioning.failed
+    /// listing it). Without a kind, the owner itself is torn down
+    /// (deletion.requested or provisioning.failed, lookups finding the rest).
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// The attribute that is the resource's id; default the key.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The owner, "type/{key}"; default "reconcile.RULE/{key}".
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// "deletion.requested" or "provisioning.failed".
+    #[serde(default)]
+    pub event: Option<String>,
+}
+
+/// `field` is "key" or an attribute; `glob` may use `*`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Filter {
+    pub field: String,
+    pub glob: String,
+}
+
+impl Filter {
+    fn matches(&self, item: &Item) -> bool {
+        let v = if self.field == "key" { Some(&item.key) } else { item.attributes.get(&self.field) };
+        v.is_some_and(|v| glob(&self.glob, v))
+    }
+}
+
+/// `*` matches any run of characters; everything else itself.
+pub fn glob(pattern: &str, s: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == s;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !s.starts_with(first) || s.len() < first.len() + last.len() || !s.ends_with(last) {
+        return false;
+    }
+    let mut rest = &s[first.len()..s.len() - last.len()];
+    for p in &parts[1..parts.len() - 1] {
+        match rest.find(p) {
+            Some(i) => rest = &rest[i + p.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("no reconcile rule named {0:?}")]
+    UnknownRule(String),
+    #[error("rule {rule}: another sweep of it is running")]
+    Busy { rule: String },
+    #[error("rule {rule}: the {side} inventory failed to load, so nothing was touched: {message}")]
+    Inventory { rule: String, side: &'static str, message: String },
+    #[error("rule {rule}: {message}")]
+    Sweep { rule: String, message: String },
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+impl ReconcileSettings {
+    /// Checks every rule against the providers and kinds, at start-up.
+    pub fn check(&self, providers: &BTreeMap<String, ProviderSettings>, catalog: &Catalog) -> Result<(), String> {
+        for (name, r) in &self.rules {
+            let err = |m: String| format!("reconcile rule {name:?}: {m}");
+            if let Some(t) = &r.truth {
+                t.check(providers).map_err(|e| err(format!("truth: {e}")))?;
+            }
+            r.copy.check(providers).map_err(|e| err(format!("copy: {e}")))?;
+            if let Some(k) = &r.action.kind {
+                if catalog.kind(k).is_none() {
+                    return Err(err(format!("action.kind {k:?} is not a configured kind")));
+                }
+            }
+            match r.action.event.as_deref() {
+                None | Some(crate::contract::DELETION_REQUESTED) | Some(crate::contract::PROVISIONING_FAILED) => {}
+                Some(e) => {
+                    return Err(err(format!("action.event {e:?} must be deletion.requested or provisioning.failed")))
+                }
+            }
+            if r.action.kind.is_some() && r.action.event.as_deref() == Some(crate::contract::DELETION_REQUESTED) {
+                return Err(err("action.kind lists the orphan, which only provisioning.failed can carry".into()));
+            }
+            let owner = r.action.owner.as_deref().unwrap_or("x/{key}");
+            if owner.matches("{key}").count() != 1 || !owner.contains('/') {
+                return Err(err(format!("action.owner {owner:?} must be \"type/...\" with {{key}} once")));
+            }
+            if !(r.max_fraction > 0.0 && r.max_fraction <= 1.0) {
+                return Err(err("max_fraction must be in (0, 1]".into()));
+            }
+            if r.grace_secs < 0.0 || !r.grace_secs.is_finite() {
+                return Err(err("grace_secs must be a non-negative number".into()));
+            }
+            if r.quarantine_sweeps == 0 {
+                return Err(err("quarantine_sweeps must be at least 1".into()));
+            }
+            if let Some(every) = r.every_secs {
+                if every.is_nan() || every < self.min_interval_secs {
+                    return Err(err(format!(
+                        "every_secs {every} is below reconcile.min_interval_secs {}",
+                        self.min_interval_secs
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a sweep was asked to run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mode {
+    /// Act; otherwise report only (and change nothing, state included).
+    pub execute: bool,
+    /// Go past the max_count / max_fraction brakes.
+    pub force: bool,
+}
+
+/// What a sweep found and did. Sample keys are the first few, in key order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    pub rule: String,
+    pub dry_run: bool,
+    /// "acted", "nothing_to_do", "dry_run" or "refused".
+    pub outcome: String,
+    pub refused: Option<String>,
+    pub sweep: i64,
+    pub truth: Option<u64>,
+    pub copy: u64,
+    /// Copy items left out by include/exclude.
+    pub excluded: u64,
+    pub orphans: u64,
+    /// Orphans younger than the grace period.
+    pub too_young: u64,
+    /// Orphans not yet seen in enough consecutive sweeps.
+    pub in_quarantine: u64,
+    /// Orphans that pass every rule: what --execute tears down.
+    pub actionable: u64,
+    /// Teardown events published.
+    pub published: u64,
+    pub sample_actionable: Vec<String>,
+    pub sample_waiting: Vec<String>,
+    #[serde(with = "crate::contract::rfc3339")]
+    pub started_at: DateTime<Utc>,
+    pub seconds: f64,
+}
+
+/// What a sweep needs, borrowed from the application or the CLI.
+pub struct Sweeper<'a> {
+    pub settings: &'a Settings,
+    pub catalog: &'a Catalog,
+    pub ledger: &'a Ledger,
+    pub providers: &'a Providers,
+    pub metrics: Option<&'a crate::metrics::Metrics>,
+}
+
+const SAMPLES: i64 = 10;
+
+impl Sweeper<'_> {
+    pub async fn sweep(&self, name: &str, mode: Mode) -> Result<Report, ReconcileError> {
+        let rule = self.settings.reconcile.rules.get(name).ok_or_else(|| ReconcileError::UnknownRule(name.into()))?;
+        let started = std::time::Instant::now();
+        let result = self.sweep_inner(name, rule, mode).await;
+        if let Some(m) = self.metrics {
+            let outcome = match &result {
+                Ok(r) => r.outcome.as_str(),
+                Err(ReconcileError::Busy { .. }) => "busy",
+                Err(_) => "failed",
+            };
+            m.reconcile_runs.with_label_values(&[name, outcome]).inc();
+            m.reconcile_seconds.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
+            if let Ok(r) = &result {
+                m.reconcile_orphans.with_label_values(&[name]).set(r.orphans as i64);
+                m.reconcile_published.with_label_values(&[name]).inc_by(r.published);
+            }
+        }
+        match &result {
+            Ok(r) => tracing::info!(
+                rule = name,
+                outcome = %r.outcome,
+                orphans = r.orphans,
+                actionable = r.actionable,
+                published = r.published,
+                refused = r.refused.as_deref().unwrap_or(""),
+                "reconcile sweep done"
+            ),
+            Err(e) => tracing::warn!(rule = name, error = %e, "reconcile sweep stopped; nothing was touched"),
+        }
+        result
+    }
+
+    async fn sweep_inner(&self, name: &str, rule: &RuleSettings, mode: Mode) -> Result<Report, ReconcileError> {
+        let started_at = Utc::now();
+        let clock = std::time::Instant::now();
+        let fail = |message: String| ReconcileError::Sweep { rule: name.into(), message };
+        let mut tx = self.ledger.pool().begin().await.map_err(|e| fail(format!("ledger: {e}")))?;
+        let (locked,): (bool,) =
+            sqlx::query_as("SELECT pg_try_advisory_xact_lock(hashtext('reaper.reconcile'), hashtext($1))")
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| fail(format!("ledger: {e}")))?;
+        if !locked {
+            return Err(ReconcileError::Busy { rule: name.into() });
+        }
+        for ddl in [
+            "CREATE TEMP TABLE rc_truth (key TEXT NOT NULL) ON COMMIT DROP",
+            "CREATE TEMP TABLE rc_copy (key TEXT NOT NULL, created_at TIMESTAMPTZ, attrs JSONB NOT NULL) ON COMMIT DROP",
+        ] {
+            sqlx::query(ddl).execute(&mut *tx).await.map_err(|e| fail(format!("ledger: {e}")))?;
+        }
+        let (truth, copy, excluded) = self.load(name, rule, &mut tx).await?;
+
+        let mut report = Report {
+            rule: name.into(),
+            dry_run: !mode.execute,
+            outcome: String::new(),
+            refused: None,
+            sweep: 0,
+            truth,
+            copy,
+            excluded,
+            orphans: 0,
+            too_young: 0,
+            in_quarantine: 0,
+            actionable: 0,
+            published: 0,
+            sample_actionable: Vec::new(),
+            sample_waiting: Vec::new(),
+            started_at,
+            seconds: 0.0,
+        };
+        // An empty side next to a full one is what an outage, a wrong filter or
+        // an expired token looks like: never a reason to delete everything.
+        let empty = match truth {
+            Some(0) if copy + excluded > 0 => {
+                Some(format!("the truth inventory came back empty while the copy holds {}", copy + excluded))
+            }
+            Some(t) if t > 0 && copy + excluded == 0 => {
+                Some(format!("the copy inventory came back empty while the truth holds {t}"))
+            }
+            _ => None,
+        };
+        if let Some(why) = empty {
+            report.outcome = "refused".into();
+            report.refused = Some(format!("{why}; nothing was touched"));
+            report.seconds = clock.elapsed().as_secs_f64();
+            tx.rollback().await.map_err(|e| fail(format!("ledger: {e}")))?;
+            return Ok(report);
+        }
+        self.classify(name, rule, &mut tx, &mut report).await.map_err(|e| fail(format!("ledger: {e}")))?;
+
+        let limit = if truth.is_some() { (rule.max_fraction * copy as f64).floor() as u64 } else { u64::MAX };
+        let brake = if report.actionable > rule.max_count {
+            Some(format!("{} deletions exceed max_count {}", report.actionable, rule.max_count))
+        } else if report.actionable > limit {
+            Some(format!(
+                "{} deletions exceed max_fraction {} of the copy's {copy} items",
+                report.actionable, rule.max_fraction
+            ))
+        } else {
+            None
+        };
+        report.outcome = match (&brake, mode.force, mode.execute, report.actionable) {
+            (Some(b), false, _, _) => {
+                report.refused = Some(format!("{b}; rerun with --force if that is intended"));
+                "refused".into()
+            }
+            (_, _, false, _) => "dry_run".into(),
+            (_, _, true, 0) => "nothing_to_do".into(),
+            (_, _, true, _) => "acted".into(),
+        };
+        if report.outcome == "acted" {
+            report.published = self.publish(name, rule, &mut tx).await?;
+        }
+        let stored = serde_json::to_value(&report).unwrap_or_default();
+        if mode.execute {
+            sqlx::query("UPDATE reconcile_rules SET last_report = $2 WHERE rule = $1")
+                .bind(name)
+                .bind(stored)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| fail(format!("ledger: {e}")))?;
+            tx.commit().await.map_err(|e| fail(format!("ledger: {e}")))?;
+        } else {
+            tx.rollback().await.map_err(|e| fail(format!("ledger: {e}")))?;
+        }
+        report.seconds = clock.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    /// Reads both inventories at once into the temporary tables. Returns the
+    /// truth's size (None without a truth), the copy's kept and excluded counts.
+    async fn load(
+        &self,
+        name: &str,
+        rule: &RuleSettings,
+        tx: &mut Transaction<'static, Postgres>,
+    ) -> Result<(Option<u64>, u64, u64), ReconcileError> {
+        let inv_err =
+            |side: &'static str, message: String| ReconcileError::Inventory { rule: name.into(), side, message };
+        let mut truth_rx = rule.truth.as_ref().map(|t| inventory::read(t, self.providers, self.ledger));
+        let mut copy_rx = inventory::read(&rule.copy, self.providers, self.ledger);
+        let (mut truth_n, mut copy_n, mut excluded) = (0u64, 0u64, 0u64);
+        let (mut truth_done, mut copy_done) = (truth_rx.is_none(), false);
+        while !(truth_done && copy_done) {
+            tokio::select! {
+                page = async { truth_rx.as_mut().expect("present until done").recv().await }, if !truth_done => match page {
+                    None => truth_done = true,
+                    Some(Err(e)) => return Err(inv_err("truth", e)),
+                    Some(Ok(items)) => {
+                        truth_n += items.len() as u64;
+                        let keys: Vec<String> = items.into_iter().map(|i| i.key).collect();
+                        sqlx::query("INSERT INTO rc_truth (key) SELECT * FROM unnest($1::text[])")
+                            .bind(keys)
+                            .execute(&mut **tx)
+                            .await
+                            .map_err(|e| inv_err("truth", format!("storing a page: {e}")))?;
+                    }
+                },
+                page = copy_rx.recv(), if !copy_done => match page {
+                    None => copy_done = true,
+                    Some(Err(e)) => return Err(inv_err("copy", e)),
+                    Some(Ok(items)) => {
+                        let (kept, left): (Vec<Item>, Vec<Item>) = items.into_iter().partition(|i| {
+                            rule.include.iter().all(|f| f.matches(i)) && !rule.exclude.iter().any(|f| f.matches(i))
+                        });
+                        excluded += left.len() as u64;
+                        copy_n += kept.len() as u64;
+                        let mut keys = Vec::with_capacity(kept.len());
+                        let mut created = Vec::with_capacity(kept.len());
+                        let mut attrs = Vec::with_capacity(kept.len());
+                        for i in kept {
+                            keys.push(i.key);
+                            created.push(i.created_at);
+                            attrs.push(serde_json::to_value(i.attributes).unwrap_or_default());
+                        }
+                        sqlx::query(
+                            "INSERT INTO rc_copy (key, created_at, attrs) \
+                             SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::jsonb[])",
+                        )
+                        .bind(keys)
+                        .bind(created)
+                        .bind(attrs)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(|e| inv_err("copy", format!("storing a page: {e}")))?;
+                    }
+                },
+            }
+        }
+        Ok((rule.truth.as_ref().map(|_| truth_n), copy_n, excluded))
+    }
+
+    /// Computes the orphans, advances their state and fills the counts.
+    async fn classify(
+        &self,
+        name: &str,
+        rule: &RuleSettings,
+        tx: &mut Transaction<'static, Postgres>,
+        report: &mut Report,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("ANALYZE rc_truth").execute(&mut **tx).await?;
+        sqlx::query("ANALYZE rc_copy").execute(&mut **tx).await?;
+        let (sweep,): (i64,) = sqlx::query_as(
+            "INSERT INTO reconcile_rules (rule, sweeps) VALUES ($1, 1) \
+             ON CONFLICT (rule) DO UPDATE SET sweeps = reconcile_rules.sweeps + 1 RETURNING sweeps",
+        )
+        .bind(name)
+        .fetch_one(&mut **tx)
+        .await?;
+        report.sweep = sweep;
+        sqlx::query(
+            "CREATE TEMP TABLE rc_orphans ON COMMIT DROP AS \
+             SELECT DISTINCT ON (c.key) c.key, c.created_at, c.attrs FROM rc_copy c \
+             WHERE NOT EXISTS (SELECT 1 FROM rc_truth t WHERE t.key = c.key) ORDER BY c.key, c.created_at",
+        )
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO reconcile_state (rule, key, streak, last_sweep) SELECT $1, key, 1, $2 FROM rc_orphans \
+             ON CONFLICT (rule, key) DO UPDATE SET \
+               streak = CASE WHEN reconcile_state.last_sweep = $2 - 1 THEN reconcile_state.streak + 1 ELSE 1 END, \
+               last_sweep = $2",
+        )
+        .bind(name)
+        .bind(sweep)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query("DELETE FROM reconcile_state WHERE rule = $1 AND last_sweep < $2")
+            .bind(name)
+            .bind(sweep)
+            .execute(&mut **tx)
+            .await?;
+        // `ready` = old enough and seen often enough; rc_ready is what --execute acts on.
+        sqlx::query(
+            "CREATE TEMP TABLE rc_ready ON COMMIT DROP AS \
+             SELECT o.key, o.attrs, \
+                    coalesce(o.created_at, s.first_seen) <= now() - make_interval(secs => $3) AS old_enough, \
+                    s.streak >= $4 AS seen_enough \
+             FROM rc_orphans o JOIN reconcile_state s ON s.rule = $1 AND s.key = o.key AND s.last_sweep = $2",
+        )
+        .bind(name)
+        .bind(sweep)
+        .bind(rule.grace_secs)
+        .bind(rule.quarantine_sweeps as i32)
+        .execute(&mut **tx)
+        .await?;
+        let (orphans, young, waiting, ready): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE NOT old_enough), \
+                    count(*) FILTER (WHERE old_enough AND NOT seen_enough), \
+                    count(*) FILTER (WHERE old_enough AND seen_enough) FROM rc_ready",
+        )
+        .fetch_one(&mut **tx)
+        .await?;
+        report.orphans = orphans as u64;
+        report.too_young = young as u64;
+        report.in_quarantine = waiting as u64;
+        report.actionable = ready as u64;
+        report.sample_actionable =
+            sqlx::query_scalar("SELECT key FROM rc_ready WHERE old_enough AND seen_enough ORDER BY key LIMIT $1")
+                .bind(SAMPLES)
+                .fetch_all(&mut **tx)
+                .await?;
+        report.sample_waiting =
+            sqlx::query_scalar("SELECT key FROM rc_ready WHERE NOT (old_enough AND seen_enough) ORDER BY key LIMIT $1")
+                .bind(SAMPLES)
+                .fetch_all(&mut **tx)
+                .await?;
+        Ok(())
+    }
+
+    /// Publishes one teardown event per actionable orphan, with confirms,
+    /// a page at a time.
+    async fn publish(
+        &self,
+        name: &str,
+        rule: &RuleSettings,
+        tx: &mut Transaction<'static, Postgres>,
+    ) -> Result<u64, ReconcileError> {
+        let fail = |message: String| ReconcileError::Sweep { rule: name.into(), message };
+        let names = Names::new(&self.settings.broker.prefix);
+        let (conn, publisher) = crate::broker::consumer::open(self.settings, &names).await?;
+        let mut after = String::new();
+        let mut published = 0u64;
+        let result: Result<(), ReconcileError> = async {
+            loop {
+                let page: Vec<(String, serde_json::Value)> = sqlx::query_as(
+                    "SELECT key, attrs FROM rc_ready WHERE old_enough AND seen_enough AND key > $1 ORDER BY key LIMIT 500",
+                )
+                .bind(&after)
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(|e| fail(format!("ledger: {e}")))?;
+                let Some((last, _)) = page.last() else { return Ok(()) };
+                after = last.clone();
+                let events: Vec<(String, &'static str, Vec<u8>)> =
+                    page.iter().map(|(key, attrs)| event_for(name, rule, key, attrs)).collect::<Result<_, _>>().map_err(fail)?;
+                let sends = events.iter().map(|(id, rk, body)| publisher.publish(&names.events, rk, body, id, &[]));
+                for r in futures_util::future::join_all(sends).await {
+                    r?;
+                    published += 1;
+                }
+            }
+        }
+        .await;
+        publisher.close().await;
+        let _ = conn.close(200, "sent".into()).await;
+        result.map(|_| published)
+    }
+}
+
+/// The teardown event for one orphan: its event id, routing key and body.
+fn event_for(
+    rule_name: &str,
+    rule: &RuleSettings,
+    key: &str,
+    attrs: &serde_json::Value,
+) -> Result<(String, &'static str, Vec<u8>), String> {
+    let template = rule.action.owner.clone().unwrap_or_else(|| format!("reconcile.{rule_name}/{{key}}"));
+    let owner = template.replace("{key}", key);
+    crate::contract::check_owner(&owner).map_err(|e| format!("orphan {key:?}: {e}"))?;
+    let event_id = uuid::Uuid::new_v4().to_string();
+    let reason = format!("reconcile rule {rule_name}");
+    let attributes: BTreeMap<String, String> = serde_json::from_value(attrs.clone()).unwrap_or_default();
+    let now = Utc::now().to_rfc3339();
+    let (rk, body) = match &rule.action.kind {
+        Some(kind) => {
+            let id = match &rule.action.id {
+                Some(a) => {
+                    attributes.get(a).cloned().ok_or_else(|| format!("orphan {key:?} has no attribute {a:?}"))?
+                }
+                None => key.to_string(),
+            };
+            let body = serde_json::json!({
+                "event_id": event_id, "owner": owner, "reason": reason, "occurred_at": now,
+                "error": "orphan found by reconcile", "failed_step": rule_name,
+                "resources": [{ "kind": kind, "id": id, "attributes": attributes }],
+            });
+            (crate::contract::PROVISIONING_FAILED, body)
+        }
+        None => {
+            let rk = match rule.action.event.as_deref() {
+                Some(crate::contract::PROVISIONING_FAILED) => crate::contract::PROVISIONING_FAILED,
+                _ => crate::contract::DELETION_REQUESTED,
+            };
+            let body = serde_json::json!({
+                "event_id": event_id, "owner": owner, "reason": reason, "occurred_at": now,
+                "requested_by": "reaper-reconcile",
+            });
+            (rk, body)
+        }
+    };
+    Ok((event_id, rk, serde_json::to_vec(&body).expect("serializable")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob("gs://b2b-recs-quicktest-*", "gs://b2b-recs-quicktest-artifacts/x"));
+        assert!(!glob("gs://b2b-recs-quicktest-*", "gs://b2b-recs-training-artifacts/x"));
+        assert!(glob("*test*", "trd-test-20260129"));
+        assert!(glob("a*b*c", "axxbyyc"));
+        assert!(!glob("a*b*c", "axxcyyb"));
+        assert!(glob("exact", "exact"));
+        assert!(!glob("ab*ba", "aba"), "prefix and suffix may not overlap");
+    }
+}
