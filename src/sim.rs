@@ -5,7 +5,8 @@
 //! Resource API (any path outside `/_sim`):
 //! - `PUT /any/path` with `{"depends_on": ["/other/path"], "attributes": {...}}` creates.
 //! - `GET /any/path` answers 200 with the resource or 404; on a collection
-//!   (`GET /v1/servers?start=ID&limit=N`) it lists children one segment down.
+//!   (`GET /v1/servers?start=ID&limit=N`) it lists children one segment down,
+//!   a page at a time: `{"items": [{"id", "path", "attributes"}], "next": ID|null}`.
 //! - `DELETE /any/path`: 204, 404 when missing, 409 while a dependent exists.
 //!
 //! Control API: `GET|POST /_sim/faults`, `GET /_sim/stats`, `GET /_sim/resources`, `POST /_sim/reset`.
@@ -78,6 +79,9 @@ struct Inner {
     resources: BTreeMap<String, SimResource>,
     /// path → paths that depend on it and still exist.
     dependents: HashMap<String, BTreeSet<String>>,
+    /// Paths that have held resources: listing one that is empty now answers
+    /// an empty page, not 404.
+    collections: BTreeSet<String>,
     faults: Faults,
     rng: Option<fastrand::Rng>,
     stats: Stats,
@@ -104,6 +108,22 @@ impl Sim {
                 attributes: serde_json::Value::Null,
             },
         );
+    }
+
+    /// Makes `path` a collection that lists (possibly empty) rather than 404.
+    pub fn create_collection(&self, path: &str) {
+        self.inner.lock().unwrap().collections.insert(path.trim_end_matches('/').to_string());
+    }
+
+    /// Creates a resource with attributes (what a list shows of it).
+    pub fn create_with(&self, path: &str, attributes: serde_json::Value) {
+        let mut g = self.inner.lock().unwrap();
+        g.insert(path.to_string(), SimResource { depends_on: Vec::new(), attributes });
+    }
+
+    /// Deletes a resource directly (no HTTP), as someone at a console would.
+    pub fn remove(&self, path: &str) {
+        self.inner.lock().unwrap().remove(path);
     }
 
     pub fn exists(&self, path: &str) -> bool {
@@ -162,6 +182,9 @@ impl Sim {
 
 impl Inner {
     fn insert(&mut self, path: String, r: SimResource) {
+        if let Some((parent, _)) = path.rsplit_once('/') {
+            self.collections.insert(parent.to_string());
+        }
         for d in &r.depends_on {
             self.dependents.entry(d.clone()).or_default().insert(path.clone());
         }
@@ -310,7 +333,7 @@ fn list(g: &Inner, path: &str, q: ListQuery) -> Response {
     };
     let mut items = Vec::new();
     let mut next = None;
-    for (p, _) in g.resources.range(from..) {
+    for (p, r) in g.resources.range(from..) {
         let Some(id) = p.strip_prefix(&prefix) else {
             break;
         };
@@ -321,9 +344,10 @@ fn list(g: &Inner, path: &str, q: ListQuery) -> Response {
             next = items.last().map(|i: &serde_json::Value| i["id"].clone());
             break;
         }
-        items.push(serde_json::json!({ "id": id, "path": p }));
+        items.push(serde_json::json!({ "id": id, "path": p, "attributes": r.attributes }));
     }
-    if items.is_empty() && q.start.is_none() && !g.resources.keys().any(|k| k.starts_with(&prefix)) {
+    let known = g.collections.contains(path.trim_end_matches('/'));
+    if items.is_empty() && q.start.is_none() && !known && !g.resources.keys().any(|k| k.starts_with(&prefix)) {
         return StatusCode::NOT_FOUND.into_response();
     }
     Json(serde_json::json!({ "items": items, "next": next })).into_response()

@@ -20,6 +20,12 @@ pub fn amqp_url() -> String {
     std::env::var("REAPER_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// The MongoDB-wire server the tests use (secantusd-rs, started by .ci/run).
+pub fn mongo_url() -> String {
+    std::env::var("REAPER_TEST_MONGO_URL")
+        .unwrap_or_else(|_| "mongodb://127.0.0.1:27018/?directConnection=true&serverSelectionTimeoutMS=5000".into())
+}
+
 pub fn pg_server() -> String {
     std::env::var("REAPER_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
@@ -35,6 +41,8 @@ pub struct TestApp {
     pub shutdown: CancellationToken,
     /// A whole config file with this test's settings, for running the binary.
     pub config_text: String,
+    /// Prefix of this test's MongoDB databases ("t_<id>").
+    pub mongo_prefix: String,
     worker: Option<tokio::task::JoinHandle<()>>,
     _cleanup: Cleanup,
 }
@@ -47,6 +55,8 @@ struct Cleanup {
     /// Workers of this test (the app and any replicas), stopped before the
     /// topology goes, so none of them redeclares it while reconnecting.
     workers: Vec<(CancellationToken, Arc<App>)>,
+    /// Set when the test's config uses MongoDB: its databases are dropped.
+    mongo_prefix: Option<String>,
 }
 
 impl Drop for Cleanup {
@@ -63,12 +73,22 @@ impl Drop for Cleanup {
         let db_name = self.db_name.clone();
         let names = self.names.clone();
         let delays = self.retry_delays.clone();
+        let mongo_prefix = self.mongo_prefix.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
                 if let Ok(conn) = lapin::Connection::connect(&amqp_url(), Default::default()).await {
                     let _ = broker::delete_topology(&conn, &names, &delays).await;
                     let _ = conn.close(200, "test done".into()).await;
+                }
+                if let Some(prefix) = mongo_prefix {
+                    if let Ok(client) = mongodb::Client::with_uri_str(mongo_url()).await {
+                        for name in client.list_database_names().await.unwrap_or_default() {
+                            if name.starts_with(&prefix) {
+                                let _ = client.database(&name).drop().await;
+                            }
+                        }
+                    }
                 }
                 if let Ok(mut pg) = sqlx::PgConnection::connect(&format!("{}/postgres", pg_server())).await {
                     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)"))
@@ -103,8 +123,14 @@ pub async fn spawn_app(extra: &str) -> TestApp {
             .await
             .expect("creating the test database");
     }
-    let mut cleanup =
-        Cleanup { db_name: db_name.clone(), names: Names::new(&prefix), retry_delays: Vec::new(), workers: Vec::new() };
+    let mongo_prefix = format!("t_{id}");
+    let mut cleanup = Cleanup {
+        db_name: db_name.clone(),
+        names: Names::new(&prefix),
+        retry_delays: Vec::new(),
+        workers: Vec::new(),
+        mongo_prefix: extra.contains("{mongo_url}").then(|| mongo_prefix.clone()),
+    };
     let overrides = format!(
         "[providers.cloud]\nbase_url = \"http://{addr}\"\n\
          [broker]\nurl = \"{amqp}\"\nprefix = \"{prefix}\"\nprefetch = 16\n\
@@ -114,15 +140,21 @@ pub async fn spawn_app(extra: &str) -> TestApp {
         amqp = amqp_url(),
         pg = pg_server(),
     );
+    // An example that brings its own cloud provider replaces the VPC base in the file.
+    let base = if extra.contains("[providers.cloud]") { "" } else { include_str!("../../config/vpc-node.toml") };
     let config_text = format!(
         "{}\n{}",
-        include_str!("../../config/vpc-node.toml")
-            .replace("auth = {", "# auth = {")
+        base.replace("auth = {", "# auth = {")
             .replace("base_url = \"http://127.0.0.1:8089\"", &format!("base_url = \"http://{addr}\"")),
         overrides.split_once("[broker]").map(|(_, rest)| format!("[broker]{rest}")).unwrap_or_default()
     );
     // `{db_url}` in `extra` is this test's own database (an "application" database for SQL kinds).
-    let extra = extra.replace("{db_url}", &format!("{}/{db_name}", pg_server()));
+    let extra = extra
+        .replace("{db_url}", &format!("{}/{db_name}", pg_server()))
+        .replace("{sim_url}", &format!("http://{addr}"))
+        .replace("{mongo_url}", &mongo_url())
+        .replace("{mongo_prefix}", &mongo_prefix);
+    let config_text = format!("{config_text}\n{}", extra.replace("auth = {", "# auth = {"));
     let mut settings = Settings::from_toml_layers(&[include_str!("../../config/vpc-node.toml"), &overrides, &extra])
         .expect("test settings");
     if let Some(reaper::config::ProviderSettings::Http(h)) = settings.providers.get_mut("cloud") {
@@ -135,7 +167,7 @@ pub async fn spawn_app(extra: &str) -> TestApp {
         broker::consumer::open(&app.settings, &app.names).await.expect("RabbitMQ must be running on 127.0.0.1:5672");
     let tap = ResultTap::open(&conn, &app.names).await.expect("opening the results tap");
     let worker = Some(tokio::spawn(app.clone().run(shutdown.clone())));
-    TestApp { app, sim, publisher, tap, conn, shutdown, config_text, worker, _cleanup: cleanup }
+    TestApp { app, sim, publisher, tap, conn, shutdown, config_text, mongo_prefix, worker, _cleanup: cleanup }
 }
 
 impl TestApp {
@@ -261,4 +293,56 @@ impl TestApp {
         let app = Arc::new(App::build(self.app.settings.clone()).await.expect("building a replica"));
         (token.clone(), tokio::spawn(app.run(token)))
     }
+}
+
+impl TestApp {
+    /// This test's MongoDB database `name` (really "t_<id>_name"). Fails the
+    /// test loudly when no MongoDB-wire server answers.
+    pub async fn mongo(&self, name: &str) -> mongodb::Database {
+        let client = mongodb::Client::with_uri_str(mongo_url()).await.expect("a MongoDB URL");
+        client
+            .database("admin")
+            .run_command(mongodb::bson::doc! { "ping": 1 })
+            .await
+            .expect("a MongoDB-wire server must answer at REAPER_TEST_MONGO_URL (secantusd-rs on 127.0.0.1:27018; .ci/run starts it)");
+        client.database(&format!("{}_{name}", self.mongo_prefix))
+    }
+
+    /// Runs `reaper reconcile RULE ARGS... --json` and returns the exit code and the report.
+    pub fn reconcile(&self, rule: &str, args: &[&str]) -> (i32, Value, String) {
+        let mut all = vec!["reconcile", rule, "--json"];
+        all.extend_from_slice(args);
+        let out = self.reaper(&all, &[]);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        let report = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+        (out.status.code().unwrap_or(-1), report, stderr)
+    }
+
+    /// Runs SQL on the test's own database (the "application" database of the examples).
+    pub async fn sql(&self, sql: &str) {
+        sqlx::raw_sql(sql).execute(self.app.ledger.pool()).await.unwrap_or_else(|e| panic!("{e}: {sql}"));
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(self.app.ledger.pool()).await.unwrap_or_else(|e| panic!("{e}: {sql}"))
+    }
+}
+
+/// An example's config (examples/NAME/reaper.toml) with its local addresses
+/// turned into this test's: the app database, the simulated services, MongoDB.
+pub fn example(name: &str) -> String {
+    let path = format!("{}/examples/{name}/reaper.toml", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .replace("postgres://postgres@127.0.0.1:5432/app", "{db_url}")
+        .replace("http://127.0.0.1:8089", "{sim_url}")
+        .replace("mongodb://127.0.0.1:27017/?directConnection=true", "{mongo_url}")
+        .replace("database = \"", "database = \"{mongo_prefix}_")
+}
+
+/// An example's seed SQL (examples/NAME/schema.sql).
+pub fn example_sql(name: &str) -> String {
+    let path = format!("{}/examples/{name}/schema.sql", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }

@@ -11,6 +11,7 @@ mod contract_proto;
 mod deploy;
 mod malformed;
 mod owner_lives;
+mod reconcile;
 mod reliability;
 mod secrets;
 mod sql_kinds;

@@ -1,0 +1,255 @@
+//! Reconcile's safety rules, each tried against a sweep that would otherwise
+//! delete: a failed inventory, an empty one, the brakes, the grace period, the
+//! quarantine, exclusions, dry runs that change nothing, and the admin route.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+/// A gateway (the simulated cloud's /gw/models list, 100 a page) is the truth;
+/// the `models` table of the app database is the copy.
+const RULE: &str = r#"
+[providers.gateway]
+type = "http"
+base_url = "{sim_url}"
+
+[providers.appdb]
+type = "postgres"
+url = "{db_url}"
+
+[kinds.model_row]
+provider = "appdb"
+delete = "DELETE FROM models WHERE id = $1"
+archive = true
+archive_table = "models"
+
+[reconcile]
+min_interval_secs = 0.2
+
+[reconcile.rules.models]
+truth = { provider = "gateway", request = "GET /gw/models", items = "/items", key = "/id", next = "/next" }
+copy = { provider = "appdb", sql = "SELECT id AS key, created_at FROM models", created_at = "created_at" }
+action = { kind = "model_row", owner = "model/{key}" }
+max_count = 5
+max_fraction = 0.5
+exclude = [{ field = "key", glob = "keep-*" }]
+"#;
+
+/// `live` models in both, `orphans` only in the table, `old` hours old.
+async fn world(t: &TestApp, live: usize, orphans: &[&str]) {
+    t.sql("CREATE TABLE models (id text PRIMARY KEY, name text, created_at timestamptz NOT NULL DEFAULT now() - interval '2 days')")
+        .await;
+    t.sim.create_collection("/gw/models");
+    for i in 0..live {
+        let id = format!("live-{i:04}");
+        t.sim.create_with(&format!("/gw/models/{id}"), json!({}));
+        sqlx::query("INSERT INTO models (id, name) VALUES ($1, $1)")
+            .bind(&id)
+            .execute(t.app.ledger.pool())
+            .await
+            .unwrap();
+    }
+    for id in orphans {
+        sqlx::query("INSERT INTO models (id, name) VALUES ($1, $1)")
+            .bind(id)
+            .execute(t.app.ledger.pool())
+            .await
+            .unwrap();
+    }
+}
+
+async fn models(t: &TestApp) -> i64 {
+    t.count("SELECT count(*) FROM models").await
+}
+
+async fn exists(t: &TestApp, id: &str) -> bool {
+    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM models WHERE id = $1")
+        .bind(id)
+        .fetch_one(t.app.ledger.pool())
+        .await
+        .unwrap()
+        == 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paged_sweep_tears_down_exactly_the_orphans_and_dry_run_changes_nothing() {
+    let mut t = spawn_app(RULE).await;
+    world(&t, 250, &["gone-1", "gone-2", "keep-me"]).await;
+
+    let (code, r, err) = t.reconcile("models", &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(r["dry_run"], json!(true));
+    assert_eq!(
+        (r["truth"].as_u64(), r["copy"].as_u64(), r["excluded"].as_u64()),
+        (Some(250), Some(252), Some(1)),
+        "{r}"
+    );
+    assert_eq!(r["actionable"], json!(2), "{r}");
+    assert_eq!(r["sample_actionable"], json!(["gone-1", "gone-2"]));
+    assert_eq!(models(&t).await, 253, "a dry run deletes nothing");
+    let sweeps: i64 = t.count("SELECT count(*) FROM reconcile_rules").await;
+    assert_eq!(sweeps, 0, "a dry run leaves no state behind");
+
+    let (code, r, err) = t.reconcile("models", &["--execute"]);
+    assert_eq!((code, r["outcome"].as_str(), r["published"].as_u64()), (0, Some("acted"), Some(2)), "{r} {err}");
+    for _ in 0..2 {
+        let res = t.next_result(30).await.result;
+        assert_eq!(res.status, "completed", "{res:?}");
+        assert_eq!(res.resources[0].outcome, "deleted");
+    }
+    assert!(!exists(&t, "gone-1").await && !exists(&t, "gone-2").await);
+    assert!(exists(&t, "keep-me").await, "an excluded item is never touched");
+    assert_eq!(models(&t).await, 251);
+
+    let (code, r, _) = t.reconcile("models", &["--execute"]);
+    assert_eq!((code, r["orphans"].as_u64(), r["outcome"].as_str()), (0, Some(0), Some("nothing_to_do")), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truth_that_fails_to_load_or_comes_back_empty_touches_nothing() {
+    let t = spawn_app(RULE).await;
+    world(&t, 3, &["gone-1"]).await;
+
+    // The gateway answers 503 to every list request.
+    t.sim.set_faults(reaper::sim::Faults { fail_next: 1000, fail_status: 503, ..Default::default() });
+    let (code, r, err) = t.reconcile("models", &["--execute", "--force"]);
+    assert_eq!(code, 3, "a failed inventory exits 3: {r} {err}");
+    assert!(err.contains("truth inventory failed to load, so nothing was touched"), "{err}");
+    assert_eq!(models(&t).await, 4);
+    t.sim.set_faults(Default::default());
+
+    // The gateway answers, with nothing in it: everything would look orphaned.
+    for i in 0..3 {
+        t.sim.remove(&format!("/gw/models/live-{i:04}"));
+    }
+    let (code, r, err) = t.reconcile("models", &["--execute", "--force"]);
+    assert_eq!(code, 1, "a refusal exits 1: {r} {err}");
+    assert_eq!(r["outcome"], json!("refused"));
+    assert!(r["refused"].as_str().unwrap().contains("truth inventory came back empty"), "{r}");
+    assert_eq!(models(&t).await, 4, "--force does not go past an empty inventory");
+
+    // The copy's query is wrong: a failed load too, not an empty copy.
+    let broken = RULE.replace("FROM models\"", "FROM no_such_table\"");
+    drop(t);
+    let t = spawn_app(&broken).await;
+    world(&t, 3, &["gone-1"]).await;
+    let (code, _, err) = t.reconcile("models", &["--execute"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("copy inventory failed to load") && err.contains("no_such_table"), "{err}");
+    assert_eq!(models(&t).await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_brakes_refuse_a_sweep_that_would_delete_too_much_unless_forced() {
+    let mut t = spawn_app(RULE).await;
+    let orphans: Vec<String> = (0..7).map(|i| format!("gone-{i}")).collect();
+    let refs: Vec<&str> = orphans.iter().map(|s| s.as_str()).collect();
+    world(&t, 10, &refs).await;
+
+    let (code, r, _) = t.reconcile("models", &["--execute"]);
+    assert_eq!(code, 1, "{r}");
+    assert!(r["refused"].as_str().unwrap().contains("7 deletions exceed max_count 5"), "{r}");
+    assert_eq!((r["published"].as_u64(), r["actionable"].as_u64()), (Some(0), Some(7)));
+    assert_eq!(models(&t).await, 17);
+
+    let (code, r, _) = t.reconcile("models", &["--execute", "--force"]);
+    assert_eq!((code, r["published"].as_u64()), (0, Some(7)), "{r}");
+    for _ in 0..7 {
+        assert_eq!(t.next_result(30).await.result.status, "completed");
+    }
+    assert_eq!(models(&t).await, 10);
+
+    // The fraction brake: 4 orphans of 7 rows is over half.
+    let t = spawn_app(&RULE.replace("max_count = 5", "max_count = 100")).await;
+    world(&t, 3, &["a", "b", "c", "d"]).await;
+    let (code, r, _) = t.reconcile("models", &["--execute"]);
+    assert_eq!(code, 1, "{r}");
+    assert!(r["refused"].as_str().unwrap().contains("exceed max_fraction 0.5 of the copy's 7 items"), "{r}");
+    assert_eq!(models(&t).await, 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grace_and_quarantine_hold_young_and_newly_seen_orphans_back() {
+    let rule = RULE.replace("max_fraction = 0.5", "max_fraction = 1.0\ngrace_secs = 3600\nquarantine_sweeps = 2");
+    let mut t = spawn_app(&rule).await;
+    world(&t, 2, &["old-orphan"]).await;
+    t.sql("INSERT INTO models (id, name, created_at) VALUES ('young-orphan', 'y', now() - interval '5 minutes')").await;
+
+    // Dry runs do not count as sweeps: however many, the quarantine still holds.
+    for _ in 0..3 {
+        let (_, r, _) = t.reconcile("models", &[]);
+        assert_eq!(
+            (r["too_young"].as_u64(), r["in_quarantine"].as_u64(), r["actionable"].as_u64()),
+            (Some(1), Some(1), Some(0)),
+            "{r}"
+        );
+    }
+    let (_, r, _) = t.reconcile("models", &["--execute"]);
+    assert_eq!(
+        (r["in_quarantine"].as_u64(), r["actionable"].as_u64(), r["sweep"].as_i64()),
+        (Some(1), Some(0), Some(1)),
+        "{r}"
+    );
+    assert!(exists(&t, "old-orphan").await);
+
+    // A sweep that finds it no longer orphaned resets its count.
+    t.sim.create_with("/gw/models/old-orphan", json!({}));
+    let (_, r, _) = t.reconcile("models", &["--execute"]);
+    assert_eq!(r["orphans"], json!(1), "only the young one: {r}");
+    t.sim.remove("/gw/models/old-orphan");
+    let (_, r, _) = t.reconcile("models", &["--execute"]);
+    assert_eq!((r["in_quarantine"].as_u64(), r["actionable"].as_u64()), (Some(1), Some(0)), "the count restarted: {r}");
+    let (_, r, _) = t.reconcile("models", &["--execute"]);
+    assert_eq!((r["actionable"].as_u64(), r["published"].as_u64()), (Some(1), Some(1)), "{r}");
+    assert_eq!(t.next_result(30).await.result.owner, "model/old-orphan");
+    assert!(!exists(&t, "old-orphan").await);
+    assert!(exists(&t, "young-orphan").await, "inside the grace period");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_route_needs_the_token_runs_dry_by_default_and_counts_its_sweeps() {
+    let file = std::env::temp_dir().join(format!("reaper-admin-{:08x}", fastrand::u32(..)));
+    std::fs::write(&file, "rc-token-91b2").unwrap();
+    let mut t = spawn_app(&format!("{RULE}\n[admin]\ntoken_file = \"{}\"\n", file.display())).await;
+    world(&t, 2, &["gone-1"]).await;
+    wait_until("the admin API listens", Duration::from_secs(10), || async { t.app.admin_addr.get().is_some() }).await;
+    let base = format!("http://{}", t.app.admin_addr.get().unwrap());
+    let c = reqwest::Client::new();
+    let url = format!("{base}/v1/reconcile/models");
+    assert_eq!(c.post(&url).send().await.unwrap().status(), 401);
+    let post = |u: String| c.post(u).bearer_auth("rc-token-91b2").send();
+    let dry: Value = post(url.clone()).await.unwrap().json().await.unwrap();
+    assert_eq!((dry["dry_run"].as_bool(), dry["actionable"].as_u64()), (Some(true), Some(1)), "{dry}");
+    assert_eq!(models(&t).await, 3);
+    let unknown = post(format!("{base}/v1/reconcile/nope")).await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    let done: Value = post(format!("{url}?execute=true")).await.unwrap().json().await.unwrap();
+    assert_eq!(done["published"], json!(1), "{done}");
+    assert_eq!(t.next_result(30).await.result.status, "completed");
+    assert!(!exists(&t, "gone-1").await);
+    let metrics = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"reaper_reconcile_runs_total{outcome="dry_run",rule="models"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"reaper_reconcile_published_total{rule="models"} 1"#), "{metrics}");
+    let _ = std::fs::remove_file(file);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_rule_runs_inside_the_worker_once_per_interval() {
+    let rule = RULE.replace("max_count = 5", "max_count = 5\nevery_secs = 0.5\nexecute_on_schedule = true");
+    let started = std::time::Instant::now();
+    let mut t = spawn_app(&rule).await;
+    let (replica_token, replica) = t.spawn_replica().await;
+    world(&t, 2, &["gone-1"]).await;
+    let res = t.next_result(30).await.result;
+    assert_eq!((res.owner.as_str(), res.status.as_str()), ("model/gone-1", "completed"));
+    assert!(!exists(&t, "gone-1").await);
+    // Two workers, half-second intervals: at most one sweep per interval between them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    replica_token.cancel();
+    let _ = replica.await;
+    let sweeps = t.count("SELECT sweeps FROM reconcile_rules WHERE rule = 'models'").await;
+    let intervals = (started.elapsed().as_secs_f64() / 0.5).ceil() as i64;
+    assert!(sweeps >= 2 && sweeps <= intervals + 1, "{sweeps} sweeps in {intervals} intervals");
+}
