@@ -309,6 +309,9 @@ pub struct KindSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct LookupSettings {
     pub provider: String,
+    /// Run only for owners of this type ("node" for "node/n1"); all when unset.
+    #[serde(default)]
+    pub owner_type: Option<String>,
     #[serde(default)]
     pub sql: Option<String>,
     #[serde(default)]
@@ -439,24 +442,22 @@ pub struct KindSpec {
 
 /// A kind's lookup, checked against its provider.
 #[derive(Debug, Clone)]
-pub enum Lookup {
-    Sql {
-        provider: String,
-        sql: String,
-    },
-    Mongo {
-        provider: String,
-        filter: crate::providers::mongo::MongoTemplate,
-        id_field: String,
-        attributes: Vec<String>,
-    },
+pub struct Lookup {
+    pub provider: String,
+    pub owner_type: Option<String>,
+    pub query: LookupQuery,
+}
+
+#[derive(Debug, Clone)]
+pub enum LookupQuery {
+    Sql(String),
+    Mongo { filter: crate::providers::mongo::MongoTemplate, id_field: String, attributes: Vec<String> },
 }
 
 impl Lookup {
-    pub fn provider(&self) -> &str {
-        match self {
-            Lookup::Sql { provider, .. } | Lookup::Mongo { provider, .. } => provider,
-        }
+    /// Whether this lookup applies to `owner` ("type/id").
+    pub fn applies_to(&self, owner: &str) -> bool {
+        self.owner_type.as_deref().is_none_or(|t| owner.split_once('/').is_some_and(|(ty, _)| ty == t))
     }
 
     fn parse(l: &LookupSettings, providers: &BTreeMap<String, ProviderSettings>) -> Result<Lookup, String> {
@@ -466,18 +467,25 @@ impl Lookup {
                 if crate::providers::postgres::placeholders(&sql) > 2 {
                     return Err("lookup.sql may use $1 (the owner's id) and $2 (the whole owner), no more".into());
                 }
-                Ok(Lookup::Sql { provider: l.provider.clone(), sql })
+                Ok(Lookup {
+                    provider: l.provider.clone(),
+                    owner_type: l.owner_type.clone(),
+                    query: LookupQuery::Sql(sql),
+                })
             }
             Some(ProviderSettings::Mongodb(_)) => {
                 let collection = l.collection.as_deref().ok_or("lookup: a mongodb lookup needs `collection`")?;
                 let filter = l.filter.as_deref().ok_or("lookup: a mongodb lookup needs `filter`")?;
                 let filter = crate::providers::mongo::MongoTemplate::parse(collection, filter, None, true)
                     .map_err(|e| format!("lookup.filter: {e}"))?;
-                Ok(Lookup::Mongo {
+                Ok(Lookup {
                     provider: l.provider.clone(),
-                    filter,
-                    id_field: l.id_field.clone().unwrap_or_else(|| "_id".into()),
-                    attributes: l.attributes.clone(),
+                    owner_type: l.owner_type.clone(),
+                    query: LookupQuery::Mongo {
+                        filter,
+                        id_field: l.id_field.clone().unwrap_or_else(|| "_id".into()),
+                        attributes: l.attributes.clone(),
+                    },
                 })
             }
             _ => Err(format!("lookup.provider {:?} is not a configured postgres or mongodb provider", l.provider)),

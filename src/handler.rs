@@ -6,7 +6,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::app::App;
-use crate::config::Lookup;
+use crate::config::LookupQuery;
 use crate::contract::{self, Event, ResourceReport, TeardownResult};
 use crate::domain::JobStatus;
 use crate::execute::{Executor, RunEnd};
@@ -111,16 +111,16 @@ async fn look_up(app: &App, start: &mut JobStart) -> Result<(), String> {
     }
     let mut found = Vec::new();
     for kind in app.catalog.lookups() {
-        let Some(l) = &kind.lookup else { continue };
-        let Some(provider) = app.providers.get(l.provider()) else {
-            return Err(format!("lookup for {}: provider {} is not configured", kind.name, l.provider()));
+        let Some(l) = kind.lookup.as_ref().filter(|l| l.applies_to(&start.job.owner)) else { continue };
+        let Some(provider) = app.providers.get(&l.provider) else {
+            return Err(format!("lookup for {}: provider {} is not configured", kind.name, l.provider));
         };
-        let rows = match (provider.as_ref(), l) {
-            (Provider::Postgres(p), Lookup::Sql { sql, .. }) => p.lookup(&kind.name, sql, &start.job.owner).await,
-            (Provider::Mongo(p), Lookup::Mongo { filter, id_field, attributes, .. }) => {
+        let rows = match (provider.as_ref(), &l.query) {
+            (Provider::Postgres(p), LookupQuery::Sql(sql)) => p.lookup(&kind.name, sql, &start.job.owner).await,
+            (Provider::Mongo(p), LookupQuery::Mongo { filter, id_field, attributes }) => {
                 p.lookup(&kind.name, filter, id_field, attributes, &start.job.owner).await
             }
-            _ => return Err(format!("lookup for {}: provider {} cannot run it", kind.name, l.provider())),
+            _ => return Err(format!("lookup for {}: provider {} cannot run it", kind.name, l.provider)),
         };
         found.extend(rows.map_err(|e| format!("lookup for {} failed: {e}", kind.name))?);
     }

@@ -27,7 +27,8 @@ pub struct ReplayArgs {
     /// Jobs dead-lettered since this time: RFC 3339, or an age like 30m, 6h, 2d.
     #[arg(long, value_parser = parse_since)]
     pub since: Option<DateTime<Utc>>,
-    /// permanent (an API refused), exhausted (ran out of retries) or plan (a parent cycle).
+    /// permanent (an API refused), exhausted (ran out of retries), plan (a parent cycle),
+    /// blocked (a guard found the resource in use) or poison.
     #[arg(long)]
     pub error_class: Option<String>,
     /// Jobs with a failed or blocked resource of this kind.

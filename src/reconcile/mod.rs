@@ -35,6 +35,8 @@ use inventory::{InventorySettings, Item};
 pub struct ReconcileSettings {
     /// The shortest `every_secs` a rule's schedule may have.
     pub min_interval_secs: f64,
+    /// Whether `reaper run` runs the rules' schedules (off: by hand and the admin API only).
+    pub run_schedules: bool,
     #[serde(default)]
     pub rules: BTreeMap<String, RuleSettings>,
 }
@@ -220,7 +222,9 @@ pub struct Report {
     pub outcome: String,
     pub refused: Option<String>,
     pub sweep: i64,
+    /// Distinct keys in the truth (None: the rule has no truth).
     pub truth: Option<u64>,
+    /// Distinct keys in the copy, after the filters.
     pub copy: u64,
     /// Copy items left out by include/exclude.
     pub excluded: u64,
@@ -396,7 +400,7 @@ impl Sweeper<'_> {
             |side: &'static str, message: String| ReconcileError::Inventory { rule: name.into(), side, message };
         let mut truth_rx = rule.truth.as_ref().map(|t| inventory::read(t, self.providers, self.ledger));
         let mut copy_rx = inventory::read(&rule.copy, self.providers, self.ledger);
-        let (mut truth_n, mut copy_n, mut excluded) = (0u64, 0u64, 0u64);
+        let mut excluded = 0u64;
         let (mut truth_done, mut copy_done) = (truth_rx.is_none(), false);
         while !(truth_done && copy_done) {
             tokio::select! {
@@ -404,7 +408,6 @@ impl Sweeper<'_> {
                     None => truth_done = true,
                     Some(Err(e)) => return Err(inv_err("truth", e)),
                     Some(Ok(items)) => {
-                        truth_n += items.len() as u64;
                         let keys: Vec<String> = items.into_iter().map(|i| i.key).collect();
                         sqlx::query("INSERT INTO rc_truth (key) SELECT * FROM unnest($1::text[])")
                             .bind(keys)
@@ -421,7 +424,6 @@ impl Sweeper<'_> {
                             rule.include.iter().all(|f| f.matches(i)) && !rule.exclude.iter().any(|f| f.matches(i))
                         });
                         excluded += left.len() as u64;
-                        copy_n += kept.len() as u64;
                         let mut keys = Vec::with_capacity(kept.len());
                         let mut created = Vec::with_capacity(kept.len());
                         let mut attrs = Vec::with_capacity(kept.len());
@@ -444,7 +446,14 @@ impl Sweeper<'_> {
                 },
             }
         }
-        Ok((rule.truth.as_ref().map(|_| truth_n), copy_n, excluded))
+        // Distinct keys: a copy may hold many items per key (documents pointing at one owner).
+        let (truth_keys, copy_keys): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(DISTINCT key) FROM rc_truth), (SELECT count(DISTINCT key) FROM rc_copy)",
+        )
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(|e| inv_err("copy", format!("counting: {e}")))?;
+        Ok((rule.truth.as_ref().map(|_| truth_keys as u64), copy_keys as u64, excluded))
     }
 
     /// Computes the orphans, advances their state and fills the counts.

@@ -17,6 +17,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
         .reconcile
         .rules
         .iter()
+        .filter(|_| app.settings.reconcile.run_schedules)
         .filter_map(|(name, r)| r.every_secs.map(|e| (name.clone(), e, r.execute_on_schedule)))
         .collect();
     let shortest = rules.iter().map(|r| r.1).fold(3_600.0_f64, f64::min);

@@ -9,6 +9,7 @@ mod admin;
 mod commands;
 mod contract_proto;
 mod deploy;
+mod examples;
 mod malformed;
 mod owner_lives;
 mod reconcile;

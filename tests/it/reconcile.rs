@@ -237,7 +237,9 @@ async fn the_admin_route_needs_the_token_runs_dry_by_default_and_counts_its_swee
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduled_rule_runs_inside_the_worker_once_per_interval() {
-    let rule = RULE.replace("max_count = 5", "max_count = 5\nevery_secs = 0.5\nexecute_on_schedule = true");
+    let rule = RULE
+        .replace("max_count = 5", "max_count = 5\nevery_secs = 0.5\nexecute_on_schedule = true")
+        .replace("min_interval_secs = 0.2", "min_interval_secs = 0.2\nrun_schedules = true");
     let started = std::time::Instant::now();
     let mut t = spawn_app(&rule).await;
     let (replica_token, replica) = t.spawn_replica().await;

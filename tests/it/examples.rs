@@ -1,0 +1,375 @@
+//! The five examples under examples/, each run end to end with its own config
+//! and schema against real PostgreSQL, RabbitMQ, a MongoDB-wire server and the
+//! simulated services, in the shapes the field reports describe.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chrono::Utc;
+use mongodb::bson::{doc, oid::ObjectId, Document};
+use serde_json::json;
+
+use crate::helpers::*;
+
+async fn setup(name: &str) -> TestApp {
+    let t = spawn_app(&example(name)).await;
+    if let Some(sql) = example_sql(name) {
+        t.sql(&sql).await;
+    }
+    t
+}
+
+/// Results until `n` arrived, by owner.
+async fn results(t: &mut TestApp, n: usize) -> Vec<reaper::contract::TeardownResult> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(t.next_result(60).await.result);
+    }
+    out.sort_by(|a, b| a.owner.cmp(&b.owner));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_registry_sync() {
+    let mut t = setup("model-registry-sync").await;
+    t.sim.create_collection("/model/info");
+    for m in ["granite-8b-code-instruct", "mistral-7b-instruct", "llama-13b"] {
+        t.sim.create_with(&format!("/model/info/{m}"), json!({ "model_name": m, "litellm_params": { "model": m } }));
+    }
+
+    // Found 3 models in LiteLLM, 5 in the backend: 2 orphaned.
+    let (code, r, err) = t.reconcile("backend_models", &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!((r["truth"].as_u64(), r["copy"].as_u64(), r["actionable"].as_u64()), (Some(3), Some(5), Some(2)), "{r}");
+    assert_eq!(r["sample_actionable"], json!(["old-model-1", "old-model-2"]));
+
+    let (code, r, _) = t.reconcile("backend_models", &["--execute"]);
+    assert_eq!((code, r["published"].as_u64()), (0, Some(2)), "{r}");
+    let done = results(&mut t, 2).await;
+    assert!(done.iter().all(|d| d.status == "completed" && d.resources[0].outcome == "deleted"), "{done:?}");
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM models ORDER BY id").fetch_all(t.app.ledger.pool()).await.unwrap();
+    assert_eq!(left, ["granite-8b-code-instruct", "llama-13b", "mistral-7b-instruct"]);
+
+    // The second run: no cleanup needed.
+    let out = t.reaper(&["reconcile", "backend_models", "--execute"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("no cleanup needed"), "{text}");
+
+    // An admin deleted a model by mistake: its row comes back from the archive.
+    let out = t.reaper(&["restore", &done[0].job_id.to_string()], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(t.count("SELECT count(*) FROM models WHERE id = 'old-model-1'").await, 1);
+    t.sql("DELETE FROM models WHERE id = 'old-model-1'").await;
+
+    // The gateway answers an empty list: nothing is deleted.
+    for m in ["granite-8b-code-instruct", "mistral-7b-instruct", "llama-13b"] {
+        t.sim.remove(&format!("/model/info/{m}"));
+    }
+    let (code, r, _) = t.reconcile("backend_models", &["--execute", "--force"]);
+    assert_eq!((code, r["outcome"].as_str()), (1, Some("refused")), "{r}");
+    assert_eq!(t.count("SELECT count(*) FROM models").await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ml_model_registry() {
+    let mut t = setup("ml-model-registry").await;
+    let base = "/v1/projects/b2b-recs/locations/europe-central2/models";
+    for (id, name, bucket) in [
+        ("5241525861236080640", "chern_retriv_v2", "training"),
+        ("8920403806844354560", "chern_retriv_v5", "training"),
+        ("7334503419312340992", "chern_retriv_v6", "training"),
+        ("2864962264123834368", "chern_rank_v3", "training"),
+        ("3326581225929310208", "chern_rank_v4", "training"),
+        ("174413330490851328", "chern_hybrid_v1", "training"),
+        ("7115797362408161280", "chern_hybrid_v3", "training"),
+        ("252311530295525376", "trd-test-20260129-123106", "quicktest"),
+        ("4998894431311495168", "trd-test-20260129-123928", "quicktest"),
+    ] {
+        t.sim.create_with(
+            &format!("{base}/{id}"),
+            json!({ "display_name": name, "artifact_uri": format!("gs://b2b-recs-{bucket}-artifacts/{name}/pushed_model") }),
+        );
+    }
+
+    // chern_rank_v1's model answers NOT_FOUND: its record goes.
+    let (code, r, err) = t.reconcile("records_missing_in_registry", &["--execute"]);
+    assert_eq!((code, r["actionable"].as_u64()), (0, Some(1)), "{r} {err}");
+    let d = t.next_result(60).await.result;
+    assert_eq!((d.status.as_str(), d.resources[0].id.as_str()), ("completed", "3"), "{d:?}");
+
+    // Never registered and older than 7 days: 5 and 7 go; 11 is 2 days old;
+    // 12's training run is still running, so the guard blocks it.
+    let (code, r, _) = t.reconcile("records_never_registered", &["--execute"]);
+    assert_eq!((code, r["actionable"].as_u64(), r["too_young"].as_u64()), (0, Some(3), Some(1)), "{r}");
+    let done = results(&mut t, 3).await;
+    let by_id = |id: &str| done.iter().find(|d| d.resources[0].id == id).unwrap_or_else(|| panic!("{id}: {done:?}"));
+    assert_eq!(by_id("5").status, "completed");
+    assert_eq!(by_id("7").status, "completed");
+    let blocked = by_id("12");
+    assert_eq!((blocked.status.as_str(), blocked.resources[0].outcome.as_str()), ("dead_lettered", "blocked"));
+    assert!(
+        blocked.reason.as_deref().unwrap().contains("a linked training run is still pending or running"),
+        "{blocked:?}"
+    );
+    let ids: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM registered_model ORDER BY id").fetch_all(t.app.ledger.pool()).await.unwrap();
+    assert_eq!(ids, [1, 2, 4, 6, 8, 9, 10, 11, 12]);
+    assert_eq!(t.count("SELECT count(*) FROM training_schedule").await, 0, "cascaded with record 5");
+
+    // The other way: test models with no record; one still serves traffic.
+    let (code, r, _) = t.reconcile("registry_models_without_record", &["--execute"]);
+    assert_eq!((code, r["excluded"].as_u64(), r["actionable"].as_u64()), (0, Some(7), Some(2)), "{r}");
+    let done = results(&mut t, 2).await;
+    let gone = done.iter().find(|d| d.resources[0].id == "252311530295525376").unwrap();
+    assert_eq!(gone.status, "completed");
+    let kept = done.iter().find(|d| d.resources[0].id == "4998894431311495168").unwrap();
+    assert_eq!((kept.status.as_str(), kept.resources[0].outcome.as_str()), ("dead_lettered", "blocked"));
+    assert!(kept.reason.as_deref().unwrap().contains("an active deployment serves this model"));
+    assert!(!t.sim.exists(&format!("{base}/252311530295525376")));
+    assert!(t.sim.exists(&format!("{base}/4998894431311495168")));
+    assert_eq!(t.sim.paths().len(), 8, "the seven legitimate models and the deployed test model stay");
+    assert!(t.sim.exists(&format!("{base}/3326581225929310208")), "deployed, and recorded: untouched");
+
+    // The run finished: replaying the blocked job deletes record 12.
+    t.sql("UPDATE training_run SET status = 'failed' WHERE id = 102").await;
+    let out = t.reaper(&["replay", "--job", &blocked.job_id.to_string()], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let again = t.next_result(60).await.result;
+    assert_eq!((again.job_id, again.status.as_str()), (blocked.job_id, "completed"), "{again:?}");
+    assert_eq!(t.count("SELECT count(*) FROM registered_model WHERE id = 12").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_db_mongodb() {
+    let mut t = setup("cross-db-mongodb").await;
+    let bayit = t.mongo("bayit").await;
+    let olorin = t.mongo("olorin_platform").await;
+    let contents: Vec<ObjectId> = (0..5).map(|_| ObjectId::new()).collect();
+    let deleted_content = contents[0].to_hex();
+    let never_announced = ObjectId::new().to_hex();
+    bayit
+        .collection::<Document>("contents")
+        .insert_many(contents.iter().map(|id| doc! { "_id": id, "title": "x", "deleted_at": null }))
+        .await
+        .unwrap();
+    bayit.collection::<Document>("live_channels").insert_one(doc! { "_id": "ch-1" }).await.unwrap();
+    bayit
+        .collection::<Document>("integration_partners")
+        .insert_many([
+            doc! { "partner_id": "p1", "status": "active" },
+            doc! { "partner_id": "p2", "status": "suspended" },
+        ])
+        .await
+        .unwrap();
+    let emb = olorin.collection::<Document>("content_embeddings");
+    let mut docs: Vec<Document> = (0..2500)
+        .map(|i| doc! { "content_id": &deleted_content, "embedding_type": "title", "n": i, "embedding": [0.1, 0.2] })
+        .collect();
+    for c in &contents[1..] {
+        docs.extend((0..10).map(|i| doc! { "content_id": c.to_hex(), "n": i }));
+    }
+    docs.extend((0..30).map(|i| doc! { "content_id": &never_announced, "n": i }));
+    emb.insert_many(docs).await.unwrap();
+    olorin
+        .collection::<Document>("recap_sessions")
+        .insert_many([doc! { "channel_id": "ch-1" }, doc! { "channel_id": "ch-9" }, doc! { "channel_id": "ch-9" }])
+        .await
+        .unwrap();
+    olorin
+        .collection::<Document>("dubbing_sessions")
+        .insert_many([doc! { "partner_id": "p1", "deleted_at": null }, doc! { "partner_id": "p2", "deleted_at": null }])
+        .await
+        .unwrap();
+
+    // The content service deletes content A: its 2500 embeddings go, in batches of 1000.
+    let owner = format!("content/{deleted_content}");
+    t.publish("deletion.requested", &deletion("del-content-a", &owner, Utc::now())).await;
+    let r = t.next_result(60).await.result;
+    assert_eq!(r.status, "completed", "{r:?}");
+    assert_eq!(r.resources.len(), 1, "one resource per content id, however many documents: {r:?}");
+    assert_eq!(emb.count_documents(doc! { "content_id": &deleted_content }).await.unwrap(), 0);
+    assert_eq!(emb.count_documents(doc! {}).await.unwrap(), 40 + 30, "the others are untouched");
+    let archived = t.count("SELECT count(*) FROM archived_records").await;
+    assert_eq!(archived, 2500, "every document archived before it was deleted");
+
+    // Reconcile finds the embeddings no event announced.
+    let (code, rep, err) = t.reconcile("orphan_embeddings", &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        (rep["truth"].as_u64(), rep["copy"].as_u64(), rep["actionable"].as_u64()),
+        (Some(5), Some(5), Some(1)),
+        "{rep}"
+    );
+    assert_eq!(rep["sample_actionable"], json!([never_announced]));
+    let (_, rep, _) = t.reconcile("orphan_embeddings", &["--execute"]);
+    assert_eq!(rep["published"], json!(1));
+    assert_eq!(t.next_result(60).await.result.status, "completed");
+    assert_eq!(emb.count_documents(doc! {}).await.unwrap(), 40);
+
+    let (_, rep, _) = t.reconcile("orphan_recaps", &["--execute"]);
+    assert_eq!(rep["published"], json!(1), "{rep}");
+    assert_eq!(t.next_result(60).await.result.status, "completed");
+    let recaps: Vec<String> = olorin
+        .collection::<Document>("recap_sessions")
+        .distinct("channel_id", doc! {})
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|b| b.as_str().map(str::to_string))
+        .collect();
+    assert_eq!(recaps, ["ch-1"]);
+
+    // A suspended partner's sessions are soft-deleted, not removed.
+    let (_, rep, _) = t.reconcile("orphan_dubbing", &["--execute"]);
+    assert_eq!((rep["actionable"].as_u64(), rep["published"].as_u64()), (Some(1), Some(1)), "{rep}");
+    assert_eq!(t.next_result(60).await.result.status, "completed");
+    let dubbing = olorin.collection::<Document>("dubbing_sessions");
+    assert_eq!(dubbing.count_documents(doc! {}).await.unwrap(), 2);
+    let p2 = dubbing.find_one(doc! { "partner_id": "p2" }).await.unwrap().unwrap();
+    assert!(matches!(p2.get("deleted_at"), Some(mongodb::bson::Bson::DateTime(_))), "{p2:?}");
+    let (_, rep, _) = t.reconcile("orphan_dubbing", &[]);
+    assert_eq!(rep["orphans"], json!(0), "{rep}");
+
+    // Content A comes back: so do its embeddings, from the archive.
+    let out = t.reaper(&["restore", &r.job_id.to_string(), "--json"], &[]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(report["restored"], json!(2500), "{report} {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(emb.count_documents(doc! { "content_id": &deleted_content }).await.unwrap(), 2500);
+    let one = emb.find_one(doc! { "content_id": &deleted_content, "n": 7 }).await.unwrap().unwrap();
+    assert_eq!(one.get_array("embedding").unwrap().len(), 2, "the document came back whole: {one:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ghost_containers() {
+    let mut t = setup("ghost-containers").await;
+    for vmid in 101..=107 {
+        t.sim.create_with(&format!("/api2/json/nodes/pve/lxc/{vmid}"), json!({ "vmid": vmid, "status": "running" }));
+    }
+
+    // Proxmox cannot be reached: nothing is touched.
+    t.sim.set_faults(reaper::sim::Faults { fail_next: 100, fail_status: 502, ..Default::default() });
+    let (code, _, err) = t.reconcile("ghost_apps", &["--execute", "--force"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("truth inventory failed to load"), "{err}");
+    assert_eq!(t.count("SELECT count(*) FROM apps").await, 49);
+    t.sim.set_faults(Default::default());
+
+    // 41 of 49 rows is over half: the dry run says --execute would be refused...
+    let (code, r, _) = t.reconcile("ghost_apps", &[]);
+    assert_eq!(
+        (code, r["orphans"].as_u64(), r["too_young"].as_u64(), r["actionable"].as_u64()),
+        (1, Some(42), Some(1), Some(41)),
+        "{r}"
+    );
+    assert_eq!(r["outcome"], json!("refused"));
+    // ...and it is, until an operator who has looked forces it.
+    let (code, r, _) = t.reconcile("ghost_apps", &["--execute"]);
+    assert_eq!((code, r["outcome"].as_str()), (1, Some("refused")), "{r}");
+    assert_eq!(t.count("SELECT count(*) FROM apps").await, 49);
+    let (code, r, _) = t.reconcile("ghost_apps", &["--execute", "--force"]);
+    assert_eq!((code, r["published"].as_u64()), (0, Some(41)), "{r}");
+    let done = results(&mut t, 41).await;
+    assert!(done.iter().all(|d| d.status == "completed"), "{:?}", done.iter().find(|d| d.status != "completed"));
+    let left: BTreeSet<i32> = sqlx::query_scalar("SELECT lxc_id FROM apps")
+        .fetch_all(t.app.ledger.pool())
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(left, (101..=107).chain([190]).collect(), "the deploying row is inside its grace period");
+
+    // The ghost's id, hostname and ports are free again.
+    t.sql("INSERT INTO apps (lxc_id, hostname, public_port, internal_port, status) VALUES (140, 'app-140', 20140, 30140, 'running')")
+        .await;
+
+    // Error rows past the 24 h retention go too.
+    let (code, r, _) = t.reconcile("stale_errors", &["--execute"]);
+    assert_eq!((code, r["published"].as_u64()), (0, Some(1)), "{r}");
+    assert_eq!(t.next_result(60).await.result.owner, "app/107");
+    assert_eq!(t.count("SELECT count(*) FROM apps WHERE lxc_id = 107").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vpc_node() {
+    let mut t = setup("vpc-node").await;
+    let stuck = reaper::demo::VpcNode::new(&unique("stuck"));
+    let recent = reaper::demo::VpcNode::new(&unique("recent"));
+    let deleted = reaper::demo::VpcNode::new(&unique("deleted"));
+    for (node, status, age_h) in [(&stuck, "failed", 30), (&recent, "failed", 2), (&deleted, "deleting", 0)] {
+        node.create_in(&t.sim);
+        let name = node.owner.trim_start_matches("node/");
+        let mut server = None;
+        for r in &node.resources {
+            let q = match r.kind {
+                "ip_reservation" => sqlx::query(
+                    "INSERT INTO ip_reservations (node_name, reservation_id, subnet_id) VALUES ($1, $2, $3)",
+                )
+                .bind(name)
+                .bind(&r.id)
+                .bind(&r.attributes["subnet_id"]),
+                "dns_record" => {
+                    sqlx::query("INSERT INTO dns_records (node_name, record_id, zone_id) VALUES ($1, $2, $3)")
+                        .bind(name)
+                        .bind(&r.id)
+                        .bind(&r.attributes["zone_id"])
+                }
+                "vni" => {
+                    sqlx::query("INSERT INTO vnic_info (node_name, vnic_id) VALUES ($1, $2)").bind(name).bind(&r.id)
+                }
+                _ => {
+                    server = Some(r.id.clone());
+                    continue;
+                }
+            };
+            q.execute(t.app.ledger.pool()).await.unwrap();
+        }
+        sqlx::query("INSERT INTO nodes VALUES ($1, $2, $3, now() - make_interval(hours => $4))")
+            .bind(name)
+            .bind(server)
+            .bind(status)
+            .bind(age_h)
+            .execute(t.app.ledger.pool())
+            .await
+            .unwrap();
+    }
+    let paths_of = |n: &reaper::demo::VpcNode| n.resources.iter().map(|r| r.path.clone()).collect::<Vec<_>>();
+
+    // The node being deleted: its service sends deletion.requested.
+    t.publish("deletion.requested", &deletion("del-node", &deleted.owner, Utc::now())).await;
+    let r = t.next_result(60).await.result;
+    assert_eq!((r.status.as_str(), r.resources.len()), ("completed", 6), "5 cloud resources and the node row: {r:?}");
+    assert_eq!(r.resources.last().unwrap().kind, "node_record", "the node row is marked last");
+    assert!(paths_of(&deleted).iter().all(|p| !t.sim.exists(p)));
+
+    // A provisioner died 30 hours ago without sending provisioning.failed.
+    let (code, rep, err) = t.reconcile("failed_nodes", &["--execute"]);
+    assert_eq!((code, rep["actionable"].as_u64(), rep["too_young"].as_u64()), (0, Some(1), Some(1)), "{rep} {err}");
+    let r = t.next_result(60).await.result;
+    assert_eq!(
+        (r.owner.as_str(), r.trigger.as_str(), r.status.as_str()),
+        (stuck.owner.as_str(), "provisioning.failed", "completed"),
+        "{r:?}"
+    );
+    assert!(paths_of(&stuck).iter().all(|p| !t.sim.exists(p)), "{:?}", t.sim.paths());
+    assert!(paths_of(&recent).iter().all(|p| t.sim.exists(p)), "the node failed 2 hours ago is left alone");
+    assert_eq!(t.sim.stats().refused_for_order, 0, "children always went first");
+    let statuses: Vec<(String, String)> =
+        sqlx::query_as("SELECT node_name, status FROM nodes ORDER BY status, node_name")
+            .fetch_all(t.app.ledger.pool())
+            .await
+            .unwrap();
+    let status_of = |n: &reaper::demo::VpcNode| {
+        statuses.iter().find(|(name, _)| n.owner.ends_with(name.as_str())).map(|(_, s)| s.clone()).unwrap()
+    };
+    assert_eq!(status_of(&stuck), "cleanup_completed");
+    assert_eq!(status_of(&deleted), "cleanup_completed");
+    assert_eq!(status_of(&recent), "failed");
+
+    // Nothing left to do for the stuck node; validate agrees with the cloud.
+    let (_, rep, _) = t.reconcile("failed_nodes", &[]);
+    assert_eq!(rep["actionable"], json!(0), "{rep}");
+    let out = t.reaper(&["validate", &stuck.owner], &[]);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    tokio::time::sleep(Duration::from_millis(0)).await;
+}
