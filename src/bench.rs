@@ -49,6 +49,16 @@ pub struct BenchArgs {
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Instead of the job runs: one reconcile sweep over this many truth items
+    /// against as many copy items (1% orphans); its time and peak memory.
+    #[arg(long)]
+    pub reconcile_items: Option<usize>,
+    /// Where the reconcile benchmark's copy lives: postgres or mongodb.
+    #[arg(long, default_value = "postgres")]
+    pub reconcile_copy: String,
+    /// The MongoDB server for --reconcile-copy mongodb.
+    #[arg(long, default_value = "mongodb://127.0.0.1:27018/?directConnection=true")]
+    pub mongo_url: String,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -80,6 +90,26 @@ struct Run {
 }
 
 pub async fn run(settings: Settings, args: BenchArgs) -> ExitCode {
+    if let Some(items) = args.reconcile_items {
+        return match crate::reconcile::bench::run(settings, items, &args.reconcile_copy, &args.mongo_url).await {
+            Ok(r) => {
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&r).expect("serializable"));
+                } else {
+                    println!(
+                        "reconcile sweep, {} vs {} items ({} copy), {} on {}\n  seeding          {:>8.1} s\n  sweep            {:>8.1} s  ({:.0} items/s read)\n  orphans found    {:>8} (expected {})\n  RSS before       {:>8.1} MiB\n  peak RSS         {:>8.1} MiB",
+                        r.items, r.items, r.copy, r.date, r.machine, r.seed_seconds, r.sweep_seconds, r.items_per_sec,
+                        r.orphans_found, r.orphans_expected, r.rss_before_mib, r.peak_rss_mib
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match bench(settings, &args).await {
         Ok(report) => {
             if args.json {
@@ -512,7 +542,7 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-fn machine() -> String {
+pub fn machine() -> String {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
