@@ -52,7 +52,10 @@ fn the_dockerfile_copies_only_what_exists_and_builds_the_binary() {
 
 #[test]
 fn the_dashboard_and_alerts_use_only_metrics_reaper_exports() {
-    let exported = reaper::metrics::Metrics::new().render();
+    let metrics = reaper::metrics::Metrics::new();
+    // Labelled gauges render once a label set exists.
+    metrics.reconcile_orphans.with_label_values(&["rule"]).set(0);
+    let exported = metrics.render();
     let names: Vec<&str> = [
         "reaper_events_consumed_total",
         "reaper_jobs_total",
@@ -63,6 +66,10 @@ fn the_dashboard_and_alerts_use_only_metrics_reaper_exports() {
         "reaper_outbox_backlog",
         "reaper_jobs_in_flight",
         "reaper_ready",
+        "reaper_reconcile_runs_total",
+        "reaper_reconcile_duration_seconds",
+        "reaper_reconcile_orphans",
+        "reaper_reconcile_published_total",
     ]
     .to_vec();
     for n in &names {
