@@ -740,6 +740,36 @@ mod tests {
     }
 
     #[test]
+    fn new_features_refuse_what_cannot_work_with_a_reason() {
+        let http_archive = format!("{PROVIDER}[kinds.a]\nprovider=\"p\"\ndelete=\"DELETE /a/{{id}}\"\narchive=true\n");
+        let e = kinds(&http_archive).unwrap_err().to_string();
+        assert!(e.contains("a cloud deletion cannot be undone"), "{e}");
+        let mongo = "[providers.m]\ntype=\"mongodb\"\nurl=\"mongodb://h\"\ndatabase=\"d\"\n";
+        let e =
+            kinds(&format!("{mongo}[kinds.a]\nprovider=\"m\"\ncollection=\"c\"\ndelete='{{\"a\": \"x-{{id}}\"}}'\n"))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("a placeholder must be the whole string value"), "{e}");
+        let e = kinds(&format!("{mongo}[kinds.a]\nprovider=\"m\"\ndelete='{{\"a\": \"{{id}}\"}}'\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs `collection`"), "{e}");
+        let rule = |extra: &str| {
+            format!(
+                "{PROVIDER}[kinds.a]\nprovider=\"p\"\ndelete=\"DELETE /a/{{id}}\"\n\
+                 [reconcile.rules.r]\ncopy = {{ provider = \"ledger\", kind = \"a\" }}\n{extra}"
+            )
+        };
+        let e = kinds(&rule("action = { kind = \"nope\" }")).unwrap_err().to_string();
+        assert!(e.contains("action.kind \"nope\" is not a configured kind"), "{e}");
+        let e = kinds(&rule("action = { kind = \"a\" }\nevery_secs = 5")).unwrap_err().to_string();
+        assert!(e.contains("below reconcile.min_interval_secs 60"), "{e}");
+        let e = kinds(&rule("action = { kind = \"a\" }\nmax_fraction = 2.0")).unwrap_err().to_string();
+        assert!(e.contains("max_fraction must be in (0, 1]"), "{e}");
+        assert!(kinds(&rule("action = { kind = \"a\" }")).is_ok());
+    }
+
+    #[test]
     fn secrets_do_not_print() {
         let s = Settings::from_toml("[database]\nurl = \"postgres://u:hunter2@h/db\"\n").unwrap();
         assert!(!format!("{s:?}").contains("hunter2"));

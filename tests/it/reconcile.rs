@@ -255,3 +255,23 @@ async fn a_scheduled_rule_runs_inside_the_worker_once_per_interval() {
     let intervals = (started.elapsed().as_secs_f64() / 0.5).ceil() as i64;
     assert!(sweeps >= 2 && sweeps <= intervals + 1, "{sweeps} sweeps in {intervals} intervals");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_mongodb_inventory_touches_nothing() {
+    // The truth lives in a MongoDB that does not answer; the copy is the table.
+    let rule = RULE
+        .replace(
+            r#"truth = { provider = "gateway", request = "GET /gw/models", items = "/items", key = "/id", next = "/next" }"#,
+            r#"truth = { provider = "content", collection = "models", key = "_id" }"#,
+        )
+        .replace(
+            "[providers.appdb]",
+            "[providers.content]\ntype = \"mongodb\"\nurl = \"mongodb://127.0.0.1:1/?directConnection=true&serverSelectionTimeoutMS=300\"\ndatabase = \"x\"\n\n[providers.appdb]",
+        );
+    let t = spawn_app(&rule).await;
+    world(&t, 2, &["gone-1"]).await;
+    let (code, _, err) = t.reconcile("models", &["--execute", "--force"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("truth inventory failed to load, so nothing was touched") && err.contains("mongodb"), "{err}");
+    assert_eq!(models(&t).await, 3);
+}
