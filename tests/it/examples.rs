@@ -3,7 +3,6 @@
 //! simulated services, in the shapes the field reports describe.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use chrono::Utc;
 use mongodb::bson::{doc, oid::ObjectId, Document};
@@ -61,6 +60,11 @@ async fn model_registry_sync() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(t.count("SELECT count(*) FROM models WHERE id = 'old-model-1'").await, 1);
     t.sql("DELETE FROM models WHERE id = 'old-model-1'").await;
+    // Archives past archive.retention_days are purged.
+    t.sql("UPDATE archived_records SET archived_at = now() - interval '31 days' WHERE resource_id = 'old-model-2'")
+        .await;
+    assert_eq!(t.app.ledger.purge_archive(t.app.settings.archive.retention_days).await.unwrap(), 1);
+    assert_eq!(t.count("SELECT count(*) FROM archived_records").await, 1);
 
     // The gateway answers an empty list: nothing is deleted.
     for m in ["granite-8b-code-instruct", "mistral-7b-instruct", "llama-13b"] {
@@ -371,5 +375,15 @@ async fn vpc_node() {
     assert_eq!(rep["actionable"], json!(0), "{rep}");
     let out = t.reaper(&["validate", &stuck.owner], &[]);
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    tokio::time::sleep(Duration::from_millis(0)).await;
+
+    // Cloud deletions cannot be undone, and restore says so.
+    let out = t.reaper(&["restore", &r.job_id.to_string()], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("restored 0 record(s)") && text.contains("deleted through an API, which cannot be undone"),
+        "{text}"
+    );
+    assert_eq!(text.matches("deleted through an API").count(), 5, "{text}");
+    assert!(text.contains("node_record/") && text.contains("without `archive = true`"), "{text}");
 }
