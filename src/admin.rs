@@ -278,15 +278,8 @@ struct ReconcileQuery {
 /// 422 with it when a safety rule refused, 409 while another sweep of the
 /// rule runs, 503 when an inventory failed to load.
 async fn reconcile(State(app): State<Arc<App>>, Path(rule): Path<String>, Query(q): Query<ReconcileQuery>) -> Response {
-    use crate::reconcile::{Mode, ReconcileError, Sweeper};
-    let sweeper = Sweeper {
-        settings: &app.settings,
-        catalog: &app.catalog,
-        ledger: &app.ledger,
-        providers: &app.providers,
-        metrics: Some(&app.metrics),
-    };
-    match sweeper.sweep(&rule, Mode { execute: q.execute, force: q.force }).await {
+    use crate::reconcile::{Mode, ReconcileError};
+    match app.sweeper().sweep(&rule, Mode { execute: q.execute, force: q.force }).await {
         Ok(r) if r.outcome == "refused" => (StatusCode::UNPROCESSABLE_ENTITY, Json(r)).into_response(),
         Ok(r) => Json(r).into_response(),
         Err(e @ ReconcileError::UnknownRule(_)) => error(StatusCode::NOT_FOUND, &e.to_string()),

@@ -87,6 +87,17 @@ impl App {
         let _ = self.confirmed.send(job_id);
     }
 
+    /// A reconcile sweeper over this process's ledger, providers and metrics.
+    pub fn sweeper(&self) -> crate::reconcile::Sweeper<'_> {
+        crate::reconcile::Sweeper {
+            settings: &self.settings,
+            catalog: &self.catalog,
+            ledger: &self.ledger,
+            providers: &self.providers,
+            metrics: Some(&self.metrics),
+        }
+    }
+
     pub fn is_ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::Relaxed)
     }

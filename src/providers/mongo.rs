@@ -166,7 +166,11 @@ pub struct MongoProvider {
 impl MongoProvider {
     pub async fn build(name: &str, s: &MongoProviderSettings) -> Result<MongoProvider, ProviderError> {
         let err = |message: String| ProviderError::Build { provider: name.to_string(), message };
-        let mut opts = ClientOptions::parse(s.url.expose()).await.map_err(|e| err(format!("url: {}", e.kind)))?;
+        // The driver's message may quote the URL, password included: keep it out.
+        let mut opts = ClientOptions::parse(s.url.expose()).await.map_err(|e| {
+            let why = e.kind.to_string().replace(s.url.expose(), "[url]");
+            err(format!("url {}: {why}", crate::config::redact_url(s.url.expose())))
+        })?;
         opts.app_name = Some("reaper".into());
         if opts.server_selection_timeout.is_none() {
             opts.server_selection_timeout = Some(std::time::Duration::from_secs(5));

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Mode, Sweeper};
+use super::Mode;
 use crate::app::App;
 
 pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
@@ -38,13 +38,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
             }
             match claim(&app, name, *every).await {
                 Ok(true) => {
-                    let sweeper = Sweeper {
-                        settings: &app.settings,
-                        catalog: &app.catalog,
-                        ledger: &app.ledger,
-                        providers: &app.providers,
-                        metrics: Some(&app.metrics),
-                    };
+                    let sweeper = app.sweeper();
                     // The outcome is logged and counted by the sweep itself. A
                     // shutdown drops the sweep, which rolls its transaction back.
                     tokio::select! {
