@@ -82,6 +82,12 @@ pub fn print_report(r: &Report) {
     println!("    too young:     {}", r.too_young);
     println!("    in quarantine: {}", r.in_quarantine);
     println!("    actionable:    {}", r.actionable);
+    if r.already_requested > 0 {
+        println!(
+            "    already requested by an earlier sweep: {} (see reaper replay for dead-lettered ones)",
+            r.already_requested
+        );
+    }
     if !r.sample_actionable.is_empty() {
         println!("  e.g. {}", r.sample_actionable.join(", "));
     }

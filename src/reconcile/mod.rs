@@ -161,6 +161,12 @@ impl ReconcileSettings {
     pub fn check(&self, providers: &BTreeMap<String, ProviderSettings>, catalog: &Catalog) -> Result<(), String> {
         for (name, r) in &self.rules {
             let err = |m: String| format!("reconcile rule {name:?}: {m}");
+            if name.is_empty()
+                || name.len() > 64
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(err("a rule name is 1..64 ASCII letters, digits, '-', '_' or '.'".into()));
+            }
             if let Some(t) = &r.truth {
                 t.check(providers).map_err(|e| err(format!("truth: {e}")))?;
             }
@@ -238,6 +244,9 @@ pub struct Report {
     pub actionable: u64,
     /// Teardown events published.
     pub published: u64,
+    /// Actionable orphans whose teardown an earlier sweep already requested
+    /// (running, done, or dead-lettered awaiting `reaper replay`).
+    pub already_requested: u64,
     pub sample_actionable: Vec<String>,
     pub sample_waiting: Vec<String>,
     #[serde(with = "crate::contract::rfc3339")]
@@ -325,6 +334,7 @@ impl Sweeper<'_> {
             in_quarantine: 0,
             actionable: 0,
             published: 0,
+            already_requested: 0,
             sample_actionable: Vec::new(),
             sample_waiting: Vec::new(),
             started_at,
@@ -371,7 +381,10 @@ impl Sweeper<'_> {
             (_, _, true, _) => "acted".into(),
         };
         if report.outcome == "acted" {
-            report.published = self.publish(name, rule, &mut tx).await?;
+            self.publish(name, rule, &mut tx, &mut report).await?;
+            if report.published == 0 {
+                report.outcome = "nothing_to_do".into();
+            }
         }
         let stored = serde_json::to_value(&report).unwrap_or_default();
         if mode.execute {
@@ -500,7 +513,7 @@ impl Sweeper<'_> {
         // `ready` = old enough and seen often enough; rc_ready is what --execute acts on.
         sqlx::query(
             "CREATE TEMP TABLE rc_ready ON COMMIT DROP AS \
-             SELECT o.key, o.attrs, \
+             SELECT o.key, o.attrs, (extract(epoch FROM s.first_seen) * 1000000)::bigint AS episode, \
                     coalesce(o.created_at, s.first_seen) <= now() - make_interval(secs => $3) AS old_enough, \
                     s.streak >= $4 AS seen_enough \
              FROM rc_orphans o JOIN reconcile_state s ON s.rule = $1 AND s.key = o.key AND s.last_sweep = $2",
@@ -542,37 +555,66 @@ impl Sweeper<'_> {
         name: &str,
         rule: &RuleSettings,
         tx: &mut Transaction<'static, Postgres>,
-    ) -> Result<u64, ReconcileError> {
+        report: &mut Report,
+    ) -> Result<(), ReconcileError> {
         let fail = |message: String| ReconcileError::Sweep { rule: name.into(), message };
         let names = Names::new(&self.settings.broker.prefix);
         let (conn, publisher) = crate::broker::consumer::open(self.settings, &names).await?;
         let mut after = String::new();
-        let mut published = 0u64;
         let result: Result<(), ReconcileError> = async {
             loop {
-                let page: Vec<(String, serde_json::Value)> = sqlx::query_as(
-                    "SELECT key, attrs FROM rc_ready WHERE old_enough AND seen_enough AND key > $1 ORDER BY key LIMIT 500",
+                let page: Vec<(String, serde_json::Value, i64)> = sqlx::query_as(
+                    "SELECT key, attrs, episode FROM rc_ready WHERE old_enough AND seen_enough AND key > $1 \
+                     ORDER BY key LIMIT 500",
                 )
                 .bind(&after)
                 .fetch_all(&mut **tx)
                 .await
                 .map_err(|e| fail(format!("ledger: {e}")))?;
-                let Some((last, _)) = page.last() else { return Ok(()) };
+                let Some((last, _, _)) = page.last() else { return Ok(()) };
                 after = last.clone();
-                let events: Vec<(String, &'static str, Vec<u8>)> =
-                    page.iter().map(|(key, attrs)| event_for(name, rule, key, attrs)).collect::<Result<_, _>>().map_err(fail)?;
+                let ids: Vec<String> = page.iter().map(|(key, _, episode)| event_id(name, key, *episode)).collect();
+                // An orphan whose teardown for this episode already exists (running,
+                // done, or dead-lettered awaiting a replay) is not requested again.
+                let known: std::collections::HashSet<String> =
+                    sqlx::query_scalar("SELECT event_id FROM jobs WHERE event_id = ANY($1)")
+                        .bind(&ids)
+                        .fetch_all(&mut **tx)
+                        .await
+                        .map_err(|e| fail(format!("ledger: {e}")))?
+                        .into_iter()
+                        .collect();
+                let mut events = Vec::new();
+                for ((key, attrs, _), id) in page.iter().zip(ids) {
+                    if known.contains(&id) {
+                        report.already_requested += 1;
+                    } else {
+                        events.push(event_for(name, rule, key, attrs, id).map_err(fail)?);
+                    }
+                }
                 let sends = events.iter().map(|(id, rk, body)| publisher.publish(&names.events, rk, body, id, &[]));
                 for r in futures_util::future::join_all(sends).await {
                     r?;
-                    published += 1;
+                    report.published += 1;
                 }
             }
         }
         .await;
         publisher.close().await;
         let _ = conn.close(200, "sent".into()).await;
-        result.map(|_| published)
+        result
     }
+}
+
+/// One orphan's event id: the same for every sweep of one episode (from when
+/// the item was first seen orphaned until it is not), so the sweep can tell
+/// that its teardown was already requested. The key is hashed to keep the id short.
+fn event_id(rule: &str, key: &str, episode: i64) -> String {
+    fn fnv1a(basis: u64, bytes: &[u8]) -> u64 {
+        bytes.iter().fold(basis, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+    }
+    let (a, b) = (fnv1a(0xcbf2_9ce4_8422_2325, key.as_bytes()), fnv1a(0x6c62_272e_07bb_0142, key.as_bytes()));
+    format!("reconcile:{rule}:{episode}:{a:016x}{b:016x}")
 }
 
 /// The teardown event for one orphan: its event id, routing key and body.
@@ -581,11 +623,11 @@ fn event_for(
     rule: &RuleSettings,
     key: &str,
     attrs: &serde_json::Value,
+    event_id: String,
 ) -> Result<(String, &'static str, Vec<u8>), String> {
     let template = rule.action.owner.clone().unwrap_or_else(|| format!("reconcile.{rule_name}/{{key}}"));
     let owner = template.replace("{key}", key);
     crate::contract::check_owner(&owner).map_err(|e| format!("orphan {key:?}: {e}"))?;
-    let event_id = uuid::Uuid::new_v4().to_string();
     let reason = format!("reconcile rule {rule_name}");
     let attributes: BTreeMap<String, String> = serde_json::from_value(attrs.clone()).unwrap_or_default();
     let now = Utc::now().to_rfc3339();
@@ -622,6 +664,15 @@ fn event_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_ids_are_stable_per_episode_and_short() {
+        let a = event_id("rule", "projects/p/locations/l/models/1", 1_700_000_000_000_000);
+        assert_eq!(a, event_id("rule", "projects/p/locations/l/models/1", 1_700_000_000_000_000));
+        assert_ne!(a, event_id("rule", "projects/p/locations/l/models/2", 1_700_000_000_000_000));
+        assert_ne!(a, event_id("rule", "projects/p/locations/l/models/1", 1_700_000_000_000_001));
+        assert!(event_id(&"r".repeat(64), &"k".repeat(5000), i64::MAX).len() <= 128);
+    }
 
     #[test]
     fn globs() {

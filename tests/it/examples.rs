@@ -135,6 +135,14 @@ async fn ml_model_registry() {
     assert_eq!(t.sim.paths().len(), 8, "the seven legitimate models and the deployed test model stay");
     assert!(t.sim.exists(&format!("{base}/3326581225929310208")), "deployed, and recorded: untouched");
 
+    // Later sweeps do not request record 12 again (no new job, no new dead letter): that is replay's job.
+    let (code, r, _) = t.reconcile("records_never_registered", &["--execute"]);
+    assert_eq!(
+        (code, r["actionable"].as_u64(), r["already_requested"].as_u64(), r["published"].as_u64()),
+        (0, Some(1), Some(1), Some(0)),
+        "{r}"
+    );
+
     // The run finished: replaying the blocked job deletes record 12.
     t.sql("UPDATE training_run SET status = 'failed' WHERE id = 102").await;
     let out = t.reaper(&["replay", "--job", &blocked.job_id.to_string()], &[]);
