@@ -275,3 +275,34 @@ async fn an_unreachable_mongodb_inventory_touches_nothing() {
     assert!(err.contains("truth inventory failed to load, so nothing was touched") && err.contains("mongodb"), "{err}");
     assert_eq!(models(&t).await, 3);
 }
+
+/// The other direction: resources in the cloud that nobody tracks. The truth
+/// is reaper's own ledger (what provisioners tracked), the copy the cloud's list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_resources_nobody_tracks_are_found_against_the_ledger() {
+    let rule = r#"
+[reconcile.rules.untracked_vnis]
+truth = { provider = "ledger", kind = "vni" }
+copy = { provider = "cloud", request = "GET /v1/virtual_network_interfaces", items = "/items", key = "/id", next = "/next" }
+action = { kind = "vni", owner = "untracked/{key}" }
+max_fraction = 1.0
+"#;
+    let mut t = spawn_app(rule).await;
+    let nodes: Vec<reaper::demo::VpcNode> =
+        (0..3).map(|i| reaper::demo::VpcNode::new(&unique(&format!("n{i}")))).collect();
+    for n in &nodes {
+        t.provision(n).await;
+    }
+    // Created by a provisioner that crashed before its resource.tracked went out.
+    t.sim.create("/v1/virtual_network_interfaces/leaked-vni", &[]);
+
+    let (code, r, err) = t.reconcile("untracked_vnis", &["--execute"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!((r["truth"].as_u64(), r["copy"].as_u64(), r["published"].as_u64()), (Some(3), Some(4), Some(1)), "{r}");
+    let res = t.next_result(30).await.result;
+    assert_eq!((res.owner.as_str(), res.status.as_str()), ("untracked/leaked-vni", "completed"), "{res:?}");
+    assert!(!t.sim.exists("/v1/virtual_network_interfaces/leaked-vni"));
+    for n in &nodes {
+        assert!(n.resources.iter().all(|r| t.sim.exists(&r.path)), "tracked resources are untouched");
+    }
+}
