@@ -12,10 +12,15 @@ use crate::helpers::*;
 const CLOUD_TOKEN: &str = "cloud-secret-9f8e7d6c";
 const ADMIN_TOKEN: &str = "admin-secret-1a2b3c4d";
 const DB_PASSWORD: &str = "db-pass-5e6f7a8b";
+const MONGO_PASSWORD: &str = "mongo-pass-3c2b1a09";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_and_passwords_never_appear_in_logs_or_status() {
-    let mut t = spawn_app("").await;
+    // A MongoDB provider with a password in its URL: built at start, listed in /v1/status.
+    let mongo = format!(
+        "[providers.docs]\ntype = \"mongodb\"\nurl = \"mongodb://reaper:{MONGO_PASSWORD}@127.0.0.1:1/?directConnection=true&serverSelectionTimeoutMS=200\"\ndatabase = \"x\"\n"
+    );
+    let mut t = spawn_app(&mongo).await;
     t.stop().await; // the binary below does the work, with secrets in its config
     let dir = std::env::temp_dir().join(format!("reaper-secrets-{:08x}", fastrand::u32(..)));
     std::fs::create_dir_all(&dir).unwrap();
@@ -29,7 +34,8 @@ async fn tokens_and_passwords_never_appear_in_logs_or_status() {
             "[admin]\nlisten = \"127.0.0.1:0\"",
             &format!("[admin]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"", dir.join("admin-token").display()),
         );
-    assert!(config.contains(DB_PASSWORD) && config.contains("token_env = \"REAPER_CLOUD_TOKEN\""));
+    assert!(config.contains(DB_PASSWORD) && config.contains(MONGO_PASSWORD));
+    assert!(config.contains("token_env = \"REAPER_CLOUD_TOKEN\""));
     std::fs::write(dir.join("reaper.toml"), &config).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_reaper"))
         .args(["run", "--config"])
@@ -67,7 +73,11 @@ async fn tokens_and_passwords_never_appear_in_logs_or_status() {
     child.stdout.take().unwrap().read_to_string(&mut logs).unwrap();
     assert!(child.wait().unwrap().success());
     assert!(logs.len() > 1000 && logs.contains("job finished"), "debug logs were written: {} bytes", logs.len());
-    for secret in [CLOUD_TOKEN, ADMIN_TOKEN, DB_PASSWORD] {
+    assert!(
+        status.contains("\"mongodb\"") && status.contains("127.0.0.1:1"),
+        "the MongoDB provider is listed: {status}"
+    );
+    for secret in [CLOUD_TOKEN, ADMIN_TOKEN, DB_PASSWORD, MONGO_PASSWORD] {
         assert!(!logs.contains(secret), "{secret} leaked into the logs");
         assert!(!status.contains(secret), "{secret} leaked into /v1/status");
     }
