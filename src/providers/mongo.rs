@@ -143,6 +143,16 @@ fn fill(v: &serde_json::Value, value: &dyn Fn(&str) -> Option<String>) -> Result
     })
 }
 
+/// `a.b.c` in a document.
+pub fn get_path<'d>(d: &'d Document, path: &str) -> Option<&'d Bson> {
+    let mut parts = path.split('.');
+    let mut v = d.get(parts.next()?)?;
+    for p in parts {
+        v = v.as_document()?.get(p)?;
+    }
+    Some(v)
+}
+
 /// A document's field as the text reaper keys things by: ObjectIds as hex.
 pub fn as_text(v: &Bson) -> Option<String> {
     match v {
@@ -270,12 +280,12 @@ impl MongoProvider {
         let mut out = Vec::new();
         while cursor.advance().await.map_err(classify)? {
             let d: Document = cursor.deserialize_current().map_err(classify)?;
-            let Some(id) = d.get(id_field).and_then(as_text).filter(|s| !s.is_empty()) else { continue };
+            let Some(id) = get_path(&d, id_field).and_then(as_text).filter(|s| !s.is_empty()) else { continue };
             if !seen.insert(id.clone()) {
                 continue;
             }
             let attrs: BTreeMap<String, String> =
-                attributes.iter().filter_map(|a| d.get(a).and_then(as_text).map(|v| (a.clone(), v))).collect();
+                attributes.iter().filter_map(|a| get_path(&d, a).and_then(as_text).map(|v| (a.clone(), v))).collect();
             out.push(Resource { kind: kind.to_string(), id, attributes: attrs, parent: None });
         }
         Ok(out)

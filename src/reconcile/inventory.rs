@@ -254,15 +254,15 @@ async fn pump_mongo(m: &mongo::MongoProvider, inv: &InventorySettings, tx: Tx) {
     loop {
         match cursor.try_next().await {
             Ok(Some(d)) => {
-                let Some(k) = get_path(&d, &key).and_then(mongo::as_text) else { continue };
-                let created_at = inv.created_at.as_deref().and_then(|f| get_path(&d, f)).and_then(|v| match v {
+                let Some(k) = mongo::get_path(&d, &key).and_then(mongo::as_text) else { continue };
+                let created_at = inv.created_at.as_deref().and_then(|f| mongo::get_path(&d, f)).and_then(|v| match v {
                     Bson::DateTime(t) => DateTime::from_timestamp_millis(t.timestamp_millis()),
                     other => mongo::as_text(other).and_then(|s| parse_time(&s)),
                 });
                 let attributes = inv
                     .attributes
                     .iter()
-                    .filter_map(|(name, f)| get_path(&d, f).and_then(mongo::as_text).map(|v| (name.clone(), v)))
+                    .filter_map(|(name, f)| mongo::get_path(&d, f).and_then(mongo::as_text).map(|v| (name.clone(), v)))
                     .collect();
                 page.push(Item { key: k, created_at, attributes });
                 if page.len() == PAGE
@@ -281,16 +281,6 @@ async fn pump_mongo(m: &mongo::MongoProvider, inv: &InventorySettings, tx: Tx) {
     if !page.is_empty() {
         let _ = tx.send(Ok(page)).await;
     }
-}
-
-/// `a.b.c` in a document.
-fn get_path<'d>(d: &'d mongodb::bson::Document, path: &str) -> Option<&'d mongodb::bson::Bson> {
-    let mut parts = path.split('.');
-    let mut v = d.get(parts.next()?)?;
-    for p in parts {
-        v = v.as_document()?.get(p)?;
-    }
-    Some(v)
 }
 
 async fn pump_http(h: &crate::providers::http::HttpProvider, inv: &InventorySettings, tx: Tx) {
