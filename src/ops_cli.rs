@@ -33,6 +33,21 @@ pub async fn status(settings: &Settings, json: bool) -> ExitCode {
                 println!("jobs {status:<17} {n}");
             }
             println!("outbox backlog      {}", c.outbox_backlog);
+            for (rule, v) in &c.reconcile {
+                let last = &v["last_report"];
+                let summary = if last.is_null() {
+                    "no executed sweep yet".to_string()
+                } else {
+                    format!(
+                        "last executed sweep {}: {} ({} orphans, {} published)",
+                        last["started_at"].as_str().unwrap_or("?"),
+                        last["outcome"].as_str().unwrap_or("?"),
+                        last["orphans"],
+                        last["published"]
+                    )
+                };
+                println!("reconcile {rule:<21} {summary}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => fail(3, e),

@@ -18,6 +18,8 @@ pub struct StatusCounts {
     /// Jobs by status (running, completed, dead_lettered).
     pub jobs: BTreeMap<String, i64>,
     pub outbox_backlog: i64,
+    /// Reconcile rules that have run: sweeps so far, last scheduled start, last executed report.
+    pub reconcile: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -76,7 +78,26 @@ impl Ledger {
         {
             jobs.insert(r.get("status"), r.get("n"));
         }
-        Ok(StatusCounts { owners_tracked: owners, resources, jobs, outbox_backlog: self.outbox_len().await? })
+        let mut reconcile = BTreeMap::new();
+        for r in sqlx::query("SELECT rule, sweeps, last_started_at, last_report FROM reconcile_rules ORDER BY rule")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("reading reconcile rules"))?
+        {
+            let last: Option<serde_json::Value> = r.get("last_report");
+            let started: Option<DateTime<Utc>> = r.get("last_started_at");
+            reconcile.insert(
+                r.get("rule"),
+                serde_json::json!({ "sweeps": r.get::<i64, _>("sweeps"), "last_scheduled_start": started, "last_report": last }),
+            );
+        }
+        Ok(StatusCounts {
+            owners_tracked: owners,
+            resources,
+            jobs,
+            outbox_backlog: self.outbox_len().await?,
+            reconcile,
+        })
     }
 
     pub async fn owner_view(&self, owner: &str) -> Result<(Vec<OwnerResource>, Vec<OwnerJob>), LedgerError> {

@@ -54,6 +54,14 @@ async fn model_registry_sync() {
     let out = t.reaper(&["reconcile", "backend_models", "--execute"], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("no cleanup needed"), "{text}");
+    let out = t.reaper(&["status", "--json"], &[]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rule = &status["reconcile"]["backend_models"];
+    assert_eq!(
+        (rule["sweeps"].as_i64(), rule["last_report"]["outcome"].as_str()),
+        (Some(2), Some("nothing_to_do")),
+        "{status}"
+    );
 
     // An admin deleted a model by mistake: its row comes back from the archive.
     let out = t.reaper(&["restore", &done[0].job_id.to_string()], &[]);
