@@ -149,7 +149,18 @@ pub async fn main(cli: Cli) -> ExitCode {
                 for k in catalog.kind_names() {
                     let spec = catalog.kind(k).expect("listed");
                     let after = if spec.after.is_empty() { "-".to_string() } else { spec.after.join(", ") };
-                    println!("  {k:<24} provider={:<12} after: {after}", spec.provider);
+                    let mut extras = Vec::new();
+                    if let Some(l) = &spec.lookup {
+                        extras.push(format!("lookup in {}", l.provider));
+                    }
+                    if let Some(g) = &spec.guard {
+                        extras.push(format!("guard on {}", g.provider));
+                    }
+                    if spec.archive.is_some() {
+                        extras.push("archived".into());
+                    }
+                    let extras = if extras.is_empty() { String::new() } else { format!("  [{}]", extras.join(", ")) };
+                    println!("  {k:<24} provider={:<12} after: {after}{extras}", spec.provider);
                 }
                 for (name, r) in &settings.reconcile.rules {
                     let every = r.every_secs.map(|e| format!("every {e}s")).unwrap_or_else(|| "by hand".into());
