@@ -770,6 +770,21 @@ mod tests {
     }
 
     #[test]
+    fn every_example_config_is_valid() {
+        for (name, text) in [
+            ("model-registry-sync", include_str!("../examples/model-registry-sync/reaper.toml")),
+            ("ml-model-registry", include_str!("../examples/ml-model-registry/reaper.toml")),
+            ("cross-db-mongodb", include_str!("../examples/cross-db-mongodb/reaper.toml")),
+            ("ghost-containers", include_str!("../examples/ghost-containers/reaper.toml")),
+            ("vpc-node", include_str!("../examples/vpc-node/reaper.toml")),
+        ] {
+            let s = Settings::from_toml(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            s.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!s.reconcile.rules.is_empty(), "{name} has a reconcile rule");
+        }
+    }
+
+    #[test]
     fn secrets_do_not_print() {
         let s = Settings::from_toml("[database]\nurl = \"postgres://u:hunter2@h/db\"\n").unwrap();
         assert!(!format!("{s:?}").contains("hunter2"));
