@@ -119,10 +119,15 @@ impl InventorySettings {
 /// Starts reading an inventory; pages arrive on the receiver, then either the
 /// channel closes (the end) or an `Err` arrives (the read failed: the whole
 /// inventory must then be treated as not loaded).
+///
+/// `strict` is for the truth: an item without a key there fails the read,
+/// because skipping it would make its counterpart in the copy look orphaned.
+/// A copy item without a key is only left out.
 pub fn read(
     inv: &InventorySettings,
     providers: &Providers,
     ledger: &crate::ledger::Ledger,
+    strict: bool,
 ) -> mpsc::Receiver<Result<Vec<Item>, String>> {
     let (tx, rx) = mpsc::channel(2);
     let inv = inv.clone();
@@ -132,7 +137,7 @@ pub fn read(
         let kind = inv.kind.clone().unwrap_or_default();
         tokio::spawn(async move {
             let rows = sqlx::query(sql).bind(kind).fetch(&pool);
-            pump_sql(rows, &inv, tx).await
+            pump_sql(rows, &inv, strict, tx).await
         });
         return rx;
     }
@@ -145,10 +150,10 @@ pub fn read(
             Provider::Postgres(p) => {
                 let sql = inv.sql.clone().unwrap_or_default();
                 let rows = sqlx::query(&sql).fetch(p.pool());
-                pump_sql(rows, &inv, tx).await
+                pump_sql(rows, &inv, strict, tx).await
             }
-            Provider::Mongo(m) => pump_mongo(m, &inv, tx).await,
-            Provider::Http(h) => pump_http(h, &inv, tx).await,
+            Provider::Mongo(m) => pump_mongo(m, &inv, strict, tx).await,
+            Provider::Http(h) => pump_http(h, &inv, strict, tx).await,
         }
     });
     rx
@@ -159,6 +164,7 @@ type Tx = mpsc::Sender<Result<Vec<Item>, String>>;
 async fn pump_sql<'a>(
     mut rows: futures_util::stream::BoxStream<'a, Result<sqlx::postgres::PgRow, sqlx::Error>>,
     inv: &InventorySettings,
+    strict: bool,
     tx: Tx,
 ) {
     let key_col = inv.key.clone().unwrap_or_else(|| "key".into());
@@ -174,6 +180,11 @@ async fn pump_sql<'a>(
         };
         match sql_item(&row, &key_col, inv.created_at.as_deref()) {
             Ok(Some(item)) => page.push(item),
+            Ok(None) if strict => {
+                let _ =
+                    tx.send(Err(format!("a row has no {key_col:?} (NULL or empty): it could not be matched"))).await;
+                return;
+            }
             Ok(None) => {}
             Err(e) => {
                 let _ = tx.send(Err(e)).await;
@@ -224,7 +235,7 @@ fn sql_item(row: &sqlx::postgres::PgRow, key_col: &str, created_col: Option<&str
     Ok(Some(item))
 }
 
-async fn pump_mongo(m: &mongo::MongoProvider, inv: &InventorySettings, tx: Tx) {
+async fn pump_mongo(m: &mongo::MongoProvider, inv: &InventorySettings, strict: bool, tx: Tx) {
     use mongodb::bson::{Bson, Document};
     let key = inv.key.clone().unwrap_or_default();
     let filter: Document = match serde_json::from_str::<serde_json::Value>(inv.filter.as_deref().unwrap_or("{}"))
@@ -254,7 +265,14 @@ async fn pump_mongo(m: &mongo::MongoProvider, inv: &InventorySettings, tx: Tx) {
     loop {
         match cursor.try_next().await {
             Ok(Some(d)) => {
-                let Some(k) = mongo::get_path(&d, &key).and_then(mongo::as_text) else { continue };
+                let Some(k) = mongo::get_path(&d, &key).and_then(mongo::as_text) else {
+                    if strict {
+                        let id = d.get("_id").cloned().unwrap_or(Bson::Null);
+                        let _ = tx.send(Err(format!("document {id} has no {key:?}: it could not be matched"))).await;
+                        return;
+                    }
+                    continue;
+                };
                 let created_at = inv.created_at.as_deref().and_then(|f| mongo::get_path(&d, f)).and_then(|v| match v {
                     Bson::DateTime(t) => DateTime::from_timestamp_millis(t.timestamp_millis()),
                     other => mongo::as_text(other).and_then(|s| parse_time(&s)),
@@ -283,7 +301,7 @@ async fn pump_mongo(m: &mongo::MongoProvider, inv: &InventorySettings, tx: Tx) {
     }
 }
 
-async fn pump_http(h: &crate::providers::http::HttpProvider, inv: &InventorySettings, tx: Tx) {
+async fn pump_http(h: &crate::providers::http::HttpProvider, inv: &InventorySettings, strict: bool, tx: Tx) {
     let request = inv.request.clone().unwrap_or_default();
     let path = request.split_once(' ').map(|(_, p)| p.trim().to_string()).unwrap_or_default();
     let key = inv.key.clone().unwrap_or_default();
@@ -311,7 +329,15 @@ async fn pump_http(h: &crate::providers::http::HttpProvider, inv: &InventorySett
         };
         let mut out = Vec::with_capacity(items.len());
         for it in items {
-            let Some(k) = it.pointer(&key).and_then(json_text) else { continue };
+            let Some(k) = it.pointer(&key).and_then(json_text) else {
+                if strict {
+                    let _ = tx
+                        .send(Err(format!("GET {url}: an item has nothing at {key:?}: it could not be matched")))
+                        .await;
+                    return;
+                }
+                continue;
+            };
             let created_at = inv.created_at.as_deref().and_then(|p| it.pointer(p)).and_then(|v| match v {
                 serde_json::Value::Number(n) => n.as_f64().and_then(|s| DateTime::from_timestamp(s as i64, 0)),
                 other => json_text(other).and_then(|s| parse_time(&s)),

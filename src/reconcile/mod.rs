@@ -412,8 +412,8 @@ impl Sweeper<'_> {
     ) -> Result<(Option<u64>, u64, u64), ReconcileError> {
         let inv_err =
             |side: &'static str, message: String| ReconcileError::Inventory { rule: name.into(), side, message };
-        let mut truth_rx = rule.truth.as_ref().map(|t| inventory::read(t, self.providers, self.ledger));
-        let mut copy_rx = inventory::read(&rule.copy, self.providers, self.ledger);
+        let mut truth_rx = rule.truth.as_ref().map(|t| inventory::read(t, self.providers, self.ledger, true));
+        let mut copy_rx = inventory::read(&rule.copy, self.providers, self.ledger, false);
         let mut excluded = 0u64;
         let (mut truth_done, mut copy_done) = (truth_rx.is_none(), false);
         while !(truth_done && copy_done) {

@@ -306,3 +306,22 @@ max_fraction = 1.0
         assert!(n.resources.iter().all(|r| t.sim.exists(&r.path)), "tracked resources are untouched");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truth_item_without_a_key_fails_the_load_instead_of_orphaning_its_counterpart() {
+    let rule = RULE.replace(r#"key = "/id", next"#, r#"key = "/attributes/model_name", next"#);
+    let t = spawn_app(&rule).await;
+    t.sql(
+        "CREATE TABLE models (id text PRIMARY KEY, created_at timestamptz NOT NULL DEFAULT now() - interval '2 days')",
+    )
+    .await;
+    t.sql("INSERT INTO models (id) VALUES ('a'), ('b'), ('c')").await;
+    t.sim.create_with("/gw/models/a", json!({ "model_name": "a" }));
+    t.sim.create_with("/gw/models/b", json!({ "model_name": "b" }));
+    // The API renamed its field for this one: skipping it would make row c an orphan.
+    t.sim.create_with("/gw/models/c", json!({ "name": "c" }));
+    let (code, _, err) = t.reconcile("models", &["--execute", "--force"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("could not be matched"), "{err}");
+    assert_eq!(models(&t).await, 3);
+}
