@@ -31,6 +31,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/owners/{owner}/validate", get(validate))
         .route("/v1/owners/{owner}/script", get(script))
         .route("/v1/jobs/{id}", get(job))
+        .route("/v1/jobs/{id}/restore", post(restore))
         .route("/v1/dead", get(dead))
         .route("/v1/dead/replay", post(replay))
         .route("/v1/reconcile/{rule}", post(reconcile))
@@ -209,6 +210,23 @@ async fn job(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
     match app.ledger.job_view(id).await {
         Ok(Some(v)) => Json(v).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, "no such job"),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct DryRun {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// Puts back what the job archived (`reaper restore`); `?dry_run=true` counts only.
+async fn restore(State(app): State<Arc<App>>, Path(id): Path<String>, Query(q): Query<DryRun>) -> Response {
+    use crate::restore::{restore_with, RestoreError};
+    let Ok(id) = uuid::Uuid::parse_str(&id) else { return error(StatusCode::BAD_REQUEST, "job ids are UUIDs") };
+    match restore_with(&app.catalog, &app.ledger, &app.providers, id, q.dry_run).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e @ RestoreError::NoJob(_)) => error(StatusCode::NOT_FOUND, &e.to_string()),
         Err(e) => internal(e),
     }
 }

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::config::{ArchiveSpec, Settings};
+use crate::config::{ArchiveSpec, Catalog, Settings};
+use crate::ledger::Ledger;
 use crate::providers::{Provider, Providers};
 
 #[derive(clap::Args, Debug)]
@@ -47,11 +48,23 @@ pub enum RestoreError {
     Config(#[from] crate::config::ConfigError),
 }
 
+/// For the CLI: builds the catalog, ledger and providers from `settings`.
 pub async fn restore(settings: &Settings, job_id: Uuid, dry_run: bool) -> Result<RestoreReport, RestoreError> {
     let catalog = settings.validate()?;
     let ledger = settings.ledger().await?;
-    let view = ledger.job_view(job_id).await?.ok_or(RestoreError::NoJob(job_id))?;
     let providers = Providers::build(&settings.providers).await?;
+    restore_with(&catalog, &ledger, &providers, job_id, dry_run).await
+}
+
+/// Puts back what `job_id` archived, with the given catalog, ledger and providers.
+pub async fn restore_with(
+    catalog: &Catalog,
+    ledger: &Ledger,
+    providers: &Providers,
+    job_id: Uuid,
+    dry_run: bool,
+) -> Result<RestoreReport, RestoreError> {
+    let view = ledger.job_view(job_id).await?.ok_or(RestoreError::NoJob(job_id))?;
     let mut report = RestoreReport { job_id: job_id.to_string(), dry_run, ..Default::default() };
     for step in &view.steps {
         let text = |f: &str| step.get(f).and_then(|v| v.as_str()).unwrap_or_default().to_string();

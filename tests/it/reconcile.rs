@@ -227,8 +227,21 @@ async fn the_admin_route_needs_the_token_runs_dry_by_default_and_counts_its_swee
     assert_eq!(unknown.status(), 404);
     let done: Value = post(format!("{url}?execute=true")).await.unwrap().json().await.unwrap();
     assert_eq!(done["published"], json!(1), "{done}");
-    assert_eq!(t.next_result(30).await.result.status, "completed");
+    let job = t.next_result(30).await.result;
+    assert_eq!(job.status, "completed");
     assert!(!exists(&t, "gone-1").await);
+
+    // The deleted row was archived: the API puts it back (a dry run first, which changes nothing).
+    let restore = format!("{base}/v1/jobs/{}/restore", job.job_id);
+    let dry: Value = post(format!("{restore}?dry_run=true")).await.unwrap().json().await.unwrap();
+    assert_eq!((dry["dry_run"].as_bool(), dry["restored"].as_u64()), (Some(true), Some(1)), "{dry}");
+    assert!(!exists(&t, "gone-1").await);
+    let put: Value = post(restore.clone()).await.unwrap().json().await.unwrap();
+    assert_eq!(put["restored"], json!(1), "{put}");
+    assert!(exists(&t, "gone-1").await);
+    let again: Value = post(restore).await.unwrap().json().await.unwrap();
+    assert_eq!((again["restored"].as_u64(), again["restored_before"].as_u64()), (Some(0), Some(1)), "{again}");
+    assert_eq!(post(format!("{base}/v1/jobs/{}/restore", uuid::Uuid::new_v4())).await.unwrap().status(), 404);
     let metrics = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains(r#"reaper_reconcile_runs_total{outcome="dry_run",rule="models"} 1"#), "{metrics}");
     assert!(metrics.contains(r#"reaper_reconcile_published_total{rule="models"} 1"#), "{metrics}");
