@@ -179,17 +179,7 @@ impl Sweeper<'_> {
             started_at,
             seconds: 0.0,
         };
-        // An empty side next to a full one is what an outage, a wrong filter or
-        // an expired token looks like: never a reason to delete everything.
-        let empty = match truth {
-            Some(0) if copy + excluded > 0 => {
-                Some(format!("the truth inventory came back empty while the copy holds {}", copy + excluded))
-            }
-            Some(t) if t > 0 && copy + excluded == 0 => {
-                Some(format!("the copy inventory came back empty while the truth holds {t}"))
-            }
-            _ => None,
-        };
+        let empty = one_side_empty(truth, copy + excluded);
         if let Some(why) = empty {
             report.outcome = "refused".into();
             report.refused = Some(format!("{why}; nothing was touched"));
@@ -199,17 +189,7 @@ impl Sweeper<'_> {
         }
         self.classify(name, rule, &mut tx, &mut report).await.map_err(|e| fail(format!("ledger: {e}")))?;
 
-        let limit = if truth.is_some() { (rule.max_fraction * copy as f64).floor() as u64 } else { u64::MAX };
-        let brake = if report.actionable > rule.max_count {
-            Some(format!("{} deletions exceed max_count {}", report.actionable, rule.max_count))
-        } else if report.actionable > limit {
-            Some(format!(
-                "{} deletions exceed max_fraction {} of the copy's {copy} items",
-                report.actionable, rule.max_fraction
-            ))
-        } else {
-            None
-        };
+        let brake = brake(rule, report.actionable, copy, truth.is_some());
         report.outcome = match (&brake, mode.force, mode.execute, report.actionable) {
             (Some(b), false, _, _) => {
                 report.refused = Some(format!("{b}; rerun with --force if that is intended"));
@@ -445,6 +425,29 @@ impl Sweeper<'_> {
     }
 }
 
+/// An empty side next to a full one is what an outage, a wrong filter or an
+/// expired token looks like: never a reason to delete everything.
+fn one_side_empty(truth: Option<u64>, copy: u64) -> Option<String> {
+    match truth {
+        Some(0) if copy > 0 => Some(format!("the truth inventory came back empty while the copy holds {copy}")),
+        Some(t) if t > 0 && copy == 0 => Some(format!("the copy inventory came back empty while the truth holds {t}")),
+        _ => None,
+    }
+}
+
+/// Why `actionable` deletions are too many for the rule, if they are. The
+/// fraction applies only with a truth: without one, every copy item is a candidate.
+fn brake(rule: &RuleSettings, actionable: u64, copy: u64, has_truth: bool) -> Option<String> {
+    let limit = if has_truth { (rule.max_fraction * copy as f64).floor() as u64 } else { u64::MAX };
+    if actionable > rule.max_count {
+        Some(format!("{actionable} deletions exceed max_count {}", rule.max_count))
+    } else if actionable > limit {
+        Some(format!("{actionable} deletions exceed max_fraction {} of the copy's {copy} items", rule.max_fraction))
+    } else {
+        None
+    }
+}
+
 /// One orphan's event id: the same for every sweep of one episode (from when
 /// the item was first seen orphaned until it is not), so the sweep can tell
 /// that its teardown was already requested. The key is hashed to keep the id short.
@@ -503,6 +506,25 @@ fn event_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_brakes_and_the_emptiness_rule() {
+        let rule: RuleSettings = toml_rule("max_count = 10\nmax_fraction = 0.5");
+        assert_eq!(brake(&rule, 10, 20, true), None);
+        assert!(brake(&rule, 11, 100, true).unwrap().contains("exceed max_count 10"));
+        assert!(brake(&rule, 6, 11, true).unwrap().contains("max_fraction 0.5 of the copy's 11 items"));
+        assert_eq!(brake(&rule, 6, 11, false), None, "no truth, no fraction");
+        assert!(one_side_empty(Some(0), 3).unwrap().contains("truth inventory came back empty"));
+        assert!(one_side_empty(Some(3), 0).unwrap().contains("copy inventory came back empty"));
+        assert_eq!(one_side_empty(Some(0), 0), None);
+        assert_eq!(one_side_empty(None, 0), None);
+    }
+
+    fn toml_rule(extra: &str) -> RuleSettings {
+        let text = format!("copy = {{ provider = \"ledger\", kind = \"k\" }}\naction = {{ kind = \"k\" }}\n{extra}");
+        use figment::providers::Format;
+        figment::Figment::from(figment::providers::Toml::string(&text)).extract().unwrap()
+    }
 
     #[test]
     fn event_ids_are_stable_per_episode_and_short() {
