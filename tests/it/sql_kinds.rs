@@ -206,3 +206,38 @@ async fn a_lookup_that_fails_stops_the_job_before_anything_is_deleted() {
     assert_eq!(t.sim.stats().deletes, 0, "nothing was deleted");
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_that_cannot_be_asked_counts_as_in_use_and_nothing_of_the_owner_is_deleted() {
+    // The guard's table does not exist: "in use" cannot be ruled out, so the
+    // model and its deployment (which has no guard) both stay.
+    let kinds = APP_KINDS.replace(
+        "after = [\"deployment_row\"]\n",
+        "after = [\"deployment_row\"]\nguard = { provider = \"appdb\", query = \"SELECT 1 FROM no_such_serving WHERE model_id = $1\" }\n",
+    );
+    let mut t = spawn_app(&kinds).await;
+    app_tables(&t).await;
+    let owner = "model/m1";
+    t.publish("resource.tracked", &json!({"event_id": "a", "owner": owner, "kind": "model_row", "id": "m1"})).await;
+    t.publish(
+        "resource.tracked",
+        &json!({"event_id": "b", "owner": owner, "kind": "deployment_row", "id": "d1", "attributes": {"tenant": "t1"}}),
+    )
+    .await;
+    let owners = vec![owner.to_string()];
+    wait_until("2 tracked", std::time::Duration::from_secs(20), || async {
+        t.app.ledger.count_tracked(&owners).await.unwrap() >= 2
+    })
+    .await;
+    t.publish("deletion.requested", &deletion("guard-broken", owner, Utc::now())).await;
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "dead_lettered", "{r:?}");
+    assert!(r.resources.iter().all(|s| s.outcome == "blocked"), "{:?}", r.resources);
+    let m1 = r.resources.iter().find(|s| s.id == "m1").unwrap();
+    assert!(m1.error.as_deref().unwrap().contains("the guard could not be checked"), "{m1:?}");
+    assert!(r.reason.as_deref().unwrap().contains("model_row/m1 blocked"), "{r:?}");
+    assert_eq!((count(&t, "models").await, count(&t, "deployments").await), (2, 1), "nothing was deleted");
+    let dead = t.dead_wait(1).await;
+    assert!(dead[0].1.contains("blocked"), "{:?}", dead[0].1);
+    t.stop().await;
+}
