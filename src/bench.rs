@@ -56,6 +56,10 @@ pub struct BenchArgs {
     /// Where the reconcile benchmark's copy lives: postgres or mongodb.
     #[arg(long, default_value = "postgres")]
     pub reconcile_copy: String,
+    /// Also run an executed sweep with a worker in this process and time until
+    /// every orphan is deleted (PostgreSQL copy; needs RabbitMQ).
+    #[arg(long)]
+    pub reconcile_execute: bool,
     /// The MongoDB server for --reconcile-copy mongodb.
     #[arg(long, default_value = "mongodb://127.0.0.1:27018/?directConnection=true")]
     pub mongo_url: String,
@@ -91,7 +95,8 @@ struct Run {
 
 pub async fn run(settings: Settings, args: BenchArgs) -> ExitCode {
     if let Some(items) = args.reconcile_items {
-        return match crate::reconcile::bench::run(settings, items, &args.reconcile_copy, &args.mongo_url).await {
+        let (copy, url, execute) = (&args.reconcile_copy, &args.mongo_url, args.reconcile_execute);
+        return match crate::reconcile::bench::run(settings, items, copy, url, execute).await {
             Ok(r) => {
                 if args.json {
                     println!("{}", serde_json::to_string_pretty(&r).expect("serializable"));
@@ -101,6 +106,13 @@ pub async fn run(settings: Settings, args: BenchArgs) -> ExitCode {
                         r.items, r.items, r.copy, r.date, r.machine, r.seed_seconds, r.sweep_seconds, r.items_per_sec,
                         r.orphans_found, r.orphans_expected, r.rss_before_mib, r.peak_rss_mib
                     );
+                    if let (Some(sweep), Some(clean)) = (r.execute_sweep_seconds, r.cleanup_seconds) {
+                        println!(
+                            "  executed sweep   {sweep:>8.1} s  (publishing {} teardowns)\n  all deleted after {clean:>7.1} s  ({:.0} orphans/s)",
+                            r.orphans_expected,
+                            r.orphans_expected as f64 / clean
+                        );
+                    }
                 }
                 ExitCode::SUCCESS
             }

@@ -28,16 +28,26 @@ pub struct ReconcileBench {
     pub orphans_expected: u64,
     pub rss_before_mib: f64,
     pub peak_rss_mib: f64,
+    /// With --reconcile-execute: the executed sweep (publishing one teardown
+    /// per orphan) and the time until a worker in this process deleted them all.
+    pub execute_sweep_seconds: Option<f64>,
+    pub cleanup_seconds: Option<f64>,
 }
 
 /// `copy`: "postgres" or "mongodb" (then `mongo_url` is used).
-pub async fn run(settings: Settings, items: usize, copy: &str, mongo_url: &str) -> anyhow::Result<ReconcileBench> {
+pub async fn run(
+    settings: Settings,
+    items: usize,
+    copy: &str,
+    mongo_url: &str,
+    execute: bool,
+) -> anyhow::Result<ReconcileBench> {
     let id = format!("{:08x}", fastrand::u32(..));
     let db_name = format!("reaper_bench_rc_{id}");
     let admin: PgConnectOptions = settings.database.url.expose().parse()?;
     let mut conn = admin.clone().database("postgres").connect().await.context("connecting to PostgreSQL")?;
     sqlx::query(&format!("CREATE DATABASE \"{db_name}\"")).execute(&mut conn).await?;
-    let result = bench(&settings, &admin, &db_name, items, copy, mongo_url).await;
+    let result = bench(&settings, &admin, &db_name, items, copy, mongo_url, execute).await;
     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)")).execute(&mut conn).await;
     if copy == "mongodb" {
         if let Ok(c) = mongodb::Client::with_uri_str(mongo_url).await {
@@ -55,7 +65,9 @@ async fn bench(
     items: usize,
     copy: &str,
     mongo_url: &str,
+    execute: bool,
 ) -> anyhow::Result<ReconcileBench> {
+    anyhow::ensure!(!(execute && copy != "postgres"), "--reconcile-execute measures the PostgreSQL copy only");
     let url = db_url(admin, db_name);
     let orphans = (items / 100) as u64;
     let seeded = Instant::now();
@@ -81,6 +93,8 @@ async fn bench(
             .bind(orphans as i64)
             .execute(&mut app)
             .await?;
+            // The teardowns of --reconcile-execute delete by key.
+            sqlx::query("CREATE INDEX ON copy_items (key)").execute(&mut app).await?;
             r#"copy = { provider = "app", sql = "SELECT key, created_at FROM copy_items", created_at = "created_at" }"#
                 .to_string()
         }
@@ -107,6 +121,9 @@ async fn bench(
     s.database = settings.database.clone();
     s.database.url = crate::config::Secret::new(url.clone());
     s.broker = settings.broker.clone();
+    s.broker.prefix = format!("bench-rc-{}", &db_name[db_name.len() - 8..]);
+    s.broker.prefetch = 256;
+    s.admin.listen = String::new();
     let catalog = s.validate()?;
     let ledger = s.ledger().await?;
     ledger.migrate().await?;
@@ -117,6 +134,13 @@ async fn bench(
     let report = sweeper.sweep("bench", Mode::default()).await?;
     let sweep_seconds = started.elapsed().as_secs_f64();
     ledger.pool().close().await;
+    let peak_rss_mib = status_mib("VmHWM:");
+    let (execute_sweep_seconds, cleanup_seconds) = if execute {
+        let (a, b) = execute_and_clean(s, items as i64 - orphans as i64).await?;
+        (Some(a), Some(b))
+    } else {
+        (None, None)
+    };
     Ok(ReconcileBench {
         machine: crate::bench::machine(),
         date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
@@ -128,8 +152,44 @@ async fn bench(
         orphans_found: report.orphans,
         orphans_expected: orphans,
         rss_before_mib,
-        peak_rss_mib: status_mib("VmHWM:"),
+        peak_rss_mib,
+        execute_sweep_seconds,
+        cleanup_seconds,
     })
+}
+
+/// Runs a worker in this process, sweeps with --execute, and waits until the
+/// copy holds only the `keep` items that are not orphans.
+async fn execute_and_clean(s: Settings, keep: i64) -> anyhow::Result<(f64, f64)> {
+    let app = std::sync::Arc::new(crate::app::App::build(s).await?);
+    let token = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn(app.clone().run(token.clone()));
+    let started = Instant::now();
+    let result = async {
+        let report = app.sweeper().sweep("bench", Mode { execute: true, force: false }).await?;
+        let swept = started.elapsed().as_secs_f64();
+        anyhow::ensure!(report.published > 0, "the executed sweep published nothing: {report:?}");
+        let deadline = Instant::now() + std::time::Duration::from_secs(600);
+        loop {
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM copy_items").fetch_one(app.ledger.pool()).await?;
+            if left <= keep {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{} orphans still there after 600 s", left - keep);
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        Ok((swept, started.elapsed().as_secs_f64()))
+    }
+    .await;
+    token.cancel();
+    let _ = worker.await;
+    let names = crate::broker::Names::new(&app.settings.broker.prefix);
+    if let Ok(conn) = lapin::Connection::connect(app.settings.broker.url.expose(), Default::default()).await {
+        let _ = crate::broker::delete_topology(&conn, &names, &app.settings.worker.all_delays()).await;
+        let _ = conn.close(200, "bench done".into()).await;
+    }
+    app.ledger.pool().close().await;
+    result
 }
 
 async fn seed_mongo(url: &str, db: &str, items: usize, orphans: usize) -> anyhow::Result<()> {
