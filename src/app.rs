@@ -91,7 +91,6 @@ impl App {
     pub fn sweeper(&self) -> crate::reconcile::Sweeper<'_> {
         crate::reconcile::Sweeper {
             settings: &self.settings,
-            catalog: &self.catalog,
             ledger: &self.ledger,
             providers: &self.providers,
             metrics: Some(&self.metrics),

@@ -124,11 +124,11 @@ async fn bench(
     s.broker.prefix = format!("bench-rc-{}", &db_name[db_name.len() - 8..]);
     s.broker.prefetch = 256;
     s.admin.listen = String::new();
-    let catalog = s.validate()?;
+    s.validate()?;
     let ledger = s.ledger().await?;
     ledger.migrate().await?;
     let providers = crate::providers::Providers::build(&s.providers).await?;
-    let sweeper = Sweeper { settings: &s, catalog: &catalog, ledger: &ledger, providers: &providers, metrics: None };
+    let sweeper = Sweeper { settings: &s, ledger: &ledger, providers: &providers, metrics: None };
     let rss_before_mib = status_mib("VmRSS:");
     let started = Instant::now();
     let report = sweeper.sweep("bench", Mode::default()).await?;

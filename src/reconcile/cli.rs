@@ -30,10 +30,10 @@ pub async fn run(settings: Settings, args: ReconcileArgs) -> ExitCode {
         }
         return ExitCode::SUCCESS;
     };
-    let catalog = match settings.validate() {
-        Ok(c) => c,
-        Err(e) => return fail(2, e),
-    };
+    // Validated first, so a bad rule is a configuration error, not a failed sweep.
+    if let Err(e) = settings.validate() {
+        return fail(2, e);
+    }
     let ledger = match settings.ledger().await {
         Ok(l) => l,
         Err(e) => return fail(3, e),
@@ -45,8 +45,7 @@ pub async fn run(settings: Settings, args: ReconcileArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(2, e),
     };
-    let sweeper =
-        Sweeper { settings: &settings, catalog: &catalog, ledger: &ledger, providers: &providers, metrics: None };
+    let sweeper = Sweeper { settings: &settings, ledger: &ledger, providers: &providers, metrics: None };
     match sweeper.sweep(&rule, Mode { execute: args.execute, force: args.force }).await {
         Ok(r) => {
             if args.json {

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{Postgres, Transaction};
 
 use crate::broker::{BrokerError, Names};
-use crate::config::{Catalog, Settings};
+use crate::config::Settings;
 use crate::ledger::{Ledger, LedgerError};
 use crate::providers::Providers;
 use inventory::Item;
@@ -96,7 +96,6 @@ pub struct Report {
 /// What a sweep needs, borrowed from the application or the CLI.
 pub struct Sweeper<'a> {
     pub settings: &'a Settings,
-    pub catalog: &'a Catalog,
     pub ledger: &'a Ledger,
     pub providers: &'a Providers,
     pub metrics: Option<&'a crate::metrics::Metrics>,
