@@ -213,6 +213,7 @@ async fn the_admin_route_needs_the_token_runs_dry_by_default_and_counts_its_swee
     let file = std::env::temp_dir().join(format!("reaper-admin-{:08x}", fastrand::u32(..)));
     std::fs::write(&file, "rc-token-91b2").unwrap();
     let mut t = spawn_app(&format!("{RULE}\n[admin]\ntoken_file = \"{}\"\n", file.display())).await;
+    let _ = std::fs::remove_file(&file);
     world(&t, 2, &["gone-1"]).await;
     wait_until("the admin API listens", Duration::from_secs(10), || async { t.app.admin_addr.get().is_some() }).await;
     let base = format!("http://{}", t.app.admin_addr.get().unwrap());
@@ -245,7 +246,6 @@ async fn the_admin_route_needs_the_token_runs_dry_by_default_and_counts_its_swee
     let metrics = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains(r#"reaper_reconcile_runs_total{outcome="dry_run",rule="models"} 1"#), "{metrics}");
     assert!(metrics.contains(r#"reaper_reconcile_published_total{rule="models"} 1"#), "{metrics}");
-    let _ = std::fs::remove_file(file);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
