@@ -241,3 +241,28 @@ async fn a_guard_that_cannot_be_asked_counts_as_in_use_and_nothing_of_the_owner_
     assert!(dead[0].1.contains("blocked"), "{:?}", dead[0].1);
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mongodb_lookup_that_cannot_reach_its_server_stops_the_job_before_anything_is_deleted() {
+    let lookup = r#"
+[providers.docs]
+type = "mongodb"
+url = "mongodb://127.0.0.1:1/?directConnection=true&serverSelectionTimeoutMS=200"
+database = "x"
+
+[kinds.vni]
+lookup = { provider = "docs", owner_type = "node", collection = "vnics", filter = '{"node": "{owner_id}"}', id_field = "vnic_id" }
+
+[worker]
+retry_delays_secs = [0.1]
+"#;
+    let mut t = spawn_app(lookup).await;
+    let node = reaper::demo::VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    t.publish("deletion.requested", &deletion("mongo-lookup-down", &node.owner, Utc::now())).await;
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "dead_lettered", "{r:?}");
+    assert!(r.reason.as_deref().unwrap_or("").contains("lookup for vni failed"), "{r:?}");
+    assert_eq!(t.sim.stats().deletes, 0, "nothing was deleted");
+    t.stop().await;
+}
