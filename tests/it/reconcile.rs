@@ -338,3 +338,35 @@ async fn a_truth_item_without_a_key_fails_the_load_instead_of_orphaning_its_coun
     assert!(err.contains("could not be matched"), "{err}");
     assert_eq!(models(&t).await, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn times_without_a_zone_are_read_as_utc() {
+    let rule = r#"
+[providers.appdb]
+type = "postgres"
+url = "{db_url}"
+
+[kinds.job_row]
+provider = "appdb"
+delete = "DELETE FROM stale_jobs WHERE id = $1"
+
+[reconcile.rules.stale]
+copy = { provider = "appdb", sql = "SELECT id AS key, finished AS finished FROM stale_jobs", created_at = "finished" }
+action = { kind = "job_row" }
+grace_secs = 3600
+"#;
+    let t = spawn_app(rule).await;
+    // A `timestamp` column holding UTC wall-clock times, on a session whose zone is far from UTC.
+    t.sql("CREATE TABLE stale_jobs (id text PRIMARY KEY, finished timestamp NOT NULL)").await;
+    t.sql("DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET timezone TO %L', current_database(), 'Pacific/Kiritimati'); END $$")
+        .await;
+    t.sql(
+        "INSERT INTO stale_jobs VALUES ('old', (now() AT TIME ZONE 'UTC') - interval '2 hours'), \
+                                        ('new', (now() AT TIME ZONE 'UTC') - interval '10 minutes')",
+    )
+    .await;
+    let (code, r, err) = t.reconcile("stale", &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!((r["actionable"].as_u64(), r["too_young"].as_u64()), (Some(1), Some(1)), "{r}");
+    assert_eq!(r["sample_actionable"], json!(["old"]));
+}
