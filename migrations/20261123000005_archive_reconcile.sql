@@ -5,7 +5,8 @@ CREATE TABLE archived_records (
     job_id       UUID NOT NULL REFERENCES jobs (job_id) ON DELETE CASCADE,
     kind         TEXT NOT NULL,
     resource_id  TEXT NOT NULL,
-    record       JSONB NOT NULL,
+    -- json, not jsonb: a document's field order is kept as it was.
+    record       JSON NOT NULL,
     archived_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
     restored_at  TIMESTAMPTZ
 );

@@ -23,14 +23,16 @@ impl Ledger {
         resource_id: &str,
         records: &[serde_json::Value],
     ) -> Result<(), LedgerError> {
+        // As text into a json column: jsonb would reorder the fields.
+        let texts: Vec<String> = records.iter().map(|r| r.to_string()).collect();
         sqlx::query(
             "INSERT INTO archived_records (job_id, kind, resource_id, record) \
-             SELECT $1, $2, $3, r FROM unnest($4::jsonb[]) AS r",
+             SELECT $1, $2, $3, r::json FROM unnest($4::text[]) AS r",
         )
         .bind(job_id)
         .bind(kind)
         .bind(resource_id)
-        .bind(records)
+        .bind(texts)
         .execute(&self.pool)
         .await
         .map_err(db("archiving records"))?;
@@ -38,18 +40,21 @@ impl Ledger {
     }
 
     pub async fn archived(&self, job_id: Uuid) -> Result<Vec<Archived>, LedgerError> {
-        let rows: Vec<(i64, String, String, serde_json::Value, bool)> = sqlx::query_as(
-            "SELECT id, kind, resource_id, record, restored_at IS NOT NULL FROM archived_records \
+        let rows: Vec<(i64, String, String, String, bool)> = sqlx::query_as(
+            "SELECT id, kind, resource_id, record::text, restored_at IS NOT NULL FROM archived_records \
              WHERE job_id = $1 ORDER BY id",
         )
         .bind(job_id)
         .fetch_all(&self.pool)
         .await
         .map_err(db("reading the archive"))?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, kind, resource_id, record, restored)| Archived { id, kind, resource_id, record, restored })
-            .collect())
+        rows.into_iter()
+            .map(|(id, kind, resource_id, text, restored)| {
+                let record = serde_json::from_str(&text)
+                    .map_err(|e| LedgerError::Corrupt(job_id, format!("archived record {id}: {e}")))?;
+                Ok(Archived { id, kind, resource_id, record, restored })
+            })
+            .collect()
     }
 
     pub async fn mark_restored(&self, ids: &[i64]) -> Result<(), LedgerError> {

@@ -184,7 +184,7 @@ async fn cross_db_mongodb() {
         .unwrap();
     let emb = olorin.collection::<Document>("content_embeddings");
     let mut docs: Vec<Document> = (0..2500)
-        .map(|i| doc! { "content_id": &deleted_content, "embedding_type": "title", "n": i, "embedding": [0.1, 0.2] })
+        .map(|i| doc! { "content_id": &deleted_content, "embedding_type": "title", "n": i, "embedding": [0.1, 0.2], "model": { "name": "e5", "dim": 2 } })
         .collect();
     for c in &contents[1..] {
         docs.extend((0..10).map(|i| doc! { "content_id": c.to_hex(), "n": i }));
@@ -258,6 +258,14 @@ async fn cross_db_mongodb() {
     assert_eq!(emb.count_documents(doc! { "content_id": &deleted_content }).await.unwrap(), 2500);
     let one = emb.find_one(doc! { "content_id": &deleted_content, "n": 7 }).await.unwrap().unwrap();
     assert_eq!(one.get_array("embedding").unwrap().len(), 2, "the document came back whole: {one:?}");
+    let keys: Vec<&str> = one.keys().map(|k| k.as_str()).collect();
+    assert_eq!(keys, ["_id", "content_id", "embedding_type", "n", "embedding", "model"], "field order kept");
+    // An embedded document matches by equality only with its fields in the same order.
+    let exact = emb
+        .count_documents(doc! { "content_id": &deleted_content, "model": { "name": "e5", "dim": 2 } })
+        .await
+        .unwrap();
+    assert_eq!(exact, 2500);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
