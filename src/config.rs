@@ -309,7 +309,8 @@ pub struct KindSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct LookupSettings {
     pub provider: String,
-    /// Run only for owners of this type ("node" for "node/n1"); all when unset.
+    /// The owners the query is about: "node" runs it for "node/n1" only.
+    /// Required: without it, any owner whose id matched would be torn down.
     #[serde(default)]
     pub owner_type: Option<String>,
     #[serde(default)]
@@ -444,7 +445,7 @@ pub struct KindSpec {
 #[derive(Debug, Clone)]
 pub struct Lookup {
     pub provider: String,
-    pub owner_type: Option<String>,
+    pub owner_type: String,
     pub query: LookupQuery,
 }
 
@@ -457,10 +458,18 @@ pub enum LookupQuery {
 impl Lookup {
     /// Whether this lookup applies to `owner` ("type/id").
     pub fn applies_to(&self, owner: &str) -> bool {
-        self.owner_type.as_deref().is_none_or(|t| owner.split_once('/').is_some_and(|(ty, _)| ty == t))
+        owner.split_once('/').is_some_and(|(ty, _)| ty == self.owner_type)
     }
 
     fn parse(l: &LookupSettings, providers: &BTreeMap<String, ProviderSettings>) -> Result<Lookup, String> {
+        match l.owner_type.as_deref() {
+            Some(t) if !t.is_empty() && !t.contains('/') => {}
+            _ => {
+                return Err("lookup needs owner_type, the type of owner its query is about (\"node\" for node/n1): \
+                            without it a content/abc teardown would also take whatever a node named abc has"
+                    .into())
+            }
+        }
         match providers.get(&l.provider) {
             Some(ProviderSettings::Postgres(_)) => {
                 let sql = l.sql.clone().ok_or("lookup: a postgres lookup needs `sql`")?;
@@ -469,7 +478,7 @@ impl Lookup {
                 }
                 Ok(Lookup {
                     provider: l.provider.clone(),
-                    owner_type: l.owner_type.clone(),
+                    owner_type: l.owner_type.clone().unwrap_or_default(),
                     query: LookupQuery::Sql(sql),
                 })
             }
@@ -480,7 +489,7 @@ impl Lookup {
                     .map_err(|e| format!("lookup.filter: {e}"))?;
                 Ok(Lookup {
                     provider: l.provider.clone(),
-                    owner_type: l.owner_type.clone(),
+                    owner_type: l.owner_type.clone().unwrap_or_default(),
                     query: LookupQuery::Mongo {
                         filter,
                         id_field: l.id_field.clone().unwrap_or_else(|| "_id".into()),
@@ -767,6 +776,13 @@ mod tests {
         let e = kinds(&rule("action = { kind = \"a\" }\nmax_fraction = 2.0")).unwrap_err().to_string();
         assert!(e.contains("max_fraction must be in (0, 1]"), "{e}");
         assert!(kinds(&rule("action = { kind = \"a\" }")).is_ok());
+        let pg = "[providers.db]\ntype=\"postgres\"\nurl=\"postgres://h/d\"\n";
+        let lookup = |extra: &str| {
+            format!("{PROVIDER}{pg}[kinds.a]\nprovider=\"p\"\ndelete=\"DELETE /a/{{id}}\"\nlookup = {{ provider = \"db\", sql = \"SELECT x AS id FROM t WHERE n = $1\"{extra} }}\n")
+        };
+        let e = kinds(&lookup("")).unwrap_err().to_string();
+        assert!(e.contains("lookup needs owner_type"), "{e}");
+        assert!(kinds(&lookup(", owner_type = \"node\"")).is_ok());
     }
 
     #[test]

@@ -134,13 +134,13 @@ type = "postgres"
 url = "{db_url}"
 
 [kinds.ip_reservation]
-lookup = { provider = "provisioner_db", sql = "SELECT reservation_id AS id, subnet_id FROM ip_reservations WHERE node_name = $1" }
+lookup = { provider = "provisioner_db", owner_type = "node", sql = "SELECT reservation_id AS id, subnet_id FROM ip_reservations WHERE node_name = $1" }
 [kinds.dns_record]
-lookup = { provider = "provisioner_db", sql = "SELECT record_id AS id, zone_id FROM dns_records WHERE node_name = $1" }
+lookup = { provider = "provisioner_db", owner_type = "node", sql = "SELECT record_id AS id, zone_id FROM dns_records WHERE node_name = $1" }
 [kinds.vni]
-lookup = { provider = "provisioner_db", sql = "SELECT vnic_id AS id FROM vnic_info WHERE node_name = $1" }
+lookup = { provider = "provisioner_db", owner_type = "node", sql = "SELECT vnic_id AS id FROM vnic_info WHERE node_name = $1" }
 [kinds.bare_metal_server]
-lookup = { provider = "provisioner_db", sql = "SELECT bare_metal_id AS id FROM nodes WHERE node_name = $1 AND bare_metal_id IS NOT NULL" }
+lookup = { provider = "provisioner_db", owner_type = "node", sql = "SELECT bare_metal_id AS id FROM nodes WHERE node_name = $1 AND bare_metal_id IS NOT NULL" }
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
