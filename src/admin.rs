@@ -298,7 +298,9 @@ struct ReconcileQuery {
 async fn reconcile(State(app): State<Arc<App>>, Path(rule): Path<String>, Query(q): Query<ReconcileQuery>) -> Response {
     use crate::reconcile::{Mode, ReconcileError};
     match app.sweeper().sweep(&rule, Mode { execute: q.execute, force: q.force }).await {
-        Ok(r) if r.outcome == "refused" => (StatusCode::UNPROCESSABLE_ENTITY, Json(r)).into_response(),
+        Ok(r) if r.outcome == crate::reconcile::Outcome::Refused => {
+            (StatusCode::UNPROCESSABLE_ENTITY, Json(r)).into_response()
+        }
         Ok(r) => Json(r).into_response(),
         Err(e @ ReconcileError::UnknownRule(_)) => error(StatusCode::NOT_FOUND, &e.to_string()),
         Err(e @ ReconcileError::Busy { .. }) => error(StatusCode::CONFLICT, &e.to_string()),

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use super::{Mode, ReconcileError, Report, Sweeper};
+use super::{Mode, Outcome, ReconcileError, Report, Sweeper};
 use crate::config::Settings;
 
 #[derive(clap::Args, Debug)]
@@ -53,7 +53,7 @@ pub async fn run(settings: Settings, args: ReconcileArgs) -> ExitCode {
             } else {
                 print_report(&r);
             }
-            if r.outcome == "refused" {
+            if r.outcome == Outcome::Refused {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
@@ -93,9 +93,9 @@ pub fn print_report(r: &Report) {
     if !r.sample_waiting.is_empty() {
         println!("  waiting, e.g. {}", r.sample_waiting.join(", "));
     }
-    match r.outcome.as_str() {
-        "refused" => println!("REFUSED: {}", r.refused.as_deref().unwrap_or("")),
-        "acted" => println!("published {} teardown(s); results arrive on the results exchange", r.published),
+    match r.outcome {
+        Outcome::Refused => println!("REFUSED: {}", r.refused.as_deref().unwrap_or("")),
+        Outcome::Acted => println!("published {} teardown(s); results arrive on the results exchange", r.published),
         _ if r.orphans == 0 => println!("no cleanup needed"),
         _ => {}
     }

@@ -59,13 +59,43 @@ pub struct Mode {
     pub force: bool,
 }
 
+/// How a sweep ended (the JSON report and the metric label spell it in snake_case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Teardown events were published.
+    Acted,
+    /// Executed, and nothing (new) needed tearing down.
+    NothingToDo,
+    /// Reported only; nothing changed.
+    DryRun,
+    /// A safety rule said no; nothing was touched.
+    Refused,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Acted => "acted",
+            Outcome::NothingToDo => "nothing_to_do",
+            Outcome::DryRun => "dry_run",
+            Outcome::Refused => "refused",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What a sweep found and did. Sample keys are the first few, in key order.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Report {
     pub rule: String,
     pub dry_run: bool,
-    /// "acted", "nothing_to_do", "dry_run" or "refused".
-    pub outcome: String,
+    pub outcome: Outcome,
     pub refused: Option<String>,
     pub sweep: i64,
     /// Distinct keys in the truth (None: the rule has no truth).
@@ -161,7 +191,7 @@ impl Sweeper<'_> {
         let mut report = Report {
             rule: name.into(),
             dry_run: !mode.execute,
-            outcome: String::new(),
+            outcome: Outcome::DryRun,
             refused: None,
             sweep: 0,
             truth,
@@ -180,7 +210,7 @@ impl Sweeper<'_> {
         };
         let empty = one_side_empty(truth, copy + excluded);
         if let Some(why) = empty {
-            report.outcome = "refused".into();
+            report.outcome = Outcome::Refused;
             report.refused = Some(format!("{why}; nothing was touched"));
             report.seconds = clock.elapsed().as_secs_f64();
             tx.rollback().await.map_err(|e| fail(format!("ledger: {e}")))?;
@@ -192,16 +222,16 @@ impl Sweeper<'_> {
         report.outcome = match (&brake, mode.force, mode.execute, report.actionable) {
             (Some(b), false, _, _) => {
                 report.refused = Some(format!("{b}; rerun with --force if that is intended"));
-                "refused".into()
+                Outcome::Refused
             }
-            (_, _, false, _) => "dry_run".into(),
-            (_, _, true, 0) => "nothing_to_do".into(),
-            (_, _, true, _) => "acted".into(),
+            (_, _, false, _) => Outcome::DryRun,
+            (_, _, true, 0) => Outcome::NothingToDo,
+            (_, _, true, _) => Outcome::Acted,
         };
-        if report.outcome == "acted" {
+        if report.outcome == Outcome::Acted {
             self.publish(name, rule, &mut tx, &mut report).await?;
             if report.published == 0 {
-                report.outcome = "nothing_to_do".into();
+                report.outcome = Outcome::NothingToDo;
             }
         }
         let stored = serde_json::to_value(&report).unwrap_or_default();
