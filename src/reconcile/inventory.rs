@@ -161,6 +161,38 @@ pub fn read(
 
 type Tx = mpsc::Sender<Result<Vec<Item>, String>>;
 
+/// Collects items and hands them over a full page at a time.
+struct Pages {
+    page: Vec<Item>,
+    tx: Tx,
+}
+
+impl Pages {
+    fn new(tx: Tx) -> Pages {
+        Pages { page: Vec::with_capacity(PAGE), tx }
+    }
+
+    /// False once the sweep stopped listening: the reader should stop too.
+    async fn push(&mut self, item: Item) -> bool {
+        self.page.push(item);
+        if self.page.len() < PAGE {
+            return true;
+        }
+        let full = std::mem::replace(&mut self.page, Vec::with_capacity(PAGE));
+        self.tx.send(Ok(full)).await.is_ok()
+    }
+
+    async fn fail(self, why: String) {
+        let _ = self.tx.send(Err(why)).await;
+    }
+
+    async fn finish(self) {
+        if !self.page.is_empty() {
+            let _ = self.tx.send(Ok(self.page)).await;
+        }
+    }
+}
+
 async fn pump_sql<'a>(
     mut rows: futures_util::stream::BoxStream<'a, Result<sqlx::postgres::PgRow, sqlx::Error>>,
     inv: &InventorySettings,
@@ -168,36 +200,26 @@ async fn pump_sql<'a>(
     tx: Tx,
 ) {
     let key_col = inv.key.clone().unwrap_or_else(|| "key".into());
-    let mut page = Vec::with_capacity(PAGE);
+    let mut pages = Pages::new(tx);
     loop {
         let row = match rows.try_next().await {
             Ok(Some(r)) => r,
             Ok(None) => break,
-            Err(e) => {
-                let _ = tx.send(Err(format!("query failed: {e}"))).await;
-                return;
-            }
+            Err(e) => return pages.fail(format!("query failed: {e}")).await,
         };
-        match sql_item(&row, &key_col, inv.created_at.as_deref()) {
-            Ok(Some(item)) => page.push(item),
+        let item = match sql_item(&row, &key_col, inv.created_at.as_deref()) {
+            Ok(Some(item)) => item,
             Ok(None) if strict => {
-                let _ =
-                    tx.send(Err(format!("a row has no {key_col:?} (NULL or empty): it could not be matched"))).await;
-                return;
+                return pages.fail(format!("a row has no {key_col:?} (NULL or empty): it could not be matched")).await
             }
-            Ok(None) => {}
-            Err(e) => {
-                let _ = tx.send(Err(e)).await;
-                return;
-            }
-        }
-        if page.len() == PAGE && tx.send(Ok(std::mem::replace(&mut page, Vec::with_capacity(PAGE)))).await.is_err() {
+            Ok(None) => continue,
+            Err(e) => return pages.fail(e).await,
+        };
+        if !pages.push(item).await {
             return;
         }
     }
-    if !page.is_empty() {
-        let _ = tx.send(Ok(page)).await;
-    }
+    pages.finish().await
 }
 
 fn sql_item(row: &sqlx::postgres::PgRow, key_col: &str, created_col: Option<&str>) -> Result<Option<Item>, String> {
@@ -238,16 +260,14 @@ fn sql_item(row: &sqlx::postgres::PgRow, key_col: &str, created_col: Option<&str
 async fn pump_mongo(m: &mongo::MongoProvider, inv: &InventorySettings, strict: bool, tx: Tx) {
     use mongodb::bson::{Bson, Document};
     let key = inv.key.clone().unwrap_or_default();
+    let mut pages = Pages::new(tx);
     let filter: Document = match serde_json::from_str::<serde_json::Value>(inv.filter.as_deref().unwrap_or("{}"))
         .map_err(|e| e.to_string())
         .and_then(|v| Bson::try_from(v).map_err(|e| e.to_string()))
     {
         Ok(Bson::Document(d)) => d,
         Ok(_) => Document::new(),
-        Err(e) => {
-            let _ = tx.send(Err(format!("filter: {e}"))).await;
-            return;
-        }
+        Err(e) => return pages.fail(format!("filter: {e}")).await,
     };
     let mut projection = mongodb::bson::doc! { key.as_str(): 1 };
     for f in inv.created_at.iter().chain(inv.attributes.values()) {
@@ -256,49 +276,35 @@ async fn pump_mongo(m: &mongo::MongoProvider, inv: &InventorySettings, strict: b
     let coll = m.database().collection::<Document>(inv.collection.as_deref().unwrap_or_default());
     let mut cursor = match coll.find(filter).projection(projection).batch_size(PAGE as u32).await {
         Ok(c) => c,
-        Err(e) => {
-            let _ = tx.send(Err(mongo::classify(e).to_string())).await;
+        Err(e) => return pages.fail(mongo::classify(e).to_string()).await,
+    };
+    loop {
+        let d = match cursor.try_next().await {
+            Ok(Some(d)) => d,
+            Ok(None) => break,
+            Err(e) => return pages.fail(mongo::classify(e).to_string()).await,
+        };
+        let Some(k) = mongo::get_path(&d, &key).and_then(mongo::as_text) else {
+            if strict {
+                let id = d.get("_id").cloned().unwrap_or(Bson::Null);
+                return pages.fail(format!("document {id} has no {key:?}: it could not be matched")).await;
+            }
+            continue;
+        };
+        let created_at = inv.created_at.as_deref().and_then(|f| mongo::get_path(&d, f)).and_then(|v| match v {
+            Bson::DateTime(t) => DateTime::from_timestamp_millis(t.timestamp_millis()),
+            other => mongo::as_text(other).and_then(|s| parse_time(&s)),
+        });
+        let attributes = inv
+            .attributes
+            .iter()
+            .filter_map(|(name, f)| mongo::get_path(&d, f).and_then(mongo::as_text).map(|v| (name.clone(), v)))
+            .collect();
+        if !pages.push(Item { key: k, created_at, attributes }).await {
             return;
         }
-    };
-    let mut page = Vec::with_capacity(PAGE);
-    loop {
-        match cursor.try_next().await {
-            Ok(Some(d)) => {
-                let Some(k) = mongo::get_path(&d, &key).and_then(mongo::as_text) else {
-                    if strict {
-                        let id = d.get("_id").cloned().unwrap_or(Bson::Null);
-                        let _ = tx.send(Err(format!("document {id} has no {key:?}: it could not be matched"))).await;
-                        return;
-                    }
-                    continue;
-                };
-                let created_at = inv.created_at.as_deref().and_then(|f| mongo::get_path(&d, f)).and_then(|v| match v {
-                    Bson::DateTime(t) => DateTime::from_timestamp_millis(t.timestamp_millis()),
-                    other => mongo::as_text(other).and_then(|s| parse_time(&s)),
-                });
-                let attributes = inv
-                    .attributes
-                    .iter()
-                    .filter_map(|(name, f)| mongo::get_path(&d, f).and_then(mongo::as_text).map(|v| (name.clone(), v)))
-                    .collect();
-                page.push(Item { key: k, created_at, attributes });
-                if page.len() == PAGE
-                    && tx.send(Ok(std::mem::replace(&mut page, Vec::with_capacity(PAGE)))).await.is_err()
-                {
-                    return;
-                }
-            }
-            Ok(None) => break,
-            Err(e) => {
-                let _ = tx.send(Err(mongo::classify(e).to_string())).await;
-                return;
-            }
-        }
     }
-    if !page.is_empty() {
-        let _ = tx.send(Ok(page)).await;
-    }
+    pages.finish().await
 }
 
 async fn pump_http(h: &crate::providers::http::HttpProvider, inv: &InventorySettings, strict: bool, tx: Tx) {

@@ -35,6 +35,21 @@ async fn app_tables(t: &TestApp) {
     }
 }
 
+/// Tracks model m1 and its deployment d1 for `owner`, and waits until both are in the ledger.
+async fn track_m1_and_d1(t: &TestApp, owner: &str) {
+    t.publish("resource.tracked", &json!({"event_id": "a", "owner": owner, "kind": "model_row", "id": "m1"})).await;
+    t.publish(
+        "resource.tracked",
+        &json!({"event_id": "b", "owner": owner, "kind": "deployment_row", "id": "d1", "attributes": {"tenant": "t1"}}),
+    )
+    .await;
+    let owners = vec![owner.to_string()];
+    wait_until("2 tracked", std::time::Duration::from_secs(20), || async {
+        t.app.ledger.count_tracked(&owners).await.unwrap() >= 2
+    })
+    .await;
+}
+
 async fn count(t: &TestApp, table: &str) -> i64 {
     let sql = match table {
         "models" => "SELECT count(*) FROM app_models",
@@ -106,17 +121,7 @@ async fn a_row_another_row_still_references_is_retried_as_not_yet_then_dead_lett
     app_tables(&t).await;
     sqlx::query("INSERT INTO app_deployments VALUES ('d2', 't1', 'm1')").execute(t.app.ledger.pool()).await.unwrap();
     let owner = "model/m1";
-    t.publish("resource.tracked", &json!({"event_id": "a", "owner": owner, "kind": "model_row", "id": "m1"})).await;
-    t.publish(
-        "resource.tracked",
-        &json!({"event_id": "b", "owner": owner, "kind": "deployment_row", "id": "d1", "attributes": {"tenant": "t1"}}),
-    )
-    .await;
-    let owners = vec![owner.to_string()];
-    wait_until("2 tracked", std::time::Duration::from_secs(20), || async {
-        t.app.ledger.count_tracked(&owners).await.unwrap() >= 2
-    })
-    .await;
+    track_m1_and_d1(&t, owner).await;
     t.publish("deletion.requested", &deletion("fk", owner, Utc::now())).await;
     // d2 is not ours and keeps m1 referenced: the model can never go.
     let r = t.next_result(30).await.result;
@@ -218,17 +223,7 @@ async fn a_guard_that_cannot_be_asked_counts_as_in_use_and_nothing_of_the_owner_
     let mut t = spawn_app(&kinds).await;
     app_tables(&t).await;
     let owner = "model/m1";
-    t.publish("resource.tracked", &json!({"event_id": "a", "owner": owner, "kind": "model_row", "id": "m1"})).await;
-    t.publish(
-        "resource.tracked",
-        &json!({"event_id": "b", "owner": owner, "kind": "deployment_row", "id": "d1", "attributes": {"tenant": "t1"}}),
-    )
-    .await;
-    let owners = vec![owner.to_string()];
-    wait_until("2 tracked", std::time::Duration::from_secs(20), || async {
-        t.app.ledger.count_tracked(&owners).await.unwrap() >= 2
-    })
-    .await;
+    track_m1_and_d1(&t, owner).await;
     t.publish("deletion.requested", &deletion("guard-broken", owner, Utc::now())).await;
     let r = t.next_result(30).await.result;
     assert_eq!(r.status, "dead_lettered", "{r:?}");
