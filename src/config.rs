@@ -104,6 +104,13 @@ pub struct WorkerSettings {
     pub lease_ttl_secs: f64,
     pub owner_busy_delay_ms: u64,
     pub max_replays: u32,
+    /// How far ahead of reaper's clock a producer's `occurred_at` may be.
+    pub max_clock_skew_secs: u64,
+    /// Most resources one `provisioning.failed` may list.
+    pub max_resources_per_event: usize,
+    /// A message whose handling the ledger refused this many times in a row
+    /// is dead-lettered instead of retried again.
+    pub max_ledger_refusals: u32,
 }
 
 impl Settings {
@@ -131,6 +138,14 @@ impl WorkerSettings {
 
     pub fn busy_delay(&self) -> Duration {
         Duration::from_millis(self.owner_busy_delay_ms)
+    }
+
+    /// What the door checks an event against beyond its shape.
+    pub fn limits(&self) -> crate::contract::Limits {
+        crate::contract::Limits {
+            max_clock_skew: chrono::Duration::seconds(self.max_clock_skew_secs.min(i64::MAX as u64 / 1000) as i64),
+            max_resources: self.max_resources_per_event,
+        }
     }
 
     /// Every delay a message may be parked for: one retry queue each.
@@ -380,6 +395,14 @@ impl Settings {
                 self.broker.prefix
             )));
         }
+        if self.broker.prefix.len() > 200 {
+            return Err(ConfigError::Invalid("broker.prefix must be at most 200 bytes (AMQP names hold 255)".into()));
+        }
+        if self.worker.max_resources_per_event == 0 || self.worker.max_ledger_refusals == 0 {
+            return Err(ConfigError::Invalid(
+                "worker.max_resources_per_event and worker.max_ledger_refusals must be at least 1".into(),
+            ));
+        }
         if self.broker.prefetch == 0 {
             return Err(ConfigError::Invalid("broker.prefetch must be at least 1".into()));
         }
@@ -567,6 +590,14 @@ impl ArchiveSpec {
 impl KindSpec {
     pub fn missing_attribute(&self, attrs: &BTreeMap<String, String>) -> Option<&str> {
         self.required_attributes.iter().find(|a| !attrs.contains_key(*a)).map(|s| s.as_str())
+    }
+
+    /// Why `id` and `attrs` cannot fill this kind's HTTP paths (delete, check
+    /// and guard), if they cannot: an empty, `.` or `..` value would make the
+    /// request reach another path than its template names.
+    pub fn path_values_refused(&self, id: &str, attrs: &BTreeMap<String, String>) -> Option<String> {
+        let actions = [Some(&self.delete), self.check.as_ref(), self.guard.as_ref().map(|g| &g.action)];
+        actions.into_iter().flatten().filter_map(Action::http).find_map(|t| t.render(id, attrs).err())
     }
 }
 

@@ -24,6 +24,38 @@ pub const TEARDOWN_DEAD_LETTERED: &str = "teardown.dead_lettered";
 /// Largest message reaper accepts; larger ones are dead-lettered unread.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 
+/// Longest `event_id` in bytes: it travels as the AMQP `message_id`, a short
+/// string of at most 255 bytes.
+pub const MAX_EVENT_ID_BYTES: usize = 255;
+
+/// One message as it came off the broker, with what the broker and reaper
+/// know about it besides its body.
+#[derive(Debug, Clone, Copy)]
+pub struct Envelope<'a> {
+    pub routing_key: &'a str,
+    pub body: &'a [u8],
+    /// When reaper first received the message (a trip through a retry queue
+    /// keeps the first time).
+    pub received_at: DateTime<Utc>,
+    /// The AMQP `timestamp` property, when the producer set one.
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+/// What an event is checked against beyond its shape (`worker.*` settings).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// How far ahead of `received_at` an `occurred_at` may be.
+    pub max_clock_skew: chrono::Duration,
+    /// Most resources one event may list.
+    pub max_resources: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { max_clock_skew: chrono::Duration::minutes(5), max_resources: 5000 }
+    }
+}
+
 /// A well-formed event, validated against the configured kinds.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -78,7 +110,8 @@ struct WireTeardown {
     requested_by: Option<String>,
     #[serde(default)]
     dry_run: bool,
-    occurred_at: DateTime<Utc>,
+    #[serde(default)]
+    occurred_at: Option<DateTime<Utc>>,
     #[serde(default, deserialize_with = "int64")]
     generation: Option<i64>,
     #[serde(default)]
@@ -121,14 +154,15 @@ pub struct WireRef {
 
 /// Decodes and validates one message. Everything a producer can get wrong ends
 /// here as a [`Malformed`] with a reason a person can act on.
-pub fn decode(routing_key: &str, body: &[u8], catalog: &Catalog) -> Result<Event, Malformed> {
+pub fn decode(env: &Envelope, catalog: &Catalog, limits: &Limits) -> Result<Event, Malformed> {
+    let body = env.body;
     if body.len() > MAX_MESSAGE_BYTES {
         return Err(Malformed(format!("message is {} bytes, the limit is {MAX_MESSAGE_BYTES}", body.len())));
     }
-    match routing_key {
+    match env.routing_key {
         DELETION_REQUESTED | PROVISIONING_FAILED => {
             let wire: WireTeardown = parse_json(body)?;
-            let trigger = if routing_key == DELETION_REQUESTED {
+            let trigger = if env.routing_key == DELETION_REQUESTED {
                 if !wire.resources.is_empty() {
                     return Err(Malformed(
                         "deletion.requested does not carry resources; track them or send provisioning.failed".into(),
@@ -140,15 +174,22 @@ pub fn decode(routing_key: &str, body: &[u8], catalog: &Catalog) -> Result<Event
             };
             check_event_id(&wire.event_id)?;
             check_owner(&wire.owner)?;
+            if wire.resources.len() > limits.max_resources {
+                return Err(Malformed(format!(
+                    "the event lists {} resources, the limit is {} (worker.max_resources_per_event); track them instead",
+                    wire.resources.len(),
+                    limits.max_resources
+                )));
+            }
             let resources = wire.resources.into_iter().map(|r| r.validate(catalog)).collect::<Result<Vec<_>, _>>()?;
             Ok(Event::Teardown(TeardownRequest {
                 event_id: wire.event_id,
                 owner: wire.owner,
                 trigger,
                 dry_run: wire.dry_run,
-                occurred_at: wire.occurred_at,
+                occurred_at: occurred_at(wire.occurred_at, env, limits),
                 generation: wire.generation,
-                resources,
+                resources: dedupe(resources)?,
             }))
         }
         RESOURCE_TRACKED => {
@@ -166,6 +207,41 @@ pub fn decode(routing_key: &str, body: &[u8], catalog: &Catalog) -> Result<Event
             "unknown routing key {other:?}; expected {DELETION_REQUESTED}, {PROVISIONING_FAILED} or {RESOURCE_TRACKED}"
         ))),
     }
+}
+
+/// When the owner's life ended, as far as reaper will believe: the producer's
+/// `occurred_at`, else the message's AMQP timestamp, else when reaper received
+/// it; never later than `received_at` + the allowed skew. A time in the future
+/// would make the owner's next life look like part of this one (its tracks
+/// "late"), and tear it down.
+fn occurred_at(stated: Option<DateTime<Utc>>, env: &Envelope, limits: &Limits) -> DateTime<Utc> {
+    let latest = env.received_at + limits.max_clock_skew;
+    stated.or(env.sent_at).unwrap_or(env.received_at).min(latest)
+}
+
+/// The same resource listed twice is one resource (the ledger could not
+/// store it twice in one statement); listed twice with different facts, it
+/// is ambiguous which to act on, and refused.
+fn dedupe(resources: Vec<TrackedResource>) -> Result<Vec<TrackedResource>, Malformed> {
+    let mut seen: std::collections::HashMap<(String, String), usize> = std::collections::HashMap::new();
+    let mut out: Vec<TrackedResource> = Vec::with_capacity(resources.len());
+    for r in resources {
+        let key = (r.resource.kind.clone(), r.resource.id.clone());
+        match seen.get(&key) {
+            Some(&i) if out[i].resource == r.resource => {}
+            Some(_) => {
+                return Err(Malformed(format!(
+                    "{}/{} is listed twice with different attributes or parents",
+                    key.0, key.1
+                )))
+            }
+            None => {
+                seen.insert(key, out.len());
+                out.push(r);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// proto3's JSON mapping writes 64-bit integers as strings; accept both.
@@ -212,6 +288,12 @@ fn check_event_id(id: &str) -> Result<(), Malformed> {
     if n == 0 || n > 128 {
         return Err(Malformed(format!("event_id must be 1..128 characters, got {n}")));
     }
+    if id.len() > MAX_EVENT_ID_BYTES {
+        return Err(Malformed(format!(
+            "event_id must be at most {MAX_EVENT_ID_BYTES} bytes in UTF-8 (it is the AMQP message_id), got {}",
+            id.len()
+        )));
+    }
     Ok(())
 }
 
@@ -251,6 +333,9 @@ impl WireResource {
                 "{}/{} lacks attribute {missing:?}, which the kind's requests need",
                 self.kind, self.id
             )));
+        }
+        if let Some(why) = kind.path_values_refused(&self.id, &self.attributes) {
+            return Err(Malformed(format!("{}/{:?}: {why}", self.kind, self.id)));
         }
         if let Some(p) = &self.parent {
             if catalog.kind(&p.kind).is_none() {

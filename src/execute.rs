@@ -155,6 +155,12 @@ impl Executor<'_> {
             let err = StepError::Permanent(format!("kind {:?} is not configured (any more)", r.kind));
             return (failed(reference, 0, &err), Some(err));
         };
+        // Resources found by lookups (or listed by reconcile) did not pass the
+        // door's checks: an empty id names nothing, whatever the provider.
+        if r.id.is_empty() {
+            let err = StepError::Permanent("an empty id names no resource; refusing to act on it".into());
+            return (failed(reference, 0, &err), Some(err));
+        }
         let started = std::time::Instant::now();
         let attempts = Arc::new(AtomicU32::new(0));
         let deleted_once = Arc::new(AtomicBool::new(false));

@@ -7,48 +7,71 @@ use uuid::Uuid;
 
 use crate::app::App;
 use crate::config::LookupQuery;
-use crate::contract::{self, Event, ResourceReport, TeardownResult};
+use crate::contract::{self, Envelope, Event, ResourceReport, TeardownResult};
 use crate::domain::JobStatus;
 use crate::execute::{Executor, RunEnd};
-use crate::ledger::{Begin, JobEnd, JobStart, TrackOutcome};
+use crate::ledger::{Begin, JobEnd, JobStart, LedgerError, TrackOutcome};
 use crate::providers::Provider;
 use crate::retry::{self, DeadLetter, Disposition};
 
-pub async fn handle(app: &App, routing_key: &str, body: &[u8]) -> Disposition {
-    let event = match contract::decode(routing_key, body, &app.catalog) {
+/// Handles one message. `ledger_refusals` is how many times in a row the
+/// ledger refused this message before (read from its retry hop).
+pub async fn handle(app: &App, env: &Envelope<'_>, ledger_refusals: u32) -> Disposition {
+    let event = match contract::decode(env, &app.catalog, &app.settings.worker.limits()) {
         Ok(e) => e,
         Err(m) => {
-            tracing::warn!(routing_key, reason = %m, "malformed message; dead-lettering it");
+            tracing::warn!(routing_key = env.routing_key, reason = %m, "malformed message; dead-lettering it");
             return Disposition::Reject { reason: m.0, class: "malformed" };
         }
     };
+    let ctx = Ctx { app, body: env.body, ledger_refusals };
     let holder = app.holders.register();
     let busy = || Disposition::RetryAfter {
         delay: app.settings.worker.busy_delay(),
         why: "another job of the owner is running".into(),
     };
+    let refused = |why: String| {
+        tracing::warn!(reason = %why, "event refused; dead-lettering it");
+        Disposition::Reject { reason: why, class: "malformed" }
+    };
     match event {
-        Event::Tracked(t) => match app.ledger.track(&t, body, routing_key, holder.id).await {
+        Event::Tracked(t) => match app.ledger.track(&t, env.body, env.routing_key, holder.id).await {
             Ok(TrackOutcome::Recorded) => {
                 tracing::debug!(owner = %t.owner, resource = %t.resource.resource.reference(), "tracked");
                 Disposition::Ack
             }
             Ok(TrackOutcome::Late(start)) => {
                 tracing::info!(owner = %t.owner, resource = %t.resource.resource.reference(), "late track: the owner's teardown already started");
-                run_job(app, *start, body, holder.id).await
+                run_job(&ctx, *start, holder.id).await
             }
             Ok(TrackOutcome::Busy) => busy(),
-            Err(e) => retry::on_ledger_error(&e),
+            Ok(TrackOutcome::Conflict(why)) => refused(why),
+            Err(e) => ctx.on_ledger_error(&e),
         },
-        Event::Teardown(req) => match app.ledger.begin_job(&req, body, routing_key, holder.id).await {
-            Ok(Begin::Start(start)) => run_job(app, *start, body, holder.id).await,
+        Event::Teardown(req) => match app.ledger.begin_job(&req, env.body, env.routing_key, holder.id).await {
+            Ok(Begin::Start(start)) => run_job(&ctx, *start, holder.id).await,
             Ok(Begin::Busy) => busy(),
-            Err(e) => retry::on_ledger_error(&e),
+            Ok(Begin::Conflict(why)) => refused(why),
+            Err(e) => ctx.on_ledger_error(&e),
         },
     }
 }
 
-async fn run_job(app: &App, mut start: JobStart, body: &[u8], holder: Uuid) -> Disposition {
+/// What every step of one message's handling needs.
+struct Ctx<'a> {
+    app: &'a App,
+    body: &'a [u8],
+    ledger_refusals: u32,
+}
+
+impl Ctx<'_> {
+    fn on_ledger_error(&self, e: &LedgerError) -> Disposition {
+        retry::on_ledger_error(e, self.ledger_refusals, self.app.settings.worker.max_ledger_refusals)
+    }
+}
+
+async fn run_job(ctx: &Ctx<'_>, mut start: JobStart, holder: Uuid) -> Disposition {
+    let app = ctx.app;
     let span = tracing::info_span!("job", event_id = %start.job.event_id, owner = %start.job.owner, job_id = %start.job.job_id);
     async move {
         let job = &start.job;
@@ -75,11 +98,11 @@ async fn run_job(app: &App, mut start: JobStart, body: &[u8], holder: Uuid) -> D
                 })
                 .collect();
             let run = crate::execute::Run { steps, end: RunEnd::Permanent(why) };
-            return conclude(app, &start, run, body, holder, Some("poison")).await;
+            return conclude(ctx, &start, run, holder, Some("poison")).await;
         }
         if let Err(why) = look_up(app, &mut start).await {
             let run = crate::execute::Run { steps: Vec::new(), end: RunEnd::Unfinished(why) };
-            return conclude(app, &start, run, body, holder, None).await;
+            return conclude(ctx, &start, run, holder, None).await;
         }
         let job = &start.job;
         let exec = Executor {
@@ -91,12 +114,18 @@ async fn run_job(app: &App, mut start: JobStart, body: &[u8], holder: Uuid) -> D
         };
         let run = match exec.run(&start).await {
             Ok(r) => r,
-            Err(e) => {
-                let _ = app.ledger.release(&job.owner, holder).await;
-                return retry::on_ledger_error(&e);
-            }
+            Err(e) => match ctx.on_ledger_error(&e) {
+                // The job exists: it ends with a result, not just a dead letter.
+                Disposition::Reject { reason, .. } => {
+                    crate::execute::Run { steps: Vec::new(), end: RunEnd::Permanent(reason) }
+                }
+                d => {
+                    let _ = app.ledger.release(&job.owner, holder).await;
+                    return d;
+                }
+            },
         };
-        conclude(app, &start, run, body, holder, None).await
+        conclude(ctx, &start, run, holder, None).await
     }
     .instrument(span)
     .await
@@ -124,6 +153,9 @@ async fn look_up(app: &App, start: &mut JobStart) -> Result<(), String> {
         };
         found.extend(rows.map_err(|e| format!("lookup for {} failed: {e}", kind.name))?);
     }
+    // Two lookups (or one, twice) may name the same resource: it is one resource.
+    let mut seen = std::collections::HashSet::new();
+    found.retain(|r| seen.insert(r.reference()));
     if found.is_empty() {
         return Ok(());
     }
@@ -143,13 +175,13 @@ async fn look_up(app: &App, start: &mut JobStart) -> Result<(), String> {
 /// Turns a run into the job's end: completed, dead-lettered, or back to the
 /// broker for a later attempt. `class` overrides the error class (poison).
 async fn conclude(
-    app: &App,
+    ctx: &Ctx<'_>,
     start: &JobStart,
     run: crate::execute::Run,
-    body: &[u8],
     holder: Uuid,
     class: Option<&'static str>,
 ) -> Disposition {
+    let (app, body) = (ctx.app, ctx.body);
     let job = &start.job;
     let (status, reason, class) = match run.end {
         RunEnd::Completed => (JobStatus::Completed, None, None),
@@ -230,7 +262,7 @@ async fn conclude(
         }
         Err(e) => {
             let _ = app.ledger.release(&job.owner, holder).await;
-            retry::on_ledger_error(&e)
+            ctx.on_ledger_error(&e)
         }
     }
 }

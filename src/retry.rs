@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::ledger::LedgerError;
+use crate::ledger::{LedgerError, LedgerFailure};
 
 /// What the consumer does with a delivery once the handler is through with it.
 /// In every case but `Requeue` the message is acked only after what must be
@@ -28,9 +28,11 @@ pub enum Disposition {
     /// Malformed (or poison): to the dead queue with the reason, no result
     /// (there is no job), then ack.
     Reject { reason: String, class: &'static str },
-    /// Our own infrastructure failed (the database is unreachable): back through
-    /// the retry queue without counting an attempt, so no consumer slot waits.
-    InfraRetry { why: String },
+    /// Our own infrastructure failed (the database is unreachable, or refused
+    /// this message): back through the retry queue without counting an attempt,
+    /// so no consumer slot waits. `refused` counts towards
+    /// `worker.max_ledger_refusals`.
+    InfraRetry { why: String, refused: bool },
 }
 
 /// Headers that travel with a dead-lettered event.
@@ -40,10 +42,29 @@ pub struct DeadLetter {
     pub job_id: String,
 }
 
-/// A ledger failure leaves the job where it was; the message comes back.
-pub fn on_ledger_error(e: &LedgerError) -> Disposition {
-    tracing::warn!(error = %e, "the ledger failed; the message goes back through the retry queue");
-    Disposition::InfraRetry { why: e.to_string() }
+/// A ledger failure leaves the job where it was. The message comes back
+/// while the database is merely unreachable; data the database can never take
+/// (SQLSTATE 21, 22, 23), or an error it gave this message `limit` times in a
+/// row (`refusals_before` earlier ones), dead-letters it instead of cycling
+/// through the retry queue forever.
+pub fn on_ledger_error(e: &LedgerError, refusals_before: u32, limit: u32) -> Disposition {
+    match e.failure() {
+        LedgerFailure::Data => {
+            tracing::error!(error = %e, "the ledger refused the message's data; dead-lettering it");
+            Disposition::Reject { reason: format!("the ledger cannot store this message: {e}"), class: "permanent" }
+        }
+        LedgerFailure::Refused if refusals_before + 1 >= limit => {
+            tracing::error!(error = %e, times = refusals_before + 1, "the ledger keeps refusing the message; dead-lettering it");
+            Disposition::Reject {
+                reason: format!("the ledger refused this message {} times in a row: {e}", refusals_before + 1),
+                class: "poison",
+            }
+        }
+        failure => {
+            tracing::warn!(error = %e, "the ledger failed; the message goes back through the retry queue");
+            Disposition::InfraRetry { why: e.to_string(), refused: failure == LedgerFailure::Refused }
+        }
+    }
 }
 
 /// Which broker delay the `attempt`-th delivery of a job gets when it cannot

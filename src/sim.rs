@@ -9,7 +9,8 @@
 //!   a page at a time: `{"items": [{"id", "path", "attributes"}], "next": ID|null}`.
 //! - `DELETE /any/path`: 204, 404 when missing, 409 while a dependent exists.
 //!
-//! Control API: `GET|POST /_sim/faults`, `GET /_sim/stats`, `GET /_sim/resources`, `POST /_sim/reset`.
+//! Control API: `GET|POST /_sim/faults`, `GET /_sim/stats`, `GET /_sim/requests`
+//! (every resource request: method and path as sent), `GET /_sim/resources`, `POST /_sim/reset`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -46,6 +47,11 @@ pub struct Faults {
     pub only_method: String,
     /// Seed for the random rates, so a run can be repeated.
     pub seed: Option<u64>,
+    /// When set, every resource request is answered `redirect_status` (307
+    /// when 0) with `Location: redirect_to + path`: an API that moved, or a
+    /// hostile one.
+    pub redirect_to: String,
+    pub redirect_status: u16,
 }
 
 /// Counters a test reads to prove what happened.
@@ -85,6 +91,8 @@ struct Inner {
     faults: Faults,
     rng: Option<fastrand::Rng>,
     stats: Stats,
+    /// Every resource request as it arrived: method and raw (still encoded) path.
+    requests: Vec<(String, String)>,
 }
 
 /// A handle on the simulated cloud's state, shared with its server.
@@ -132,6 +140,11 @@ impl Sim {
 
     pub fn paths(&self) -> Vec<String> {
         self.inner.lock().unwrap().resources.keys().cloned().collect()
+    }
+
+    /// Every resource request so far, as (method, path exactly as sent).
+    pub fn requests(&self) -> Vec<(String, String)> {
+        self.inner.lock().unwrap().requests.clone()
     }
 
     pub fn stats(&self) -> Stats {
@@ -262,6 +275,16 @@ async fn handle(
         if headers.contains_key(axum::http::header::AUTHORIZATION) {
             g.stats.with_authorization += 1;
         }
+        g.requests.push((method.to_string(), path.clone()));
+        if !g.faults.redirect_to.is_empty() {
+            let status = StatusCode::from_u16(g.faults.redirect_status).unwrap_or(StatusCode::TEMPORARY_REDIRECT);
+            let location = format!("{}{}", g.faults.redirect_to, uri);
+            let mut r = status.into_response();
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                r.headers_mut().insert(axum::http::header::LOCATION, v);
+            }
+            return r;
+        }
         (g.faults.latency_ms, g.roll(&method))
     };
     if latency > 0 {
@@ -378,6 +401,7 @@ fn control_api(sim: &Sim, method: &Method, what: &str, body: &[u8]) -> Response 
             Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
         },
         (Method::GET, "stats") => Json(sim.stats()).into_response(),
+        (Method::GET, "requests") => Json(sim.requests()).into_response(),
         (Method::GET, "resources") => Json(sim.paths()).into_response(),
         (Method::POST, "reset") => {
             *sim.inner.lock().unwrap() = Inner::default();

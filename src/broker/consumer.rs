@@ -22,9 +22,11 @@ use super::publisher::Publisher;
 use super::{amqp, headers, topology, BrokerError, Names};
 use crate::app::App;
 use crate::config::Settings;
+use crate::contract::{self, Envelope};
 use crate::handler;
 use crate::ledger::{Ledger, Target};
 use crate::retry::Disposition;
+use chrono::{DateTime, Utc};
 
 /// Outbox rows younger than this are the worker's own to publish.
 const OUTBOX_GRACE: Duration = Duration::from_secs(5);
@@ -138,9 +140,18 @@ async fn process(app: &App, publisher: &Publisher, delivery: Delivery) {
 }
 
 async fn process_one(app: &App, publisher: &Publisher, delivery: Delivery) {
-    let routing_key = header(&delivery, headers::ROUTING_KEY).unwrap_or_else(|| delivery.routing_key.to_string());
-    let handled = AssertUnwindSafe(handler::handle(app, &routing_key, &delivery.data)).catch_unwind().await;
-    let panics: u32 = header(&delivery, headers::PANICS).and_then(|p| p.parse().ok()).unwrap_or(0);
+    let incoming = Incoming::read(&delivery, &app.names);
+    let env = Envelope {
+        routing_key: &incoming.routing_key,
+        body: &delivery.data,
+        received_at: incoming.received_at,
+        sent_at: delivery
+            .properties
+            .timestamp()
+            .and_then(|t| i64::try_from(t).ok())
+            .and_then(|t| DateTime::from_timestamp(t, 0)),
+    };
+    let handled = AssertUnwindSafe(handler::handle(app, &env, incoming.ledger_refusals)).catch_unwind().await;
     let disposition = match handled {
         Ok(d) => d,
         Err(panic) => {
@@ -149,27 +160,74 @@ async fn process_one(app: &App, publisher: &Publisher, delivery: Delivery) {
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
-            tracing::error!(routing_key, panics = panics + 1, what, "the handler panicked");
-            if panics + 1 >= app.settings.broker.delivery_limit {
+            let panics = incoming.panics + 1;
+            tracing::error!(routing_key = incoming.routing_key, panics, what, "the handler panicked");
+            if panics >= app.settings.broker.delivery_limit {
                 Disposition::Reject {
-                    reason: format!("poison: handling panicked {} times: {what}", panics + 1),
+                    reason: format!("poison: handling panicked {panics} times: {what}"),
                     class: "poison",
                 }
             } else {
-                app.metrics.events.with_label_values(&[routing_key.as_str(), "panic"]).inc();
+                app.metrics.events.with_label_values(&[metric_key(&incoming.routing_key), "panic"]).inc();
                 app.metrics.broker_retries.with_label_values(&["panic"]).inc();
-                let _ = settle_panic(app, publisher, &delivery, &routing_key, panics + 1)
+                let _ = settle_panic(app, publisher, &delivery, &incoming, panics)
                     .await
                     .map_err(|e| tracing::warn!(error = %e, "could not park a panicking message"));
                 return;
             }
         }
     };
-    let message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
-    count(app, &routing_key, &disposition);
-    if let Err(e) = settle(app, publisher, &delivery, &routing_key, &message_id, disposition).await {
+    count(app, &incoming.routing_key, &disposition);
+    if let Err(e) = settle(app, publisher, &delivery, &incoming, disposition).await {
         tracing::warn!(error = %e, "could not settle a delivery; it will be redelivered");
         let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+    }
+}
+
+/// One delivery's facts, with what reaper's own retry hop wrote on it.
+///
+/// The hop's headers are believed only on a message that came back from one
+/// of reaper's retry queues: the broker dead-letters an expired message
+/// through the default exchange with the work queue's name as routing key and
+/// adds `x-death`. A producer publishes to the events exchange, so a header it
+/// sets is ignored, and the routing key it used decides how the body is read
+/// (docs/contract.md says which permission a producer must not have for this
+/// to hold: write on the default exchange).
+struct Incoming {
+    routing_key: String,
+    received_at: DateTime<Utc>,
+    panics: u32,
+    ledger_refusals: u32,
+    message_id: String,
+}
+
+impl Incoming {
+    fn read(d: &Delivery, names: &Names) -> Incoming {
+        let from_retry = d.exchange.as_str().is_empty()
+            && d.routing_key.as_str() == names.work
+            && header_value(d, headers::X_DEATH).is_some();
+        let hop = |name: &str| if from_retry { header(d, name) } else { None };
+        let count = |name: &str| hop(name).and_then(|v| v.parse().ok()).unwrap_or(0);
+        Incoming {
+            routing_key: hop(headers::ROUTING_KEY).unwrap_or_else(|| d.routing_key.to_string()),
+            received_at: hop(headers::RECEIVED_AT)
+                .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+                .map(|t| t.with_timezone(&Utc))
+                .unwrap_or_else(Utc::now),
+            panics: count(headers::PANICS),
+            ledger_refusals: count(headers::LEDGER_REFUSALS),
+            message_id: d.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default(),
+        }
+    }
+
+    /// Headers for a trip through a retry queue: what the next delivery must know.
+    fn hop_headers(&self, panics: u32, ledger_refusals: u32) -> Vec<(&'static str, String)> {
+        vec![
+            (headers::ROUTING_KEY, self.routing_key.clone()),
+            (headers::RECEIVED_AT, contract::rfc3339::format(&self.received_at)),
+            (headers::PANICS, panics.to_string()),
+            (headers::LEDGER_REFUSALS, ledger_refusals.to_string()),
+        ]
     }
 }
 
@@ -177,11 +235,17 @@ async fn settle(
     app: &App,
     publisher: &Publisher,
     delivery: &Delivery,
-    routing_key: &str,
-    message_id: &str,
+    incoming: &Incoming,
     d: Disposition,
 ) -> Result<(), BrokerError> {
+    let routing_key = incoming.routing_key.as_str();
+    let message_id = incoming.message_id.as_str();
     let mut clear_outbox = None;
+    let to_retry = |delay: Duration, refusals: u32| async move {
+        let hs = incoming.hop_headers(incoming.panics, refusals);
+        let hs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        publisher.publish("", &app.names.retry(delay), &delivery.data, message_id, &hs).await
+    };
     match d {
         Disposition::Finished { event_id, job_id, result, routing_key: result_key, dead, queued } => {
             publisher.publish(&app.names.results, result_key, &result, &event_id, &[]).await?;
@@ -199,15 +263,10 @@ async fn settle(
             }
         }
         Disposition::Ack => {}
-        Disposition::RetryAfter { delay, why: _ } => {
-            let hs = [(headers::ROUTING_KEY, routing_key)];
-            publisher.publish("", &app.names.retry(delay), &delivery.data, message_id, &hs).await?;
-        }
-        Disposition::InfraRetry { why: _ } => {
-            let hs = [(headers::ROUTING_KEY, routing_key)];
-            publisher
-                .publish("", &app.names.retry(app.settings.worker.infra_delay()), &delivery.data, message_id, &hs)
-                .await?;
+        Disposition::RetryAfter { delay, why: _ } => to_retry(delay, 0).await?,
+        Disposition::InfraRetry { why: _, refused } => {
+            let refusals = if refused { incoming.ledger_refusals + 1 } else { incoming.ledger_refusals };
+            to_retry(app.settings.worker.infra_delay(), refusals).await?
         }
         Disposition::Reject { reason, class } => {
             let hs = [
@@ -231,15 +290,26 @@ async fn settle_panic(
     app: &App,
     publisher: &Publisher,
     delivery: &Delivery,
-    routing_key: &str,
+    incoming: &Incoming,
     panics: u32,
 ) -> Result<(), BrokerError> {
-    let n = panics.to_string();
-    let hs = [(headers::ROUTING_KEY, routing_key), (headers::PANICS, n.as_str())];
-    let id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
-    publisher.publish("", &app.names.retry(app.settings.worker.infra_delay()), &delivery.data, &id, &hs).await?;
+    let hs = incoming.hop_headers(panics, incoming.ledger_refusals);
+    let hs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let queue = app.names.retry(app.settings.worker.infra_delay());
+    publisher.publish("", &queue, &delivery.data, &incoming.message_id, &hs).await?;
     delivery.acker.ack(BasicAckOptions::default()).await.map_err(amqp("acking"))?;
     Ok(())
+}
+
+/// The routing key as a metric label: a producer's typo must not become a
+/// new time series each.
+fn metric_key(routing_key: &str) -> &'static str {
+    match routing_key {
+        contract::DELETION_REQUESTED => contract::DELETION_REQUESTED,
+        contract::PROVISIONING_FAILED => contract::PROVISIONING_FAILED,
+        contract::RESOURCE_TRACKED => contract::RESOURCE_TRACKED,
+        _ => "other",
+    }
 }
 
 /// The consumer's metrics: one verdict per delivery.
@@ -266,14 +336,18 @@ fn count(app: &App, routing_key: &str, d: &Disposition) {
             class
         }
     };
-    m.events.with_label_values(&[routing_key, verdict]).inc();
+    m.events.with_label_values(&[metric_key(routing_key), verdict]).inc();
+}
+
+fn header_value<'d>(d: &'d Delivery, name: &str) -> Option<&'d AMQPValue> {
+    d.properties.headers().as_ref().and_then(|h: &FieldTable| h.inner().get(name))
 }
 
 fn header(d: &Delivery, name: &str) -> Option<String> {
-    d.properties.headers().as_ref().and_then(|h: &FieldTable| match h.inner().get(name) {
+    match header_value(d, name) {
         Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         _ => None,
-    })
+    }
 }
 
 async fn drain_outbox_forever(
@@ -318,7 +392,15 @@ pub async fn drain_outbox(
                 Target::Dead => "",
                 Target::Event => names.events.as_str(),
             };
-            publisher.publish(exchange, &row.routing_key, &row.body, &row.event_id, &hs).await?;
+            match publisher.publish(exchange, &row.routing_key, &row.body, &row.event_id, &hs).await {
+                // Rows written before event ids were limited to 255 bytes: the
+                // body still carries the event id; the property cannot.
+                Err(BrokerError::TooLong { what, .. }) => {
+                    tracing::warn!(event_id = %row.event_id, what, "an outbox row does not fit AMQP; publishing it without a message id");
+                    publisher.publish(exchange, &row.routing_key, &row.body, "", &hs).await?;
+                }
+                other => other?,
+            }
             done.push(row.id);
         }
         ledger.outbox_delete(&done).await?;

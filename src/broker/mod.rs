@@ -52,6 +52,8 @@ pub enum BrokerError {
     Unroutable { exchange: String, routing_key: String },
     #[error("broker: the consumer was cancelled by the server")]
     ConsumerCancelled,
+    #[error("broker: {what} is too long for AMQP: {message}")]
+    TooLong { what: &'static str, message: String },
 }
 
 pub(crate) fn amqp(op: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
@@ -67,6 +69,12 @@ pub mod headers {
     pub const ERROR_CLASS: &str = "x-reaper-error-class";
     /// How often handling this message panicked so far.
     pub const PANICS: &str = "x-reaper-panics";
+    /// When reaper first received the message (RFC 3339), kept across retry hops.
+    pub const RECEIVED_AT: &str = "x-reaper-received-at";
+    /// How many times in a row the ledger answered this message with an error.
+    pub const LEDGER_REFUSALS: &str = "x-reaper-ledger-refusals";
+    /// Set by the broker when it dead-letters (here: a retry queue's TTL ran out).
+    pub const X_DEATH: &str = "x-death";
 }
 
 /// Deletes every exchange and queue under `names` (and the retry queues for

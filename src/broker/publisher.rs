@@ -2,7 +2,7 @@
 //! jobs' confirms are pipelined on one channel rather than serialized.
 
 use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 
 use super::{amqp, BrokerError};
@@ -35,17 +35,23 @@ impl Publisher {
     ) -> Result<(), BrokerError> {
         let mut table = FieldTable::default();
         for (k, v) in headers {
-            table.insert((*k).into(), AMQPValue::LongString(LongString::from(*v)));
+            table.insert(short("a header name", k)?, AMQPValue::LongString(LongString::from(*v)));
         }
         let props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
-            .with_message_id(message_id.into())
+            .with_message_id(short("the message id", message_id)?)
             .with_headers(table);
         let options = BasicPublishOptions { mandatory: exchange.is_empty(), ..Default::default() };
         let confirm = self
             .channel
-            .basic_publish(exchange.into(), routing_key.into(), options, body, props)
+            .basic_publish(
+                short("the exchange", exchange)?,
+                short("the routing key", routing_key)?,
+                options,
+                body,
+                props,
+            )
             .await
             .map_err(amqp("publishing"))?
             .await
@@ -60,4 +66,10 @@ impl Publisher {
             }
         }
     }
+}
+
+/// AMQP short strings hold 255 bytes; lapin's `From` panics beyond that, so
+/// every value that reaches one goes through here and fails as an error.
+fn short(what: &'static str, s: &str) -> Result<ShortString, BrokerError> {
+    ShortString::try_new(s).map_err(|e| BrokerError::TooLong { what, message: e.to_string() })
 }

@@ -35,7 +35,11 @@ pub async fn declare(
         work.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(4 * i64::from(s.delivery_limit)));
     }
     declare_queue(ch, &names.work, work).await?;
-    for key in [DELETION_REQUESTED, PROVISIONING_FAILED, RESOURCE_TRACKED] {
+    // The three event keys, and `#` so that a key nobody knows (a typo such as
+    // `deletion.requestd`) reaches the handler and is dead-lettered with its
+    // reason instead of being dropped by the exchange without a trace. A
+    // message matching several bindings is still delivered once.
+    for key in [DELETION_REQUESTED, PROVISIONING_FAILED, RESOURCE_TRACKED, "#"] {
         ch.queue_bind(
             names.work.as_str().into(),
             names.events.as_str().into(),

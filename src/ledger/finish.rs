@@ -141,7 +141,7 @@ async fn batches<T: Answer>(
             Ok(()) => {}
             // The database refused the data: one job's rows may be at fault, so
             // write each alone rather than fail its batch-mates with it.
-            Err(Failed { batch, message, data: true }) if batch.len() > 1 => {
+            Err(Failed { batch, message, code: Some(_) }) if batch.len() > 1 => {
                 for r in batch {
                     if let Err(one) = write(vec![r]).await {
                         one.answer();
@@ -158,18 +158,20 @@ async fn batches<T: Answer>(
 struct Failed<T> {
     batch: Vec<T>,
     message: String,
-    /// The server refused the data (as opposed to being unreachable).
-    data: bool,
+    /// The server's SQLSTATE when it refused the data (none when it could
+    /// not be reached).
+    code: Option<String>,
 }
 
 impl<T: Answer> Failed<T> {
     fn new(batch: Vec<T>, e: sqlx::Error) -> Failed<T> {
-        Failed { batch, data: matches!(e, sqlx::Error::Database(_)), message: e.to_string() }
+        let code = e.as_database_error().map(|d| d.code().map(|c| c.into_owned()).unwrap_or_default());
+        Failed { batch, code, message: e.to_string() }
     }
 
     fn answer(self) {
         for r in self.batch {
-            r.fail(LedgerError::Batch(self.message.clone()));
+            r.fail(LedgerError::Batch { message: self.message.clone(), code: self.code.clone() });
         }
     }
 }

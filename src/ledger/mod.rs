@@ -42,12 +42,52 @@ pub enum LedgerError {
     },
     #[error("ledger: migrating: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("ledger: finishing a batch of jobs: {0}")]
-    Batch(String),
+    #[error("ledger: writing a batch of jobs: {message}")]
+    Batch { message: String, code: Option<String> },
     #[error("ledger: the group-commit task is gone")]
     FinisherGone,
     #[error("ledger: job {0} has a corrupt row: {1}")]
     Corrupt(Uuid, String),
+}
+
+/// SQLSTATE classes that say the server is in trouble, not the message:
+/// connection (08), rollback on conflict (40), resources (53), lock not
+/// available (55), shutting down or starting up (57), system (58).
+const TRANSIENT_CLASSES: &[&str] = &["08", "40", "53", "55", "57", "58"];
+
+/// How a ledger failure bears on the message that met it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LedgerFailure {
+    /// The database could not be reached (or a task of ours is gone): the
+    /// same message may well succeed later.
+    Unreachable,
+    /// The database answered with an error. Repeated for one message, it is
+    /// the message (or a bug), not the weather.
+    Refused,
+    /// SQLSTATE classes 21 (cardinality), 22 (data exception), 23 (integrity
+    /// constraint): this message's data can never be written.
+    Data,
+}
+
+impl LedgerError {
+    pub fn failure(&self) -> LedgerFailure {
+        let code = match self {
+            LedgerError::Db { source, .. } => {
+                source.as_database_error().map(|d| d.code().unwrap_or_default().into_owned())
+            }
+            LedgerError::Batch { code, .. } => code.clone(),
+            LedgerError::Corrupt(..) => return LedgerFailure::Refused,
+            LedgerError::Migrate(_) | LedgerError::FinisherGone => None,
+        };
+        let class = |classes: &[&str]| code.as_deref().is_some_and(|c| classes.iter().any(|k| c.starts_with(k)));
+        if code.is_none() || class(TRANSIENT_CLASSES) {
+            LedgerFailure::Unreachable
+        } else if class(&["21", "22", "23"]) {
+            LedgerFailure::Data
+        } else {
+            LedgerFailure::Refused
+        }
+    }
 }
 
 fn db(op: &'static str) -> impl FnOnce(sqlx::Error) -> LedgerError {
@@ -144,6 +184,9 @@ pub enum TrackOutcome {
     Late(Box<JobStart>),
     /// Another delivery holds the owner: try again shortly.
     Busy,
+    /// The track's event_id already names another track or a job: refused,
+    /// with the reason.
+    Conflict(String),
 }
 
 /// What opening a teardown job led to.
@@ -152,6 +195,46 @@ pub enum Begin {
     Start(Box<JobStart>),
     /// Another delivery (here or on another replica) is tearing the owner down.
     Busy,
+    /// The event_id already names a job of another owner, trigger or dry-run
+    /// value, or a track: refused, never run, with the reason.
+    Conflict(String),
+}
+
+/// Why an event with this event_id is not the event `job` was opened for.
+/// The job's own redeliveries and replays match it in owner, trigger and
+/// dry_run; anything else reusing its id would run its deletes (or republish
+/// its result) under the wrong name.
+fn other_event(job: &JobRow, req: &TeardownRequest) -> Option<String> {
+    let same = job.owner == req.owner && job.trigger == req.trigger && job.dry_run == req.dry_run;
+    (!same).then(|| {
+        format!(
+            "event_id already names a job of {} ({}{})",
+            job.owner,
+            job.trigger.as_str(),
+            if job.dry_run { ", dry run" } else { "" }
+        )
+    })
+}
+
+/// Why a track with this event_id is not the track stored under it.
+fn other_track(stored: &(String, String, String), t: &Tracked) -> Option<String> {
+    let (owner, kind, id) = stored;
+    let r = &t.resource.resource;
+    (owner != &t.owner || kind != &r.kind || id != &r.id)
+        .then(|| format!("event_id already names a track of {owner} ({kind}/{id})"))
+}
+
+/// The track stored under `event_id`: (owner, kind, resource_id).
+async fn track_by_event(
+    conn: &mut sqlx::PgConnection,
+    event_id: &str,
+) -> Result<Option<(String, String, String)>, LedgerError> {
+    let row = sqlx::query("SELECT owner, kind, resource_id FROM tracks WHERE event_id = $1")
+        .bind(event_id)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db("reading a track"))?;
+    Ok(row.map(|r| (r.get("owner"), r.get("kind"), r.get("resource_id"))))
 }
 
 /// The outcome of making a job terminal.
@@ -201,8 +284,19 @@ impl Ledger {
     ) -> Result<TrackOutcome, LedgerError> {
         let mut tx = self.pool.begin().await.map_err(db("begin"))?;
         lock_owner(&mut tx, &t.owner).await?;
-        if let Some(job) = job_by_event(&mut tx, &t.event_id).await? {
-            // A redelivered late track: resume its job.
+        if let Some(stored) = track_by_event(&mut tx, &t.event_id).await? {
+            if let Some(why) = other_track(&stored, t) {
+                return Ok(TrackOutcome::Conflict(why));
+            }
+            // This very track again. Recorded on its first delivery; if it
+            // turned out late, resume (or republish) its job.
+            let Some(job) = job_by_event(&mut tx, &t.event_id).await? else {
+                tx.commit().await.map_err(db("commit"))?;
+                return Ok(TrackOutcome::Recorded);
+            };
+            if job.trigger != Trigger::LateTrack || job.owner != t.owner {
+                return Ok(TrackOutcome::Conflict(format!("event_id already names a job of {}", job.owner)));
+            }
             if job.status == JobStatus::Running {
                 if !self.acquire_lease(&mut tx, &t.owner, holder).await? {
                     return Ok(TrackOutcome::Busy);
@@ -213,6 +307,29 @@ impl Ledger {
             let start = load_start(&mut tx, job, None).await?;
             tx.commit().await.map_err(db("commit"))?;
             return Ok(TrackOutcome::Late(Box::new(start)));
+        }
+        if let Some(job) = job_by_event(&mut tx, &t.event_id).await? {
+            return Ok(TrackOutcome::Conflict(format!(
+                "event_id already names a job of {} ({})",
+                job.owner,
+                job.trigger.as_str()
+            )));
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO tracks (event_id, owner, kind, resource_id) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(&t.event_id)
+        .bind(&t.owner)
+        .bind(&t.resource.resource.kind)
+        .bind(&t.resource.resource.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("recording the track"))?
+        .rows_affected();
+        if inserted == 0 {
+            // Another owner's track took this event_id a moment ago.
+            return Ok(TrackOutcome::Conflict("event_id already names another track".into()));
         }
         upsert_resources(&mut tx, &t.owner, t.generation, std::slice::from_ref(&t.resource), None).await?;
         let r = &t.resource.resource;
@@ -302,7 +419,13 @@ impl Ledger {
         }
         let mut tx = self.pool.begin().await.map_err(db("begin"))?;
         lock_owner(&mut tx, &req.owner).await?;
+        if let Some((owner, kind, id)) = track_by_event(&mut tx, &req.event_id).await? {
+            return Ok(Begin::Conflict(format!("event_id already names a track of {owner} ({kind}/{id})")));
+        }
         if let Some(job) = job_by_event(&mut tx, &req.event_id).await? {
+            if let Some(why) = other_event(&job, req) {
+                return Ok(Begin::Conflict(why));
+            }
             if job.status != JobStatus::Running {
                 let start = load_start(&mut tx, job, None).await?;
                 tx.commit().await.map_err(db("commit"))?;
@@ -334,6 +457,10 @@ impl Ledger {
         .map_err(db("opening the job"))?;
         let inserted: bool = row.get("inserted");
         let job = job_row(&row)?;
+        // Another owner's event with this id may have opened its job since we looked.
+        if let Some(why) = other_event(&job, req).filter(|_| !inserted) {
+            return Ok(Begin::Conflict(why));
+        }
         if inserted && !job.dry_run {
             upsert_resources(&mut tx, &req.owner, req.generation, &req.resources, Some(job.job_id)).await?;
             let claimed = sqlx::query(concat!(

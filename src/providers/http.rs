@@ -16,7 +16,9 @@ use crate::config::{HttpProviderSettings, KindSpec};
 use crate::domain::Resource;
 
 /// Everything but RFC 3986 unreserved characters is encoded, `/` included, so a
-/// value can never step out of its path segment.
+/// value can never step out of its path segment. Dots stay as they are (so do
+/// `%2E`s for a URL parser), which is why `.`, `..` and empty values are refused
+/// in [`RequestTemplate::render`]: the parser would remove or collapse them.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
 /// Longest pause a server's Retry-After can impose, so a bogus header can't park us.
@@ -81,20 +83,33 @@ impl RequestTemplate {
         })
     }
 
-    /// The path with every value percent-encoded.
+    /// The path with every value percent-encoded. A value that is empty, `.`
+    /// or `..` is refused: in a path the URL parser turns those into another
+    /// path (`/zones/z1/records/..` is the zone), so the request would reach
+    /// something nobody named.
     pub fn render(&self, id: &str, attributes: &BTreeMap<String, String>) -> Result<String, String> {
         let mut out = String::new();
         for p in &self.parts {
             match p {
                 Part::Literal(l) => out.push_str(l),
-                Part::Id => out.extend(utf8_percent_encode(id, SEGMENT)),
+                Part::Id => out.extend(utf8_percent_encode(path_value("id", id)?, SEGMENT)),
                 Part::Attr(a) => {
                     let v = attributes.get(a).ok_or_else(|| format!("attribute {a:?} is missing"))?;
-                    out.extend(utf8_percent_encode(v, SEGMENT));
+                    out.extend(utf8_percent_encode(path_value(&format!("attribute {a}"), v)?, SEGMENT));
                 }
             }
         }
         Ok(out)
+    }
+}
+
+/// A value that may stand in a path segment, or why not.
+fn path_value<'v>(what: &str, v: &'v str) -> Result<&'v str, String> {
+    match v {
+        "" | "." | ".." => {
+            Err(format!("{what} {v:?} cannot be used in a request path: it would change which path is requested"))
+        }
+        _ => Ok(v),
     }
 }
 
@@ -122,6 +137,10 @@ impl HttpProvider {
             .timeout(Duration::from_millis(s.timeout_ms))
             .connect_timeout(Duration::from_millis(s.connect_timeout_ms))
             .pool_max_idle_per_host(s.max_concurrency)
+            // A redirected DELETE would go (with our credentials) somewhere no
+            // template names, and a 303 would turn it into a GET whose 200 looks
+            // like success: a 3xx is an error instead (see `request`).
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| err(format!("building the HTTP client: {e}")))?;
         let auth = match &s.auth {
@@ -223,6 +242,17 @@ impl HttpProvider {
             self.pause(retry_after.unwrap_or(Duration::from_secs(1))).await;
             return Err(StepError::RateLimited { retry_after });
         }
+        if status.is_redirection() {
+            let location = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            let location: String =
+                location.unwrap_or_else(|| "nowhere".into()).chars().filter(|c| *c != '\0').take(300).collect();
+            return Err(StepError::Permanent(format!(
+                "{method} {path}: {status} redirects to {location}; reaper does not follow redirects (fix base_url)"
+            )));
+        }
         if !status.is_success() && status != StatusCode::NOT_FOUND && status != StatusCode::GONE {
             let detail = resp.text().await.unwrap_or_default();
             return Err(classify_status(status, &detail));
@@ -292,6 +322,18 @@ mod tests {
         a.insert("subnet_id".to_string(), "../admin".to_string());
         assert_eq!(t.render("a b/c?d#e", &a).unwrap(), "/v1/subnets/..%2Fadmin/reserved_ips/a%20b%2Fc%3Fd%23e");
         assert_eq!(t.attributes().collect::<Vec<_>>(), ["subnet_id"]);
+    }
+
+    #[test]
+    fn values_that_a_url_parser_would_remove_are_refused() {
+        let t = RequestTemplate::parse("DELETE /v1/dns_zones/{attr.zone_id}/resource_records/{id}").unwrap();
+        let zone = |z: &str| BTreeMap::from([("zone_id".to_string(), z.to_string())]);
+        for bad in ["", ".", ".."] {
+            assert!(t.render(bad, &zone("z1")).is_err(), "id {bad:?}");
+            assert!(t.render("r1", &zone(bad)).is_err(), "zone_id {bad:?}");
+        }
+        assert_eq!(t.render("...", &zone(".a")).unwrap(), "/v1/dns_zones/.a/resource_records/...");
+        assert_eq!(t.render("%2e%2e", &zone("z")).unwrap(), "/v1/dns_zones/z/resource_records/%252e%252e");
     }
 
     #[test]

@@ -89,8 +89,9 @@ fn events_round_trip_through_the_protobuf_schemas_and_back_into_reaper() {
         if as_proto_writes.get("generation").is_some() {
             as_proto_writes["generation"] = json!("3");
         }
-        contract::decode(key, &serde_json::to_vec(&as_proto_writes).unwrap(), &catalog)
-            .unwrap_or_else(|e| panic!("{message}: {e}"));
+        let body = serde_json::to_vec(&as_proto_writes).unwrap();
+        let env = contract::Envelope { routing_key: key, body: &body, received_at: chrono::Utc::now(), sent_at: None };
+        contract::decode(&env, &catalog, &contract::Limits::default()).unwrap_or_else(|e| panic!("{message}: {e}"));
     }
 }
 

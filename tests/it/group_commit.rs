@@ -28,7 +28,7 @@ async fn a_refused_finish_fails_alone_and_its_batch_mates_are_written() {
         let holder = Uuid::new_v4();
         match ledger.begin_job(&req, b"{}", "deletion.requested", holder).await.unwrap() {
             Begin::Start(s) => jobs.push((s.job, holder)),
-            Begin::Busy => panic!("nobody else holds these owners"),
+            Begin::Busy | Begin::Conflict(_) => panic!("nobody else holds these owners or event ids"),
         }
     }
     // Job 3's reason holds a NUL, which PostgreSQL refuses; the rest are fine.

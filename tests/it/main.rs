@@ -9,6 +9,7 @@ mod admin;
 mod commands;
 mod contract_proto;
 mod deploy;
+mod door;
 mod examples;
 mod malformed;
 mod owner_lives;
