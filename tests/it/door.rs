@@ -281,7 +281,7 @@ async fn a_producer_cannot_choose_how_its_message_is_read() {
     node.create_in(&t.sim);
     let vni = node.resources.iter().find(|r| r.kind == "vni").unwrap();
     // Allowed to publish only resource.tracked, it says "read me as provisioning.failed".
-    let body = json!({"event_id": unique("sneak"), "owner": node.owner,
+    let body = json!({"event_id": unique("sneak"), "owner": node.owner, "occurred_at": Utc::now().to_rfc3339(),
                       "resources": [{"kind": "vni", "id": vni.id}]});
     let bytes = serde_json::to_vec(&body).unwrap();
     t.publisher
@@ -295,7 +295,11 @@ async fn a_producer_cannot_choose_how_its_message_is_read() {
         .await
         .unwrap();
     let dead = t.dead_wait(1).await;
-    assert!(dead[0].1.contains("missing field"), "read as the resource.tracked it was published as: {:?}", dead[0].1);
+    assert!(
+        dead[0].1.contains("missing field `kind`"),
+        "read as the resource.tracked it was published as: {:?}",
+        dead[0].1
+    );
     assert!(t.sim.exists(&vni.path), "the VNI is still there");
     assert!(t.sim.requests().is_empty(), "{:?}", t.sim.requests());
     t.stop().await;
