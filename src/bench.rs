@@ -60,6 +60,11 @@ pub struct BenchArgs {
     /// every orphan is deleted (PostgreSQL copy; needs RabbitMQ).
     #[arg(long)]
     pub reconcile_execute: bool,
+    /// Instead of the job runs: plan one event listing this many resources of
+    /// the VPC kinds (worker.max_resources_per_event is the largest allowed)
+    /// and walk it; time and peak memory. Needs no services.
+    #[arg(long)]
+    pub plan_resources: Option<usize>,
     /// The MongoDB server for --reconcile-copy mongodb.
     #[arg(long, default_value = "mongodb://127.0.0.1:27018/?directConnection=true")]
     pub mongo_url: String,
@@ -94,6 +99,9 @@ struct Run {
 }
 
 pub async fn run(settings: Settings, args: BenchArgs) -> ExitCode {
+    if let Some(n) = args.plan_resources {
+        return plan_bench(n, args.json);
+    }
     if let Some(items) = args.reconcile_items {
         let (copy, url, execute) = (&args.reconcile_copy, &args.mongo_url, args.reconcile_execute);
         return match crate::reconcile::bench::run(settings, items, copy, url, execute).await {
@@ -603,4 +611,74 @@ fn print_table(r: &Report) {
         show(&format!("reaper end to end, API {} ms", r.api_latency_ms), &r.e2e_api_latency);
         println!("  {:<46} {:>10.2}", "    ratio to the 0 ms run", r.api_latency_ratio);
     }
+}
+
+/// Plans and walks one event of `n` resources spread over the four VPC kinds
+/// (servers after VNIs and DNS records, reservations after DNS records), as
+/// many times as fit in about a second; reports the time per plan and this
+/// process's peak memory.
+fn plan_bench(n: usize, json: bool) -> ExitCode {
+    use crate::domain::Resource;
+    let catalog = match Settings::from_toml(include_str!("../config/vpc-node.toml")).and_then(|s| s.validate()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let kinds = ["bare_metal_server", "vni", "dns_record", "ip_reservation"];
+    let resources: Vec<Resource> = (0..n)
+        .map(|i| {
+            let kind = kinds[i % kinds.len()];
+            let attributes = [("zone_id", "zone-1"), ("subnet_id", "subnet-1")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Resource { kind: kind.into(), id: format!("{kind}-{i}"), attributes, parent: None }
+        })
+        .collect();
+    let rss_before = status_kib("VmRSS:");
+    let started = std::time::Instant::now();
+    let mut runs = 0u32;
+    let mut levels = 0;
+    while runs == 0 || started.elapsed() < Duration::from_secs(1) {
+        let graph = match crate::plan::Graph::build(&resources, &catalog) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut walk = graph.walk();
+        let mut ready = walk.start();
+        let mut done = 0;
+        while let Some(i) = ready.pop() {
+            done += 1;
+            ready.extend(walk.gone(i));
+        }
+        assert_eq!(done, n, "every resource is reached");
+        levels = (0..n).map(|i| graph.level(i)).max().map_or(0, |l| l + 1);
+        runs += 1;
+    }
+    let per_plan_ms = started.elapsed().as_secs_f64() * 1000.0 / f64::from(runs);
+    let peak = status_kib("VmHWM:");
+    if json {
+        let r = serde_json::json!({"resources": n, "levels": levels, "runs": runs, "ms_per_plan_and_walk": per_plan_ms,
+                                   "rss_before_kib": rss_before, "peak_rss_kib": peak});
+        println!("{}", serde_json::to_string_pretty(&r).expect("serializable"));
+    } else {
+        println!(
+            "plan of one event, {n} resources in {levels} levels ({runs} runs)\n  build + walk     {per_plan_ms:>8.2} ms\n  RSS before       {:>8.1} MiB\n  peak RSS         {:>8.1} MiB",
+            rss_before as f64 / 1024.0,
+            peak as f64 / 1024.0
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
 }

@@ -1,18 +1,21 @@
-//! Runs a job's plan: levels strictly in order, the resources of one level
-//! concurrently (each provider caps its own concurrency), every step retried in
-//! process a few times with exponential backoff and full jitter. Finished steps
-//! are written to the ledger once per level, so a redelivered job resumes.
+//! Runs a job's plan: each resource as soon as everything it waits for is
+//! gone, independent ones concurrently (each provider caps its own
+//! concurrency), every step retried in process a few times with exponential
+//! backoff and full jitter. A failure holds back only what waits for it.
+//! Finished steps are written to the ledger in batches as they finish, so a
+//! redelivered job resumes.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use futures_util::future::join_all;
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
 
 use crate::config::{Catalog, WorkerSettings};
 use crate::domain::{Outcome, Resource, ResourceRef};
-use crate::ledger::{JobStart, Ledger, LedgerError, StepRecord};
+use crate::ledger::{JobRow, JobStart, Ledger, LedgerError, StepRecord};
 use crate::plan;
 use crate::providers::{ArchiveTo, Deleted, Providers, StepError};
 
@@ -50,8 +53,8 @@ pub struct Run {
 impl Executor<'_> {
     pub async fn run(&self, start: &JobStart) -> Result<Run, LedgerError> {
         let resources = &start.resources;
-        let levels = match plan::levels(resources, self.catalog) {
-            Ok(l) => l,
+        let graph = match plan::Graph::build(resources, self.catalog) {
+            Ok(g) => g,
             Err(e) => {
                 let steps = resources.iter().map(|r| blocked(r.reference(), e.to_string())).collect();
                 return Ok(Run { steps, end: RunEnd::Plan(e.to_string()) });
@@ -60,50 +63,57 @@ impl Executor<'_> {
         if let Some(run) = self.guards(start).await {
             return Ok(run);
         }
-        let mut steps: Vec<StepRecord> = Vec::with_capacity(resources.len());
+        let recheck = start.job.replays > 0;
+        let mut walk = graph.walk();
+        let mut records: Vec<Option<StepRecord>> = vec![None; resources.len()];
         let mut end = RunEnd::Completed;
-        let last = levels.len().saturating_sub(1);
-        for (n, level) in levels.into_iter().enumerate() {
-            if end != RunEnd::Completed {
-                let why = match &end {
-                    RunEnd::Permanent(w) | RunEnd::Unfinished(w) | RunEnd::Plan(w) | RunEnd::Blocked(w) => {
-                        format!("not attempted: an earlier level failed ({w})")
-                    }
-                    RunEnd::Completed => unreachable!(),
-                };
-                steps.extend(level.iter().map(|&i| blocked(resources[i].reference(), why.clone())));
-                continue;
-            }
-            let mut todo = Vec::new();
-            for &i in &level {
+        let mut recorder = Recorder::new(self.ledger, &start.job);
+        let mut running = FuturesUnordered::new();
+        let mut ready = walk.start();
+        loop {
+            while let Some(i) = ready.pop() {
                 let r = &resources[i];
                 match start.done.get(&r.reference()) {
-                    Some(done) if done.outcome.is_gone() => steps.push(done.clone()),
-                    _ => todo.push(r),
+                    Some(done) if done.outcome.is_gone() => {
+                        records[i] = Some(done.clone());
+                        ready.extend(walk.gone(i));
+                    }
+                    _ => running.push(async move { (i, self.step(r, start, recheck).await) }),
                 }
             }
-            let recheck = start.job.replays > 0;
-            let results = join_all(todo.iter().map(|r| self.step(r, start, recheck))).await;
-            let mut finished = Vec::new();
-            for (record, err) in results {
-                if let Some(err) = err {
-                    let why = format!("{}: {}", record.resource, err);
-                    end = match (&end, err.is_retryable()) {
-                        (RunEnd::Permanent(_) | RunEnd::Plan(_) | RunEnd::Blocked(_), _) => end,
-                        (_, false) => RunEnd::Permanent(why),
-                        (RunEnd::Completed, true) => RunEnd::Unfinished(why),
-                        (RunEnd::Unfinished(_), true) => end,
-                    };
-                } else {
-                    finished.push(record.clone());
+            let Some((i, (record, err))) = running.next().await else { break };
+            match err {
+                None => {
+                    recorder.push(record.clone());
+                    ready.extend(walk.gone(i));
                 }
-                steps.push(record);
+                Some(err) => end = worse(end, format!("{}: {}", record.resource, err), err.is_retryable()),
             }
-            // The last level's steps are written by `finish`, with the result.
-            if n < last {
-                self.ledger.record_steps(&start.job, &finished).await?;
-            }
+            records[i] = Some(record);
         }
+        // An unfinished run goes back to the broker without a finish: what it
+        // did must be written now, or its next attempt would redo it.
+        recorder.settle(matches!(end, RunEnd::Unfinished(_))).await;
+        // Whatever did not start waited for something that is not gone.
+        let mut order: Vec<usize> = (0..resources.len()).collect();
+        order.sort_by(|&a, &b| {
+            (graph.level(a), resources[a].reference()).cmp(&(graph.level(b), resources[b].reference()))
+        });
+        let steps = order
+            .into_iter()
+            .map(|i| {
+                records[i].take().unwrap_or_else(|| {
+                    let holder = graph.waits_for(i).into_iter().find(|&w| !records_gone(&records, w));
+                    let why = match holder {
+                        Some(w) => {
+                            format!("not attempted: it waits for {}, which is not gone", resources[w].reference())
+                        }
+                        None => "not attempted".to_string(),
+                    };
+                    blocked(resources[i].reference(), why)
+                })
+            })
+            .collect();
         Ok(Run { steps, end })
     }
 
@@ -227,6 +237,69 @@ impl Executor<'_> {
         match result {
             Ok(outcome) => (StepRecord { resource: reference, outcome, attempts: n, error: None }, None),
             Err(e) => (failed(reference, n, &e), Some(e)),
+        }
+    }
+}
+
+/// The first failure decides how a run ends, except that a permanent one
+/// outranks one that may pass.
+fn worse(end: RunEnd, why: String, retryable: bool) -> RunEnd {
+    match (&end, retryable) {
+        (RunEnd::Permanent(_) | RunEnd::Plan(_) | RunEnd::Blocked(_), _) => end,
+        (_, false) => RunEnd::Permanent(why),
+        (RunEnd::Completed, true) => RunEnd::Unfinished(why),
+        (RunEnd::Unfinished(_), true) => end,
+    }
+}
+
+fn records_gone(records: &[Option<StepRecord>], i: usize) -> bool {
+    records[i].as_ref().is_some_and(|r| r.outcome.is_gone())
+}
+
+/// Writes a job's finished steps while it runs, so a redelivery after a crash
+/// does not redo them: whatever finished while a write was in flight goes in
+/// the next one, so a job has at most one write in flight (and the writes of
+/// all jobs are group-committed, ledger/finish.rs). What is still unwritten at
+/// the end is written by `finish`, with the result, or, when the run goes
+/// back to the broker unfinished, by `settle`.
+struct Recorder {
+    ledger: Ledger,
+    job: Option<Arc<JobRow>>,
+    pending: Vec<StepRecord>,
+    in_flight: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Recorder {
+    fn new(ledger: &Ledger, job: &JobRow) -> Recorder {
+        // A dry run records nothing.
+        let job = (!job.dry_run).then(|| Arc::new(job.clone()));
+        Recorder { ledger: ledger.clone(), job, pending: Vec::new(), in_flight: None }
+    }
+
+    fn push(&mut self, step: StepRecord) {
+        let Some(job) = &self.job else { return };
+        self.pending.push(step);
+        if self.in_flight.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let (ledger, job, steps) = (self.ledger.clone(), job.clone(), std::mem::take(&mut self.pending));
+        self.in_flight = Some(tokio::spawn(async move {
+            if let Err(e) = ledger.record_steps(&job, &steps).await {
+                tracing::warn!(error = %e, "could not record finished steps; the job's finish will");
+            }
+        }));
+    }
+
+    /// Waits for the write in flight, so none lands after the job's finish;
+    /// with `flush`, also writes what is still pending.
+    async fn settle(mut self, flush: bool) {
+        if let Some(h) = self.in_flight.take() {
+            let _ = h.await;
+        }
+        if let (true, Some(job)) = (flush && !self.pending.is_empty(), &self.job) {
+            if let Err(e) = self.ledger.record_steps(job, &self.pending).await {
+                tracing::warn!(error = %e, "could not record finished steps; the next attempt will redo them");
+            }
         }
     }
 }

@@ -211,3 +211,37 @@ async fn a_resource_already_gone_at_the_provider_counts_as_done() {
     assert_eq!(r.result.status, "completed");
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_holds_back_only_what_waits_for_it() {
+    let mut t = spawn_app("").await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    // Something outside the job hangs on to the VNI: its DELETE answers 409 for good.
+    let vni = node.resources.iter().find(|r| r.kind == "vni").unwrap();
+    t.sim.create("/v1/attachments/held", &[vni.path.as_str()]);
+    t.publish("deletion.requested", &deletion(&unique("del"), &node.owner, Utc::now())).await;
+    let r = t.next_result(60).await.result;
+    assert_eq!(r.status, "dead_lettered", "{r:?}");
+    let outcome = |kind: &str| -> Vec<(String, Option<String>)> {
+        r.resources.iter().filter(|s| s.kind == kind).map(|s| (s.outcome.clone(), s.error.clone())).collect()
+    };
+    assert_eq!(outcome("vni")[0].0, "failed", "{r:?}");
+    // The reservations wait only for the DNS record, which went: they go too.
+    assert_eq!(outcome("ip_reservation").iter().filter(|(o, _)| o == "deleted").count(), 2, "{r:?}");
+    assert_eq!(outcome("dns_record")[0].0, "deleted", "{r:?}");
+    // The server waits for the VNI: held back, and the reason names it.
+    let (o, why) = &outcome("bare_metal_server")[0];
+    assert_eq!(o, "blocked", "{r:?}");
+    assert!(why.as_deref().unwrap_or("").contains(&format!("waits for vni/{}", vni.id)), "{why:?}");
+    let mut left = t.sim.paths();
+    left.sort();
+    let server = node.resources.iter().find(|r| r.kind == "bare_metal_server").unwrap();
+    let mut want = vec!["/v1/attachments/held".to_string(), server.path.clone(), vni.path.clone()];
+    want.sort();
+    assert_eq!(left, want);
+    let vni_deletes = t.sim.requests().iter().filter(|(m, p)| m == "DELETE" && *p == vni.path).count() as u64;
+    assert_eq!(t.sim.stats().refused_for_order, vni_deletes, "every refusal was the VNI's own: {:?}", t.sim.stats());
+    assert_eq!(t.sim.stats().delete_not_found, 0, "nothing was deleted twice");
+    t.stop().await;
+}
