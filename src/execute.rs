@@ -84,8 +84,9 @@ impl Executor<'_> {
             let Some((i, (record, err))) = running.next().await else { break };
             match err {
                 None => {
-                    recorder.push(record.clone());
-                    ready.extend(walk.gone(i));
+                    let released = walk.gone(i);
+                    recorder.push(record.clone(), !released.is_empty());
+                    ready.extend(released);
                 }
                 Some(err) => end = worse(end, format!("{}: {}", record.resource, err), err.is_retryable()),
             }
@@ -257,11 +258,13 @@ fn records_gone(records: &[Option<StepRecord>], i: usize) -> bool {
 }
 
 /// Writes a job's finished steps while it runs, so a redelivery after a crash
-/// does not redo them: whatever finished while a write was in flight goes in
-/// the next one, so a job has at most one write in flight (and the writes of
-/// all jobs are group-committed, ledger/finish.rs). What is still unwritten at
-/// the end is written by `finish`, with the result, or, when the run goes
-/// back to the broker unfinished, by `settle`.
+/// does not redo them. A write starts when a finished step lets others start
+/// (so what has to go first is on record, as it was when levels were written
+/// one by one) and no write of the job is in flight; what finishes meanwhile
+/// goes in the next one. So a job has at most one write in flight, and the
+/// writes of all jobs are group-committed (ledger/finish.rs). What is still
+/// unwritten at the end is written by `finish`, with the result, or, when the
+/// run goes back to the broker unfinished, by `settle`.
 struct Recorder {
     ledger: Ledger,
     job: Option<Arc<JobRow>>,
@@ -276,10 +279,11 @@ impl Recorder {
         Recorder { ledger: ledger.clone(), job, pending: Vec::new(), in_flight: None }
     }
 
-    fn push(&mut self, step: StepRecord) {
+    /// `releases`: the step let other resources start.
+    fn push(&mut self, step: StepRecord, releases: bool) {
         let Some(job) = &self.job else { return };
         self.pending.push(step);
-        if self.in_flight.as_ref().is_some_and(|h| !h.is_finished()) {
+        if !releases || self.in_flight.as_ref().is_some_and(|h| !h.is_finished()) {
             return;
         }
         let (ledger, job, steps) = (self.ledger.clone(), job.clone(), std::mem::take(&mut self.pending));

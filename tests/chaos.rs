@@ -98,7 +98,11 @@ async fn collect_results(
     out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
 ) {
     while !stop.is_cancelled() {
-        let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else {
+        // A connect (or a consumer) can hang across the broker restart without
+        // an error; bounded waits and an idle watchdog reconnect instead.
+        let url = amqp_url();
+        let connect = Connection::connect(&url, ConnectionProperties::default());
+        let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(10), connect).await else {
             tokio::time::sleep(Duration::from_millis(300)).await;
             continue;
         };
@@ -136,6 +140,11 @@ async fn collect_results(
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
+                // Unacked deliveries go back to the tap queue when we close.
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "idle; reconnecting".into())).await;
+                    break;
+                }
                 next = consumer.next() => match next {
                     Some(Ok(d)) => {
                         let _ = out.send(d.data.clone());

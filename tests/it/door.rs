@@ -355,3 +355,37 @@ async fn a_misspelt_routing_key_is_dead_lettered_with_its_reason() {
     assert_eq!(dead[0].0, body);
     assert!(dead[0].1.contains("unknown routing key \"deletion.requestd\""), "{:?}", dead[0].1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_waits_for_a_busy_owner_keeps_its_first_receipt_time() {
+    let mut t = spawn_app("[worker]\nowner_busy_delay_ms = 200\n").await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    // Someone else (a worker that is gone) holds the owner for three more seconds.
+    let received = Utc::now();
+    sqlx::query(
+        "INSERT INTO owner_leases (owner, holder, until) VALUES ($1, gen_random_uuid(), now() + interval '3 seconds')",
+    )
+    .bind(&node.owner)
+    .execute(t.app.ledger.pool())
+    .await
+    .unwrap();
+    let id = unique("busy");
+    t.publish("deletion.requested", &json!({"event_id": id, "owner": node.owner})).await;
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "completed", "{r:?}");
+    assert!(
+        r.started_at > received + chrono::Duration::seconds(2),
+        "the job opened only once the owner was free: {r:?}"
+    );
+    let occurred: chrono::DateTime<Utc> = sqlx::query_scalar("SELECT occurred_at FROM jobs WHERE event_id = $1")
+        .bind(&id)
+        .fetch_one(t.app.ledger.pool())
+        .await
+        .unwrap();
+    assert!(
+        occurred < received + chrono::Duration::seconds(1),
+        "occurred_at is when reaper first received the event ({occurred}), not when the owner came free"
+    );
+    t.stop().await;
+}
