@@ -10,12 +10,12 @@ CREATE TABLE tracks (
     received_at  TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
--- Late tracks from before this table: their job carries the track's event_id
--- and claimed exactly the tracked resource.
+-- Late tracks from before this table: the job carries the track's event_id
+-- and its stored body is the track (which decoded as JSON to be accepted).
 INSERT INTO tracks (event_id, owner, kind, resource_id, received_at)
-SELECT j.event_id, j.owner, r.kind, r.resource_id, j.started_at
-FROM jobs j JOIN tracked_resources r ON r.job_id = j.job_id
-WHERE j.trigger = 'late_track'
+SELECT j.event_id, j.owner, b.body->>'kind', b.body->>'id', j.started_at
+FROM jobs j, LATERAL (SELECT convert_from(j.event_body, 'UTF8')::jsonb AS body) b
+WHERE j.trigger = 'late_track' AND b.body->>'kind' IS NOT NULL AND b.body->>'id' IS NOT NULL
 ON CONFLICT (event_id) DO NOTHING;
 
 -- reaper_begin_job as before, but an event_id that names a track also goes to

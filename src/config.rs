@@ -143,7 +143,7 @@ impl WorkerSettings {
     /// What the door checks an event against beyond its shape.
     pub fn limits(&self) -> crate::contract::Limits {
         crate::contract::Limits {
-            max_clock_skew: chrono::Duration::seconds(self.max_clock_skew_secs.min(i64::MAX as u64 / 1000) as i64),
+            max_clock_skew: chrono::Duration::seconds(self.max_clock_skew_secs.min(366 * 24 * 3600) as i64),
             max_resources: self.max_resources_per_event,
         }
     }
@@ -397,6 +397,9 @@ impl Settings {
         }
         if self.broker.prefix.len() > 200 {
             return Err(ConfigError::Invalid("broker.prefix must be at most 200 bytes (AMQP names hold 255)".into()));
+        }
+        if self.worker.max_clock_skew_secs > 366 * 24 * 3600 {
+            return Err(ConfigError::Invalid("worker.max_clock_skew_secs must be at most a year".into()));
         }
         if self.worker.max_resources_per_event == 0 || self.worker.max_ledger_refusals == 0 {
             return Err(ConfigError::Invalid(

@@ -215,8 +215,11 @@ pub fn decode(env: &Envelope, catalog: &Catalog, limits: &Limits) -> Result<Even
 /// would make the owner's next life look like part of this one (its tracks
 /// "late"), and tear it down.
 fn occurred_at(stated: Option<DateTime<Utc>>, env: &Envelope, limits: &Limits) -> DateTime<Utc> {
-    let latest = env.received_at + limits.max_clock_skew;
-    stated.or(env.sent_at).unwrap_or(env.received_at).min(latest)
+    let claimed = stated.or(env.sent_at).unwrap_or(env.received_at);
+    match env.received_at.checked_add_signed(limits.max_clock_skew) {
+        Some(latest) => claimed.min(latest),
+        None => claimed,
+    }
 }
 
 /// The same resource listed twice is one resource (the ledger could not

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use futures_util::stream::FuturesUnordered;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 
 use crate::config::{Catalog, WorkerSettings};
 use crate::domain::{Outcome, Resource, ResourceRef};
@@ -41,6 +41,20 @@ pub enum RunEnd {
     Plan(String),
     /// A guard says a resource is in use: nothing was deleted.
     Blocked(String),
+}
+
+impl RunEnd {
+    /// The same end with NUL removed from its reason (PostgreSQL text cannot hold it).
+    pub fn without_nul(self) -> RunEnd {
+        let clean = |w: String| w.replace('\0', "");
+        match self {
+            RunEnd::Completed => RunEnd::Completed,
+            RunEnd::Permanent(w) => RunEnd::Permanent(clean(w)),
+            RunEnd::Unfinished(w) => RunEnd::Unfinished(clean(w)),
+            RunEnd::Plan(w) => RunEnd::Plan(clean(w)),
+            RunEnd::Blocked(w) => RunEnd::Blocked(clean(w)),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -88,7 +102,10 @@ impl Executor<'_> {
                     recorder.push(record.clone(), !released.is_empty());
                     ready.extend(released);
                 }
-                Some(err) => end = worse(end, format!("{}: {}", record.resource, err), err.is_retryable()),
+                Some(err) => {
+                    let why = format!("{}: {}", record.resource, err).replace('\0', "");
+                    end = worse(end, why, err.is_retryable());
+                }
             }
             records[i] = Some(record);
         }
@@ -259,17 +276,19 @@ fn records_gone(records: &[Option<StepRecord>], i: usize) -> bool {
 
 /// Writes a job's finished steps while it runs, so a redelivery after a crash
 /// does not redo them. A write starts when a finished step lets others start
-/// (so what has to go first is on record, as it was when levels were written
-/// one by one) and no write of the job is in flight; what finishes meanwhile
-/// goes in the next one. So a job has at most one write in flight, and the
-/// writes of all jobs are group-committed (ledger/finish.rs). What is still
-/// unwritten at the end is written by `finish`, with the result, or, when the
-/// run goes back to the broker unfinished, by `settle`.
+/// and no write of the job is in flight; what finishes meanwhile goes in the
+/// next one, and a failed write's steps go back in line. So a job has at most
+/// one write in flight, and the writes of all jobs are group-committed
+/// (ledger/finish.rs). What is still unwritten at the end is written by
+/// `finish`, with the result, or, when the run goes back to the broker
+/// unfinished, by `settle`. (A dependent may start before its prerequisite's
+/// write commits: after a crash that prerequisite is redone, answered 404.)
 struct Recorder {
     ledger: Ledger,
     job: Option<Arc<JobRow>>,
     pending: Vec<StepRecord>,
-    in_flight: Option<tokio::task::JoinHandle<()>>,
+    /// The write in flight; it hands its steps back if it failed.
+    in_flight: Option<tokio::task::JoinHandle<Option<Vec<StepRecord>>>>,
 }
 
 impl Recorder {
@@ -281,15 +300,25 @@ impl Recorder {
 
     /// `releases`: the step let other resources start.
     fn push(&mut self, step: StepRecord, releases: bool) {
-        let Some(job) = &self.job else { return };
+        let Some(job) = self.job.clone() else { return };
         self.pending.push(step);
         if !releases || self.in_flight.as_ref().is_some_and(|h| !h.is_finished()) {
             return;
         }
-        let (ledger, job, steps) = (self.ledger.clone(), job.clone(), std::mem::take(&mut self.pending));
+        if let Some(done) = self.in_flight.take() {
+            // Finished: taking its answer does not wait.
+            if let Some(Some(failed)) = done.now_or_never().and_then(Result::ok) {
+                self.pending.extend(failed);
+            }
+        }
+        let (ledger, steps) = (self.ledger.clone(), std::mem::take(&mut self.pending));
         self.in_flight = Some(tokio::spawn(async move {
-            if let Err(e) = ledger.record_steps(&job, &steps).await {
-                tracing::warn!(error = %e, "could not record finished steps; the job's finish will");
+            match ledger.record_steps(&job, &steps).await {
+                Ok(()) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not record finished steps; trying again with the next ones");
+                    Some(steps)
+                }
             }
         }));
     }
@@ -298,7 +327,9 @@ impl Recorder {
     /// with `flush`, also writes what is still pending.
     async fn settle(mut self, flush: bool) {
         if let Some(h) = self.in_flight.take() {
-            let _ = h.await;
+            if let Ok(Some(failed)) = h.await {
+                self.pending.extend(failed);
+            }
         }
         if let (true, Some(job)) = (flush && !self.pending.is_empty(), &self.job) {
             if let Err(e) = self.ledger.record_steps(job, &self.pending).await {
@@ -319,8 +350,10 @@ fn full_jitter(e: &StepError, d: Option<Duration>) -> Option<Duration> {
     })
 }
 
+/// PostgreSQL text cannot hold NUL; a provider's error must not make the
+/// job's report unwritable (its finish would fail on every delivery).
 fn failed(resource: ResourceRef, attempts: u32, e: &StepError) -> StepRecord {
-    StepRecord { resource, outcome: Outcome::Failed, attempts, error: Some(e.to_string()) }
+    StepRecord { resource, outcome: Outcome::Failed, attempts, error: Some(e.to_string().replace('\0', "")) }
 }
 
 fn blocked(resource: ResourceRef, why: String) -> StepRecord {

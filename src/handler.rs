@@ -183,7 +183,7 @@ async fn conclude(
 ) -> Disposition {
     let (app, body) = (ctx.app, ctx.body);
     let job = &start.job;
-    let (status, reason, class) = match run.end {
+    let (status, reason, class) = match run.end.without_nul() {
         RunEnd::Completed => (JobStatus::Completed, None, None),
         RunEnd::Permanent(why) => (JobStatus::DeadLettered, Some(why), Some(class.unwrap_or("permanent"))),
         RunEnd::Plan(why) => (JobStatus::DeadLettered, Some(why), Some("plan")),

@@ -145,11 +145,7 @@ async fn process_one(app: &App, publisher: &Publisher, delivery: Delivery) {
         routing_key: &incoming.routing_key,
         body: &delivery.data,
         received_at: incoming.received_at,
-        sent_at: delivery
-            .properties
-            .timestamp()
-            .and_then(|t| i64::try_from(t).ok())
-            .and_then(|t| DateTime::from_timestamp(t, 0)),
+        sent_at: incoming.sent_at.and_then(|t| DateTime::from_timestamp(t, 0)),
     };
     let handled = AssertUnwindSafe(handler::handle(app, &env, incoming.ledger_refusals)).catch_unwind().await;
     let disposition = match handled {
@@ -196,6 +192,8 @@ async fn process_one(app: &App, publisher: &Publisher, delivery: Delivery) {
 struct Incoming {
     routing_key: String,
     received_at: DateTime<Utc>,
+    /// The producer's AMQP timestamp (seconds; a retry hop carries it in a header).
+    sent_at: Option<i64>,
     panics: u32,
     ledger_refusals: u32,
     message_id: String,
@@ -208,8 +206,18 @@ impl Incoming {
             && header_value(d, headers::X_DEATH).is_some();
         let hop = |name: &str| if from_retry { header(d, name) } else { None };
         let count = |name: &str| hop(name).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let known = |k: &String| metric_key(k) != "other";
+        let sent_at = match hop(headers::SENT_AT) {
+            Some(t) => t.parse().ok(),
+            None if from_retry => None,
+            None => d.properties.timestamp().and_then(|t| i64::try_from(t).ok()),
+        };
         Incoming {
-            routing_key: hop(headers::ROUTING_KEY).unwrap_or_else(|| d.routing_key.to_string()),
+            // A hop that lost its key (or carries one reaper never writes)
+            // keeps the work queue's name: an unknown key, refused.
+            routing_key: hop(headers::ROUTING_KEY).filter(known).unwrap_or_else(|| d.routing_key.to_string()),
+            // Zero (or less) is an unset clock, not 1970.
+            sent_at: sent_at.filter(|t| *t > 0),
             received_at: hop(headers::RECEIVED_AT)
                 .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
                 .map(|t| t.with_timezone(&Utc))
@@ -222,12 +230,16 @@ impl Incoming {
 
     /// Headers for a trip through a retry queue: what the next delivery must know.
     fn hop_headers(&self, panics: u32, ledger_refusals: u32) -> Vec<(&'static str, String)> {
-        vec![
+        let mut hs = vec![
             (headers::ROUTING_KEY, self.routing_key.clone()),
             (headers::RECEIVED_AT, contract::rfc3339::format(&self.received_at)),
             (headers::PANICS, panics.to_string()),
             (headers::LEDGER_REFUSALS, ledger_refusals.to_string()),
-        ]
+        ];
+        if let Some(t) = self.sent_at {
+            hs.push((headers::SENT_AT, t.to_string()));
+        }
+        hs
     }
 }
 
@@ -263,7 +275,8 @@ async fn settle(
             }
         }
         Disposition::Ack => {}
-        Disposition::RetryAfter { delay, why: _ } => to_retry(delay, 0).await?,
+        // Waiting for a busy owner neither adds to nor clears the refusals.
+        Disposition::RetryAfter { delay, why: _ } => to_retry(delay, incoming.ledger_refusals).await?,
         Disposition::InfraRetry { why: _, refused } => {
             let refusals = if refused { incoming.ledger_refusals + 1 } else { incoming.ledger_refusals };
             to_retry(app.settings.worker.infra_delay(), refusals).await?

@@ -71,6 +71,8 @@ pub mod headers {
     pub const PANICS: &str = "x-reaper-panics";
     /// When reaper first received the message (RFC 3339), kept across retry hops.
     pub const RECEIVED_AT: &str = "x-reaper-received-at";
+    /// The AMQP timestamp the producer set (seconds), kept across retry hops.
+    pub const SENT_AT: &str = "x-reaper-sent-at";
     /// How many times in a row the ledger answered this message with an error.
     pub const LEDGER_REFUSALS: &str = "x-reaper-ledger-refusals";
     /// Set by the broker when it dead-letters (here: a retry queue's TTL ran out).

@@ -218,15 +218,17 @@ async fn write_steps(pool: &PgPool, batch: Vec<StepsReq>) -> Result<(), Failed<S
             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::text[])
                 AS u(job_id, owner, kind, resource_id, outcome, attempts, error)
          ),
+         -- Only while the job runs: a late write must not touch a finished job.
+         r AS (SELECT u.* FROM u JOIN jobs j ON j.job_id = u.job_id AND j.status = 'running'),
          s AS (
             INSERT INTO job_steps (job_id, kind, resource_id, outcome, attempts, error)
-            SELECT job_id, kind, resource_id, outcome, attempts, error FROM u
+            SELECT job_id, kind, resource_id, outcome, attempts, error FROM r
             ON CONFLICT (job_id, kind, resource_id) DO UPDATE
                SET outcome = EXCLUDED.outcome, attempts = EXCLUDED.attempts, error = EXCLUDED.error, finished_at = now()
          )
-         UPDATE tracked_resources t SET state = u.outcome FROM u
-         WHERE t.owner = u.owner AND t.job_id = u.job_id AND t.kind = u.kind AND t.resource_id = u.resource_id
-           AND u.outcome IN ('deleted', 'already_gone')",
+         UPDATE tracked_resources t SET state = r.outcome FROM r
+         WHERE t.owner = r.owner AND t.job_id = r.job_id AND t.kind = r.kind AND t.resource_id = r.resource_id
+           AND r.outcome IN ('deleted', 'already_gone')",
     )
     .bind(&s_job)
     .bind(&s_owner)

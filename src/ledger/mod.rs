@@ -50,10 +50,14 @@ pub enum LedgerError {
     Corrupt(Uuid, String),
 }
 
-/// SQLSTATE classes that say the server is in trouble, not the message:
-/// connection (08), rollback on conflict (40), resources (53), lock not
-/// available (55), shutting down or starting up (57), system (58).
-const TRANSIENT_CLASSES: &[&str] = &["08", "40", "53", "55", "57", "58"];
+/// SQLSTATE classes that say the server (or its setup) is in trouble, not the
+/// message: read-only after a failover (25), credentials (28), the database
+/// missing while it is restored (3D), connection (08), rollback on conflict
+/// (40), a revoked grant (42501), resources (53), lock not available (55),
+/// shutting down or starting up (57), system and internal errors (58, XX).
+/// Such failures wait in the retry queue without limit: an outage must not
+/// dead-letter good messages.
+const TRANSIENT_CLASSES: &[&str] = &["08", "25", "28", "3D", "40", "42501", "53", "55", "57", "58", "XX"];
 
 /// How a ledger failure bears on the message that met it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,6 +228,20 @@ fn other_track(stored: &(String, String, String), t: &Tracked) -> Option<String>
         .then(|| format!("event_id already names a track of {owner} ({kind}/{id})"))
 }
 
+/// Whether a late-track job's stored event names the resource `t` tracks.
+async fn job_body_names(conn: &mut sqlx::PgConnection, job: &JobRow, t: &Tracked) -> Result<bool, LedgerError> {
+    let body: Vec<u8> = sqlx::query_scalar("SELECT event_body FROM jobs WHERE job_id = $1")
+        .bind(job.job_id)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db("reading a job's event"))?;
+    let named = serde_json::from_slice::<serde_json::Value>(&body).ok().is_some_and(|v| {
+        v["kind"].as_str() == Some(t.resource.resource.kind.as_str())
+            && v["id"].as_str() == Some(t.resource.resource.id.as_str())
+    });
+    Ok(named)
+}
+
 /// The track stored under `event_id`: (owner, kind, resource_id).
 async fn track_by_event(
     conn: &mut sqlx::PgConnection,
@@ -309,6 +327,20 @@ impl Ledger {
             return Ok(TrackOutcome::Late(Box::new(start)));
         }
         if let Some(job) = job_by_event(&mut tx, &t.event_id).await? {
+            // A late track opened by a replica from before the `tracks` table
+            // (a rolling upgrade) has a job but no row: recognise it by its body.
+            if job.trigger == Trigger::LateTrack && job.owner == t.owner && job_body_names(&mut tx, &job, t).await? {
+                sqlx::query("INSERT INTO tracks (event_id, owner, kind, resource_id) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
+                    .bind(&t.event_id)
+                    .bind(&t.owner)
+                    .bind(&t.resource.resource.kind)
+                    .bind(&t.resource.resource.id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("recording the track"))?;
+                tx.commit().await.map_err(db("commit"))?;
+                return Box::pin(self.track(t, body, routing_key, holder)).await;
+            }
             return Ok(TrackOutcome::Conflict(format!(
                 "event_id already names a job of {} ({})",
                 job.owner,

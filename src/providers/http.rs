@@ -12,7 +12,7 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio::time::Instant;
 
 use super::{Deleted, ProviderError, StepError};
-use crate::config::{HttpProviderSettings, KindSpec};
+use crate::config::{redact_url, HttpProviderSettings, KindSpec};
 use crate::domain::Resource;
 
 /// Everything but RFC 3986 unreserved characters is encoded, `/` included, so a
@@ -83,33 +83,53 @@ impl RequestTemplate {
         })
     }
 
-    /// The path with every value percent-encoded. A value that is empty, `.`
-    /// or `..` is refused: in a path the URL parser turns those into another
-    /// path (`/zones/z1/records/..` is the zone), so the request would reach
-    /// something nobody named.
+    /// The path with every value percent-encoded. An empty value is refused,
+    /// and so is a segment holding a value that comes out empty, `.` or `..`
+    /// (`{attr.a}{id}` with `.` and `.`, or `/x/.{id}` with `.`): a URL parser
+    /// turns those into another path (`/zones/z1/records/..` is the zone), so
+    /// the request would reach something nobody named.
     pub fn render(&self, id: &str, attributes: &BTreeMap<String, String>) -> Result<String, String> {
         let mut out = String::new();
+        // Where the current segment starts, and which value is in it, if any.
+        let mut segment = (0, None::<String>);
         for p in &self.parts {
-            match p {
-                Part::Literal(l) => out.push_str(l),
-                Part::Id => out.extend(utf8_percent_encode(path_value("id", id)?, SEGMENT)),
-                Part::Attr(a) => {
-                    let v = attributes.get(a).ok_or_else(|| format!("attribute {a:?} is missing"))?;
-                    out.extend(utf8_percent_encode(path_value(&format!("attribute {a}"), v)?, SEGMENT));
+            let (what, value) = match p {
+                Part::Literal(l) => {
+                    for (i, piece) in l.split('/').enumerate() {
+                        if i > 0 {
+                            check_segment(&out[segment.0..], segment.1.take())?;
+                            out.push('/');
+                            segment.0 = out.len();
+                        }
+                        out.push_str(piece);
+                    }
+                    continue;
                 }
+                Part::Id => ("id".to_string(), id),
+                Part::Attr(a) => (
+                    format!("attribute {a}"),
+                    attributes.get(a).ok_or_else(|| format!("attribute {a:?} is missing"))?.as_str(),
+                ),
+            };
+            if value.is_empty() {
+                return Err(format!("{what} is empty, so it cannot name anything in a request path"));
             }
+            out.extend(utf8_percent_encode(value, SEGMENT));
+            segment.1.get_or_insert(what);
         }
+        check_segment(&out[segment.0..], segment.1)?;
         Ok(out)
     }
 }
 
-/// A value that may stand in a path segment, or why not.
-fn path_value<'v>(what: &str, v: &'v str) -> Result<&'v str, String> {
-    match v {
-        "" | "." | ".." => {
-            Err(format!("{what} {v:?} cannot be used in a request path: it would change which path is requested"))
-        }
-        _ => Ok(v),
+/// A path segment that holds a value (`what`) must not be one a URL parser
+/// removes or collapses.
+fn check_segment(segment: &str, what: Option<String>) -> Result<(), String> {
+    match (what, segment) {
+        (Some(what), "" | "." | "..") => Err(format!(
+            "{what} makes the path segment {segment:?}, which cannot be used in a request path: it would change which path is requested"
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -247,8 +267,10 @@ impl HttpProvider {
                 .headers()
                 .get(reqwest::header::LOCATION)
                 .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-            let location: String =
-                location.unwrap_or_else(|| "nowhere".into()).chars().filter(|c| *c != '\0').take(300).collect();
+            // Said in results and logs: without credentials or a query string.
+            let location = location
+                .map_or_else(|| "nowhere".to_string(), |l| redact_url(l.split(['?', '#']).next().unwrap_or("")));
+            let location: String = location.chars().filter(|c| *c != '\0').take(300).collect();
             return Err(StepError::Permanent(format!(
                 "{method} {path}: {status} redirects to {location}; reaper does not follow redirects (fix base_url)"
             )));
@@ -334,6 +356,14 @@ mod tests {
         }
         assert_eq!(t.render("...", &zone(".a")).unwrap(), "/v1/dns_zones/.a/resource_records/...");
         assert_eq!(t.render("%2e%2e", &zone("z")).unwrap(), "/v1/dns_zones/z/resource_records/%252e%252e");
+        // Values that make a dot segment only together, or with a literal.
+        let joined = RequestTemplate::parse("DELETE /v1/{attr.a}{id}/x").unwrap();
+        let a = BTreeMap::from([("a".to_string(), ".".to_string())]);
+        assert!(joined.render(".", &a).is_err());
+        assert_eq!(joined.render("b", &a).unwrap(), "/v1/.b/x");
+        let dotted = RequestTemplate::parse("DELETE /v1/.{id}/").unwrap();
+        assert!(dotted.render(".", &a).is_err());
+        assert_eq!(dotted.render("x", &a).unwrap(), "/v1/.x/");
     }
 
     #[test]

@@ -87,6 +87,12 @@ pub fn print_report(r: &Report) {
             r.already_requested
         );
     }
+    if r.unusable_values > 0 {
+        println!(
+            "    not requested: {} whose id or attributes would change a request path (empty, \".\", \"..\")",
+            r.unusable_values
+        );
+    }
     if !r.sample_actionable.is_empty() {
         println!("  e.g. {}", r.sample_actionable.join(", "));
     }

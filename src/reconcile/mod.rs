@@ -116,6 +116,10 @@ pub struct Report {
     /// Actionable orphans whose teardown an earlier sweep already requested
     /// (running, done, or dead-lettered awaiting `reaper replay`).
     pub already_requested: u64,
+    /// Actionable orphans whose id or attributes would change a request
+    /// path (empty, `.`, `..`): never requested, reported here.
+    #[serde(default)]
+    pub unusable_values: u64,
     pub sample_actionable: Vec<String>,
     pub sample_waiting: Vec<String>,
     #[serde(with = "crate::contract::rfc3339")]
@@ -203,6 +207,7 @@ impl Sweeper<'_> {
             actionable: 0,
             published: 0,
             already_requested: 0,
+            unusable_values: 0,
             sample_actionable: Vec::new(),
             sample_waiting: Vec::new(),
             started_at,
@@ -407,6 +412,7 @@ impl Sweeper<'_> {
     ) -> Result<(), ReconcileError> {
         let fail = |message: String| ReconcileError::Sweep { rule: name.into(), message };
         let names = Names::new(&self.settings.broker.prefix);
+        let catalog = self.settings.validate().map_err(|e| fail(e.to_string()))?;
         let (conn, publisher) = crate::broker::consumer::open(self.settings, &names).await?;
         let mut after = String::new();
         let result: Result<(), ReconcileError> = async {
@@ -437,7 +443,10 @@ impl Sweeper<'_> {
                     if known.contains(&id) {
                         report.already_requested += 1;
                     } else {
-                        events.push(event_for(name, rule, key, attrs, id).map_err(fail)?);
+                        match event_for(name, rule, key, attrs, id, &catalog).map_err(fail)? {
+                            Some(event) => events.push(event),
+                            None => report.unusable_values += 1,
+                        }
                     }
                 }
                 let sends = events.iter().map(|(id, rk, body)| publisher.publish(&names.events, rk, body, id, &[]));
@@ -488,14 +497,17 @@ fn event_id(rule: &str, key: &str, episode: i64) -> String {
     format!("reconcile:{rule}:{episode}:{a:016x}{b:016x}")
 }
 
-/// The teardown event for one orphan: its event id, routing key and body.
+/// The teardown event for one orphan: its event id, routing key and body;
+/// `None` when its values would change a request path of the action's kind
+/// (the door would refuse the event; better not to send it at all).
 fn event_for(
     rule_name: &str,
     rule: &RuleSettings,
     key: &str,
     attrs: &serde_json::Value,
     event_id: String,
-) -> Result<(String, &'static str, Vec<u8>), String> {
+    catalog: &crate::config::Catalog,
+) -> Result<Option<(String, &'static str, Vec<u8>)>, String> {
     let template = rule.action.owner.clone().unwrap_or_else(|| format!("reconcile.{rule_name}/{{key}}"));
     let owner = template.replace("{key}", key);
     crate::contract::check_owner(&owner).map_err(|e| format!("orphan {key:?}: {e}"))?;
@@ -510,6 +522,15 @@ fn event_for(
                 }
                 None => key.to_string(),
             };
+            if let Some(why) = catalog.kind(kind).and_then(|k| k.path_values_refused(&id, &attributes)) {
+                tracing::warn!(
+                    rule = rule_name,
+                    orphan = key,
+                    why,
+                    "orphan not requested: its values cannot be used in a request path"
+                );
+                return Ok(None);
+            }
             let body = serde_json::json!({
                 "event_id": event_id, "owner": owner, "reason": reason, "occurred_at": now,
                 "error": "orphan found by reconcile", "failed_step": rule_name,
@@ -529,7 +550,7 @@ fn event_for(
             (rk, body)
         }
     };
-    Ok((event_id, rk, serde_json::to_vec(&body).expect("serializable")))
+    Ok(Some((event_id, rk, serde_json::to_vec(&body).expect("serializable"))))
 }
 
 #[cfg(test)]

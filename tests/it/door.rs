@@ -357,35 +357,58 @@ async fn a_misspelt_routing_key_is_dead_lettered_with_its_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_that_waits_for_a_busy_owner_keeps_its_first_receipt_time() {
+async fn a_message_that_waits_for_a_busy_owner_keeps_its_receipt_time_and_timestamp() {
     let mut t = spawn_app("[worker]\nowner_busy_delay_ms = 200\n").await;
-    let node = VpcNode::new(&unique("node"));
-    t.provision(&node).await;
-    // Someone else (a worker that is gone) holds the owner for three more seconds.
+    let (plain, stamped) = (VpcNode::new(&unique("plain")), VpcNode::new(&unique("stamped")));
+    t.provision(&plain).await;
+    t.provision(&stamped).await;
+    // Someone else (a worker that is gone) holds both owners for three more seconds.
     let received = Utc::now();
-    sqlx::query(
-        "INSERT INTO owner_leases (owner, holder, until) VALUES ($1, gen_random_uuid(), now() + interval '3 seconds')",
-    )
-    .bind(&node.owner)
-    .execute(t.app.ledger.pool())
-    .await
-    .unwrap();
-    let id = unique("busy");
-    t.publish("deletion.requested", &json!({"event_id": id, "owner": node.owner})).await;
-    let r = t.next_result(30).await.result;
-    assert_eq!(r.status, "completed", "{r:?}");
-    assert!(
-        r.started_at > received + chrono::Duration::seconds(2),
-        "the job opened only once the owner was free: {r:?}"
-    );
-    let occurred: chrono::DateTime<Utc> = sqlx::query_scalar("SELECT occurred_at FROM jobs WHERE event_id = $1")
-        .bind(&id)
-        .fetch_one(t.app.ledger.pool())
+    for owner in [&plain.owner, &stamped.owner] {
+        sqlx::query("INSERT INTO owner_leases (owner, holder, until) VALUES ($1, gen_random_uuid(), now() + interval '3 seconds')")
+            .bind(owner)
+            .execute(t.app.ledger.pool())
+            .await
+            .unwrap();
+    }
+    // No occurred_at: one without a timestamp, one with the AMQP timestamp a minute ago.
+    let (plain_id, stamped_id) = (unique("busy"), unique("busy-ts"));
+    t.publish("deletion.requested", &json!({"event_id": plain_id, "owner": plain.owner})).await;
+    let minute_ago = received.timestamp() - 60;
+    let ch = t.conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let body = serde_json::to_vec(&json!({"event_id": stamped_id, "owner": stamped.owner})).unwrap();
+    let props = lapin::BasicProperties::default().with_timestamp(minute_ago as u64).with_delivery_mode(2);
+    ch.basic_publish(t.app.names.events.as_str().into(), "deletion.requested".into(), Default::default(), &body, props)
+        .await
+        .unwrap()
         .await
         .unwrap();
+    for _ in 0..2 {
+        let r = t.next_result(30).await.result;
+        assert_eq!(r.status, "completed", "{r:?}");
+        assert!(
+            r.started_at > received + chrono::Duration::seconds(2),
+            "the job opened only once the owner was free: {r:?}"
+        );
+    }
+    let pool = t.app.ledger.pool().clone();
+    let occurred = |id: String| {
+        let pool = pool.clone();
+        async move {
+            let at: chrono::DateTime<Utc> = sqlx::query_scalar("SELECT occurred_at FROM jobs WHERE event_id = $1")
+                .bind(&id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            at
+        }
+    };
+    let plain_at = occurred(plain_id).await;
     assert!(
-        occurred < received + chrono::Duration::seconds(1),
-        "occurred_at is when reaper first received the event ({occurred}), not when the owner came free"
+        plain_at < received + chrono::Duration::seconds(1),
+        "occurred_at is when reaper first received the event ({plain_at}), not when the owner came free"
     );
+    assert_eq!(occurred(stamped_id).await.timestamp(), minute_ago, "the AMQP timestamp survives the retry hops");
     t.stop().await;
 }
