@@ -497,6 +497,9 @@ fn event_id(rule: &str, key: &str, episode: i64) -> String {
     format!("reconcile:{rule}:{episode}:{a:016x}{b:016x}")
 }
 
+/// One teardown event to publish: event id, routing key, body.
+type Outgoing = (String, &'static str, Vec<u8>);
+
 /// The teardown event for one orphan: its event id, routing key and body;
 /// `None` when its values would change a request path of the action's kind
 /// (the door would refuse the event; better not to send it at all).
@@ -507,7 +510,7 @@ fn event_for(
     attrs: &serde_json::Value,
     event_id: String,
     catalog: &crate::config::Catalog,
-) -> Result<Option<(String, &'static str, Vec<u8>)>, String> {
+) -> Result<Option<Outgoing>, String> {
     let template = rule.action.owner.clone().unwrap_or_else(|| format!("reconcile.{rule_name}/{{key}}"));
     let owner = template.replace("{key}", key);
     crate::contract::check_owner(&owner).map_err(|e| format!("orphan {key:?}: {e}"))?;
