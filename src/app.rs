@@ -75,7 +75,47 @@ impl Drop for HolderGuard<'_> {
     }
 }
 
+/// What start-up checks produce before anything connects.
+pub struct Checked {
+    pub catalog: Catalog,
+    pub providers: Providers,
+    pub admin_token: Option<crate::config::Secret>,
+}
+
 impl App {
+    /// Every check `reaper run` makes before it connects to anything: the
+    /// configuration, at least one kind, every provider's client (its token
+    /// variable or file read), the admin listener and its token.
+    /// `reaper check-config` runs exactly this, so "valid" means `run` starts
+    /// as far as the configuration goes.
+    pub async fn check(settings: &Settings) -> Result<Checked, AppError> {
+        let catalog = settings.validate()?;
+        if catalog.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no kinds are configured: add [kinds.NAME] sections (see config/vpc-node.toml)".into(),
+            )
+            .into());
+        }
+        let providers = Providers::build(&settings.providers).await?;
+        let admin_token = settings.admin.token()?;
+        if !settings.admin.listen.is_empty() {
+            let addr: std::net::SocketAddr = settings.admin.listen.parse().map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "admin.listen {:?} is not an address like 127.0.0.1:9090",
+                    settings.admin.listen
+                ))
+            })?;
+            if !addr.ip().is_loopback() && admin_token.is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "admin.listen {addr} is not a loopback address and no admin token is set ({} or admin.token_file); refusing to start",
+                    settings.admin.token_env
+                ))
+                .into());
+            }
+        }
+        Ok(Checked { catalog, providers, admin_token })
+    }
+
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, std::sync::atomic::Ordering::Relaxed);
         self.metrics.ready.set(i64::from(ready));
@@ -104,31 +144,8 @@ impl App {
     /// Validates the settings, connects to PostgreSQL and applies migrations.
     /// Fails before touching the broker if anything is wrong.
     pub async fn build(settings: Settings) -> Result<App, AppError> {
-        let catalog = settings.validate()?;
-        if catalog.is_empty() {
-            return Err(ConfigError::Invalid(
-                "no kinds are configured: add [kinds.NAME] sections (see config/vpc-node.toml)".into(),
-            )
-            .into());
-        }
-        let providers = Providers::build(&settings.providers).await?;
-        let admin_token = settings.admin.token()?;
+        let Checked { catalog, providers, admin_token } = App::check(&settings).await?;
         let (confirmed, confirmed_rx) = tokio::sync::mpsc::unbounded_channel();
-        if !settings.admin.listen.is_empty() {
-            let addr: std::net::SocketAddr = settings.admin.listen.parse().map_err(|_| {
-                ConfigError::Invalid(format!(
-                    "admin.listen {:?} is not an address like 127.0.0.1:9090",
-                    settings.admin.listen
-                ))
-            })?;
-            if !addr.ip().is_loopback() && admin_token.is_none() {
-                return Err(ConfigError::Invalid(format!(
-                    "admin.listen {addr} is not a loopback address and no admin token is set ({} or admin.token_file); refusing to start",
-                    settings.admin.token_env
-                ))
-                .into());
-            }
-        }
         tracing::info!(database = %redact_url(settings.database.url.expose()), "connecting to the ledger");
         let ledger = settings.ledger().await?;
         ledger.migrate().await?;

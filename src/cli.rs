@@ -143,8 +143,8 @@ pub async fn main(cli: Cli) -> ExitCode {
             },
             Err(e) => report(e.into()),
         },
-        Command::CheckConfig => match settings.validate() {
-            Ok(catalog) => {
+        Command::CheckConfig => match app::App::check(&settings).await {
+            Ok(app::Checked { catalog, .. }) => {
                 println!("config is valid; kinds and what must be gone before each:");
                 for k in catalog.kind_names() {
                     let spec = catalog.kind(k).expect("listed");
@@ -176,10 +176,7 @@ pub async fn main(cli: Cli) -> ExitCode {
                 }
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
+            Err(e) => report(e),
         },
         Command::Sim { port, null, latency_ms } => {
             let token = CancellationToken::new();

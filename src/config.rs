@@ -14,10 +14,102 @@ use crate::providers::Action;
 
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
+/// The top-level sections; environment variables are read for these only.
+const SECTIONS: &[&str] =
+    &["broker", "database", "worker", "log", "admin", "providers", "kinds", "archive", "reconcile"];
+
+/// A load error, with a hint where the key is unknown: the section it does
+/// belong to, or the known key it is closest to.
+fn explain(e: figment::Error) -> ConfigError {
+    let figment::error::Kind::UnknownField(key, expected) = &e.kind else {
+        return ConfigError::Load(Box::new(e));
+    };
+    let elsewhere: Vec<&str> =
+        section_keys().into_iter().filter(|(_, keys)| keys.contains(&key.as_str())).map(|(name, _)| name).collect();
+    let hint = if !elsewhere.is_empty() {
+        format!(" (`{key}` is a key of {})", elsewhere.join(", "))
+    } else {
+        match expected.iter().filter(|k| edit_distance(k, key) <= 2).min_by_key(|k| edit_distance(k, key)) {
+            Some(close) => format!(" (did you mean `{close}`?)"),
+            None => String::new(),
+        }
+    };
+    let path = match e.path.split_last() {
+        Some((last, rest)) if last == key => rest,
+        _ => &e.path[..],
+    };
+    let section = if path.is_empty() { "the top level".to_string() } else { format!("[{}]", path.join(".")) };
+    let from = e.metadata.as_ref().map(|m| match &m.source {
+        Some(source) => format!(" (in {source})"),
+        None => format!(" (in the {})", m.name),
+    });
+    ConfigError::UnknownKey {
+        message: format!(
+            "unknown key `{key}` in {section}{hint}; expected one of {}{}",
+            expected.join(", "),
+            from.unwrap_or_default()
+        ),
+    }
+}
+
+/// Each section's keys, asked of its type (an unknown key's error lists them).
+fn section_keys() -> Vec<(&'static str, &'static [&'static str])> {
+    fn keys<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+        let probe = Figment::from(figment::providers::Serialized::defaults(
+            [("\u{1}probe", 0)].into_iter().collect::<BTreeMap<&str, i32>>(),
+        ));
+        match probe.extract::<T>().map(|_| ()).map_err(|e| e.kind) {
+            Err(figment::error::Kind::UnknownField(_, expected)) => expected,
+            _ => &[],
+        }
+    }
+    use crate::reconcile::inventory::InventorySettings;
+    use crate::reconcile::{ActionSettings, ReconcileSettings, RuleSettings};
+    vec![
+        ("the top level", keys::<Settings>()),
+        ("[broker]", keys::<BrokerSettings>()),
+        ("[database]", keys::<DatabaseSettings>()),
+        ("[worker]", keys::<WorkerSettings>()),
+        ("[log]", keys::<LogSettings>()),
+        ("[admin]", keys::<AdminSettings>()),
+        ("[archive]", keys::<ArchiveSettings>()),
+        ("[reconcile]", keys::<ReconcileSettings>()),
+        ("[providers.NAME] of type \"http\"", keys::<HttpProviderSettings>()),
+        ("[providers.NAME] of type \"postgres\"", keys::<PostgresProviderSettings>()),
+        ("[providers.NAME] of type \"mongodb\"", keys::<MongoProviderSettings>()),
+        ("a provider's auth", keys::<AuthSettings>()),
+        ("[kinds.NAME]", keys::<KindSettings>()),
+        ("a kind's lookup", keys::<LookupSettings>()),
+        ("a kind's guard", keys::<GuardSettings>()),
+        ("[reconcile.rules.NAME]", keys::<RuleSettings>()),
+        ("a rule's truth or copy", keys::<InventorySettings>()),
+        ("a rule's action", keys::<ActionSettings>()),
+    ]
+}
+
+/// Levenshtein distance, for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(row[j + 1] + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading configuration: {0}")]
     Load(#[from] Box<figment::Error>),
+    /// A key no section knows: a typo (`aftr`) or a key in the wrong section.
+    #[error("reading configuration: {message}")]
+    UnknownKey { message: String },
     #[error("kind {kind:?}: {message}")]
     Kind { kind: String, message: String },
     #[error("provider {provider:?}: {message}")]
@@ -49,6 +141,7 @@ impl fmt::Debug for Secret {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Settings {
     pub broker: BrokerSettings,
     pub database: DatabaseSettings,
@@ -66,11 +159,13 @@ pub struct Settings {
 /// Rows and documents deleted with `archive = true` are kept this long, so
 /// `reaper restore JOB` can put them back.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ArchiveSettings {
     pub retention_days: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BrokerSettings {
     pub url: Secret,
     pub prefix: String,
@@ -87,6 +182,7 @@ pub enum QueueType {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     pub url: Secret,
     pub max_connections: u32,
@@ -94,6 +190,7 @@ pub struct DatabaseSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WorkerSettings {
     pub step_attempts: u32,
     pub step_min_backoff_ms: u64,
@@ -160,6 +257,7 @@ impl WorkerSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AdminSettings {
     pub listen: String,
     pub token_env: String,
@@ -182,6 +280,7 @@ impl AdminSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
     pub filter: String,
@@ -204,6 +303,7 @@ pub enum ProviderSettings {
 
 /// An application's MongoDB database, where some kinds live as documents.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MongoProviderSettings {
     pub url: Secret,
     pub database: String,
@@ -218,6 +318,7 @@ fn default_mongo_batch() -> u32 {
 
 /// An application's own PostgreSQL database, where some kinds live as rows.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PostgresProviderSettings {
     pub url: Secret,
     #[serde(default = "default_pg_connections")]
@@ -234,6 +335,7 @@ fn default_pg_acquire_ms() -> u64 {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HttpProviderSettings {
     pub base_url: String,
     #[serde(default = "default_timeout_ms")]
@@ -261,6 +363,7 @@ fn default_max_concurrency() -> usize {
 
 /// Where the API token comes from. The token itself never sits in the config file.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AuthSettings {
     #[serde(default = "default_auth_header")]
     pub header: String,
@@ -281,6 +384,7 @@ fn default_auth_scheme() -> String {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KindSettings {
     pub provider: String,
     /// "METHOD /path/{id}/{attr.NAME}": the request that deletes one resource.
@@ -313,6 +417,11 @@ pub struct KindSettings {
     /// A check that blocks the teardown while the resource is in use.
     #[serde(default)]
     pub guard: Option<GuardSettings>,
+    /// "resource" (the default): the delete names one resource by its id.
+    /// "whole": the delete is meant to act on more than the resource (a
+    /// template without `{id}`); refused unless said.
+    #[serde(default)]
+    pub scope: Option<String>,
 }
 
 /// Where to find a kind's resources in an application's own store when the
@@ -322,6 +431,7 @@ pub struct KindSettings {
 /// `collection` and `filter` (JSON whose string values "{owner_id}" or
 /// "{owner}" are replaced whole), `id_field` the field that is the resource id.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LookupSettings {
     pub provider: String,
     /// The owners the query is about: "node" runs it for "node/n1" only.
@@ -344,6 +454,7 @@ pub struct LookupSettings {
 /// "In use" check: SQL returning a row, a MongoDB filter matching a document,
 /// or an HTTP GET answering 2xx means the resource must not go yet.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GuardSettings {
     pub provider: String,
     /// SQL, "GET /path/{id}", or a MongoDB filter (with `collection`).
@@ -367,8 +478,15 @@ impl Settings {
             }
             fig = fig.merge(Toml::file(file));
         }
-        fig = fig.merge(Env::prefixed("REAPER_").split("__").ignore(&["config"]));
-        fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))
+        // Only variables that name a known section: REAPER_ADMIN_TOKEN, a
+        // provider's token variable or a test's REAPER_TEST_* share the prefix
+        // and are not settings. Within a section, an unknown key is an error.
+        let env = Env::prefixed("REAPER_").filter(|k| {
+            let k = k.as_str().to_ascii_lowercase();
+            k.split_once("__").is_some_and(|(section, _)| SECTIONS.contains(&section))
+        });
+        fig = fig.merge(env.split("__"));
+        fig.extract().map_err(explain)
     }
 
     /// Defaults with `toml` merged over them; no environment. For tests and the demo.
@@ -382,7 +500,7 @@ impl Settings {
         for l in layers {
             fig = fig.merge(Toml::string(l));
         }
-        fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))
+        fig.extract().map_err(explain)
     }
 
     /// Checks everything that can be checked without I/O.
@@ -629,6 +747,15 @@ impl Catalog {
                 .map_err(|e| err(format!("{what}: {e}")))
             };
             let delete = parse("delete", &k.delete)?;
+            match k.scope.as_deref() {
+                None | Some("resource") if !delete.uses_id() => {
+                    return Err(err("its delete does not use the resource's id ({id}, a param bound to \"id\", or \"{id}\" in a filter), \
+                                    so every resource of the kind would delete the same thing; if that is meant, say scope = \"whole\""
+                        .into()))
+                }
+                None | Some("resource" | "whole") => {}
+                Some(other) => return Err(err(format!("scope {other:?} must be \"resource\" (the default) or \"whole\""))),
+            }
             let check = k.check.as_deref().map(|c| parse("check", c)).transpose()?;
             let lookup = k.lookup.as_ref().map(|l| Lookup::parse(l, providers)).transpose().map_err(err)?;
             let guard = k.guard.as_ref().map(|g| Guard::parse(g, providers)).transpose().map_err(err)?;

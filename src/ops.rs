@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::app::App;
 use crate::broker::{self, Names};
-use crate::config::{ProviderSettings, Settings};
+use crate::config::{redact_url, ProviderSettings, Settings};
 use crate::contract;
 use crate::domain::Resource;
 use crate::plan;
@@ -54,7 +54,8 @@ pub fn plan_of(
             let request = match &spec.delete {
                 Action::Http(t) => {
                     let base = match settings.providers.get(&spec.provider) {
-                        Some(ProviderSettings::Http(h)) => h.base_url.trim_end_matches('/').to_string(),
+                        // Plans are printed and served: never with the URL's credentials.
+                        Some(ProviderSettings::Http(h)) => redact_url(h.base_url.trim_end_matches('/')),
                         _ => String::new(),
                     };
                     let path = t.render(&r.id, &r.attributes).map_err(OpsError::Invalid)?;
@@ -159,8 +160,16 @@ pub fn script(settings: &Settings, owner: &str, steps: &[PlanStep]) -> String {
             }),
             None => None,
         };
+        // Credentials in the base URL are asked for, like tokens, never written out.
+        let userinfo = match settings.providers.get(&step.provider) {
+            Some(ProviderSettings::Http(h)) if has_userinfo(&h.base_url) => {
+                let var = format!("REAPER_{}_USERINFO", step.provider.to_uppercase());
+                format!(" -u \"${{{var}:?set {var} to user:password}}\"")
+            }
+            _ => String::new(),
+        };
         s.push_str(&format!(
-            "del {method} {}{}  # {}/{}\n",
+            "del {method} {}{}{userinfo}  # {}/{}\n",
             shell_quote(url),
             auth.unwrap_or_default(),
             step.kind,
@@ -168,6 +177,11 @@ pub fn script(settings: &Settings, owner: &str, steps: &[PlanStep]) -> String {
         ));
     }
     s
+}
+
+/// Whether a URL carries `user[:password]@` before its host.
+fn has_userinfo(url: &str) -> bool {
+    url.split_once("://").is_some_and(|(_, rest)| rest.split('/').next().unwrap_or("").contains('@'))
 }
 
 fn shell_quote(s: &str) -> String {

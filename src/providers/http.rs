@@ -41,6 +41,12 @@ enum Part {
 impl RequestTemplate {
     pub fn parse(s: &str) -> Result<RequestTemplate, String> {
         let (method, path) = s.trim().split_once(' ').ok_or_else(|| format!("{s:?} is not \"METHOD /path\""))?;
+        // Any token is a valid HTTP method; a typo (`DELET`) would only fail
+        // at the API, at the first teardown. Only the methods a kind can mean.
+        const METHODS: [&str; 6] = ["DELETE", "GET", "POST", "PUT", "PATCH", "HEAD"];
+        if !METHODS.contains(&method) {
+            return Err(format!("method {method:?} is not one of {}", METHODS.join(", ")));
+        }
         let method = Method::from_bytes(method.as_bytes()).map_err(|_| format!("bad method {method:?}"))?;
         let path = path.trim();
         if !path.starts_with('/') {
@@ -57,8 +63,14 @@ impl RequestTemplate {
             parts.push(match name {
                 "id" => Part::Id,
                 _ => match name.strip_prefix("attr.") {
-                    Some(a) if !a.is_empty() => Part::Attr(a.to_string()),
-                    _ => return Err(format!("unknown placeholder {{{name}}}; use {{id}} or {{attr.NAME}}")),
+                    Some(a) if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c)) => {
+                        Part::Attr(a.to_string())
+                    }
+                    _ => {
+                        return Err(format!(
+                            "placeholder {{{name}}} is not {{id}} or {{attr.NAME}} (NAME of letters, digits, '_', '-'); is a '}}' missing?"
+                        ))
+                    }
                 },
             });
             rest = &rest[close + 1..];
@@ -70,6 +82,11 @@ impl RequestTemplate {
             parts.push(Part::Literal(rest.to_string()));
         }
         Ok(RequestTemplate { method, parts })
+    }
+
+    /// Whether the path names the resource's id.
+    pub fn uses_id(&self) -> bool {
+        self.parts.contains(&Part::Id)
     }
 
     pub fn method(&self) -> &Method {
@@ -372,6 +389,8 @@ mod tests {
         assert!(RequestTemplate::parse("DELETE v1/x").is_err());
         assert!(RequestTemplate::parse("DELETE /v1/{name}").is_err());
         assert!(RequestTemplate::parse("DELETE /v1/{id").is_err());
+        assert!(RequestTemplate::parse("DELETE /v1/{attr.zone/records/{id}").is_err());
+        assert!(RequestTemplate::parse("DELET /v1/{id}").is_err());
     }
 
     #[test]

@@ -94,6 +94,16 @@ impl Action {
         }
     }
 
+    /// Whether the action names one resource by its id. One that does not
+    /// acts on the same thing for every resource of its kind.
+    pub fn uses_id(&self) -> bool {
+        match self {
+            Action::Http(t) => t.uses_id(),
+            Action::Sql(t) => t.uses_id(),
+            Action::Mongo(t) => t.uses_id(),
+        }
+    }
+
     /// Attributes a resource must carry for this action.
     pub fn attributes(&self) -> Vec<String> {
         match self {

@@ -68,6 +68,13 @@ impl MongoTemplate {
         })
     }
 
+    /// Whether the filter uses the resource's id (`"{id}"` somewhere).
+    pub fn uses_id(&self) -> bool {
+        let mut found = false;
+        walk_strings(&self.filter, &mut |s| found |= matches!(placeholder(s, RESOURCE_VARS), Ok(Some("id"))));
+        found
+    }
+
     pub fn attributes(&self) -> Vec<String> {
         let mut out = Vec::new();
         walk_strings(&self.filter, &mut |s| {

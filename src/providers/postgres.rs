@@ -54,6 +54,11 @@ impl SqlTemplate {
         Ok(SqlTemplate { sql: sql.to_string(), params })
     }
 
+    /// Whether the statement uses the resource's id (a placeholder bound to it).
+    pub fn uses_id(&self) -> bool {
+        placeholder_numbers(&self.sql).into_iter().any(|n| n > 0 && matches!(self.params.get(n - 1), Some(Param::Id)))
+    }
+
     pub fn attributes(&self) -> impl Iterator<Item = String> + '_ {
         self.params.iter().filter_map(|p| match p {
             Param::Attr(a) => Some(a.clone()),
@@ -75,7 +80,12 @@ impl SqlTemplate {
 
 /// The highest `$N` in `sql`, outside quotes.
 pub fn placeholders(sql: &str) -> usize {
-    let mut highest = 0;
+    placeholder_numbers(sql).into_iter().max().unwrap_or(0)
+}
+
+/// Every `$N` the SQL uses outside quotes.
+fn placeholder_numbers(sql: &str) -> Vec<usize> {
+    let mut found = Vec::new();
     let mut quote: Option<char> = None;
     let chars: Vec<char> = sql.chars().collect();
     let mut i = 0;
@@ -88,14 +98,14 @@ pub fn placeholders(sql: &str) -> usize {
             None if c == '$' => {
                 let digits: String = chars[i + 1..].iter().take_while(|d| d.is_ascii_digit()).collect();
                 if let Ok(n) = digits.parse::<usize>() {
-                    highest = highest.max(n);
+                    found.push(n);
                 }
             }
             None => {}
         }
         i += 1;
     }
-    highest
+    found
 }
 
 pub struct PostgresProvider {

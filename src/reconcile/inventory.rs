@@ -27,6 +27,7 @@ pub struct Item {
 /// Where one side of a rule is read from. Which fields apply depends on the
 /// provider's type; `provider = "ledger"` reads what reaper itself tracks.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct InventorySettings {
     pub provider: String,
     /// HTTP: "GET /path" of the list.

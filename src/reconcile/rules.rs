@@ -9,6 +9,7 @@ use super::inventory::{InventorySettings, Item};
 use crate::config::{Catalog, ProviderSettings};
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReconcileSettings {
     /// The shortest `every_secs` a rule's schedule may have.
     pub min_interval_secs: f64,
@@ -19,6 +20,7 @@ pub struct ReconcileSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RuleSettings {
     /// The source of truth. Without one, every item of the copy that passes
     /// the filters is an orphan (a rule like "failed for more than 24 hours").
@@ -65,6 +67,7 @@ fn default_max_fraction() -> f64 {
 
 /// What a sweep does with each orphan.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ActionSettings {
     /// Tear the orphan down as a resource of this kind (provisioning.failed
     /// listing it). Without a kind, the owner itself is torn down
@@ -84,6 +87,7 @@ pub struct ActionSettings {
 
 /// `field` is "key" or an attribute; `glob` may use `*`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Filter {
     pub field: String,
     pub glob: String,

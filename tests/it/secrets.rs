@@ -83,3 +83,40 @@ async fn tokens_and_passwords_never_appear_in_logs_or_status() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+const BASIC_PASSWORD: &str = "basic-pass-77aa11ee";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plans_and_scripts_never_show_the_credentials_in_a_base_url() {
+    let mut t = spawn_app("").await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    t.stop().await;
+    // The API takes Basic auth from the URL's userinfo (reqwest sends it so).
+    let base = match t.app.settings.providers.get("cloud") {
+        Some(reaper::config::ProviderSettings::Http(h)) => h.base_url.clone(),
+        _ => panic!("the VPC config has an HTTP provider named cloud"),
+    };
+    let with_userinfo = base.replace("http://", &format!("http://reaper:{BASIC_PASSWORD}@"));
+    let config = t.config_text.replace(&format!("base_url = \"{base}\""), &format!("base_url = \"{with_userinfo}\""));
+    assert!(config.contains(BASIC_PASSWORD));
+    let file = std::env::temp_dir().join(format!("reaper-basic-{:08x}.toml", fastrand::u32(..)));
+    std::fs::write(&file, &config).unwrap();
+    // `reaper plan` as a table, as JSON (what teardown?dry_run=true answers) and
+    // as the shell script (what GET /v1/owners/{o}/script answers).
+    for format in ["table", "json", "sh"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_reaper"))
+            .args(["plan", &node.owner, "--format", format, "--config"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{format}: {stderr}");
+        assert!(stdout.contains(&base), "{format}: the plan shows where the requests go: {stdout}");
+        assert!(!stdout.contains(BASIC_PASSWORD) && !stderr.contains(BASIC_PASSWORD), "{format} leaked it: {stdout}");
+        if format == "sh" {
+            assert!(stdout.contains("-u \"${REAPER_CLOUD_USERINFO:?"), "the script asks for the userinfo: {stdout}");
+        }
+    }
+    let _ = std::fs::remove_file(&file);
+}

@@ -1,13 +1,116 @@
 use std::process::Command;
 
 fn reaper(args: &[&str], config: &str) -> std::process::Output {
+    reaper_env(args, config, &[("REAPER_CLOUD_TOKEN", "t")])
+}
+
+/// Runs reaper with `config` as its file and only `env` of the REAPER_ variables.
+fn reaper_env(args: &[&str], config: &str, env: &[(&str, &str)]) -> std::process::Output {
     let dir = std::env::temp_dir().join(format!("reaper-cfg-{:08x}", fastrand::u32(..)));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("reaper.toml");
     std::fs::write(&file, config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_reaper")).args(args).arg("--config").arg(&file).output().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reaper"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("REAPER_")) {
+        cmd.env_remove(k);
+    }
+    let out = cmd.args(args).arg("--config").arg(&file).envs(env.iter().copied()).output().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     out
+}
+
+/// check-config's exit code and stderr.
+fn check(config: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = reaper_env(&["check-config"], config, env);
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+const VPC: &str = include_str!("../../config/vpc-node.toml");
+const TOKEN: &[(&str, &str)] = &[("REAPER_CLOUD_TOKEN", "t")];
+
+#[test]
+fn a_delete_that_does_not_use_the_id_is_refused_unless_it_says_it_deletes_the_whole() {
+    let cases = [
+        ("http", "[providers.p]\ntype = \"http\"\nbase_url = \"http://127.0.0.1:1\"\n[kinds.zone_record]\nprovider = \"p\"\ndelete = \"DELETE /v1/zones/{attr.zone}/records\"\n"),
+        ("sql", "[providers.p]\ntype = \"postgres\"\nurl = \"postgres://127.0.0.1:1/app\"\n[kinds.zone_record]\nprovider = \"p\"\ndelete = \"DELETE FROM records WHERE zone = $1\"\nparams = [\"attr.zone\"]\n"),
+        ("sql-unused-id", "[providers.p]\ntype = \"postgres\"\nurl = \"postgres://127.0.0.1:1/app\"\n[kinds.zone_record]\nprovider = \"p\"\ndelete = \"DELETE FROM records WHERE zone = $2\"\nparams = [\"id\", \"attr.zone\"]\n"),
+        ("mongodb", "[providers.p]\ntype = \"mongodb\"\nurl = \"mongodb://127.0.0.1:1\"\ndatabase = \"app\"\n[kinds.zone_record]\nprovider = \"p\"\ncollection = \"records\"\ndelete = '{\"zone\": \"{attr.zone}\"}'\n"),
+    ];
+    for (what, config) in cases {
+        let (code, stderr) = check(config, &[]);
+        assert_eq!(code, Some(2), "{what}: {stderr}");
+        assert!(
+            stderr.contains("kind \"zone_record\"") && stderr.contains("does not use the resource's id"),
+            "{what}: {stderr}"
+        );
+        assert!(stderr.contains("scope = \"whole\""), "{what}: the message says how to mean it: {stderr}");
+        if what != "sql-unused-id" {
+            let whole = config.replace("provider = \"p\"\n", "provider = \"p\"\nscope = \"whole\"\n");
+            let (code, stderr) = check(&whole, &[]);
+            assert_eq!(code, Some(0), "{what} with scope = \"whole\": {stderr}");
+        }
+    }
+}
+
+#[test]
+fn unknown_keys_are_refused_with_the_key_its_section_and_where_it_belongs() {
+    let cases = [
+        (
+            VPC.replace("after = [\"vni\", \"dns_record\"]", "aftr = [\"vni\", \"dns_record\"]"),
+            "aftr",
+            "kinds.bare_metal_server",
+        ),
+        (format!("{VPC}\n[brokr]\nprefetch = 8\n"), "brokr", ""),
+        (format!("{VPC}\n[worker]\nstep_atempts = 3\n"), "step_atempts", "worker"),
+        (VPC.replace("rate_per_sec = 500", "rate_per_second = 500"), "rate_per_second", "providers.cloud"),
+        (format!("{VPC}\n[worker]\nprefetch = 8\n"), "prefetch", "[broker]"),
+    ];
+    for (config, key, place) in &cases {
+        let (code, stderr) = check(config, TOKEN);
+        assert_eq!(code, Some(2), "{key}: {stderr}");
+        assert!(stderr.contains(&format!("`{key}`")) && stderr.contains(place), "{key}: {stderr}");
+    }
+    // Environment: only the known sections are read, so tokens and test variables sharing the prefix pass...
+    let env = [
+        ("REAPER_CLOUD_TOKEN", "t"),
+        ("REAPER_ADMIN_TOKEN", "a"),
+        ("REAPER_TEST_PG", "x"),
+        ("REAPER_WORKER__STEP_ATTEMPTS", "3"),
+    ];
+    let (code, stderr) = check(VPC, &env);
+    assert_eq!(code, Some(0), "{stderr}");
+    // ...but a typo inside a known section does not.
+    let (code, stderr) = check(VPC, &[("REAPER_CLOUD_TOKEN", "t"), ("REAPER_WORKER__STEP_ATEMPTS", "3")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("`step_atempts`"), "{stderr}");
+}
+
+#[test]
+fn check_config_runs_every_check_that_run_runs() {
+    let (code, stderr) = check(VPC, TOKEN);
+    assert_eq!(code, Some(0), "{stderr}");
+    let cases = [
+        (VPC.to_string(), &[][..], "REAPER_CLOUD_TOKEN"),
+        (
+            "[providers.cloud]\ntype = \"http\"\nbase_url = \"http://127.0.0.1:1\"\n".to_string(),
+            TOKEN,
+            "no kinds are configured",
+        ),
+        (VPC.replace("/dns_zones/{attr.zone_id}/", "/dns_zones/{attr.zone_id/"), TOKEN, "dns_record"),
+        (
+            VPC.replace(
+                "delete = \"DELETE /v1/bare_metal_servers/{id}\"",
+                "delete = \"DELET /v1/bare_metal_servers/{id}\"",
+            ),
+            TOKEN,
+            "DELET",
+        ),
+    ];
+    for (config, env, want) in &cases {
+        let (code, stderr) = check(config, env);
+        assert_eq!(code, Some(2), "{want}: {stderr}");
+        assert!(stderr.contains(want), "{want}: {stderr}");
+    }
 }
 
 const CYCLE: &str = r#"
