@@ -135,12 +135,17 @@ async fn run_job(ctx: &Ctx<'_>, mut start: JobStart, holder: Uuid) -> Dispositio
 /// inventory that failed to load stops the job (it is retried later): acting on
 /// half a list would look like success while leaking the rest.
 async fn look_up(app: &App, start: &mut JobStart) -> Result<(), String> {
-    if start.job.trigger == crate::domain::Trigger::LateTrack {
+    // A late track's job is its one resource; a job looked up before works
+    // from what that found (its next delivery may be days later, when the
+    // owner's name may hold its next life).
+    if start.job.trigger == crate::domain::Trigger::LateTrack || start.job.looked_up {
         return Ok(());
     }
     let mut found = Vec::new();
+    let mut applies = false;
     for kind in app.catalog.lookups() {
         let Some(l) = kind.lookup.as_ref().filter(|l| l.applies_to(&start.job.owner)) else { continue };
+        applies = true;
         let Some(provider) = app.providers.get(&l.provider) else {
             return Err(format!("lookup for {}: provider {} is not configured", kind.name, l.provider));
         };
@@ -156,7 +161,7 @@ async fn look_up(app: &App, start: &mut JobStart) -> Result<(), String> {
     // Two lookups (or one, twice) may name the same resource: it is one resource.
     let mut seen = std::collections::HashSet::new();
     found.retain(|r| seen.insert(r.reference()));
-    if found.is_empty() {
+    if !applies {
         return Ok(());
     }
     tracing::info!(found = found.len(), "resources found by lookups");

@@ -1,7 +1,8 @@
 //! The ledger in PostgreSQL: tracked resources per owner, one job per event_id,
 //! and the outcome of each resource step.
 //!
-//! Which life of a reused owner name a resource belongs to (`BELONGS`): if both
+//! Which life of a reused owner name a resource belongs to (the SQL function
+//! `reaper_belongs`, migrations/*_one_life_rule.sql, used by every query here): if both
 //! the resource and the teardown carry a `generation`, they must be equal; else,
 //! if the resource has a provider `created_at`, it must be no later than the
 //! teardown's `occurred_at`; else it must have been tracked no later than
@@ -99,23 +100,18 @@ fn db(op: &'static str) -> impl FnOnce(sqlx::Error) -> LedgerError {
 }
 
 /// `r` is tracked_resources; $A = teardown occurred_at, $B = teardown generation,
-/// $C = window in seconds. Static text: values are always bound.
+/// $C = window in seconds. The rule itself is the SQL function
+/// `reaper_belongs` (migrations/*_one_life_rule.sql), the one place it lives.
 macro_rules! belongs {
     ($a:literal, $b:literal, $c:literal) => {
         concat!(
-            "(CASE WHEN ",
-            $b,
-            "::bigint IS NOT NULL AND r.generation IS NOT NULL THEN r.generation = ",
-            $b,
-            "::bigint",
-            " WHEN r.created_at IS NOT NULL THEN r.created_at <= ",
+            "reaper_belongs(r.generation, r.created_at, r.tracked_at, ",
             $a,
-            "::timestamptz",
-            " ELSE r.tracked_at <= ",
-            $a,
-            "::timestamptz + make_interval(secs => ",
+            "::timestamptz, ",
+            $b,
+            "::bigint, ",
             $c,
-            "::double precision) END)"
+            "::double precision)"
         )
     };
 }
@@ -148,6 +144,8 @@ pub struct JobRow {
     pub replays: u32,
     /// The routing key the event came with.
     pub routing_key: String,
+    /// The kinds' lookups ran for this job (once; see `Ledger::adopt`).
+    pub looked_up: bool,
 }
 
 /// Everything a worker needs to run (or resume) a job.
@@ -363,6 +361,9 @@ impl Ledger {
             // Another owner's track took this event_id a moment ago.
             return Ok(TrackOutcome::Conflict("event_id already names another track".into()));
         }
+        if !self.detach_from_an_ended_life(&mut tx, t).await? {
+            return Ok(TrackOutcome::Busy);
+        }
         upsert_resources(&mut tx, &t.owner, t.generation, std::slice::from_ref(&t.resource), None).await?;
         let r = &t.resource.resource;
         let row = sqlx::query(
@@ -384,9 +385,7 @@ impl Ledger {
         let ended = sqlx::query(
             "SELECT j.occurred_at, j.generation FROM jobs j
              WHERE j.owner = $1 AND NOT j.dry_run AND j.trigger IN ('deletion.requested', 'provisioning.failed')
-               AND (CASE WHEN $2::bigint IS NOT NULL AND j.generation IS NOT NULL THEN j.generation = $2::bigint
-                         WHEN $3::timestamptz IS NOT NULL THEN $3::timestamptz <= j.occurred_at
-                         ELSE $4::timestamptz <= j.occurred_at + make_interval(secs => $5::double precision) END)
+               AND reaper_belongs($2::bigint, $3::timestamptz, $4::timestamptz, j.occurred_at, j.generation, $5::double precision)
              ORDER BY j.occurred_at LIMIT 1",
         )
         .bind(&t.owner)
@@ -435,6 +434,54 @@ impl Ledger {
         Ok(TrackOutcome::Late(Box::new(start)))
     }
 
+    /// A track of a resource that a job claimed, for a life that job does not
+    /// end (the name came back: `node_record/n1`, a reused container id),
+    /// detaches it from that job, so the job's retry or replay never deletes
+    /// the new life's resource. While that job is running right now (its owner
+    /// is leased), the track waits instead: `false`.
+    async fn detach_from_an_ended_life(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        t: &Tracked,
+    ) -> Result<bool, LedgerError> {
+        let r = &t.resource.resource;
+        let held = sqlx::query(
+            "SELECT reaper_belongs($4::bigint, $5::timestamptz, now(), j.occurred_at, j.generation, $6::double precision)
+                    AS same_life,
+                    j.status = 'running' AND EXISTS (SELECT 1 FROM owner_leases l WHERE l.owner = r.owner AND l.until > now())
+                    AS in_hand
+             FROM tracked_resources r JOIN jobs j ON j.job_id = r.job_id
+             WHERE r.owner = $1 AND r.kind = $2 AND r.resource_id = $3 AND r.state = 'live'",
+        )
+        .bind(&t.owner)
+        .bind(&r.kind)
+        .bind(&r.id)
+        .bind(t.generation)
+        .bind(t.resource.created_at)
+        .bind(self.window_secs())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db("reading who holds a re-tracked resource"))?;
+        let Some(held) = held else { return Ok(true) };
+        if held.get::<bool, _>("same_life") {
+            return Ok(true);
+        }
+        if held.get::<bool, _>("in_hand") {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE tracked_resources SET job_id = NULL, tracked_at = now()
+             WHERE owner = $1 AND kind = $2 AND resource_id = $3",
+        )
+        .bind(&t.owner)
+        .bind(&r.kind)
+        .bind(&r.id)
+        .execute(&mut **tx)
+        .await
+        .map_err(db("detaching a re-tracked resource from an ended life"))?;
+        Ok(true)
+    }
+
     /// Opens the job for a teardown event, or finds it again on redelivery.
     /// A new real teardown claims the owner's resources of the life it ends.
     pub async fn begin_job(
@@ -473,7 +520,7 @@ impl Ledger {
              ON CONFLICT (event_id) DO UPDATE
                 SET attempts = jobs.attempts + CASE WHEN jobs.status = 'running' THEN 1 ELSE 0 END
              RETURNING (xmax = 0) AS inserted, job_id, event_id, owner, trigger, dry_run, status, attempts,
-                       started_at, reason, result, replays, routing_key",
+                       started_at, reason, result, replays, routing_key, looked_up",
         )
         .bind(Uuid::new_v4())
         .bind(&req.event_id)
@@ -583,6 +630,7 @@ impl Ledger {
                     result: None,
                     replays: 0,
                     routing_key: routing_key.to_string(),
+                    looked_up: false,
                 };
                 let resources = opened
                     .resources
@@ -601,13 +649,21 @@ impl Ledger {
     }
 
     /// Adds resources found by lookups to a running job (tracked and claimed
-    /// like listed ones) and returns everything the job now owns.
+    /// like listed ones), marks the job looked up, and returns everything the
+    /// job now owns. Lookups run once per job: a retry or a replay days later
+    /// would find whatever the owner's name holds by then, possibly its next
+    /// life, so they work from this record instead.
     pub async fn adopt(&self, job: &JobRow, found: &[Resource]) -> Result<Vec<Resource>, LedgerError> {
         let found: Vec<TrackedResource> =
             found.iter().map(|r| TrackedResource { resource: r.clone(), created_at: None }).collect();
         let mut tx = self.pool.begin().await.map_err(db("begin"))?;
         lock_owner(&mut tx, &job.owner).await?;
         upsert_resources(&mut tx, &job.owner, None, &found, Some(job.job_id)).await?;
+        sqlx::query("UPDATE jobs SET looked_up = true WHERE job_id = $1")
+            .bind(job.job_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("marking a job looked up"))?;
         let rows = sqlx::query(
             "SELECT kind, resource_id, attributes, parent_kind, parent_id FROM tracked_resources WHERE job_id = $1",
         )
@@ -701,7 +757,8 @@ async fn bump_attempts(tx: &mut Transaction<'_, Postgres>, job_id: Uuid) -> Resu
 
 async fn job_by_event(conn: &mut sqlx::PgConnection, event_id: &str) -> Result<Option<JobRow>, LedgerError> {
     let row = sqlx::query(
-        "SELECT job_id, event_id, owner, trigger, dry_run, status, attempts, started_at, reason, result, replays, routing_key
+        "SELECT job_id, event_id, owner, trigger, dry_run, status, attempts, started_at, reason, result, replays, routing_key,
+                looked_up
          FROM jobs WHERE event_id = $1",
     )
     .bind(event_id)
@@ -731,6 +788,7 @@ fn job_row(r: &sqlx::postgres::PgRow) -> Result<JobRow, LedgerError> {
         result: r.get("result"),
         replays: replays.max(0) as u32,
         routing_key: r.get("routing_key"),
+        looked_up: r.get("looked_up"),
     })
 }
 

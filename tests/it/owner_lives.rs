@@ -141,3 +141,81 @@ async fn a_track_racing_a_running_teardown_is_not_leaked() {
     assert!(t.sim.paths().is_empty(), "leaked: {:?}", t.sim.paths());
     t.stop().await;
 }
+
+/// A node's VNI found in the provisioner's own table (no tracks at all).
+const VNI_LOOKUP: &str = r#"
+[providers.provisioner_db]
+type = "postgres"
+url = "{db_url}"
+[kinds.vni]
+lookup = { provider = "provisioner_db", owner_type = "node", sql = "SELECT vnic_id AS id FROM vnic_info WHERE node_name = $1" }
+[worker]
+retry_delays_secs = [2, 2]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_does_not_look_up_the_owners_next_life() {
+    let mut t = spawn_app(VNI_LOOKUP).await;
+    let name = unique("n");
+    t.sql(&format!(
+        "CREATE TABLE vnic_info (node_name text, vnic_id text); INSERT INTO vnic_info VALUES ('{name}', 'vni-old')"
+    ))
+    .await;
+    t.sim.create("/v1/virtual_network_interfaces/vni-old", &[]);
+    // Something holds on to the old VNI for a while: the first attempt ends unfinished.
+    t.sim.create("/v1/attachments/held", &["/v1/virtual_network_interfaces/vni-old"]);
+    t.publish("provisioning.failed", &json!({"event_id": unique("pf"), "owner": format!("node/{name}")})).await;
+    wait_until("the first attempt gave up on the old VNI", Duration::from_secs(20), || async {
+        t.sim.requests().iter().filter(|(m, p)| m == "DELETE" && p.ends_with("/vni-old")).count() >= 4
+    })
+    .await;
+    // Before the retry (2 s later) the node's name lives again, with a new VNI.
+    t.sql(&format!("DELETE FROM vnic_info; INSERT INTO vnic_info VALUES ('{name}', 'vni-new')")).await;
+    t.sim.create("/v1/virtual_network_interfaces/vni-new", &[]);
+    t.sim.remove("/v1/attachments/held");
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "completed", "{r:?}");
+    let ids: Vec<&str> = r.resources.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["vni-old"], "the retry works from what the first delivery found");
+    assert!(t.sim.exists("/v1/virtual_network_interfaces/vni-new"), "the new life's VNI is left alone");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_does_not_take_a_resource_tracked_again_for_a_new_life() {
+    let mut t = spawn_app("").await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    let vni = node.resources.iter().find(|r| r.kind == "vni").unwrap();
+    // Every DELETE is refused: the job is dead-lettered with the VNI still claimed.
+    t.sim.set_faults(reaper::sim::Faults {
+        fail_next: 100,
+        fail_status: 403,
+        only_method: "DELETE".into(),
+        ..Default::default()
+    });
+    let ended = Utc::now();
+    t.publish("deletion.requested", &deletion(&unique("del"), &node.owner, ended)).await;
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "dead_lettered", "{r:?}");
+    // The name lives again: a VNI of the same id is created (attached to
+    // nothing of the old life) and tracked for the new life.
+    t.sim.remove(&vni.path);
+    t.sim.create(&vni.path, &[]);
+    let mut again = json!({"event_id": unique("again"), "owner": node.owner, "kind": "vni", "id": vni.id});
+    again["created_at"] = json!((Utc::now() + Ch::seconds(1)).to_rfc3339());
+    t.publish("resource.tracked", &again).await;
+    wait_until("the VNI belongs to nobody's ended life again", Duration::from_secs(20), || async {
+        let states = t.app.ledger.owner_resources(&node.owner).await.unwrap();
+        states.iter().any(|(r, _, job)| r.id == vni.id && job.is_none())
+    })
+    .await;
+    t.sim.set_faults(reaper::sim::Faults::default());
+    let out = t.reaper(&["replay", "--owner", &node.owner], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "completed", "{r:?}");
+    assert!(r.resources.iter().all(|s| s.id != vni.id), "the replay leaves the new life's VNI out: {r:?}");
+    assert!(t.sim.exists(&vni.path), "and it is still there");
+    t.stop().await;
+}
