@@ -417,6 +417,11 @@ pub struct KindSettings {
     /// A check that blocks the teardown while the resource is in use.
     #[serde(default)]
     pub guard: Option<GuardSettings>,
+    /// The kind's ids are names that come back (a node's own row keyed by the
+    /// node name): its lookup returns `created_at`, and its delete and check
+    /// use `{attr.created_at}`, so one life's row is never taken for the next's.
+    #[serde(default)]
+    pub reused_ids: bool,
     /// "resource" (the default): the delete names one resource by its id.
     /// "whole": the delete is meant to act on more than the resource (a
     /// template without `{id}`); refused unless said.
@@ -583,6 +588,8 @@ pub struct KindSpec {
     pub guard: Option<Guard>,
     /// Set when what this kind deletes is kept for `reaper restore`.
     pub archive: Option<ArchiveSpec>,
+    /// Its ids come back with the next life of the name (see KindSettings).
+    pub reused_ids: bool,
 }
 
 /// A kind's lookup, checked against its provider.
@@ -765,6 +772,15 @@ impl Catalog {
                     return Err(err(format!("after names {a:?}, which is not a configured kind")));
                 }
             }
+            if k.reused_ids {
+                let bounded = |a: &Action| a.attributes().iter().any(|x| x == "created_at");
+                if !bounded(&delete) || check.as_ref().is_some_and(|c| !bounded(c)) {
+                    return Err(err("reused_ids = true, but its delete (and check) do not use the resource's \
+                                    created_at ({attr.created_at}, or a param \"attr.created_at\"): reaper could not \
+                                    tell one life's resource from the next's of the same id"
+                        .into()));
+                }
+            }
             let mut required_attributes: BTreeSet<String> = delete.attributes().into_iter().collect();
             if let Some(c) = &check {
                 required_attributes.extend(c.attributes());
@@ -784,6 +800,7 @@ impl Catalog {
                     lookup,
                     guard,
                     archive,
+                    reused_ids: k.reused_ids,
                 },
             );
         }

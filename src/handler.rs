@@ -172,9 +172,25 @@ async fn look_up(app: &App, start: &mut JobStart) -> Result<(), String> {
             }
         }
     } else {
+        let found = found.into_iter().map(|r| with_created_at(app, r)).collect::<Result<Vec<_>, _>>()?;
         start.resources = app.ledger.adopt(&start.job, &found).await.map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// A found resource with the creation time its lookup returned (column or
+/// field `created_at`), so that it is claimed only for the life it belongs
+/// to. A kind whose ids come back must return one.
+fn with_created_at(app: &App, r: crate::domain::Resource) -> Result<contract::TrackedResource, String> {
+    let created_at = r.attributes.get("created_at").and_then(|t| crate::reconcile::inventory::parse_time(t));
+    let reused = app.catalog.kind(&r.kind).is_some_and(|k| k.reused_ids);
+    if reused && created_at.is_none() {
+        return Err(format!(
+            "lookup for {} found {:?} without a created_at it can read; a kind with reused_ids needs one to tell its lives apart",
+            r.kind, r.id
+        ));
+    }
+    Ok(contract::TrackedResource { resource: r, created_at })
 }
 
 /// Turns a run into the job's end: completed, dead-lettered, or back to the

@@ -653,12 +653,29 @@ impl Ledger {
     /// job now owns. Lookups run once per job: a retry or a replay days later
     /// would find whatever the owner's name holds by then, possibly its next
     /// life, so they work from this record instead.
-    pub async fn adopt(&self, job: &JobRow, found: &[Resource]) -> Result<Vec<Resource>, LedgerError> {
-        let found: Vec<TrackedResource> =
-            found.iter().map(|r| TrackedResource { resource: r.clone(), created_at: None }).collect();
+    pub async fn adopt(&self, job: &JobRow, found: &[TrackedResource]) -> Result<Vec<Resource>, LedgerError> {
         let mut tx = self.pool.begin().await.map_err(db("begin"))?;
         lock_owner(&mut tx, &job.owner).await?;
-        upsert_resources(&mut tx, &job.owner, None, &found, Some(job.job_id)).await?;
+        upsert_resources(&mut tx, &job.owner, None, found, None).await?;
+        // Claimed for this job: what is not claimed yet, and, when the lookup
+        // said when it was created, only if that is this job's life.
+        let kinds: Vec<&str> = found.iter().map(|r| r.resource.kind.as_str()).collect();
+        let ids: Vec<&str> = found.iter().map(|r| r.resource.id.as_str()).collect();
+        sqlx::query(
+            "UPDATE tracked_resources r SET job_id = j.job_id
+             FROM jobs j, UNNEST($2::text[], $3::text[]) AS f(kind, id)
+             WHERE j.job_id = $1 AND r.owner = j.owner AND r.kind = f.kind AND r.resource_id = f.id
+               AND r.job_id IS NULL AND r.state = 'live'
+               AND (r.created_at IS NULL
+                    OR reaper_belongs(r.generation, r.created_at, r.tracked_at, j.occurred_at, j.generation, $4))",
+        )
+        .bind(job.job_id)
+        .bind(&kinds)
+        .bind(&ids)
+        .bind(self.window_secs())
+        .execute(&mut *tx)
+        .await
+        .map_err(db("claiming what the lookups found"))?;
         sqlx::query("UPDATE jobs SET looked_up = true WHERE job_id = $1")
             .bind(job.job_id)
             .execute(&mut *tx)

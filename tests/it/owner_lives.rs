@@ -219,3 +219,56 @@ async fn a_replay_does_not_take_a_resource_tracked_again_for_a_new_life() {
     assert!(t.sim.exists(&vni.path), "and it is still there");
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_does_not_mark_the_next_node_of_the_same_name_cleaned_up() {
+    // examples/vpc-node: the node's own row is keyed by the node name.
+    let mut t = spawn_app(&example("vpc-node")).await;
+    t.sql(&example_sql("vpc-node").unwrap()).await;
+    let name = unique("n");
+    t.sql(&format!(
+        "INSERT INTO nodes (node_name, status) VALUES ('{name}', 'failed');
+         INSERT INTO vnic_info (node_name, vnic_id) VALUES ('{name}', 'vni-1');"
+    ))
+    .await;
+    t.sim.create("/v1/virtual_network_interfaces/vni-1", &[]);
+    // The VNI API refuses: the job is dead-lettered before the node row is marked.
+    t.sim.set_faults(reaper::sim::Faults {
+        fail_next: 100,
+        fail_status: 403,
+        only_method: "DELETE".into(),
+        ..Default::default()
+    });
+    t.publish("provisioning.failed", &json!({"event_id": unique("pf"), "owner": format!("node/{name}")})).await;
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "dead_lettered", "{r:?}");
+    assert!(r.resources.iter().any(|s| s.kind == "node_record" && s.outcome == "blocked"), "{r:?}");
+    // The next day a node of the same name is created; the old one's row is gone.
+    t.sql(&format!(
+        "DELETE FROM nodes WHERE node_name = '{name}';
+         INSERT INTO nodes (node_name, status) VALUES ('{name}', 'provisioning');"
+    ))
+    .await;
+    t.sim.set_faults(reaper::sim::Faults::default());
+    let out = t.reaper(&["replay", "--owner", &format!("node/{name}")], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "completed", "{r:?}");
+    let status: String = sqlx::query_scalar("SELECT status FROM nodes WHERE node_name = $1")
+        .bind(&name)
+        .fetch_one(t.app.ledger.pool())
+        .await
+        .unwrap();
+    assert_eq!(status, "provisioning", "the new node is not marked cleaned up: {r:?}");
+    t.stop().await;
+}
+
+#[test]
+fn a_kind_whose_ids_come_back_must_tell_its_lives_apart() {
+    let config = include_str!("../../examples/vpc-node/reaper.toml")
+        .replace(" AND created_at = $2::timestamptz", "")
+        .replace("params = [\"id\", \"attr.created_at\"]\n", "");
+    let settings = reaper::config::Settings::from_toml(&config).unwrap();
+    let err = settings.validate().unwrap_err().to_string();
+    assert!(err.contains("node_record") && err.contains("reused_ids"), "{err}");
+}
