@@ -4,6 +4,7 @@
 
 mod group_commit;
 mod helpers;
+mod lives_matrix;
 
 mod admin;
 mod commands;
