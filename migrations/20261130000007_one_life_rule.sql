@@ -15,7 +15,12 @@ CREATE FUNCTION reaper_belongs(
 $$;
 
 -- Lookups run once per job; retries and replays work from what they found.
+-- Jobs from before this column ran theirs on their first delivery (or found
+-- nothing to record): they must not look again on a retry or a replay, when
+-- the owner's name may hold its next life. (At worst that leaks what an old
+-- failed lookup never found; it never deletes a new life's resource.)
 ALTER TABLE jobs ADD COLUMN looked_up BOOLEAN NOT NULL DEFAULT false;
+UPDATE jobs SET looked_up = true;
 
 CREATE OR REPLACE FUNCTION reaper_begin_job(
     p_job_id uuid, p_event_id text, p_owner text, p_trigger text, p_generation bigint,

@@ -521,6 +521,9 @@ impl Settings {
         if self.broker.prefix.len() > 200 {
             return Err(ConfigError::Invalid("broker.prefix must be at most 200 bytes (AMQP names hold 255)".into()));
         }
+        if !(self.worker.lease_ttl_secs.is_finite() && self.worker.lease_ttl_secs > 0.0) {
+            return Err(ConfigError::Invalid("worker.lease_ttl_secs must be a positive number".into()));
+        }
         if self.worker.max_clock_skew_secs > 366 * 24 * 3600 {
             return Err(ConfigError::Invalid("worker.max_clock_skew_secs must be at most a year".into()));
         }
@@ -754,6 +757,9 @@ impl Catalog {
                 .map_err(|e| err(format!("{what}: {e}")))
             };
             let delete = parse("delete", &k.delete)?;
+            if let Some(t) = delete.http().filter(|t| matches!(t.method().as_str(), "GET" | "HEAD")) {
+                return Err(err(format!("delete uses {}, which deletes nothing; use it for check", t.method())));
+            }
             match k.scope.as_deref() {
                 None | Some("resource") if !delete.uses_id() => {
                     return Err(err("its delete does not use the resource's id ({id}, a param bound to \"id\", or \"{id}\" in a filter), \

@@ -173,7 +173,15 @@ async fn look_up(app: &App, start: &mut JobStart) -> Result<(), String> {
         }
     } else {
         let found = found.into_iter().map(|r| with_created_at(app, r)).collect::<Result<Vec<_>, _>>()?;
-        start.resources = app.ledger.adopt(&start.job, &found).await.map_err(|e| e.to_string())?;
+        // Not the first delivery (its lookups failed), or a replay: the owner's
+        // name may hold its next life by now.
+        let strict = start.job.attempts > 1 || start.job.replays > 0;
+        if strict {
+            tracing::warn!(
+                "lookups run after the job's first delivery: only resources with a created_at of this life are claimed"
+            );
+        }
+        start.resources = app.ledger.adopt(&start.job, &found, strict).await.map_err(|e| e.to_string())?;
     }
     Ok(())
 }

@@ -444,6 +444,12 @@ impl Ledger {
         tx: &mut Transaction<'_, Postgres>,
         t: &Tracked,
     ) -> Result<bool, LedgerError> {
+        // Only on evidence that it is another life: a track without
+        // generation or created_at proves nothing, and detaching it could
+        // leak the old life's resource.
+        if t.generation.is_none() && t.resource.created_at.is_none() {
+            return Ok(true);
+        }
         let r = &t.resource.resource;
         let held = sqlx::query(
             "SELECT reaper_belongs($4::bigint, $5::timestamptz, now(), j.occurred_at, j.generation, $6::double precision)
@@ -653,7 +659,17 @@ impl Ledger {
     /// job now owns. Lookups run once per job: a retry or a replay days later
     /// would find whatever the owner's name holds by then, possibly its next
     /// life, so they work from this record instead.
-    pub async fn adopt(&self, job: &JobRow, found: &[TrackedResource]) -> Result<Vec<Resource>, LedgerError> {
+    ///
+    /// `strict`: the lookups run later than the job's first delivery (the
+    /// first failed, or a replay): only found resources with a `created_at`
+    /// of the job's life are claimed; the rest stay tracked for the owner's
+    /// next teardown rather than risk a new life's resource.
+    pub async fn adopt(
+        &self,
+        job: &JobRow,
+        found: &[TrackedResource],
+        strict: bool,
+    ) -> Result<Vec<Resource>, LedgerError> {
         let mut tx = self.pool.begin().await.map_err(db("begin"))?;
         lock_owner(&mut tx, &job.owner).await?;
         upsert_resources(&mut tx, &job.owner, None, found, None).await?;
@@ -666,13 +682,16 @@ impl Ledger {
              FROM jobs j, UNNEST($2::text[], $3::text[]) AS f(kind, id)
              WHERE j.job_id = $1 AND r.owner = j.owner AND r.kind = f.kind AND r.resource_id = f.id
                AND r.job_id IS NULL AND r.state = 'live'
-               AND (r.created_at IS NULL
-                    OR reaper_belongs(r.generation, r.created_at, r.tracked_at, j.occurred_at, j.generation, $4))",
+               -- Nothing to date it by (no created_at, no generation on both
+               -- sides): claimed as found on the first delivery, never later.
+               AND CASE WHEN r.created_at IS NULL AND (r.generation IS NULL OR j.generation IS NULL) THEN NOT $5
+                        ELSE reaper_belongs(r.generation, r.created_at, r.tracked_at, j.occurred_at, j.generation, $4) END",
         )
         .bind(job.job_id)
         .bind(&kinds)
         .bind(&ids)
         .bind(self.window_secs())
+        .bind(strict)
         .execute(&mut *tx)
         .await
         .map_err(db("claiming what the lookups found"))?;
@@ -843,7 +862,11 @@ async fn upsert_resources(
             created_at = COALESCE(EXCLUDED.created_at, t.created_at),
             tracked_at = CASE WHEN t.state = 'live' THEN t.tracked_at ELSE now() END,
             job_id = CASE WHEN t.state = 'live' AND t.job_id IS NOT NULL THEN t.job_id ELSE EXCLUDED.job_id END,
-            state = 'live'",
+            state = 'live'
+         -- A live row a job has claimed is that job's: a later track or lookup
+         -- (of a name that came back) must not rewrite the attributes or the
+         -- creation time its delete will use.
+         WHERE t.job_id IS NULL OR t.state <> 'live'",
     )
     .bind(owner)
     .bind(generation)

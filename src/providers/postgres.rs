@@ -83,7 +83,7 @@ pub fn placeholders(sql: &str) -> usize {
     placeholder_numbers(sql).into_iter().max().unwrap_or(0)
 }
 
-/// Every `$N` the SQL uses outside quotes.
+/// Every `$N` the SQL uses outside quotes and comments.
 fn placeholder_numbers(sql: &str) -> Vec<usize> {
     let mut found = Vec::new();
     let mut quote: Option<char> = None;
@@ -95,6 +95,19 @@ fn placeholder_numbers(sql: &str) -> Vec<usize> {
             Some(q) if c == q => quote = None,
             Some(_) => {}
             None if c == '\'' || c == '"' => quote = Some(c),
+            // Comments: a `$1` in one binds nothing.
+            None if c == '-' && chars.get(i + 1) == Some(&'-') => {
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+            }
+            None if c == '/' && chars.get(i + 1) == Some(&'*') => {
+                i += 2;
+                while i + 1 < chars.len() && !(chars[i] == '*' && chars[i + 1] == '/') {
+                    i += 1;
+                }
+                i += 1;
+            }
             None if c == '$' => {
                 let digits: String = chars[i + 1..].iter().take_while(|d| d.is_ascii_digit()).collect();
                 if let Ok(n) = digits.parse::<usize>() {
@@ -260,6 +273,18 @@ fn classify(e: sqlx::Error) -> StepError {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_placeholder_in_a_comment_does_not_count_as_using_the_id() {
+        let params = ["id".to_string(), "attr.tenant".to_string()];
+        let t = SqlTemplate::parse("DELETE FROM t WHERE tenant = $2 -- AND id = $1", &params, false).unwrap();
+        assert!(!t.uses_id());
+        let t = SqlTemplate::parse("DELETE FROM t WHERE /* $1 */ tenant = $2", &params, false).unwrap();
+        assert!(!t.uses_id());
+        let t = SqlTemplate::parse("DELETE FROM t WHERE id = $1 AND tenant = $2", &params, true).unwrap();
+        assert!(t.uses_id());
+    }
+
     use super::*;
 
     #[test]

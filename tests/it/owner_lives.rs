@@ -272,3 +272,31 @@ fn a_kind_whose_ids_come_back_must_tell_its_lives_apart() {
     let err = settings.validate().unwrap_err().to_string();
     assert!(err.contains("node_record") && err.contains("reused_ids"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_that_first_runs_on_a_retry_claims_only_what_it_can_date() {
+    let mut t = spawn_app(VNI_LOOKUP).await;
+    let name = unique("n");
+    // The provisioner's table is not there yet: the first delivery's lookup fails.
+    t.publish("provisioning.failed", &json!({"event_id": unique("pf"), "owner": format!("node/{name}")})).await;
+    wait_until("the first attempt's lookup failed and went to the retry queue", Duration::from_secs(20), || async {
+        t.app.metrics.broker_retries.with_label_values(&["unfinished"]).get() >= 1
+    })
+    .await;
+    // Before the retry the name lives again; its row has no creation time.
+    t.sql(&format!(
+        "CREATE TABLE vnic_info (node_name text, vnic_id text); INSERT INTO vnic_info VALUES ('{name}', 'vni-next')"
+    ))
+    .await;
+    t.sim.create("/v1/virtual_network_interfaces/vni-next", &[]);
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "completed", "{r:?}");
+    assert!(r.resources.is_empty(), "nothing it cannot date is claimed on a retry: {r:?}");
+    assert!(t.sim.exists("/v1/virtual_network_interfaces/vni-next"));
+    let states = t.app.ledger.owner_resources(&format!("node/{name}")).await.unwrap();
+    assert!(
+        states.iter().any(|(r, s, job)| r.id == "vni-next" && s == "live" && job.is_none()),
+        "kept for the owner's next teardown: {states:?}"
+    );
+    t.stop().await;
+}
