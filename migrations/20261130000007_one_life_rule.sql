@@ -22,6 +22,9 @@ $$;
 ALTER TABLE jobs ADD COLUMN looked_up BOOLEAN NOT NULL DEFAULT false;
 UPDATE jobs SET looked_up = true;
 
+-- reaper_begin_job as before, with two changes: an event_id that names a
+-- track also goes to the general path (Ledger::begin_job), which refuses it
+-- with a reason; and the claim calls reaper_belongs.
 CREATE OR REPLACE FUNCTION reaper_begin_job(
     p_job_id uuid, p_event_id text, p_owner text, p_trigger text, p_generation bigint,
     p_occurred_at timestamptz, p_body bytea, p_routing_key text, p_holder uuid,

@@ -226,6 +226,23 @@ fn other_track(stored: &(String, String, String), t: &Tracked) -> Option<String>
         .then(|| format!("event_id already names a track of {owner} ({kind}/{id})"))
 }
 
+/// Stores the track's identity; false when its event_id was taken meanwhile.
+async fn insert_track(conn: &mut sqlx::PgConnection, t: &Tracked) -> Result<bool, LedgerError> {
+    let inserted = sqlx::query(
+        "INSERT INTO tracks (event_id, owner, kind, resource_id) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(&t.event_id)
+    .bind(&t.owner)
+    .bind(&t.resource.resource.kind)
+    .bind(&t.resource.resource.id)
+    .execute(&mut *conn)
+    .await
+    .map_err(db("recording the track"))?
+    .rows_affected();
+    Ok(inserted == 1)
+}
+
 /// Whether a late-track job's stored event names the resource `t` tracks.
 async fn job_body_names(conn: &mut sqlx::PgConnection, job: &JobRow, t: &Tracked) -> Result<bool, LedgerError> {
     let body: Vec<u8> = sqlx::query_scalar("SELECT event_body FROM jobs WHERE job_id = $1")
@@ -328,14 +345,7 @@ impl Ledger {
             // A late track opened by a replica from before the `tracks` table
             // (a rolling upgrade) has a job but no row: recognise it by its body.
             if job.trigger == Trigger::LateTrack && job.owner == t.owner && job_body_names(&mut tx, &job, t).await? {
-                sqlx::query("INSERT INTO tracks (event_id, owner, kind, resource_id) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
-                    .bind(&t.event_id)
-                    .bind(&t.owner)
-                    .bind(&t.resource.resource.kind)
-                    .bind(&t.resource.resource.id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db("recording the track"))?;
+                insert_track(&mut tx, t).await?;
                 tx.commit().await.map_err(db("commit"))?;
                 return Box::pin(self.track(t, body, routing_key, holder)).await;
             }
@@ -345,19 +355,7 @@ impl Ledger {
                 job.trigger.as_str()
             )));
         }
-        let inserted = sqlx::query(
-            "INSERT INTO tracks (event_id, owner, kind, resource_id) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (event_id) DO NOTHING",
-        )
-        .bind(&t.event_id)
-        .bind(&t.owner)
-        .bind(&t.resource.resource.kind)
-        .bind(&t.resource.resource.id)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("recording the track"))?
-        .rows_affected();
-        if inserted == 0 {
+        if !insert_track(&mut tx, t).await? {
             // Another owner's track took this event_id a moment ago.
             return Ok(TrackOutcome::Conflict("event_id already names another track".into()));
         }

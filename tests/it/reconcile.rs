@@ -60,6 +60,27 @@ async fn world(t: &TestApp, live: usize, orphans: &[&str]) {
     }
 }
 
+/// `world`, with the copy appearing at once and only after the truth is
+/// whole: a scheduled sweep that reads the truth before a live model exists
+/// and the copy after its row does would take it for an orphan (and the rows
+/// are two days old, past any grace).
+async fn world_at_once(t: &TestApp, live: usize, orphans: &[&str]) {
+    t.sim.create_collection("/gw/models");
+    let mut ids: Vec<String> = (0..live).map(|i| format!("live-{i:04}")).collect();
+    for id in &ids {
+        t.sim.create_with(&format!("/gw/models/{id}"), json!({}));
+    }
+    ids.extend(orphans.iter().map(|o| o.to_string()));
+    let values: Vec<String> = ids.iter().map(|id| format!("('{id}', '{id}')")).collect();
+    t.sql(&format!(
+        "CREATE TABLE models_seed (id text PRIMARY KEY, name text, created_at timestamptz NOT NULL DEFAULT now() - interval '2 days');
+         INSERT INTO models_seed (id, name) VALUES {};
+         ALTER TABLE models_seed RENAME TO models;",
+        values.join(", ")
+    ))
+    .await;
+}
+
 async fn models(t: &TestApp) -> i64 {
     t.count("SELECT count(*) FROM models").await
 }
@@ -256,7 +277,7 @@ async fn a_scheduled_rule_runs_inside_the_worker_once_per_interval() {
     let started = std::time::Instant::now();
     let mut t = spawn_app(&rule).await;
     let (replica_token, replica) = t.spawn_replica().await;
-    world(&t, 2, &["gone-1"]).await;
+    world_at_once(&t, 2, &["gone-1"]).await;
     let res = t.next_result(30).await.result;
     assert_eq!((res.owner.as_str(), res.status.as_str()), ("model/gone-1", "completed"));
     assert!(!exists(&t, "gone-1").await);
