@@ -538,8 +538,10 @@ impl Settings {
         if self.worker.step_attempts == 0 {
             return Err(ConfigError::Invalid("worker.step_attempts must be at least 1".into()));
         }
-        if self.worker.retry_delays_secs.iter().any(|d| !d.is_finite() || *d < 0.0) {
-            return Err(ConfigError::Invalid("worker.retry_delays_secs must be non-negative numbers".into()));
+        if self.worker.retry_delays_secs.iter().any(|d| !d.is_finite() || *d < 0.0 || *d > 366.0 * 24.0 * 3600.0) {
+            return Err(ConfigError::Invalid(
+                "worker.retry_delays_secs must be non-negative numbers of seconds, at most a year".into(),
+            ));
         }
         for (name, p) in &self.providers {
             let ProviderSettings::Http(h) = p else { continue };

@@ -269,13 +269,8 @@ impl HttpProvider {
         })?;
         let status = resp.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
-            let retry_after = resp
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .map(|s| Duration::from_secs_f64(s).min(MAX_RETRY_AFTER));
+            let retry_after =
+                resp.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(retry_after);
             self.pause(retry_after.unwrap_or(Duration::from_secs(1))).await;
             return Err(StepError::RateLimited { retry_after });
         }
@@ -321,6 +316,14 @@ impl HttpProvider {
         p.paused_until = Some(p.paused_until.map_or(until, |u| u.max(until)));
         tracing::info!(provider = %self.name, pause_ms = d.as_millis() as u64, "rate limited by the API; slowing the whole provider");
     }
+}
+
+/// A `Retry-After` in seconds, clamped to [`MAX_RETRY_AFTER`] *before* it
+/// becomes a `Duration` (`Duration::from_secs_f64(1e20)` panics, and a panic
+/// in an inventory reader once looked like a list that had ended).
+fn retry_after(header: &str) -> Option<Duration> {
+    let secs = header.trim().parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0)?;
+    Some(Duration::from_secs_f64(secs.min(MAX_RETRY_AFTER.as_secs_f64())))
 }
 
 fn classify_status(status: StatusCode, body: &str) -> StepError {
@@ -391,6 +394,15 @@ mod tests {
         assert!(RequestTemplate::parse("DELETE /v1/{id").is_err());
         assert!(RequestTemplate::parse("DELETE /v1/{attr.zone/records/{id}").is_err());
         assert!(RequestTemplate::parse("DELET /v1/{id}").is_err());
+    }
+
+    #[test]
+    fn a_huge_retry_after_is_clamped_not_a_panic() {
+        assert_eq!(retry_after("1e20"), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after(" 2.5 "), Some(Duration::from_millis(2500)));
+        assert_eq!(retry_after("-1"), None);
+        assert_eq!(retry_after("NaN"), None);
+        assert_eq!(retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
     }
 
     #[test]
