@@ -15,7 +15,7 @@ use futures_util::{FutureExt, StreamExt};
 
 use crate::config::{Catalog, WorkerSettings};
 use crate::domain::{Outcome, Resource, ResourceRef};
-use crate::ledger::{JobRow, JobStart, Ledger, LedgerError, StepRecord};
+use crate::ledger::{JobRow, JobStart, Ledger, StepRecord};
 use crate::plan;
 use crate::providers::{ArchiveTo, Deleted, Providers, StepError};
 
@@ -65,17 +65,19 @@ pub struct Run {
 }
 
 impl Executor<'_> {
-    pub async fn run(&self, start: &JobStart) -> Result<Run, LedgerError> {
+    /// Runs the job's plan. It cannot fail on the ledger: step writes that
+    /// fail are retried with the next batch, and `finish` writes every step.
+    pub async fn run(&self, start: &JobStart) -> Run {
         let resources = &start.resources;
         let graph = match plan::Graph::build(resources, self.catalog) {
             Ok(g) => g,
             Err(e) => {
                 let steps = resources.iter().map(|r| blocked(r.reference(), e.to_string())).collect();
-                return Ok(Run { steps, end: RunEnd::Plan(e.to_string()) });
+                return Run { steps, end: RunEnd::Plan(e.to_string()) };
             }
         };
         if let Some(run) = self.guards(start).await {
-            return Ok(run);
+            return run;
         }
         let recheck = start.job.replays > 0;
         let mut walk = graph.walk();
@@ -132,7 +134,7 @@ impl Executor<'_> {
                 })
             })
             .collect();
-        Ok(Run { steps, end })
+        Run { steps, end }
     }
 
     /// Runs every guard before anything is deleted: one resource in use

@@ -104,7 +104,6 @@ async fn run_job(ctx: &Ctx<'_>, mut start: JobStart, holder: Uuid) -> Dispositio
             let run = crate::execute::Run { steps: Vec::new(), end: RunEnd::Unfinished(why) };
             return conclude(ctx, &start, run, holder, None).await;
         }
-        let job = &start.job;
         let exec = Executor {
             catalog: &app.catalog,
             providers: &app.providers,
@@ -112,19 +111,7 @@ async fn run_job(ctx: &Ctx<'_>, mut start: JobStart, holder: Uuid) -> Dispositio
             worker: &app.settings.worker,
             metrics: Some(&app.metrics),
         };
-        let run = match exec.run(&start).await {
-            Ok(r) => r,
-            Err(e) => match ctx.on_ledger_error(&e) {
-                // The job exists: it ends with a result, not just a dead letter.
-                Disposition::Reject { reason, .. } => {
-                    crate::execute::Run { steps: Vec::new(), end: RunEnd::Permanent(reason) }
-                }
-                d => {
-                    let _ = app.ledger.release(&job.owner, holder).await;
-                    return d;
-                }
-            },
-        };
+        let run = exec.run(&start).await;
         conclude(ctx, &start, run, holder, None).await
     }
     .instrument(span)

@@ -107,10 +107,10 @@ impl RequestTemplate {
     /// the request would reach something nobody named.
     pub fn render(&self, id: &str, attributes: &BTreeMap<String, String>) -> Result<String, String> {
         let mut out = String::new();
-        // Where the current segment starts, and which value is in it, if any.
-        let mut segment = (0, None::<String>);
+        // Where the current segment starts, and the first value in it, if any.
+        let mut segment: (usize, Option<&Part>) = (0, None);
         for p in &self.parts {
-            let (what, value) = match p {
+            let value = match p {
                 Part::Literal(l) => {
                     for (i, piece) in l.split('/').enumerate() {
                         if i > 0 {
@@ -122,29 +122,38 @@ impl RequestTemplate {
                     }
                     continue;
                 }
-                Part::Id => ("id".to_string(), id),
-                Part::Attr(a) => (
-                    format!("attribute {a}"),
-                    attributes.get(a).ok_or_else(|| format!("attribute {a:?} is missing"))?.as_str(),
-                ),
+                Part::Id => id,
+                Part::Attr(a) => attributes.get(a).ok_or_else(|| format!("attribute {a:?} is missing"))?,
             };
             if value.is_empty() {
-                return Err(format!("{what} is empty, so it cannot name anything in a request path"));
+                return Err(format!("{} is empty, so it cannot name anything in a request path", p.name()));
             }
             out.extend(utf8_percent_encode(value, SEGMENT));
-            segment.1.get_or_insert(what);
+            segment.1.get_or_insert(p);
         }
         check_segment(&out[segment.0..], segment.1)?;
         Ok(out)
     }
 }
 
+impl Part {
+    /// What a value placeholder stands for, in error messages.
+    fn name(&self) -> String {
+        match self {
+            Part::Id => "id".into(),
+            Part::Attr(a) => format!("attribute {a}"),
+            Part::Literal(l) => format!("{l:?}"),
+        }
+    }
+}
+
 /// A path segment that holds a value (`what`) must not be one a URL parser
 /// removes or collapses.
-fn check_segment(segment: &str, what: Option<String>) -> Result<(), String> {
-    match (what, segment) {
-        (Some(what), "" | "." | "..") => Err(format!(
-            "{what} makes the path segment {segment:?}, which cannot be used in a request path: it would change which path is requested"
+fn check_segment(segment: &str, value: Option<&Part>) -> Result<(), String> {
+    match (value, segment) {
+        (Some(p), "" | "." | "..") => Err(format!(
+            "{} makes the path segment {segment:?}, which cannot be used in a request path: it would change which path is requested",
+            p.name()
         )),
         _ => Ok(()),
     }
