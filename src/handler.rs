@@ -12,7 +12,7 @@ use crate::domain::JobStatus;
 use crate::execute::{Executor, RunEnd};
 use crate::ledger::{Begin, JobEnd, JobStart, LedgerError, TrackOutcome};
 use crate::providers::Provider;
-use crate::retry::{self, DeadLetter, Disposition};
+use crate::retry::{self, DeadLetter, Disposition, ErrorClass};
 
 /// Handles one message. `ledger_refusals` is how many times in a row the
 /// ledger refused this message before (read from its retry hop).
@@ -21,7 +21,7 @@ pub async fn handle(app: &App, env: &Envelope<'_>, ledger_refusals: u32) -> Disp
         Ok(e) => e,
         Err(m) => {
             tracing::warn!(routing_key = env.routing_key, reason = %m, "malformed message; dead-lettering it");
-            return Disposition::Reject { reason: m.0, class: "malformed" };
+            return Disposition::Reject { reason: m.0, class: ErrorClass::Malformed };
         }
     };
     let ctx = Ctx { app, body: env.body, ledger_refusals };
@@ -32,7 +32,7 @@ pub async fn handle(app: &App, env: &Envelope<'_>, ledger_refusals: u32) -> Disp
     };
     let refused = |why: String| {
         tracing::warn!(reason = %why, "event refused; dead-lettering it");
-        Disposition::Reject { reason: why, class: "malformed" }
+        Disposition::Reject { reason: why, class: ErrorClass::Malformed }
     };
     match event {
         Event::Tracked(t) => match app.ledger.track(&t, env.body, env.routing_key, holder.id).await {
@@ -78,7 +78,7 @@ async fn run_job(ctx: &Ctx<'_>, mut start: JobStart, holder: Uuid) -> Dispositio
         if job.status != JobStatus::Running {
             tracing::info!("duplicate of a finished job; publishing its stored result again");
             let stored = job.result.clone().unwrap_or_default();
-            return finished(job.event_id.clone(), job.job_id, stored, false);
+            return finished(job.event_id.clone(), job.job_id, stored, job.error_class.as_deref(), false);
         }
         let poison_after = app.settings.worker.retry_delays().len() as u32 + 1 + app.settings.broker.delivery_limit;
         if job.attempts > poison_after {
@@ -98,7 +98,7 @@ async fn run_job(ctx: &Ctx<'_>, mut start: JobStart, holder: Uuid) -> Dispositio
                 })
                 .collect();
             let run = crate::execute::Run { steps, end: RunEnd::Permanent(why) };
-            return conclude(ctx, &start, run, holder, Some("poison")).await;
+            return conclude(ctx, &start, run, holder, Some(ErrorClass::Poison)).await;
         }
         if let Err(why) = look_up(app, &mut start).await {
             let run = crate::execute::Run { steps: Vec::new(), end: RunEnd::Unfinished(why) };
@@ -195,16 +195,16 @@ async fn conclude(
     start: &JobStart,
     run: crate::execute::Run,
     holder: Uuid,
-    class: Option<&'static str>,
+    class: Option<ErrorClass>,
 ) -> Disposition {
     let (app, body) = (ctx.app, ctx.body);
     let job = &start.job;
     let (status, reason, class) = match run.end.without_nul() {
         RunEnd::Completed => (JobStatus::Completed, None, None),
-        RunEnd::Permanent(why) => (JobStatus::DeadLettered, Some(why), Some(class.unwrap_or("permanent"))),
-        RunEnd::Plan(why) => (JobStatus::DeadLettered, Some(why), Some("plan")),
+        RunEnd::Permanent(why) => (JobStatus::DeadLettered, Some(why), Some(class.unwrap_or(ErrorClass::Permanent))),
+        RunEnd::Plan(why) => (JobStatus::DeadLettered, Some(why), Some(ErrorClass::Plan)),
         // In use: no retry schedule will change that; an operator replays it later.
-        RunEnd::Blocked(why) => (JobStatus::DeadLettered, Some(why), Some("blocked")),
+        RunEnd::Blocked(why) => (JobStatus::DeadLettered, Some(why), Some(ErrorClass::Blocked)),
         RunEnd::Unfinished(why) => match retry::next_delay(&app.settings.worker.retry_delays(), job.attempts) {
             Some(delay) => {
                 tracing::info!(
@@ -221,7 +221,7 @@ async fn conclude(
             None => (
                 JobStatus::DeadLettered,
                 Some(format!("out of retries after {} attempts: {why}", job.attempts)),
-                Some("exhausted"),
+                Some(ErrorClass::Exhausted),
             ),
         },
     };
@@ -250,19 +250,14 @@ async fn conclude(
     };
     let bytes = result.to_bytes();
     let job_id = job.job_id.to_string();
-    let dead = reason.as_deref().map(|r| {
-        let headers = serde_json::json!({
-            crate::broker::headers::REASON: r,
-            crate::broker::headers::JOB_ID: job_id,
-            crate::broker::headers::ERROR_CLASS: class.unwrap_or("job_failed"),
-            crate::broker::headers::ROUTING_KEY: job.routing_key.as_str(),
-        });
+    let dead = reason.as_deref().zip(class).map(|(r, class)| {
+        let headers = crate::broker::dead_letter_headers(&job.routing_key, r, class, Some(&job_id));
         (app.names.dead.as_str(), body, headers)
     });
     let end = JobEnd {
         status,
         reason: reason.as_deref(),
-        error_class: class,
+        error_class: class.map(ErrorClass::as_str),
         steps: &run.steps,
         result: &bytes,
         result_key: result.routing_key(),
@@ -274,7 +269,7 @@ async fn conclude(
             if f.queued {
                 app.metrics.jobs.with_label_values(&[status.as_str()]).inc();
             }
-            finished(job.event_id.clone(), job.job_id, f.result, f.queued)
+            finished(job.event_id.clone(), job.job_id, f.result, f.error_class.as_deref(), f.queued)
         }
         Err(e) => {
             let _ = app.ledger.release(&job.owner, holder).await;
@@ -283,14 +278,20 @@ async fn conclude(
     }
 }
 
-/// The stored bytes decide the routing key and whether the event is dead-lettered,
-/// so a duplicate is published exactly like the original.
-fn finished(event_id: String, job_id: Uuid, stored: Vec<u8>, queued: bool) -> Disposition {
+/// The stored bytes (and class) decide the routing key and whether the event
+/// is dead-lettered, so a duplicate is published exactly like the original.
+fn finished(event_id: String, job_id: Uuid, stored: Vec<u8>, class: Option<&str>, queued: bool) -> Disposition {
     let parsed: Option<TeardownResult> = serde_json::from_slice(&stored).ok();
     let (routing_key, dead) = match parsed {
         Some(r) if r.status == JobStatus::DeadLettered.as_str() => (
             contract::TEARDOWN_DEAD_LETTERED,
-            Some(DeadLetter { reason: r.reason.unwrap_or_default(), job_id: job_id.to_string() }),
+            Some(DeadLetter {
+                // Every dead-lettered job has its class stored; an unreadable
+                // one is the most careful class (no automatic retry).
+                class: class.and_then(ErrorClass::parse).unwrap_or(ErrorClass::Permanent),
+                reason: r.reason.unwrap_or_default(),
+                job_id: job_id.to_string(),
+            }),
         ),
         _ => (contract::TEARDOWN_COMPLETED, None),
     };

@@ -27,7 +27,7 @@ pub enum Disposition {
     RetryAfter { delay: Duration, why: String },
     /// Malformed (or poison): to the dead queue with the reason, no result
     /// (there is no job), then ack.
-    Reject { reason: String, class: &'static str },
+    Reject { reason: String, class: ErrorClass },
     /// Our own infrastructure failed (the database is unreachable, or refused
     /// this message): back through the retry queue without counting an attempt,
     /// so no consumer slot waits. `refused` counts towards
@@ -35,9 +35,56 @@ pub enum Disposition {
     InfraRetry { why: String, refused: bool },
 }
 
-/// Headers that travel with a dead-lettered event.
+/// Why a message went to the dead queue. The same word is in the dead copy's
+/// `x-reaper-error-class` header, the job's `error_class` column (what
+/// `reaper replay --error-class` filters on) and the dead-letter metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Not a valid event (no job was opened).
+    Malformed,
+    /// Delivered or panicking again and again: the worker may crash on it.
+    Poison,
+    /// A step failed in a way retrying will not fix (4xx, bad SQL).
+    Permanent,
+    /// Still failing when the retry schedule was spent.
+    Exhausted,
+    /// The resources cannot be ordered (a cycle).
+    Plan,
+    /// A guard says a resource is in use; nothing was deleted.
+    Blocked,
+}
+
+impl ErrorClass {
+    pub const ALL: [ErrorClass; 6] = [
+        ErrorClass::Malformed,
+        ErrorClass::Poison,
+        ErrorClass::Permanent,
+        ErrorClass::Exhausted,
+        ErrorClass::Plan,
+        ErrorClass::Blocked,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Malformed => "malformed",
+            ErrorClass::Poison => "poison",
+            ErrorClass::Permanent => "permanent",
+            ErrorClass::Exhausted => "exhausted",
+            ErrorClass::Plan => "plan",
+            ErrorClass::Blocked => "blocked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ErrorClass> {
+        ErrorClass::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+/// A job's dead-lettered event: what its dead copy says (the message itself
+/// is built in one place, `broker::dead_letter_headers`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
+    pub class: ErrorClass,
     pub reason: String,
     pub job_id: String,
 }
@@ -51,13 +98,16 @@ pub fn on_ledger_error(e: &LedgerError, refusals_before: u32, limit: u32) -> Dis
     match e.failure() {
         LedgerFailure::Data => {
             tracing::error!(error = %e, "the ledger refused the message's data; dead-lettering it");
-            Disposition::Reject { reason: format!("the ledger cannot store this message: {e}"), class: "permanent" }
+            Disposition::Reject {
+                reason: format!("the ledger cannot store this message: {e}"),
+                class: ErrorClass::Permanent,
+            }
         }
         LedgerFailure::Refused if refusals_before + 1 >= limit => {
             tracing::error!(error = %e, times = refusals_before + 1, "the ledger keeps refusing the message; dead-lettering it");
             Disposition::Reject {
                 reason: format!("the ledger refused this message {} times in a row: {e}", refusals_before + 1),
-                class: "poison",
+                class: ErrorClass::Poison,
             }
         }
         failure => {

@@ -40,9 +40,13 @@ pub struct Faults {
     /// Fraction of requests that hang for `hang_ms` and then answer 504.
     pub hang_rate: f64,
     pub hang_ms: u64,
-    /// The next N resource requests answer `fail_status` (503 when 0).
+    /// The next N resource requests answer `fail_status` (503 when 0; a 429
+    /// carries `Retry-After: retry_after_secs`).
     pub fail_next: u32,
     pub fail_status: u16,
+    /// The first N requests that the faults would hit pass untouched (a list
+    /// whose first page answers and whose second does not).
+    pub pass_first: u32,
     /// Only requests with this method suffer the faults (all when empty).
     pub only_method: String,
     /// Seed for the random rates, so a run can be repeated.
@@ -221,6 +225,11 @@ impl Inner {
         if !f.only_method.is_empty() && !f.only_method.eq_ignore_ascii_case(method.as_str()) {
             return None;
         }
+        if self.faults.pass_first > 0 {
+            self.faults.pass_first -= 1;
+            return None;
+        }
+        let f = &self.faults;
         let rng = self.rng.get_or_insert_with(fastrand::Rng::new);
         if f.hang_rate > 0.0 && rng.f64() < f.hang_rate {
             self.stats.injected_hangs += 1;
@@ -230,6 +239,10 @@ impl Inner {
             self.faults.fail_next -= 1;
             self.stats.injected_errors += 1;
             let s = if self.faults.fail_status == 0 { 503 } else { self.faults.fail_status };
+            if s == 429 {
+                self.stats.injected_rate_limits += 1;
+                return Some(Injected::RateLimited(self.faults.retry_after_secs));
+            }
             return Some(Injected::Status(StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)));
         }
         let f = &self.faults;

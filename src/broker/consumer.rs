@@ -161,7 +161,7 @@ async fn process_one(app: &App, publisher: &Publisher, delivery: Delivery) {
             if panics >= app.settings.broker.delivery_limit {
                 Disposition::Reject {
                     reason: format!("poison: handling panicked {panics} times: {what}"),
-                    class: "poison",
+                    class: crate::retry::ErrorClass::Poison,
                 }
             } else {
                 app.metrics.events.with_label_values(&[metric_key(&incoming.routing_key), "panic"]).inc();
@@ -262,12 +262,8 @@ async fn settle(
         Disposition::Finished { event_id, job_id, result, routing_key: result_key, dead, queued } => {
             publisher.publish(&app.names.results, result_key, &result, &event_id, &[]).await?;
             if let Some(dead) = dead {
-                let hs = [
-                    (headers::ROUTING_KEY, routing_key),
-                    (headers::REASON, dead.reason.as_str()),
-                    (headers::JOB_ID, dead.job_id.as_str()),
-                    (headers::ERROR_CLASS, "job_failed"),
-                ];
+                let hs = super::dead_letter_headers(routing_key, &dead.reason, dead.class, Some(&dead.job_id));
+                let hs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 publisher.publish("", &app.names.dead, &delivery.data, &event_id, &hs).await?;
             }
             if queued {
@@ -282,11 +278,8 @@ async fn settle(
             to_retry(app.settings.worker.infra_delay(), refusals).await?
         }
         Disposition::Reject { reason, class } => {
-            let hs = [
-                (headers::ROUTING_KEY, routing_key),
-                (headers::REASON, reason.as_str()),
-                (headers::ERROR_CLASS, class),
-            ];
+            let hs = super::dead_letter_headers(routing_key, &reason, class, None);
+            let hs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (*k, v.as_str())).collect();
             publisher.publish("", &app.names.dead, &delivery.data, message_id, &hs).await?;
         }
     }
@@ -329,8 +322,8 @@ fn metric_key(routing_key: &str) -> &'static str {
 fn count(app: &App, routing_key: &str, d: &Disposition) {
     let m = &app.metrics;
     let verdict = match d {
-        Disposition::Finished { routing_key: k, .. } if *k == crate::contract::TEARDOWN_DEAD_LETTERED => {
-            m.dead_letters.with_label_values(&["job_failed"]).inc();
+        Disposition::Finished { dead: Some(dead), .. } => {
+            m.dead_letters.with_label_values(&[dead.class.as_str()]).inc();
             "dead_lettered"
         }
         Disposition::Finished { .. } => "completed",
@@ -345,8 +338,8 @@ fn count(app: &App, routing_key: &str, d: &Disposition) {
             "infra_retry"
         }
         Disposition::Reject { class, .. } => {
-            m.dead_letters.with_label_values(&[class]).inc();
-            class
+            m.dead_letters.with_label_values(&[class.as_str()]).inc();
+            class.as_str()
         }
     };
     m.events.with_label_values(&[metric_key(routing_key), verdict]).inc();

@@ -60,6 +60,26 @@ pub(crate) fn amqp(op: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError
     move |source| BrokerError::Amqp { op, source }
 }
 
+/// The headers of a dead copy, the one place they are put together: on the
+/// normal path (`consumer::settle`) and in the outbox row a job's finish
+/// writes for the crash path, so both copies of one event say the same.
+pub fn dead_letter_headers(
+    routing_key: &str,
+    reason: &str,
+    class: crate::retry::ErrorClass,
+    job_id: Option<&str>,
+) -> Vec<(&'static str, String)> {
+    let mut hs = vec![
+        (headers::ROUTING_KEY, routing_key.to_string()),
+        (headers::REASON, reason.to_string()),
+        (headers::ERROR_CLASS, class.as_str().to_string()),
+    ];
+    if let Some(id) = job_id {
+        hs.push((headers::JOB_ID, id.to_string()));
+    }
+    hs
+}
+
 /// Header names reaper sets.
 pub mod headers {
     /// The routing key an event was first published with (retry hops lose it).

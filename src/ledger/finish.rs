@@ -310,7 +310,7 @@ async fn write(pool: &PgPool, batch: Vec<FinishReq>) -> Result<(), Failed<Finish
             RETURNING job_id
          ),
          l AS (DELETE FROM owner_leases ol USING input i WHERE ol.owner = i.owner AND ol.holder = i.holder)
-         SELECT i.job_id, f.result AS mine, j.result AS earlier, EXISTS (SELECT 1 FROM o WHERE o.job_id = i.job_id) AS queued
+         SELECT i.job_id, f.result AS mine, j.result AS earlier, j.error_class AS earlier_class, EXISTS (SELECT 1 FROM o WHERE o.job_id = i.job_id) AS queued
          FROM input i LEFT JOIN f ON f.job_id = i.job_id LEFT JOIN jobs j ON j.job_id = i.job_id",
     )
     .bind(&job_ids)
@@ -344,8 +344,9 @@ async fn write(pool: &PgPool, batch: Vec<FinishReq>) -> Result<(), Failed<Finish
                         let mine: Option<Vec<u8>> = row.get("mine");
                         let earlier: Option<Vec<u8>> = row.get("earlier");
                         let queued: bool = row.get("queued");
+                        let error_class = if mine.is_some() { r.error_class.clone() } else { row.get("earlier_class") };
                         mine.or(earlier)
-                            .map(|result| Finished { result, queued })
+                            .map(|result| Finished { result, queued, error_class })
                             .ok_or_else(|| LedgerError::Corrupt(r.job_id, "terminal without a result".into()))
                     }
                 };

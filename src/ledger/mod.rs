@@ -146,6 +146,8 @@ pub struct JobRow {
     pub routing_key: String,
     /// The kinds' lookups ran for this job (once; see `Ledger::adopt`).
     pub looked_up: bool,
+    /// Why it was dead-lettered (`retry::ErrorClass`), once it was.
+    pub error_class: Option<String>,
 }
 
 /// Everything a worker needs to run (or resume) a job.
@@ -174,7 +176,7 @@ pub struct JobEnd<'a> {
     pub result: &'a [u8],
     pub result_key: &'a str,
     /// (dead queue, event body, headers) when the job is dead-lettered.
-    pub dead: Option<(&'a str, &'a [u8], serde_json::Value)>,
+    pub dead: Option<(&'a str, &'a [u8], Vec<(&'static str, String)>)>,
 }
 
 /// What recording a `resource.tracked` led to.
@@ -278,6 +280,8 @@ pub struct Finished {
     /// Whether this call queued outbox rows (false when another delivery
     /// finished the job first); delete them with `outbox_done` after the confirms.
     pub queued: bool,
+    /// The stored error class, when the stored result is a dead letter.
+    pub error_class: Option<String>,
 }
 
 impl Ledger {
@@ -524,7 +528,7 @@ impl Ledger {
              ON CONFLICT (event_id) DO UPDATE
                 SET attempts = jobs.attempts + CASE WHEN jobs.status = 'running' THEN 1 ELSE 0 END
              RETURNING (xmax = 0) AS inserted, job_id, event_id, owner, trigger, dry_run, status, attempts,
-                       started_at, reason, result, replays, routing_key, looked_up",
+                       started_at, reason, result, replays, routing_key, looked_up, error_class",
         )
         .bind(Uuid::new_v4())
         .bind(&req.event_id)
@@ -635,6 +639,7 @@ impl Ledger {
                     replays: 0,
                     routing_key: routing_key.to_string(),
                     looked_up: false,
+                    error_class: None,
                 };
                 let resources = opened
                     .resources
@@ -730,7 +735,8 @@ impl Ledger {
     pub async fn finish(&self, job: &JobRow, end: &JobEnd<'_>, holder: Uuid) -> Result<Finished, LedgerError> {
         let mut outbox = vec![("result", end.result_key.to_string(), end.result.to_vec(), serde_json::json!({}))];
         if let Some((dead_queue, body, headers)) = &end.dead {
-            outbox.push(("dead", dead_queue.to_string(), body.to_vec(), headers.clone()));
+            let headers = headers.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(v.as_str())));
+            outbox.push(("dead", dead_queue.to_string(), body.to_vec(), serde_json::Value::Object(headers.collect())));
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
         let req = finish::FinishReq {
@@ -792,7 +798,7 @@ async fn bump_attempts(tx: &mut Transaction<'_, Postgres>, job_id: Uuid) -> Resu
 async fn job_by_event(conn: &mut sqlx::PgConnection, event_id: &str) -> Result<Option<JobRow>, LedgerError> {
     let row = sqlx::query(
         "SELECT job_id, event_id, owner, trigger, dry_run, status, attempts, started_at, reason, result, replays, routing_key,
-                looked_up
+                looked_up, error_class
          FROM jobs WHERE event_id = $1",
     )
     .bind(event_id)
@@ -823,6 +829,7 @@ fn job_row(r: &sqlx::postgres::PgRow) -> Result<JobRow, LedgerError> {
         replays: replays.max(0) as u32,
         routing_key: r.get("routing_key"),
         looked_up: r.get("looked_up"),
+        error_class: r.get("error_class"),
     })
 }
 

@@ -117,59 +117,118 @@ impl InventorySettings {
     }
 }
 
-/// Starts reading an inventory; pages arrive on the receiver, then either the
-/// channel closes (the end) or an `Err` arrives (the read failed: the whole
-/// inventory must then be treated as not loaded).
+/// What a reader hands the sweep: pages, then `End`, or `Failed`.
+///
+/// The end of a list is said, never inferred: a reader that panics or is
+/// cancelled drops its sender without `End`, and a list that stops there must
+/// not be taken for a whole one (its missing items would look orphaned).
+#[derive(Debug)]
+enum Chunk {
+    Page(Vec<Item>),
+    End,
+    Failed(String),
+}
+
+/// One inventory being read by its own task.
+pub struct Reader {
+    rx: mpsc::Receiver<Chunk>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Reader {
+    /// Runs `read` on a task of its own, handing it the page collector.
+    fn spawn<F, Fut>(read: F) -> Reader
+    where
+        F: FnOnce(Pages) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(2);
+        let task = tokio::spawn(read(Pages::new(tx)));
+        Reader { rx, task: Some(task) }
+    }
+
+    fn failed(why: String) -> Reader {
+        let (tx, rx) = mpsc::channel(1);
+        let _ = tx.try_send(Chunk::Failed(why));
+        Reader { rx, task: None }
+    }
+
+    /// The next page; `Ok(None)` once the reader said the list ended. Any
+    /// other way the reader stops is an error: the inventory did not load.
+    pub async fn next(&mut self) -> Result<Option<Vec<Item>>, String> {
+        match self.rx.recv().await {
+            Some(Chunk::Page(items)) => Ok(Some(items)),
+            Some(Chunk::End) => Ok(None),
+            Some(Chunk::Failed(why)) => Err(why),
+            None => Err(self.why_it_stopped().await),
+        }
+    }
+
+    async fn why_it_stopped(&mut self) -> String {
+        let what = match self.task.take() {
+            Some(task) => match task.await {
+                Err(e) if e.is_panic() => {
+                    let p = e.into_panic();
+                    let msg = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    format!("the reader panicked ({msg})")
+                }
+                Err(_) => "the reader was cancelled".to_string(),
+                Ok(()) => "the reader stopped".to_string(),
+            },
+            None => "the reader stopped".to_string(),
+        };
+        format!("{what} before the end of the list; a partial list is not a list")
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Starts reading an inventory.
 ///
 /// `strict` is for the truth: an item without a key there fails the read,
 /// because skipping it would make its counterpart in the copy look orphaned.
 /// A copy item without a key is only left out.
-pub fn read(
-    inv: &InventorySettings,
-    providers: &Providers,
-    ledger: &crate::ledger::Ledger,
-    strict: bool,
-) -> mpsc::Receiver<Result<Vec<Item>, String>> {
-    let (tx, rx) = mpsc::channel(2);
+pub fn read(inv: &InventorySettings, providers: &Providers, ledger: &crate::ledger::Ledger, strict: bool) -> Reader {
     let inv = inv.clone();
     if inv.provider == LEDGER {
         let pool = ledger.pool().clone();
         let sql = "SELECT DISTINCT resource_id AS key FROM tracked_resources WHERE kind = $1 AND state = 'live'";
         let kind = inv.kind.clone().unwrap_or_default();
-        tokio::spawn(async move {
+        return Reader::spawn(move |pages| async move {
             let rows = sqlx::query(sql).bind(kind).fetch(&pool);
-            pump_sql(rows, &inv, strict, tx).await
+            pump_sql(rows, &inv, strict, pages).await
         });
-        return rx;
     }
     let Some(provider) = providers.get(&inv.provider).cloned() else {
-        let _ = tx.try_send(Err(format!("provider {} is not configured", inv.provider)));
-        return rx;
+        return Reader::failed(format!("provider {} is not configured", inv.provider));
     };
-    tokio::spawn(async move {
+    Reader::spawn(move |pages| async move {
         match provider.as_ref() {
-            Provider::Postgres(p) => {
-                let sql = inv.sql.clone().unwrap_or_default();
-                let rows = sqlx::query(&sql).fetch(p.pool());
-                pump_sql(rows, &inv, strict, tx).await
-            }
-            Provider::Mongo(m) => pump_mongo(m, &inv, strict, tx).await,
-            Provider::Http(h) => pump_http(h, &inv, strict, tx).await,
+            Provider::Postgres(p) => pump_postgres(p, &inv, strict, pages).await,
+            Provider::Mongo(m) => pump_mongo(m, &inv, strict, pages).await,
+            Provider::Http(h) => pump_http(h, &inv, strict, pages).await,
         }
-    });
-    rx
+    })
 }
-
-type Tx = mpsc::Sender<Result<Vec<Item>, String>>;
 
 /// Collects items and hands them over a full page at a time.
 struct Pages {
     page: Vec<Item>,
-    tx: Tx,
+    tx: mpsc::Sender<Chunk>,
 }
 
 impl Pages {
-    fn new(tx: Tx) -> Pages {
+    fn new(tx: mpsc::Sender<Chunk>) -> Pages {
         Pages { page: Vec::with_capacity(PAGE), tx }
     }
 
@@ -180,28 +239,50 @@ impl Pages {
             return true;
         }
         let full = std::mem::replace(&mut self.page, Vec::with_capacity(PAGE));
-        self.tx.send(Ok(full)).await.is_ok()
+        self.tx.send(Chunk::Page(full)).await.is_ok()
     }
 
     async fn fail(self, why: String) {
-        let _ = self.tx.send(Err(why)).await;
+        let _ = self.tx.send(Chunk::Failed(why)).await;
     }
 
+    /// The list ended: what is collected, then the marker that says so.
     async fn finish(self) {
-        if !self.page.is_empty() {
-            let _ = self.tx.send(Ok(self.page)).await;
+        if !self.page.is_empty() && self.tx.send(Chunk::Page(self.page)).await.is_err() {
+            return;
         }
+        let _ = self.tx.send(Chunk::End).await;
     }
+}
+
+/// An application database's inventory query. It runs in a transaction of
+/// its own without the provider's statement timeout (which bounds a step,
+/// not a list of a million rows read as fast as the ledger takes them).
+async fn pump_postgres(
+    p: &crate::providers::postgres::PostgresProvider,
+    inv: &InventorySettings,
+    strict: bool,
+    pages: Pages,
+) {
+    let mut tx = match p.pool().begin().await {
+        Ok(tx) => tx,
+        Err(e) => return pages.fail(format!("query failed: {e}")).await,
+    };
+    if let Err(e) = sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *tx).await {
+        return pages.fail(format!("query failed: {e}")).await;
+    }
+    let sql = inv.sql.clone().unwrap_or_default();
+    let rows = sqlx::query(&sql).fetch(&mut *tx);
+    pump_sql(rows, inv, strict, pages).await
 }
 
 async fn pump_sql<'a>(
     mut rows: futures_util::stream::BoxStream<'a, Result<sqlx::postgres::PgRow, sqlx::Error>>,
     inv: &InventorySettings,
     strict: bool,
-    tx: Tx,
+    mut pages: Pages,
 ) {
     let key_col = inv.key.clone().unwrap_or_else(|| "key".into());
-    let mut pages = Pages::new(tx);
     loop {
         let row = match rows.try_next().await {
             Ok(Some(r)) => r,
@@ -258,10 +339,9 @@ fn sql_item(row: &sqlx::postgres::PgRow, key_col: &str, created_col: Option<&str
     Ok(Some(item))
 }
 
-async fn pump_mongo(m: &mongo::MongoProvider, inv: &InventorySettings, strict: bool, tx: Tx) {
+async fn pump_mongo(m: &mongo::MongoProvider, inv: &InventorySettings, strict: bool, mut pages: Pages) {
     use mongodb::bson::{Bson, Document};
     let key = inv.key.clone().unwrap_or_default();
-    let mut pages = Pages::new(tx);
     let filter: Document = match serde_json::from_str::<serde_json::Value>(inv.filter.as_deref().unwrap_or("{}"))
         .map_err(|e| e.to_string())
         .and_then(|v| Bson::try_from(v).map_err(|e| e.to_string()))
@@ -308,7 +388,7 @@ async fn pump_mongo(m: &mongo::MongoProvider, inv: &InventorySettings, strict: b
     pages.finish().await
 }
 
-async fn pump_http(h: &crate::providers::http::HttpProvider, inv: &InventorySettings, strict: bool, tx: Tx) {
+async fn pump_http(h: &crate::providers::http::HttpProvider, inv: &InventorySettings, strict: bool, pages: Pages) {
     let request = inv.request.clone().unwrap_or_default();
     let path = request.split_once(' ').map(|(_, p)| p.trim().to_string()).unwrap_or_default();
     let key = inv.key.clone().unwrap_or_default();
@@ -325,23 +405,18 @@ async fn pump_http(h: &crate::providers::http::HttpProvider, inv: &InventorySett
         };
         let page = match h.get_json(&url).await {
             Ok(p) => p,
-            Err(e) => {
-                let _ = tx.send(Err(format!("GET {url}: {e}"))).await;
-                return;
-            }
+            Err(e) => return pages.fail(format!("GET {url}: {e}")).await,
         };
         let Some(items) = page.pointer(&inv.items).and_then(|v| v.as_array()) else {
-            let _ = tx.send(Err(format!("GET {url}: no array at {:?} in the answer", inv.items))).await;
-            return;
+            return pages.fail(format!("GET {url}: no array at {:?} in the answer", inv.items)).await;
         };
         let mut out = Vec::with_capacity(items.len());
         for it in items {
             let Some(k) = it.pointer(&key).and_then(json_text) else {
                 if strict {
-                    let _ = tx
-                        .send(Err(format!("GET {url}: an item has nothing at {key:?}: it could not be matched")))
+                    return pages
+                        .fail(format!("GET {url}: an item has nothing at {key:?}: it could not be matched"))
                         .await;
-                    return;
                 }
                 continue;
             };
@@ -356,15 +431,14 @@ async fn pump_http(h: &crate::providers::http::HttpProvider, inv: &InventorySett
                 .collect();
             out.push(Item { key: k, created_at, attributes });
         }
-        if !out.is_empty() && tx.send(Ok(out)).await.is_err() {
+        if !out.is_empty() && pages.tx.send(Chunk::Page(out)).await.is_err() {
             return;
         }
         token = inv.next.as_deref().and_then(|p| page.pointer(p)).and_then(json_text).filter(|t| !t.is_empty());
         match &token {
-            None => return,
+            None => return pages.finish().await,
             Some(t) if !seen_tokens.insert(t.clone()) => {
-                let _ = tx.send(Err(format!("GET {url}: the API sent page token {t:?} twice"))).await;
-                return;
+                return pages.fail(format!("GET {url}: the API sent page token {t:?} twice")).await;
             }
             Some(_) => {}
         }
@@ -400,6 +474,39 @@ pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn item(key: &str) -> Item {
+        Item { key: key.into(), created_at: None, attributes: BTreeMap::new() }
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_panics_is_a_failed_load_not_a_short_list() {
+        let mut r = Reader::spawn(|mut pages| async move {
+            for i in 0..PAGE {
+                pages.push(item(&format!("k{i}"))).await;
+            }
+            panic!("page two went wrong");
+        });
+        assert_eq!(r.next().await.unwrap().map(|p| p.len()), Some(PAGE), "the first page arrives");
+        let err = r.next().await.unwrap_err();
+        assert!(err.contains("panicked (page two went wrong) before the end of the list"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_stops_without_the_end_marker_is_a_failed_load() {
+        let mut r = Reader::spawn(|mut pages| async move {
+            pages.push(item("a")).await;
+            drop(pages);
+        });
+        let err = r.next().await.unwrap_err();
+        assert!(err.contains("stopped before the end of the list"), "{err}");
+        let mut r = Reader::spawn(|mut pages| async move {
+            pages.push(item("a")).await;
+            pages.finish().await;
+        });
+        assert_eq!(r.next().await.unwrap().map(|p| p.len()), Some(1));
+        assert_eq!(r.next().await.unwrap(), None, "a list that says it ended, ended");
+    }
 
     #[test]
     fn times_are_utc() {

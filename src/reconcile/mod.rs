@@ -271,10 +271,10 @@ impl Sweeper<'_> {
         let (mut truth_done, mut copy_done) = (truth_rx.is_none(), false);
         while !(truth_done && copy_done) {
             tokio::select! {
-                page = async { truth_rx.as_mut().expect("present until done").recv().await }, if !truth_done => match page {
-                    None => truth_done = true,
-                    Some(Err(e)) => return Err(inv_err("truth", e)),
-                    Some(Ok(items)) => {
+                page = async { truth_rx.as_mut().expect("present until done").next().await }, if !truth_done => match page {
+                    Ok(None) => truth_done = true,
+                    Err(e) => return Err(inv_err("truth", e)),
+                    Ok(Some(items)) => {
                         let keys: Vec<String> = items.into_iter().map(|i| i.key).collect();
                         sqlx::query("INSERT INTO rc_truth (key) SELECT * FROM unnest($1::text[])")
                             .bind(keys)
@@ -283,10 +283,10 @@ impl Sweeper<'_> {
                             .map_err(|e| inv_err("truth", format!("storing a page: {e}")))?;
                     }
                 },
-                page = copy_rx.recv(), if !copy_done => match page {
-                    None => copy_done = true,
-                    Some(Err(e)) => return Err(inv_err("copy", e)),
-                    Some(Ok(items)) => {
+                page = copy_rx.next(), if !copy_done => match page {
+                    Ok(None) => copy_done = true,
+                    Err(e) => return Err(inv_err("copy", e)),
+                    Ok(Some(items)) => {
                         let (kept, left): (Vec<Item>, Vec<Item>) = items.into_iter().partition(|i| {
                             rule.include.iter().all(|f| f.matches(i)) && !rule.exclude.iter().any(|f| f.matches(i))
                         });

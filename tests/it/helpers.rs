@@ -206,6 +206,35 @@ impl TestApp {
         self.tap.next(Duration::from_secs(secs)).await.unwrap_or_else(|| panic!("no result within {secs}s"))
     }
 
+    /// Waits for `n` messages on the dead queue; each with its string headers.
+    pub async fn dead_headers(&self, n: usize) -> Vec<(Vec<u8>, std::collections::BTreeMap<String, String>)> {
+        let ch = self.conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        let start = Instant::now();
+        while out.len() < n {
+            assert!(start.elapsed() < Duration::from_secs(30), "only {} of {n} dead letters arrived", out.len());
+            let Some(m) =
+                ch.basic_get(self.app.names.dead.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap()
+            else {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+                continue;
+            };
+            let headers = m.delivery.properties.headers().as_ref().map(|h| {
+                h.inner()
+                    .iter()
+                    .filter_map(|(k, v)| match v {
+                        AMQPValue::LongString(s) => {
+                            Some((k.to_string(), String::from_utf8_lossy(s.as_bytes()).into_owned()))
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            });
+            out.push((m.delivery.data.clone(), headers.unwrap_or_default()));
+        }
+        out
+    }
+
     /// Messages now on the dead queue, with their reason header.
     pub async fn drain_dead(&self) -> Vec<(Vec<u8>, String)> {
         let ch = self.conn.create_channel().await.unwrap();

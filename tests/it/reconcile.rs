@@ -162,6 +162,30 @@ async fn a_truth_that_fails_to_load_or_comes_back_empty_touches_nothing() {
     assert_eq!(models(&t).await, 4);
 }
 
+/// A truth whose second page answers 429 with `Retry-After: 1e20`. That
+/// header once panicked the reader, and the sweep took the first page for the
+/// whole list: 40 live models looked orphaned, within the brakes. Now the
+/// reader must say the list ended; anything else is a failed load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truth_list_cut_short_after_its_first_page_touches_nothing() {
+    let mut t = spawn_app(&RULE.replace("max_count = 5\n", "max_count = 50\n")).await;
+    world(&t, 140, &[]).await;
+    t.sim.set_faults(reaper::sim::Faults {
+        pass_first: 1,
+        fail_next: 1,
+        fail_status: 429,
+        retry_after_secs: 1e20,
+        only_method: "GET".into(),
+        ..Default::default()
+    });
+    let (code, r, err) = t.reconcile("models", &["--execute"]);
+    assert_eq!(code, 3, "a list cut short is a failed load: {r} {err}");
+    assert!(err.contains("truth inventory failed to load, so nothing was touched"), "{err}");
+    assert!(err.contains("429"), "the error says what cut the list: {err}");
+    assert_eq!(models(&t).await, 140, "no live model was taken for an orphan");
+    assert!(t.tap.next(Duration::from_millis(300)).await.is_none(), "no teardown was published");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_brakes_refuse_a_sweep_that_would_delete_too_much_unless_forced() {
     let mut t = spawn_app(RULE).await;

@@ -197,3 +197,104 @@ async fn two_terminals_replaying_at_once_replay_each_job_once() {
     assert!(t.sim.paths().is_empty());
     t.stop().await;
 }
+
+/// The dead copy of an event says why, by class, in `x-reaper-error-class`
+/// (docs/contract.md): one scenario per class. The copy once said
+/// `job_failed` for every job that reached its finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_copy_names_its_class_for_every_class() {
+    let mut t = spawn_app(
+        r#"
+[kinds.held_vni]
+provider = "cloud"
+delete = "DELETE /v1/virtual_network_interfaces/{id}"
+check = "GET /v1/virtual_network_interfaces/{id}"
+guard = { provider = "cloud", query = "GET /v1/holds/{id}", reason = "held" }
+[worker]
+retry_delays_secs = [3, 0.2]
+"#,
+    )
+    .await;
+    let vni = |id: &str| format!("/v1/virtual_network_interfaces/{id}");
+    let failed = |event_id: &str, owner: &str, resources: serde_json::Value| serde_json::json!({"event_id": event_id, "owner": owner, "occurred_at": Utc::now().to_rfc3339(), "resources": resources});
+    // malformed: not an event at all.
+    t.publish_raw(&t.app.names.events, "deletion.requested", b"{not json").await;
+    check(&t, "malformed", false).await;
+
+    // permanent: the API says 403.
+    t.sim.create(&vni("perm"), &[]);
+    t.sim.set_faults(Faults { fail_next: 1, fail_status: 403, only_method: "DELETE".into(), ..Default::default() });
+    t.publish("provisioning.failed", &failed("c-perm", "cls/perm", serde_json::json!([{"kind": "vni", "id": "perm"}])))
+        .await;
+    assert_eq!(t.next_result(30).await.result.status, "dead_lettered");
+    check(&t, "permanent", true).await;
+
+    // plan: parents in a circle.
+    t.publish(
+        "provisioning.failed",
+        &failed(
+            "c-plan",
+            "cls/plan",
+            serde_json::json!([
+                {"kind": "vni", "id": "p1", "parent": {"kind": "vni", "id": "p2"}},
+                {"kind": "vni", "id": "p2", "parent": {"kind": "vni", "id": "p1"}}
+            ]),
+        ),
+    )
+    .await;
+    assert_eq!(t.next_result(30).await.result.status, "dead_lettered");
+    check(&t, "plan", true).await;
+
+    // blocked: a guard finds it in use.
+    t.sim.create(&vni("held"), &[]);
+    t.sim.create("/v1/holds/held", &[]);
+    t.publish(
+        "provisioning.failed",
+        &failed("c-held", "cls/held", serde_json::json!([{"kind": "held_vni", "id": "held"}])),
+    )
+    .await;
+    assert_eq!(t.next_result(30).await.result.status, "dead_lettered");
+    check(&t, "blocked", true).await;
+
+    // exhausted: 503 on every attempt, through the whole schedule.
+    t.sim.create(&vni("tired"), &[]);
+    t.sim.set_faults(Faults {
+        fail_next: 10_000,
+        fail_status: 503,
+        only_method: "DELETE".into(),
+        ..Default::default()
+    });
+    t.publish(
+        "provisioning.failed",
+        &failed("c-tired", "cls/tired", serde_json::json!([{"kind": "vni", "id": "tired"}])),
+    )
+    .await;
+    assert_eq!(t.next_result(30).await.result.status, "dead_lettered");
+    check(&t, "exhausted", true).await;
+
+    // poison: a job delivered far more often than its schedule explains (as
+    // if the worker kept crashing on it): its first run ends unfinished, and
+    // while it waits 3 s for its retry, its deliveries are made many.
+    t.sim.create(&vni("sick"), &[]);
+    t.publish("provisioning.failed", &failed("c-sick", "cls/sick", serde_json::json!([{"kind": "vni", "id": "sick"}])))
+        .await;
+    wait_until("the first run gave up", Duration::from_secs(20), || async {
+        t.sim.requests().iter().filter(|(m, p)| m == "DELETE" && *p == vni("sick")).count() >= 4
+    })
+    .await;
+    t.sql("UPDATE jobs SET attempts = 100 WHERE event_id = 'c-sick'").await;
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "dead_lettered", "{r:?}");
+    assert!(r.reason.as_deref().unwrap_or("").contains("poison"), "{r:?}");
+    check(&t, "poison", true).await;
+    t.sim.set_faults(Faults::default());
+    t.stop().await;
+}
+
+async fn check(t: &TestApp, class: &str, job: bool) {
+    let (_, h) = t.dead_headers(1).await.pop().unwrap();
+    assert_eq!(h.get("x-reaper-error-class").map(String::as_str), Some(class), "{h:?}");
+    assert!(h.get("x-reaper-reason").is_some_and(|r| !r.is_empty()), "{h:?}");
+    assert_eq!(h.contains_key("x-reaper-job-id"), job, "{class}: a job id only where there is a job: {h:?}");
+    assert!(h.contains_key("x-reaper-routing-key"), "{h:?}");
+}
