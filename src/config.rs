@@ -193,6 +193,9 @@ pub struct DatabaseSettings {
 #[serde(deny_unknown_fields)]
 pub struct WorkerSettings {
     pub step_attempts: u32,
+    /// Longest a step may take in one run, rate-limit waits included; then it
+    /// fails as unfinished and the job comes back through the broker.
+    pub step_budget_secs: f64,
     pub step_min_backoff_ms: u64,
     pub step_max_backoff_ms: u64,
     pub retry_delays_secs: Vec<f64>,
@@ -310,6 +313,16 @@ pub struct MongoProviderSettings {
     /// Documents read, archived and deleted per round trip.
     #[serde(default = "default_mongo_batch")]
     pub batch_size: u32,
+    /// Longest one operation (a find, a batch's delete) may take; then it is
+    /// a transient step error.
+    #[serde(default = "default_call_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+/// A provider call that takes longer than this has hung (a row lock, a
+/// server that stopped answering): the step fails as transient.
+fn default_call_timeout_ms() -> u64 {
+    30_000
 }
 
 fn default_mongo_batch() -> u32 {
@@ -325,6 +338,18 @@ pub struct PostgresProviderSettings {
     pub max_connections: u32,
     #[serde(default = "default_pg_acquire_ms")]
     pub acquire_timeout_ms: u64,
+    /// The server's statement_timeout for every statement reaper runs here
+    /// (deletes, checks, guards, lookups); inventories are not bounded by it.
+    #[serde(default = "default_call_timeout_ms")]
+    pub timeout_ms: u64,
+    /// The server's lock_timeout: how long a delete waits for a row another
+    /// transaction holds before it fails (transient) and is retried later.
+    #[serde(default = "default_pg_lock_timeout_ms")]
+    pub lock_timeout_ms: u64,
+}
+
+fn default_pg_lock_timeout_ms() -> u64 {
+    10_000
 }
 
 fn default_pg_connections() -> u32 {
@@ -537,6 +562,9 @@ impl Settings {
         }
         if self.worker.step_attempts == 0 {
             return Err(ConfigError::Invalid("worker.step_attempts must be at least 1".into()));
+        }
+        if !(self.worker.step_budget_secs.is_finite() && self.worker.step_budget_secs > 0.0) {
+            return Err(ConfigError::Invalid("worker.step_budget_secs must be a positive number of seconds".into()));
         }
         if self.worker.retry_delays_secs.iter().any(|d| !d.is_finite() || *d < 0.0 || *d > 366.0 * 24.0 * 3600.0) {
             return Err(ConfigError::Invalid(

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 
@@ -236,18 +236,9 @@ impl Executor<'_> {
                 }
             }
         };
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(self.worker.step_min_backoff_ms))
-            .with_max_delay(Duration::from_millis(self.worker.step_max_backoff_ms))
-            .with_max_times(self.worker.step_attempts.saturating_sub(1) as usize);
-        let result = op
-            .retry(backoff)
-            .sleep(tokio::time::sleep)
-            .when(StepError::is_retryable)
-            .adjust(full_jitter)
-            .notify(|e, d| tracing::debug!(resource = %reference, error = %e, retry_in_ms = d.as_millis() as u64, "step will be retried"))
-            .await;
-        let n = attempts.load(Ordering::Relaxed);
+        let result = self.retry(op, &reference).await;
+        let n = attempts.load(Ordering::Relaxed).saturating_sub(result.1);
+        let result = result.0;
         if let Some(m) = self.metrics {
             m.step_seconds
                 .with_label_values(&[r.kind.as_str(), spec.provider.as_str()])
@@ -257,6 +248,81 @@ impl Executor<'_> {
         match result {
             Ok(outcome) => (StepRecord { resource: reference, outcome, attempts: n, error: None }, None),
             Err(e) => (failed(reference, n, &e), Some(e)),
+        }
+    }
+}
+
+impl Executor<'_> {
+    /// Runs `op` until it succeeds, fails permanently, has failed
+    /// `step_attempts` times, or the step's time budget is spent. Failures wait
+    /// an exponential backoff with full jitter (backon's schedule); a 429 waits
+    /// its Retry-After (1 s without one) and is not a failed attempt: the API
+    /// asked to wait. Returns the result and how many tries were such waits.
+    async fn retry<F, Fut, T>(&self, mut op: F, reference: &ResourceRef) -> (Result<T, StepError>, u32)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StepError>>,
+    {
+        let w = self.worker;
+        let mut backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(w.step_min_backoff_ms))
+            .with_max_delay(Duration::from_millis(w.step_max_backoff_ms))
+            .with_max_times(w.step_attempts.saturating_sub(1) as usize)
+            .build();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(w.step_budget_secs);
+        let mut waits = 0;
+        loop {
+            let e = match op().await {
+                Ok(v) => return (Ok(v), waits),
+                Err(e) if !e.is_retryable() => return (Err(e), waits),
+                Err(e) => e,
+            };
+            let delay = match &e {
+                StepError::RateLimited { retry_after } => {
+                    waits += 1;
+                    Some(retry_after.unwrap_or(Duration::from_secs(1)))
+                }
+                _ => backoff.next().map(|d| d.mul_f64(fastrand::f64())),
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Some(delay) = delay.filter(|d| *d < left) else {
+                let e = match e {
+                    StepError::RateLimited { .. } if delay.is_some() => StepError::Transient(format!(
+                        "{e}, for longer than the step's budget of {}",
+                        human(Duration::from_secs_f64(w.step_budget_secs))
+                    )),
+                    other => other,
+                };
+                return (Err(e), waits);
+            };
+            tracing::debug!(resource = %reference, error = %e, retry_in_ms = delay.as_millis() as u64, "step will be retried");
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+/// A duration as people write it: "250ms", "1s", "1.5s", "2m", "1h 30m".
+pub fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0..=999 => format!("{ms}ms"),
+        1_000..=59_999 => {
+            let s = d.as_secs_f64();
+            if ms.is_multiple_of(1000) {
+                format!("{}s", ms / 1000)
+            } else {
+                format!("{}s", (s * 10.0).round() / 10.0)
+            }
+        }
+        _ => {
+            let secs = d.as_secs();
+            let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
+            let parts: Vec<String> = [(h, "h"), (m, "m"), (s, "s")]
+                .into_iter()
+                .filter(|(n, _)| *n > 0)
+                .map(|(n, u)| format!("{n}{u}"))
+                .collect();
+            parts.join(" ")
         }
     }
 }
@@ -341,17 +407,6 @@ impl Recorder {
     }
 }
 
-/// Full jitter: sleep a random time up to the exponential delay; a 429's
-/// Retry-After is a floor (the provider pauses for it anyway).
-fn full_jitter(e: &StepError, d: Option<Duration>) -> Option<Duration> {
-    let d = d?;
-    let jittered = d.mul_f64(fastrand::f64());
-    Some(match e {
-        StepError::RateLimited { retry_after: Some(ra) } => jittered.max(*ra),
-        _ => jittered,
-    })
-}
-
 /// PostgreSQL text cannot hold NUL; a provider's error must not make the
 /// job's report unwritable (its finish would fail on every delivery).
 fn failed(resource: ResourceRef, attempts: u32, e: &StepError) -> StepRecord {
@@ -360,4 +415,20 @@ fn failed(resource: ResourceRef, attempts: u32, e: &StepError) -> StepRecord {
 
 fn blocked(resource: ResourceRef, why: String) -> StepRecord {
     StepRecord { resource, outcome: Outcome::Blocked, attempts: 0, error: Some(why) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(human(Duration::from_millis(250)), "250ms");
+        assert_eq!(human(Duration::from_secs(1)), "1s");
+        assert_eq!(human(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(human(Duration::from_secs(120)), "2m");
+        assert_eq!(human(Duration::from_secs(5400)), "1h 30m");
+        let e = StepError::RateLimited { retry_after: Some(Duration::from_secs(1)) };
+        assert_eq!(e.to_string(), "429 rate limited (retry after 1s)");
+    }
 }

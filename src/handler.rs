@@ -80,10 +80,15 @@ async fn run_job(ctx: &Ctx<'_>, mut start: JobStart, holder: Uuid) -> Dispositio
             let stored = job.result.clone().unwrap_or_default();
             return finished(job.event_id.clone(), job.job_id, stored, job.error_class.as_deref(), false);
         }
+        // Deliveries that no failed run explains: crashes (or a message that
+        // crashes the worker). As many as a whole schedule plus the delivery
+        // limit are tolerated, so a burst of restarts never poisons a job.
         let poison_after = app.settings.worker.retry_delays().len() as u32 + 1 + app.settings.broker.delivery_limit;
-        if job.attempts > poison_after {
-            let why =
-                format!("poison: delivered {} times without finishing; the worker may be crashing on it", job.attempts);
+        if job.attempts.saturating_sub(job.failed_runs) > poison_after {
+            let why = format!(
+                "poison: delivered {} times ({} of them after a failed run) without finishing; the worker may be crashing on it",
+                job.attempts, job.failed_runs
+            );
             tracing::error!(why, "dead-lettering a job that keeps coming back");
             let steps: Vec<_> = start
                 .resources
@@ -137,7 +142,9 @@ async fn look_up(app: &App, start: &mut JobStart) -> Result<(), String> {
             return Err(format!("lookup for {}: provider {} is not configured", kind.name, l.provider));
         };
         let rows = match (provider.as_ref(), &l.query) {
-            (Provider::Postgres(p), LookupQuery::Sql(sql)) => p.lookup(&kind.name, sql, &start.job.owner).await,
+            (Provider::Postgres(p), LookupQuery::Sql(sql)) => {
+                crate::providers::within(p.deadline(), "the lookup", p.lookup(&kind.name, sql, &start.job.owner)).await
+            }
             (Provider::Mongo(p), LookupQuery::Mongo { filter, id_field, attributes }) => {
                 p.lookup(&kind.name, filter, id_field, attributes, &start.job.owner).await
             }
@@ -205,25 +212,35 @@ async fn conclude(
         RunEnd::Plan(why) => (JobStatus::DeadLettered, Some(why), Some(ErrorClass::Plan)),
         // In use: no retry schedule will change that; an operator replays it later.
         RunEnd::Blocked(why) => (JobStatus::DeadLettered, Some(why), Some(ErrorClass::Blocked)),
-        RunEnd::Unfinished(why) => match retry::next_delay(&app.settings.worker.retry_delays(), job.attempts) {
-            Some(delay) => {
-                tracing::info!(
-                    attempt = job.attempts,
-                    delay_ms = delay.as_millis() as u64,
-                    why,
-                    "job not finished; retrying through the broker"
-                );
-                if let Err(e) = app.ledger.release(&job.owner, holder).await {
-                    tracing::warn!(error = %e, "could not release the owner; its lease will expire");
+        RunEnd::Unfinished(why) => {
+            let failed_runs = match app.ledger.count_failed_run(job.job_id).await {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = app.ledger.release(&job.owner, holder).await;
+                    return ctx.on_ledger_error(&e);
                 }
-                return Disposition::RetryAfter { delay, why };
+            };
+            match retry::next_delay(&app.settings.worker.retry_delays(), failed_runs) {
+                Some(delay) => {
+                    tracing::info!(
+                        failed_runs,
+                        deliveries = job.attempts,
+                        delay_ms = delay.as_millis() as u64,
+                        why,
+                        "job not finished; retrying through the broker"
+                    );
+                    if let Err(e) = app.ledger.release(&job.owner, holder).await {
+                        tracing::warn!(error = %e, "could not release the owner; its lease will expire");
+                    }
+                    return Disposition::RetryAfter { delay, why };
+                }
+                None => (
+                    JobStatus::DeadLettered,
+                    Some(format!("out of retries after {failed_runs} failed runs: {why}")),
+                    Some(ErrorClass::Exhausted),
+                ),
             }
-            None => (
-                JobStatus::DeadLettered,
-                Some(format!("out of retries after {} attempts: {why}", job.attempts)),
-                Some(ErrorClass::Exhausted),
-            ),
-        },
+        }
     };
     let result = TeardownResult {
         event_id: job.event_id.clone(),

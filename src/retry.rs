@@ -117,10 +117,11 @@ pub fn on_ledger_error(e: &LedgerError, refusals_before: u32, limit: u32) -> Dis
     }
 }
 
-/// Which broker delay the `attempt`-th delivery of a job gets when it cannot
-/// finish, or `None` when the schedule is spent and the job must be dead-lettered.
-pub fn next_delay(schedule: &[Duration], attempt: u32) -> Option<Duration> {
-    let i = attempt.checked_sub(1)? as usize;
+/// Which broker delay a job gets after its `failed_runs`-th unfinished run, or
+/// `None` when the schedule is spent and the job must be dead-lettered.
+/// Deliveries after a crash are not runs that failed and do not count here.
+pub fn next_delay(schedule: &[Duration], failed_runs: u32) -> Option<Duration> {
+    let i = failed_runs.checked_sub(1)? as usize;
     schedule.get(i).copied()
 }
 

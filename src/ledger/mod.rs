@@ -135,7 +135,11 @@ pub struct JobRow {
     pub trigger: Trigger,
     pub dry_run: bool,
     pub status: JobStatus,
+    /// Deliveries of the job (poison detection counts these).
     pub attempts: u32,
+    /// Runs that ended unfinished and went to a broker retry: what the retry
+    /// schedule counts (a crash is a delivery, not a failed run).
+    pub failed_runs: u32,
     pub started_at: DateTime<Utc>,
     pub reason: Option<String>,
     /// Set once the job is terminal.
@@ -167,6 +171,10 @@ pub struct StepRecord {
     pub error: Option<String>,
 }
 
+/// A dead-lettered job's event on its way to the dead queue: (queue, body,
+/// headers from `broker::dead_letter_headers`).
+pub type DeadCopy<'a> = (&'a str, &'a [u8], Vec<(&'static str, String)>);
+
 /// How a job ends, as `finish` writes it.
 pub struct JobEnd<'a> {
     pub status: JobStatus,
@@ -176,7 +184,7 @@ pub struct JobEnd<'a> {
     pub result: &'a [u8],
     pub result_key: &'a str,
     /// (dead queue, event body, headers) when the job is dead-lettered.
-    pub dead: Option<(&'a str, &'a [u8], Vec<(&'static str, String)>)>,
+    pub dead: Option<DeadCopy<'a>>,
 }
 
 /// What recording a `resource.tracked` led to.
@@ -528,7 +536,7 @@ impl Ledger {
              ON CONFLICT (event_id) DO UPDATE
                 SET attempts = jobs.attempts + CASE WHEN jobs.status = 'running' THEN 1 ELSE 0 END
              RETURNING (xmax = 0) AS inserted, job_id, event_id, owner, trigger, dry_run, status, attempts,
-                       started_at, reason, result, replays, routing_key, looked_up, error_class",
+                       started_at, reason, result, replays, routing_key, looked_up, error_class, failed_runs",
         )
         .bind(Uuid::new_v4())
         .bind(&req.event_id)
@@ -633,6 +641,7 @@ impl Ledger {
                     dry_run: false,
                     status: JobStatus::Running,
                     attempts: 1,
+                    failed_runs: 0,
                     started_at: opened.started_at.unwrap_or_else(Utc::now),
                     reason: None,
                     result: None,
@@ -755,6 +764,18 @@ impl Ledger {
         answer.await.map_err(|_| LedgerError::FinisherGone)?
     }
 
+    /// Counts a run that ended unfinished; returns the job's failed runs so
+    /// far, which decide its next broker delay (or that the schedule is spent).
+    pub async fn count_failed_run(&self, job_id: Uuid) -> Result<u32, LedgerError> {
+        let n: i32 =
+            sqlx::query_scalar("UPDATE jobs SET failed_runs = failed_runs + 1 WHERE job_id = $1 RETURNING failed_runs")
+                .bind(job_id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db("counting a failed run"))?;
+        Ok(n.max(0) as u32)
+    }
+
     pub async fn job_by_event(&self, event_id: &str) -> Result<Option<JobRow>, LedgerError> {
         let mut conn = self.pool.acquire().await.map_err(db("acquire"))?;
         job_by_event(&mut conn, event_id).await
@@ -798,7 +819,7 @@ async fn bump_attempts(tx: &mut Transaction<'_, Postgres>, job_id: Uuid) -> Resu
 async fn job_by_event(conn: &mut sqlx::PgConnection, event_id: &str) -> Result<Option<JobRow>, LedgerError> {
     let row = sqlx::query(
         "SELECT job_id, event_id, owner, trigger, dry_run, status, attempts, started_at, reason, result, replays, routing_key,
-                looked_up, error_class
+                looked_up, error_class, failed_runs
          FROM jobs WHERE event_id = $1",
     )
     .bind(event_id)
@@ -814,6 +835,7 @@ fn job_row(r: &sqlx::postgres::PgRow) -> Result<JobRow, LedgerError> {
     let status: String = r.get("status");
     let attempts: i32 = r.get("attempts");
     let replays: i32 = r.get("replays");
+    let failed_runs: i32 = r.get("failed_runs");
     Ok(JobRow {
         job_id,
         event_id: r.get("event_id"),
@@ -823,6 +845,7 @@ fn job_row(r: &sqlx::postgres::PgRow) -> Result<JobRow, LedgerError> {
         dry_run: r.get("dry_run"),
         status: JobStatus::parse(&status).ok_or_else(|| LedgerError::Corrupt(job_id, format!("status {status:?}")))?,
         attempts: attempts.max(0) as u32,
+        failed_runs: failed_runs.max(0) as u32,
         started_at: r.get("started_at"),
         reason: r.get("reason"),
         result: r.get("result"),

@@ -101,7 +101,7 @@ impl Ledger {
         let mut tx = self.pool.begin().await.map_err(db("begin"))?;
         let row = sqlx::query(
             "WITH j AS (
-                UPDATE jobs SET status = 'running', attempts = 0, replays = replays + 1,
+                UPDATE jobs SET status = 'running', attempts = 0, failed_runs = 0, replays = replays + 1,
                                 result = NULL, reason = NULL, error_class = NULL, finished_at = NULL
                 WHERE job_id = $1 AND status = 'dead_lettered' AND replays < $2
                 RETURNING job_id, event_id, routing_key, event_body

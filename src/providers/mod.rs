@@ -20,7 +20,7 @@ pub enum StepError {
     #[error("{status} from the API: a dependency still exists ({detail})")]
     NotYet { status: u16, detail: String },
     /// 429: the whole provider slows down for `retry_after`.
-    #[error("429 rate limited (retry after {retry_after:?})")]
+    #[error("429 rate limited ({})", retry_after.map_or("no Retry-After".to_string(), |d| format!("retry after {}", crate::execute::human(d))))]
     RateLimited { retry_after: Option<Duration> },
     /// 5xx, timeouts, refused connections.
     #[error("transient: {0}")]
@@ -141,7 +141,9 @@ impl Provider {
     ) -> Result<Deleted, StepError> {
         match (self, &kind.delete) {
             (Provider::Http(p), _) => p.delete(kind, r).await,
-            (Provider::Postgres(p), Action::Sql(t)) => p.delete(t, r, archive).await,
+            (Provider::Postgres(p), Action::Sql(t)) => {
+                within(p.deadline(), "the delete", p.delete(t, r, archive)).await
+            }
             (Provider::Mongo(p), Action::Mongo(t)) => p.delete(t, r, archive).await,
             _ => Err(StepError::Permanent(format!("kind {}: its delete does not fit its provider", kind.name))),
         }
@@ -161,11 +163,25 @@ impl Provider {
     pub async fn probe(&self, action: &Action, r: &Resource) -> Result<bool, StepError> {
         match (self, action) {
             (Provider::Http(p), Action::Http(t)) => p.probe(t, r).await,
-            (Provider::Postgres(p), Action::Sql(t)) => p.probe(t, r).await,
+            (Provider::Postgres(p), Action::Sql(t)) => within(p.deadline(), "the check", p.probe(t, r)).await,
             (Provider::Mongo(p), Action::Mongo(t)) => p.probe(t, r).await,
             _ => Err(StepError::Permanent("a check does not fit its provider".into())),
         }
     }
+}
+
+/// A call bounded by the provider's deadline. Every call has one: HTTP's is
+/// the client's request timeout, MongoDB's each operation's `timeout_ms`, and
+/// PostgreSQL's the server's statement and lock timeouts with this as the
+/// backstop for a server that stopped answering.
+pub async fn within<T>(
+    deadline: Duration,
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, StepError>>,
+) -> Result<T, StepError> {
+    tokio::time::timeout(deadline, call).await.unwrap_or_else(|_| {
+        Err(StepError::Transient(format!("{what} got no answer within {}", crate::execute::human(deadline))))
+    })
 }
 
 /// One client per configured provider, built once at start-up.

@@ -8,6 +8,7 @@
 //! archived and deleted `batch_size` at a time.
 
 use std::collections::BTreeMap;
+use std::future::IntoFuture;
 
 use mongodb::bson::{self, doc, Bson, Document};
 use mongodb::options::ClientOptions;
@@ -178,6 +179,8 @@ pub fn as_text(v: &Bson) -> Option<String> {
 pub struct MongoProvider {
     db: Database,
     batch_size: u32,
+    /// Longest one operation may take (`timeout_ms`).
+    timeout: std::time::Duration,
 }
 
 impl MongoProvider {
@@ -196,7 +199,11 @@ impl MongoProvider {
         if s.batch_size == 0 {
             return Err(err("batch_size must be at least 1".into()));
         }
-        Ok(MongoProvider { db: client.database(&s.database), batch_size: s.batch_size })
+        if s.timeout_ms == 0 {
+            return Err(err("timeout_ms must be at least 1 (0 would mean: wait forever)".into()));
+        }
+        let timeout = std::time::Duration::from_millis(s.timeout_ms);
+        Ok(MongoProvider { db: client.database(&s.database), batch_size: s.batch_size, timeout })
     }
 
     pub fn database(&self) -> &Database {
@@ -205,6 +212,22 @@ impl MongoProvider {
 
     fn collection(&self, name: &str) -> Collection<Document> {
         self.db.collection(name)
+    }
+
+    /// One driver operation, bounded by `timeout_ms`: a server that stops
+    /// answering is a transient step error, not a step that hangs.
+    async fn op<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T, mongodb::error::Error>>,
+    ) -> Result<T, StepError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r.map_err(classify),
+            Err(_) => Err(StepError::Transient(format!(
+                "mongodb: {what} got no answer within {}",
+                crate::execute::human(self.timeout)
+            ))),
+        }
     }
 
     /// Deletes every document the filter matches, a batch at a time, each
@@ -221,14 +244,17 @@ impl MongoProvider {
             let mut f = filter;
             f.insert(field.clone(), Bson::Null);
             let now = bson::DateTime::now();
-            let done = coll.update_many(f, doc! { "$set": { field.as_str(): now } }).await.map_err(classify)?;
+            let done = self
+                .op("the soft delete", coll.update_many(f, doc! { "$set": { field.as_str(): now } }).into_future())
+                .await?;
             return Ok(if done.modified_count > 0 { Deleted::Now } else { Deleted::AlreadyGone });
         }
         let mut total = 0u64;
         loop {
-            let mut cursor = coll.find(filter.clone()).limit(i64::from(self.batch_size)).await.map_err(classify)?;
+            let find = coll.find(filter.clone()).limit(i64::from(self.batch_size));
+            let mut cursor = self.op("a find", find.into_future()).await?;
             let mut docs = Vec::new();
-            while cursor.advance().await.map_err(classify)? {
+            while self.op("reading a batch", cursor.advance()).await? {
                 docs.push(cursor.deserialize_current().map_err(classify)?);
             }
             if docs.is_empty() {
@@ -241,7 +267,7 @@ impl MongoProvider {
             }
             let ids: Vec<Bson> = docs.iter().filter_map(|d| d.get("_id").cloned()).collect();
             let n = docs.len();
-            let done = coll.delete_many(doc! { "_id": { "$in": ids } }).await.map_err(classify)?;
+            let done = self.op("a delete", coll.delete_many(doc! { "_id": { "$in": ids } }).into_future()).await?;
             total += done.deleted_count;
             if n < self.batch_size as usize {
                 break;
@@ -256,7 +282,7 @@ impl MongoProvider {
         if let Some(field) = &t.soft_delete_field {
             filter.insert(field.clone(), Bson::Null);
         }
-        let found = self.collection(&t.collection).find_one(filter).await.map_err(classify)?;
+        let found = self.op("a check", self.collection(&t.collection).find_one(filter).into_future()).await?;
         Ok(found.is_some())
     }
 
@@ -282,10 +308,12 @@ impl MongoProvider {
         for a in attributes {
             projection.insert(a.clone(), 1);
         }
-        let mut cursor = self.collection(&t.collection).find(filter).projection(projection).await.map_err(classify)?;
+        let coll = self.collection(&t.collection);
+        let find = coll.find(filter).projection(projection);
+        let mut cursor = self.op("a lookup", find.into_future()).await?;
         let mut seen = std::collections::BTreeSet::new();
         let mut out = Vec::new();
-        while cursor.advance().await.map_err(classify)? {
+        while self.op("reading a lookup", cursor.advance()).await? {
             let d: Document = cursor.deserialize_current().map_err(classify)?;
             let Some(id) = get_path(&d, id_field).and_then(as_text).filter(|s| !s.is_empty()) else { continue };
             if !seen.insert(id.clone()) {

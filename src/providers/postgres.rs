@@ -123,6 +123,9 @@ fn placeholder_numbers(sql: &str) -> Vec<usize> {
 
 pub struct PostgresProvider {
     pool: PgPool,
+    /// The client's own deadline per call, a little past the server's
+    /// statement_timeout: for a server (or network) that stopped answering.
+    deadline: Duration,
 }
 
 impl PostgresProvider {
@@ -132,15 +135,30 @@ impl PostgresProvider {
             .expose()
             .parse()
             .map_err(|e| ProviderError::Build { provider: name.to_string(), message: format!("url: {e}") })?;
+        if s.timeout_ms == 0 || s.lock_timeout_ms == 0 {
+            let message = "timeout_ms and lock_timeout_ms must be at least 1 (0 would mean: wait forever)".into();
+            return Err(ProviderError::Build { provider: name.to_string(), message });
+        }
+        // Set per connection, so an application's row lock or a slow query
+        // fails the statement in time instead of hanging the step forever.
+        let opts = opts.options([
+            ("statement_timeout", s.timeout_ms.to_string()),
+            ("lock_timeout", s.lock_timeout_ms.to_string()),
+        ]);
         let pool = PgPoolOptions::new()
             .max_connections(s.max_connections)
             .acquire_timeout(Duration::from_millis(s.acquire_timeout_ms))
             .connect_lazy_with(opts);
-        Ok(PostgresProvider { pool })
+        let deadline = Duration::from_millis(s.timeout_ms + s.acquire_timeout_ms) + Duration::from_secs(5);
+        Ok(PostgresProvider { pool, deadline })
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    pub fn deadline(&self) -> Duration {
+        self.deadline
     }
 
     pub async fn delete(

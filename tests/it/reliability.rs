@@ -298,3 +298,91 @@ async fn check(t: &TestApp, class: &str, job: bool) {
     assert_eq!(h.contains_key("x-reaper-job-id"), job, "{class}: a job id only where there is a job: {h:?}");
     assert!(h.contains_key("x-reaper-routing-key"), "{h:?}");
 }
+
+/// Starts `reaper run` with the test's config; the worker's stderr goes to a file.
+fn start_worker(t: &TestApp) -> std::process::Child {
+    let log = std::fs::File::create(std::env::temp_dir().join(format!("{}.worker.log", t.app.names.events))).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_reaper"))
+        .args(["run", "--config"])
+        .arg(t.config_file())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Crashes do not spend the retry schedule. A worker killed (-9) three times
+/// while a job's DELETE hangs, then a run that ends unfinished: the job still
+/// has its whole schedule (two retries here) and completes. Every redelivery
+/// after a crash used to count as an attempt, so this job was dead-lettered
+/// "out of retries after 4 attempts" although it had failed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_worker_crashes_keeps_its_retry_schedule() {
+    // A killed worker's lease on the owner runs out after lease_ttl_secs.
+    let lease = "lease_ttl_secs = 1\nowner_busy_delay_ms = 200\n";
+    let mut t = spawn_app(&format!("[worker]\n{lease}")).await;
+    // The binary's config file cannot name [worker] twice: one section, merged.
+    t.config_text = t
+        .config_text
+        .replace(&format!("[worker]\n{lease}"), "")
+        .replace("shutdown_grace_secs = 5\n", &format!("shutdown_grace_secs = 5\n{lease}"));
+    assert!(t.config_text.contains(lease));
+    t.stop().await; // the workers here are processes, killed as a crash kills.
+    let id = unique("crashy");
+    let owner = format!("node/{id}");
+    let path = format!("/v1/virtual_network_interfaces/{id}");
+    t.sim.create(&path, &[]);
+    let event = serde_json::json!({
+        "event_id": unique("crash"), "owner": owner, "occurred_at": Utc::now().to_rfc3339(),
+        "resources": [{"kind": "vni", "id": id}],
+    });
+    let deletes = || t.sim.requests().iter().filter(|(m, p)| m == "DELETE" && *p == path).count();
+    t.sim.set_faults(Faults { hang_rate: 1.0, hang_ms: 60_000, only_method: "DELETE".into(), ..Default::default() });
+    t.publish("provisioning.failed", &event).await;
+    for crash in 1..=3 {
+        let mut worker = start_worker(&t);
+        wait_until(&format!("delivery {crash} is deleting"), Duration::from_secs(30), || async { deletes() >= crash })
+            .await;
+        worker.kill().unwrap();
+        worker.wait().unwrap();
+    }
+    // The next run fails its step four times (step_attempts) and ends unfinished.
+    t.sim.set_faults(Faults { fail_next: 4, fail_status: 503, only_method: "DELETE".into(), ..Default::default() });
+    let mut worker = start_worker(&t);
+    let r = t.next_result(60).await.result;
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert_eq!(r.status, "completed", "three crashes and one failed run are within a two-retry schedule: {r:?}");
+    assert!(!t.sim.exists(&path));
+    assert_eq!(r.attempts, 5, "deliveries are still counted (poison detection uses them): {r:?}");
+}
+
+/// A rate limit is the API asking to wait, not a failure: six 429s in a row
+/// (more than `step_attempts` = 4) with a short Retry-After are waited out
+/// within the step's time budget, in the job's first run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_are_waited_out_without_spending_the_steps_attempts() {
+    let mut t = spawn_app("").await;
+    let id = unique("limited");
+    let owner = format!("node/{id}");
+    let path = format!("/v1/virtual_network_interfaces/{id}");
+    t.sim.create(&path, &[]);
+    t.sim.set_faults(Faults {
+        fail_next: 6,
+        fail_status: 429,
+        retry_after_secs: 0.05,
+        only_method: "DELETE".into(),
+        ..Default::default()
+    });
+    let event = serde_json::json!({
+        "event_id": unique("limited"), "owner": owner, "occurred_at": Utc::now().to_rfc3339(),
+        "resources": [{"kind": "vni", "id": id}],
+    });
+    t.publish("provisioning.failed", &event).await;
+    let r = t.next_result(30).await.result;
+    assert_eq!((r.status.as_str(), r.attempts), ("completed", 1), "done in its first run: {r:?}");
+    assert_eq!(r.resources[0].outcome, "deleted");
+    assert_eq!(r.resources[0].attempts, 1, "the 429s were waits, not failed attempts: {r:?}");
+    assert_eq!(t.sim.stats().injected_rate_limits, 6);
+    t.stop().await;
+}

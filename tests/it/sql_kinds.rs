@@ -261,3 +261,44 @@ retry_delays_secs = [0.1]
     assert_eq!(t.sim.stats().deletes, 0, "nothing was deleted");
     t.stop().await;
 }
+
+/// A row held locked by another transaction (an application's long
+/// transaction, a stuck migration): the step used to wait forever while the
+/// heartbeat kept the owner leased. Now the provider's lock timeout ends the
+/// statement, the step fails as transient, the job retries through its
+/// schedule and is dead-lettered as `exhausted`; replayed once the lock is
+/// gone, it completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_locked_by_another_transaction_fails_the_step_in_time_instead_of_hanging_it() {
+    let kinds = APP_KINDS.replace(
+        "[providers.appdb]\ntype = \"postgres\"\nurl = \"{db_url}\"\n",
+        "[providers.appdb]\ntype = \"postgres\"\nurl = \"{db_url}\"\nlock_timeout_ms = 300\n",
+    );
+    assert!(kinds.contains("lock_timeout_ms = 300"));
+    let mut t = spawn_app(&kinds).await;
+    app_tables(&t).await;
+    let owner = "model/m2";
+    t.publish("resource.tracked", &json!({"event_id": "lk", "owner": owner, "kind": "model_row", "id": "m2"})).await;
+    let owners = vec![owner.to_string()];
+    wait_until("tracked", std::time::Duration::from_secs(20), || async {
+        t.app.ledger.count_tracked(&owners).await.unwrap() >= 1
+    })
+    .await;
+    let mut holder = t.app.ledger.pool().begin().await.unwrap();
+    sqlx::query("SELECT * FROM app_models WHERE id = 'm2' FOR UPDATE").execute(&mut *holder).await.unwrap();
+
+    t.publish("deletion.requested", &deletion("locked", owner, Utc::now())).await;
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "dead_lettered", "{r:?}");
+    let why = r.reason.clone().unwrap_or_default();
+    assert!(why.contains("out of retries") && why.contains("lock"), "the reason names the lock: {why}");
+    assert_eq!(count(&t, "models").await, 2, "nothing was deleted under the lock");
+
+    holder.rollback().await.unwrap();
+    let out = t.reaper(&["replay", "--owner", owner], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = t.next_result(30).await.result;
+    assert_eq!((r.status.as_str(), r.resources[0].outcome.as_str()), ("completed", "deleted"), "{r:?}");
+    assert_eq!(count(&t, "models").await, 1);
+    t.stop().await;
+}
