@@ -193,8 +193,9 @@ pub struct DatabaseSettings {
 #[serde(deny_unknown_fields)]
 pub struct WorkerSettings {
     pub step_attempts: u32,
-    /// Longest a step may take in one run, rate-limit waits included; then it
-    /// fails as unfinished and the job comes back through the broker.
+    /// Rate-limit waits of one step in one run must end within this of its
+    /// start; a wait that would not ends the step unfinished (the job comes
+    /// back through the broker).
     pub step_budget_secs: f64,
     pub step_min_backoff_ms: u64,
     pub step_max_backoff_ms: u64,
@@ -563,8 +564,11 @@ impl Settings {
         if self.worker.step_attempts == 0 {
             return Err(ConfigError::Invalid("worker.step_attempts must be at least 1".into()));
         }
-        if !(self.worker.step_budget_secs.is_finite() && self.worker.step_budget_secs > 0.0) {
-            return Err(ConfigError::Invalid("worker.step_budget_secs must be a positive number of seconds".into()));
+        let budget = self.worker.step_budget_secs;
+        if !(budget.is_finite() && budget > 0.0 && budget <= 86_400.0) {
+            return Err(ConfigError::Invalid(
+                "worker.step_budget_secs must be more than 0 and at most 86400 (a day)".into(),
+            ));
         }
         if self.worker.retry_delays_secs.iter().any(|d| !d.is_finite() || *d < 0.0 || *d > 366.0 * 24.0 * 3600.0) {
             return Err(ConfigError::Invalid(

@@ -139,22 +139,32 @@ impl Executor<'_> {
 
     /// Runs every guard before anything is deleted: one resource in use
     /// blocks the whole owner, so nothing is taken from under a user. `None`
-    /// when the run may go on. A guard that cannot be asked counts as in use.
+    /// when the run may go on. A guard that cannot be asked counts as in use:
+    /// for good (dead-lettered as blocked) when its error is permanent; for
+    /// this run only (unfinished, retried on the schedule) when it may pass,
+    /// such as a timeout, a 503 or a 429 past the step's budget.
     async fn guards(&self, start: &JobStart) -> Option<Run> {
         let mut blocked = Vec::new();
+        let mut only_for_now = true;
         for r in &start.resources {
             let Some(guard) = self.catalog.kind(&r.kind).and_then(|k| k.guard.as_ref()) else { continue };
             if start.done.get(&r.reference()).is_some_and(|d| d.outcome.is_gone()) {
                 continue;
             }
             let answer = match self.providers.get(&guard.provider) {
-                Some(p) => p.probe(&guard.action, r).await,
+                Some(p) => self.retry(|| p.probe(&guard.action, r), &r.reference()).await.0,
                 None => Err(StepError::Permanent(format!("guard provider {} is not configured", guard.provider))),
             };
             match answer {
                 Ok(false) => {}
-                Ok(true) => blocked.push((r.reference(), format!("blocked: {}", guard.reason))),
-                Err(e) => blocked.push((r.reference(), format!("blocked: the guard could not be checked ({e})"))),
+                Ok(true) => {
+                    only_for_now = false;
+                    blocked.push((r.reference(), format!("blocked: {}", guard.reason)));
+                }
+                Err(e) => {
+                    only_for_now &= e.is_retryable();
+                    blocked.push((r.reference(), format!("blocked: the guard could not be checked ({e})")));
+                }
             }
         }
         if blocked.is_empty() {
@@ -172,7 +182,8 @@ impl Executor<'_> {
                 },
             })
             .collect();
-        Some(Run { steps, end: RunEnd::Blocked(why) })
+        let end = if only_for_now { RunEnd::Unfinished(why) } else { RunEnd::Blocked(why) };
+        Some(Run { steps, end })
     }
 
     /// One resource: delete (or, in a dry run, look) with retries.
@@ -278,9 +289,12 @@ impl Executor<'_> {
                 Err(e) => e,
             };
             let delay = match &e {
+                // At least the backoff's floor, growing with each wait: a
+                // `Retry-After: 0` must not become a loop of requests.
                 StepError::RateLimited { retry_after } => {
                     waits += 1;
-                    Some(retry_after.unwrap_or(Duration::from_secs(1)))
+                    let floor = Duration::from_millis(w.step_min_backoff_ms).saturating_mul(waits.min(64));
+                    Some(retry_after.unwrap_or(Duration::from_secs(1)).max(floor))
                 }
                 _ => backoff.next().map(|d| d.mul_f64(fastrand::f64())),
             };

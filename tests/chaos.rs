@@ -6,7 +6,7 @@
 //! It restarts services other tests share, so it is ignored by `cargo test`
 //! and run alone (`.ci/run` does, after the rest):
 //!
-//!     cargo test --release --test chaos -- --ignored --nocapture
+//!     cargo test --release --test chaos -- --ignored --nocapture --test-threads=1
 //!
 //! CHAOS_JOBS (default 1000) and CHAOS_KILLS (default 20) make it longer.
 
@@ -208,11 +208,71 @@ impl Drop for Worker {
     }
 }
 
+/// One chaos run's shape.
+struct Scenario {
+    jobs: usize,
+    min_kills: usize,
+    /// The worker's broker retry schedule and in-process attempts per step.
+    retry_delays: &'static str,
+    step_attempts: u32,
+    faults: Faults,
+    /// Milliseconds between kills (a random pick in this range).
+    kill_gap_ms: std::ops::Range<u64>,
+    /// Restart RabbitMQ and stop PostgreSQL once each.
+    services: bool,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "restarts RabbitMQ and PostgreSQL; run alone: cargo test --test chaos -- --ignored"]
 async fn nothing_is_lost_when_the_worker_the_broker_and_the_database_fail() {
-    let jobs = env_or("CHAOS_JOBS", 1000);
-    let min_kills = env_or("CHAOS_KILLS", 20);
+    chaos(Scenario {
+        jobs: env_or("CHAOS_JOBS", 1000),
+        min_kills: env_or("CHAOS_KILLS", 20),
+        retry_delays: "[0.5, 1, 2, 4, 8, 15]",
+        step_attempts: 4,
+        faults: Faults {
+            error_rate: 0.10,
+            rate_limit_rate: 0.02,
+            retry_after_secs: 0.1,
+            latency_ms: 2,
+            seed: Some(42),
+            ..Default::default()
+        },
+        kill_gap_ms: 300..900,
+        services: true,
+    })
+    .await;
+}
+
+/// Crashes must not spend a job's retry schedule: a short schedule (four
+/// retries, 1 to 8 s), few in-process attempts, a flakier cloud (10% 5xx, 5%
+/// 429 with Retry-After) and a kill -9 every one to three seconds. Every
+/// delivery after a crash once counted as an attempt, and healthy jobs were
+/// dead-lettered "out of retries" in half the runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "kills workers for a minute; run alone: cargo test --test chaos -- --ignored"]
+async fn a_short_retry_schedule_survives_many_kills() {
+    chaos(Scenario {
+        jobs: 200,
+        min_kills: env_or("CHAOS_KILLS", 20).max(20),
+        retry_delays: "[1, 2, 4, 8]",
+        step_attempts: 2,
+        faults: Faults {
+            error_rate: 0.10,
+            rate_limit_rate: 0.05,
+            retry_after_secs: 0.5,
+            latency_ms: 2,
+            seed: Some(7),
+            ..Default::default()
+        },
+        kill_gap_ms: 1000..3000,
+        services: false,
+    })
+    .await;
+}
+
+async fn chaos(sc: Scenario) {
+    let Scenario { jobs, min_kills, retry_delays, step_attempts, faults, kill_gap_ms, services } = sc;
     let started = Instant::now();
     let id = format!("{:08x}", fastrand::u32(..));
     let prefix = format!("chaos-{id}");
@@ -230,8 +290,8 @@ async fn nothing_is_lost_when_the_worker_the_broker_and_the_database_fail() {
     let config = format!(
         "{}\n[broker]\nurl = \"{}\"\nprefix = \"{prefix}\"\nprefetch = 64\n\
          [admin]\nlisten = \"\"\n[database]\nurl = \"{}/{db}\"\nmax_connections = 16\nacquire_timeout_ms = 2000\n\
-         [worker]\nstep_attempts = 4\nstep_min_backoff_ms = 20\nstep_max_backoff_ms = 300\n\
-         retry_delays_secs = [0.5, 1, 2, 4, 8, 15]\nlease_ttl_secs = 3\nowner_busy_delay_ms = 300\nshutdown_grace_secs = 10\n",
+         [worker]\nstep_attempts = {step_attempts}\nstep_min_backoff_ms = 20\nstep_max_backoff_ms = 300\n\
+         retry_delays_secs = {retry_delays}\nlease_ttl_secs = 3\nowner_busy_delay_ms = 300\nshutdown_grace_secs = 10\n",
         include_str!("../config/vpc-node.toml")
             .replace("auth = {", "# auth = {")
             .replace("base_url = \"http://127.0.0.1:8089\"", &format!("base_url = \"http://{addr}\"")),
@@ -275,22 +335,15 @@ async fn nothing_is_lost_when_the_worker_the_broker_and_the_database_fail() {
     }
     println!("chaos: {} resources tracked in {:.1}s", want, started.elapsed().as_secs_f64());
 
-    sim.set_faults(Faults {
-        error_rate: 0.10,
-        rate_limit_rate: 0.02,
-        retry_after_secs: 0.1,
-        latency_ms: 2,
-        seed: Some(42),
-        ..Default::default()
-    });
+    sim.set_faults(faults);
 
     // Publish the deletions over a while, killing the worker as it works, and
     // take the broker and the database away once each.
     let chaos_started = Instant::now();
     let mut kills = 0;
-    let mut next_kill = Instant::now() + Duration::from_millis(fastrand::u64(300..900));
-    let mut broker_restarted = false;
-    let mut db_stopped = false;
+    let mut next_kill = Instant::now() + Duration::from_millis(fastrand::u64(kill_gap_ms.clone()));
+    let mut broker_restarted = !services;
+    let mut db_stopped = !services;
     let per_event = Duration::from_secs_f64(15.0 / jobs as f64);
     for (i, n) in nodes.iter().enumerate() {
         let (key, ev) = if i % 2 == 0 {
@@ -310,7 +363,7 @@ async fn nothing_is_lost_when_the_worker_the_broker_and_the_database_fail() {
             worker.kill9();
             kills += 1;
             worker.start();
-            next_kill = Instant::now() + Duration::from_millis(fastrand::u64(300..900));
+            next_kill = Instant::now() + Duration::from_millis(fastrand::u64(kill_gap_ms.clone()));
         }
         if !broker_restarted && i >= jobs / 3 {
             broker_restarted = true;
@@ -347,7 +400,7 @@ async fn nothing_is_lost_when_the_worker_the_broker_and_the_database_fail() {
             worker.kill9();
             kills += 1;
             worker.start();
-            next_kill = Instant::now() + Duration::from_millis(fastrand::u64(300..900));
+            next_kill = Instant::now() + Duration::from_millis(fastrand::u64(kill_gap_ms.clone()));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -401,7 +454,7 @@ async fn nothing_is_lost_when_the_worker_the_broker_and_the_database_fail() {
     let left: Vec<String> = sim.paths();
     let controls_intact = controls.iter().flat_map(|c| c.resources.iter()).all(|r| sim.exists(&r.path));
     println!(
-        "chaos: jobs {jobs}, results {} ({:?}), kills {kills}, broker restarts 1, database stops 1, retries {retries}, \
+        "chaos: jobs {jobs}, results {} ({:?}), kills {kills}, broker restart and database stop {services}, retries {retries}, \
          dead letters {dead}, duplicate results {duplicates}, injected 5xx {} / 429 {}, refused for order {}, \
          left in the cloud {} (controls {}), work queue depth {queue_depth}, last worker exit {exit:?}, {:.1}s of chaos, {:.1}s in all",
         results.len(),

@@ -766,9 +766,11 @@ impl Ledger {
 
     /// Counts a run that ended unfinished; returns the job's failed runs so
     /// far, which decide its next broker delay (or that the schedule is spent).
+    /// A job another delivery finished meanwhile has no running row: that is
+    /// an error, and the message comes back to find the stored result.
     pub async fn count_failed_run(&self, job_id: Uuid) -> Result<u32, LedgerError> {
         let n: i32 =
-            sqlx::query_scalar("UPDATE jobs SET failed_runs = failed_runs + 1 WHERE job_id = $1 RETURNING failed_runs")
+            sqlx::query_scalar("UPDATE jobs SET failed_runs = failed_runs + 1 WHERE job_id = $1 AND status = 'running' RETURNING failed_runs")
                 .bind(job_id)
                 .fetch_one(&self.pool)
                 .await

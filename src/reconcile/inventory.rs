@@ -256,8 +256,9 @@ impl Pages {
 }
 
 /// An application database's inventory query. It runs in a transaction of
-/// its own without the provider's statement timeout (which bounds a step,
-/// not a list of a million rows read as fast as the ledger takes them).
+/// its own with a statement timeout of an hour instead of the provider's
+/// (which bounds a step, not a list of a million rows read as fast as the
+/// ledger takes them); a load that takes longer fails, touching nothing.
 async fn pump_postgres(
     p: &crate::providers::postgres::PostgresProvider,
     inv: &InventorySettings,
@@ -268,7 +269,7 @@ async fn pump_postgres(
         Ok(tx) => tx,
         Err(e) => return pages.fail(format!("query failed: {e}")).await,
     };
-    if let Err(e) = sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *tx).await {
+    if let Err(e) = sqlx::query("SET LOCAL statement_timeout = '1h'").execute(&mut *tx).await {
         return pages.fail(format!("query failed: {e}")).await;
     }
     let sql = inv.sql.clone().unwrap_or_default();

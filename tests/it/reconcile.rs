@@ -163,9 +163,11 @@ async fn a_truth_that_fails_to_load_or_comes_back_empty_touches_nothing() {
 }
 
 /// A truth whose second page answers 429 with `Retry-After: 1e20`. That
-/// header once panicked the reader, and the sweep took the first page for the
-/// whole list: 40 live models looked orphaned, within the brakes. Now the
-/// reader must say the list ended; anything else is a failed load.
+/// header once panicked the reader (before cf29e53 clamped it), and the sweep
+/// took the first page for the whole list: 40 live models looked orphaned,
+/// within the brakes, and were deleted. The list must fail to load instead.
+/// (That a reader which dies is a failed load is shown by the unit tests in
+/// src/reconcile/inventory.rs, with a reader that panics.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truth_list_cut_short_after_its_first_page_touches_nothing() {
     let mut t = spawn_app(&RULE.replace("max_count = 5\n", "max_count = 50\n")).await;

@@ -276,6 +276,12 @@ retry_delays_secs = [3, 0.2]
     // if the worker kept crashing on it): its first run ends unfinished, and
     // while it waits 3 s for its retry, its deliveries are made many.
     t.sim.create(&vni("sick"), &[]);
+    t.sim.set_faults(Faults {
+        fail_next: 10_000,
+        fail_status: 503,
+        only_method: "DELETE".into(),
+        ..Default::default()
+    });
     t.publish("provisioning.failed", &failed("c-sick", "cls/sick", serde_json::json!([{"kind": "vni", "id": "sick"}])))
         .await;
     wait_until("the first run gave up", Duration::from_secs(20), || async {
@@ -291,8 +297,11 @@ retry_delays_secs = [3, 0.2]
     t.stop().await;
 }
 
+/// The one dead copy the last scenario put on the dead queue.
 async fn check(t: &TestApp, class: &str, job: bool) {
     let (_, h) = t.dead_headers(1).await.pop().unwrap();
+    let more = t.drain_dead().await;
+    assert!(more.is_empty(), "{class}: one dead copy, not {}", 1 + more.len());
     assert_eq!(h.get("x-reaper-error-class").map(String::as_str), Some(class), "{h:?}");
     assert!(h.get("x-reaper-reason").is_some_and(|r| !r.is_empty()), "{h:?}");
     assert_eq!(h.contains_key("x-reaper-job-id"), job, "{class}: a job id only where there is a job: {h:?}");
@@ -384,5 +393,39 @@ async fn rate_limits_are_waited_out_without_spending_the_steps_attempts() {
     assert_eq!(r.resources[0].outcome, "deleted");
     assert_eq!(r.resources[0].attempts, 1, "the 429s were waits, not failed attempts: {r:?}");
     assert_eq!(t.sim.stats().injected_rate_limits, 6);
+    t.stop().await;
+}
+
+/// A guard that cannot be asked right now (503s past the step's attempts)
+/// holds the owner back for this run only: nothing is deleted, the job comes
+/// back on its schedule, and completes once the guard answers "not in use".
+/// It used to be dead-lettered as `blocked` at once, waiting for an operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_that_fails_for_now_holds_the_job_back_for_a_retry_not_for_good() {
+    let mut t = spawn_app(
+        r#"
+[kinds.held_vni]
+provider = "cloud"
+delete = "DELETE /v1/virtual_network_interfaces/{id}"
+check = "GET /v1/virtual_network_interfaces/{id}"
+guard = { provider = "cloud", query = "GET /v1/holds/{id}", reason = "held" }
+"#,
+    )
+    .await;
+    let id = unique("guarded");
+    let path = format!("/v1/virtual_network_interfaces/{id}");
+    t.sim.create(&path, &[]);
+    // Four failed guard calls end the first run; the next run's guard answers.
+    t.sim.set_faults(Faults { fail_next: 4, fail_status: 503, only_method: "GET".into(), ..Default::default() });
+    let event = serde_json::json!({
+        "event_id": unique("guarded"), "owner": format!("node/{id}"), "occurred_at": Utc::now().to_rfc3339(),
+        "resources": [{"kind": "held_vni", "id": id}],
+    });
+    t.publish("provisioning.failed", &event).await;
+    let r = t.next_result(30).await.result;
+    assert_eq!((r.status.as_str(), r.attempts), ("completed", 2), "retried, not dead-lettered: {r:?}");
+    assert_eq!(r.resources[0].outcome, "deleted");
+    assert!(!t.sim.exists(&path));
+    assert!(t.drain_dead().await.is_empty(), "nothing went to the dead queue");
     t.stop().await;
 }
