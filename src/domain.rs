@@ -126,3 +126,29 @@ impl JobStatus {
         })
     }
 }
+
+/// A duration as people write it: "250ms", "1s", "1.5s", "2m", "1h 30m".
+pub fn human(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0..=999 => format!("{ms}ms"),
+        1_000..=59_999 => {
+            let s = d.as_secs_f64();
+            if ms.is_multiple_of(1000) {
+                format!("{}s", ms / 1000)
+            } else {
+                format!("{}s", (s * 10.0).round() / 10.0)
+            }
+        }
+        _ => {
+            let secs = d.as_secs();
+            let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
+            let parts: Vec<String> = [(h, "h"), (m, "m"), (s, "s")]
+                .into_iter()
+                .filter(|(n, _)| *n > 0)
+                .map(|(n, u)| format!("{n}{u}"))
+                .collect();
+            parts.join(" ")
+        }
+    }
+}

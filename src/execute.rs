@@ -41,6 +41,8 @@ pub enum RunEnd {
     Plan(String),
     /// A guard says a resource is in use: nothing was deleted.
     Blocked(String),
+    /// Not run: the job came back more often than its failed runs explain.
+    Poison(String),
 }
 
 impl RunEnd {
@@ -53,6 +55,7 @@ impl RunEnd {
             RunEnd::Unfinished(w) => RunEnd::Unfinished(clean(w)),
             RunEnd::Plan(w) => RunEnd::Plan(clean(w)),
             RunEnd::Blocked(w) => RunEnd::Blocked(clean(w)),
+            RunEnd::Poison(w) => RunEnd::Poison(clean(w)),
         }
     }
 }
@@ -303,7 +306,7 @@ impl Executor<'_> {
                 let e = match e {
                     StepError::RateLimited { .. } if delay.is_some() => StepError::Transient(format!(
                         "{e}, for longer than the step's budget of {}",
-                        human(Duration::from_secs_f64(w.step_budget_secs))
+                        crate::domain::human(Duration::from_secs_f64(w.step_budget_secs))
                     )),
                     other => other,
                 };
@@ -315,37 +318,11 @@ impl Executor<'_> {
     }
 }
 
-/// A duration as people write it: "250ms", "1s", "1.5s", "2m", "1h 30m".
-pub fn human(d: Duration) -> String {
-    let ms = d.as_millis();
-    match ms {
-        0..=999 => format!("{ms}ms"),
-        1_000..=59_999 => {
-            let s = d.as_secs_f64();
-            if ms.is_multiple_of(1000) {
-                format!("{}s", ms / 1000)
-            } else {
-                format!("{}s", (s * 10.0).round() / 10.0)
-            }
-        }
-        _ => {
-            let secs = d.as_secs();
-            let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
-            let parts: Vec<String> = [(h, "h"), (m, "m"), (s, "s")]
-                .into_iter()
-                .filter(|(n, _)| *n > 0)
-                .map(|(n, u)| format!("{n}{u}"))
-                .collect();
-            parts.join(" ")
-        }
-    }
-}
-
 /// The first failure decides how a run ends, except that a permanent one
 /// outranks one that may pass.
 fn worse(end: RunEnd, why: String, retryable: bool) -> RunEnd {
     match (&end, retryable) {
-        (RunEnd::Permanent(_) | RunEnd::Plan(_) | RunEnd::Blocked(_), _) => end,
+        (RunEnd::Permanent(_) | RunEnd::Plan(_) | RunEnd::Blocked(_) | RunEnd::Poison(_), _) => end,
         (_, false) => RunEnd::Permanent(why),
         (RunEnd::Completed, true) => RunEnd::Unfinished(why),
         (RunEnd::Unfinished(_), true) => end,
@@ -437,6 +414,7 @@ mod tests {
 
     #[test]
     fn durations_read_as_people_write_them() {
+        use crate::domain::human;
         assert_eq!(human(Duration::from_millis(250)), "250ms");
         assert_eq!(human(Duration::from_secs(1)), "1s");
         assert_eq!(human(Duration::from_millis(1500)), "1.5s");

@@ -12,7 +12,7 @@ use crate::domain::JobStatus;
 use crate::execute::{Executor, RunEnd};
 use crate::ledger::{Begin, JobEnd, JobStart, LedgerError, TrackOutcome};
 use crate::providers::Provider;
-use crate::retry::{self, DeadLetter, Disposition, ErrorClass};
+use crate::retry::{self, DeadLetter, Disposition, ErrorClass, RetryReason, Verdict};
 
 /// Handles one message. `ledger_refusals` is how many times in a row the
 /// ledger refused this message before (read from its retry hop).
@@ -29,6 +29,7 @@ pub async fn handle(app: &App, env: &Envelope<'_>, ledger_refusals: u32) -> Disp
     let busy = || Disposition::RetryAfter {
         delay: app.settings.worker.busy_delay(),
         why: "another job of the owner is running".into(),
+        reason: RetryReason::OwnerBusy,
     };
     let refused = |why: String| {
         tracing::warn!(reason = %why, "event refused; dead-lettering it");
@@ -77,8 +78,13 @@ async fn run_job(ctx: &Ctx<'_>, mut start: JobStart, holder: Uuid) -> Dispositio
         let job = &start.job;
         if job.status != JobStatus::Running {
             tracing::info!("duplicate of a finished job; publishing its stored result again");
-            let stored = job.result.clone().unwrap_or_default();
-            return finished(job.event_id.clone(), job.job_id, stored, job.error_class.as_deref(), false);
+            let stored = Stored {
+                result: job.result.clone().unwrap_or_default(),
+                status: job.status,
+                reason: job.reason.clone(),
+                error_class: job.error_class.clone(),
+            };
+            return finished(job.event_id.clone(), job.job_id, stored, false);
         }
         // Deliveries that no failed run explains: crashes (or a message that
         // crashes the worker). As many as a whole schedule plus the delivery
@@ -102,12 +108,12 @@ async fn run_job(ctx: &Ctx<'_>, mut start: JobStart, holder: Uuid) -> Dispositio
                     })
                 })
                 .collect();
-            let run = crate::execute::Run { steps, end: RunEnd::Permanent(why) };
-            return conclude(ctx, &start, run, holder, Some(ErrorClass::Poison)).await;
+            let run = crate::execute::Run { steps, end: RunEnd::Poison(why) };
+            return conclude(ctx, &start, run, holder).await;
         }
         if let Err(why) = look_up(app, &mut start).await {
             let run = crate::execute::Run { steps: Vec::new(), end: RunEnd::Unfinished(why) };
-            return conclude(ctx, &start, run, holder, None).await;
+            return conclude(ctx, &start, run, holder).await;
         }
         let exec = Executor {
             catalog: &app.catalog,
@@ -117,7 +123,7 @@ async fn run_job(ctx: &Ctx<'_>, mut start: JobStart, holder: Uuid) -> Dispositio
             metrics: Some(&app.metrics),
         };
         let run = exec.run(&start).await;
-        conclude(ctx, &start, run, holder, None).await
+        conclude(ctx, &start, run, holder).await
     }
     .instrument(span)
     .await
@@ -196,23 +202,14 @@ fn with_created_at(app: &App, r: crate::domain::Resource) -> Result<contract::Tr
 }
 
 /// Turns a run into the job's end: completed, dead-lettered, or back to the
-/// broker for a later attempt. `class` overrides the error class (poison).
-async fn conclude(
-    ctx: &Ctx<'_>,
-    start: &JobStart,
-    run: crate::execute::Run,
-    holder: Uuid,
-    class: Option<ErrorClass>,
-) -> Disposition {
+/// broker for a later run (`retry::judge` classifies; this carries it out).
+async fn conclude(ctx: &Ctx<'_>, start: &JobStart, run: crate::execute::Run, holder: Uuid) -> Disposition {
     let (app, body) = (ctx.app, ctx.body);
     let job = &start.job;
-    let (status, reason, class) = match run.end.without_nul() {
-        RunEnd::Completed => (JobStatus::Completed, None, None),
-        RunEnd::Permanent(why) => (JobStatus::DeadLettered, Some(why), Some(class.unwrap_or(ErrorClass::Permanent))),
-        RunEnd::Plan(why) => (JobStatus::DeadLettered, Some(why), Some(ErrorClass::Plan)),
-        // In use: no retry schedule will change that; an operator replays it later.
-        RunEnd::Blocked(why) => (JobStatus::DeadLettered, Some(why), Some(ErrorClass::Blocked)),
-        RunEnd::Unfinished(why) => {
+    let (status, dead) = match retry::judge(run.end) {
+        Verdict::Completed => (JobStatus::Completed, None),
+        Verdict::Dead(class, why) => (JobStatus::DeadLettered, Some((class, why))),
+        Verdict::Retry(why) => {
             let failed_runs = match app.ledger.count_failed_run(job.job_id).await {
                 Ok(n) => n,
                 Err(e) => {
@@ -220,8 +217,8 @@ async fn conclude(
                     return ctx.on_ledger_error(&e);
                 }
             };
-            match retry::next_delay(&app.settings.worker.retry_delays(), failed_runs) {
-                Some(delay) => {
+            match retry::after_failed_run(&app.settings.worker.retry_delays(), failed_runs, why.clone()) {
+                Ok(delay) => {
                     tracing::info!(
                         failed_runs,
                         deliveries = job.attempts,
@@ -232,15 +229,15 @@ async fn conclude(
                     if let Err(e) = app.ledger.release(&job.owner, holder).await {
                         tracing::warn!(error = %e, "could not release the owner; its lease will expire");
                     }
-                    return Disposition::RetryAfter { delay, why };
+                    return Disposition::RetryAfter { delay, why, reason: RetryReason::Unfinished };
                 }
-                None => (
-                    JobStatus::DeadLettered,
-                    Some(format!("out of retries after {failed_runs} failed runs: {why}")),
-                    Some(ErrorClass::Exhausted),
-                ),
+                Err(spent) => (JobStatus::DeadLettered, Some(spent)),
             }
         }
+    };
+    let (class, reason) = match dead {
+        Some((class, why)) => (Some(class), Some(why)),
+        None => (None, None),
     };
     let result = TeardownResult {
         event_id: job.event_id.clone(),
@@ -286,7 +283,8 @@ async fn conclude(
             if f.queued {
                 app.metrics.jobs.with_label_values(&[status.as_str()]).inc();
             }
-            finished(job.event_id.clone(), job.job_id, f.result, f.error_class.as_deref(), f.queued)
+            let stored = Stored { result: f.result, status: f.status, reason: f.reason, error_class: f.error_class };
+            finished(job.event_id.clone(), job.job_id, stored, f.queued)
         }
         Err(e) => {
             let _ = app.ledger.release(&job.owner, holder).await;
@@ -295,22 +293,29 @@ async fn conclude(
     }
 }
 
-/// The stored bytes (and class) decide the routing key and whether the event
-/// is dead-lettered, so a duplicate is published exactly like the original.
-fn finished(event_id: String, job_id: Uuid, stored: Vec<u8>, class: Option<&str>, queued: bool) -> Disposition {
-    let parsed: Option<TeardownResult> = serde_json::from_slice(&stored).ok();
-    let (routing_key, dead) = match parsed {
-        Some(r) if r.status == JobStatus::DeadLettered.as_str() => (
+/// A finished job as the ledger holds it: published the same way every time.
+struct Stored {
+    result: Vec<u8>,
+    status: JobStatus,
+    reason: Option<String>,
+    error_class: Option<String>,
+}
+
+/// The stored status (and class) decide the routing key and whether the
+/// event is dead-lettered, so a duplicate is published exactly like the original.
+fn finished(event_id: String, job_id: Uuid, stored: Stored, queued: bool) -> Disposition {
+    let (routing_key, dead) = match stored.status {
+        JobStatus::DeadLettered => (
             contract::TEARDOWN_DEAD_LETTERED,
             Some(DeadLetter {
                 // Every dead-lettered job has its class stored; an unreadable
                 // one is the most careful class (no automatic retry).
-                class: class.and_then(ErrorClass::parse).unwrap_or(ErrorClass::Permanent),
-                reason: r.reason.unwrap_or_default(),
+                class: stored.error_class.as_deref().and_then(ErrorClass::parse).unwrap_or(ErrorClass::Permanent),
+                reason: stored.reason.unwrap_or_default(),
                 job_id: job_id.to_string(),
             }),
         ),
         _ => (contract::TEARDOWN_COMPLETED, None),
     };
-    Disposition::Finished { event_id, job_id, result: stored, routing_key, dead, queued }
+    Disposition::Finished { event_id, job_id, result: stored.result, routing_key, dead, queued }
 }

@@ -1,8 +1,11 @@
 //! The one classification: every way a message can end maps to a
-//! [`Disposition`], and the consumer acts on that alone.
+//! [`Disposition`], and the consumer acts on that alone. A run's end is
+//! judged here ([`judge`], [`after_failed_run`]), a ledger failure here
+//! ([`on_ledger_error`]); the classes are types, never free strings.
 
 use std::time::Duration;
 
+use crate::execute::RunEnd;
 use crate::ledger::{LedgerError, LedgerFailure};
 
 /// What the consumer does with a delivery once the handler is through with it.
@@ -24,7 +27,7 @@ pub enum Disposition {
     /// Recorded, nothing to publish: ack.
     Ack,
     /// Not finished yet: republish to the retry queue for `delay`, then ack.
-    RetryAfter { delay: Duration, why: String },
+    RetryAfter { delay: Duration, why: String, reason: RetryReason },
     /// Malformed (or poison): to the dead queue with the reason, no result
     /// (there is no job), then ack.
     Reject { reason: String, class: ErrorClass },
@@ -33,6 +36,64 @@ pub enum Disposition {
     /// so no consumer slot waits. `refused` counts towards
     /// `worker.max_ledger_refusals`.
     InfraRetry { why: String, refused: bool },
+}
+
+/// Why a message goes back through a retry queue (the metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryReason {
+    /// Another delivery holds the owner's lease; waiting counts nothing.
+    OwnerBusy,
+    /// The run ended unfinished: one failed run on the job's schedule.
+    Unfinished,
+    /// Our own infrastructure failed (the ledger); counts nothing.
+    Infrastructure,
+    /// The handler panicked; counted in the message towards poison.
+    Panic,
+}
+
+impl RetryReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryReason::OwnerBusy => "owner_busy",
+            RetryReason::Unfinished => "unfinished",
+            RetryReason::Infrastructure => "infra",
+            RetryReason::Panic => "panic",
+        }
+    }
+}
+
+/// What a run's end means for its job, before the retry schedule is asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Completed,
+    /// Dead-lettered now, with its class and reason.
+    Dead(ErrorClass, String),
+    /// Unfinished: back to the broker if the schedule has a delay left.
+    Retry(String),
+}
+
+/// The classification of a run's end.
+pub fn judge(end: RunEnd) -> Verdict {
+    match end.without_nul() {
+        RunEnd::Completed => Verdict::Completed,
+        RunEnd::Permanent(why) => Verdict::Dead(ErrorClass::Permanent, why),
+        RunEnd::Plan(why) => Verdict::Dead(ErrorClass::Plan, why),
+        // In use: no retry schedule will change that; an operator replays it later.
+        RunEnd::Blocked(why) => Verdict::Dead(ErrorClass::Blocked, why),
+        RunEnd::Poison(why) => Verdict::Dead(ErrorClass::Poison, why),
+        RunEnd::Unfinished(why) => Verdict::Retry(why),
+    }
+}
+
+/// After a job's `failed_runs`-th unfinished run: the broker delay before its
+/// next run, or, the schedule spent, its dead letter.
+pub fn after_failed_run(
+    schedule: &[Duration],
+    failed_runs: u32,
+    why: String,
+) -> Result<Duration, (ErrorClass, String)> {
+    next_delay(schedule, failed_runs)
+        .ok_or_else(|| (ErrorClass::Exhausted, format!("out of retries after {failed_runs} failed runs: {why}")))
 }
 
 /// Why a message went to the dead queue. The same word is in the dead copy's
@@ -128,6 +189,26 @@ pub fn next_delay(schedule: &[Duration], failed_runs: u32) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_run_end_has_one_class() {
+        let w = || "why\0".to_string();
+        assert_eq!(judge(RunEnd::Completed), Verdict::Completed);
+        assert_eq!(judge(RunEnd::Permanent(w())), Verdict::Dead(ErrorClass::Permanent, "why".into()), "NUL removed");
+        assert_eq!(judge(RunEnd::Plan(w())), Verdict::Dead(ErrorClass::Plan, "why".into()));
+        assert_eq!(judge(RunEnd::Blocked(w())), Verdict::Dead(ErrorClass::Blocked, "why".into()));
+        assert_eq!(judge(RunEnd::Poison(w())), Verdict::Dead(ErrorClass::Poison, "why".into()));
+        assert_eq!(judge(RunEnd::Unfinished(w())), Verdict::Retry("why".into()));
+        let s = [Duration::from_secs(10)];
+        assert_eq!(after_failed_run(&s, 1, "x".into()), Ok(Duration::from_secs(10)));
+        assert_eq!(
+            after_failed_run(&s, 2, "x".into()),
+            Err((ErrorClass::Exhausted, "out of retries after 2 failed runs: x".into()))
+        );
+        for c in ErrorClass::ALL {
+            assert_eq!(ErrorClass::parse(c.as_str()), Some(c));
+        }
+    }
 
     #[test]
     fn the_schedule_is_walked_once_then_spent() {

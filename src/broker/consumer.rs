@@ -165,7 +165,7 @@ async fn process_one(app: &App, publisher: &Publisher, delivery: Delivery) {
                 }
             } else {
                 app.metrics.events.with_label_values(&[metric_key(&incoming.routing_key), "panic"]).inc();
-                app.metrics.broker_retries.with_label_values(&["panic"]).inc();
+                app.metrics.broker_retries.with_label_values(&[crate::retry::RetryReason::Panic.as_str()]).inc();
                 let _ = settle_panic(app, publisher, &delivery, &incoming, panics)
                     .await
                     .map_err(|e| tracing::warn!(error = %e, "could not park a panicking message"));
@@ -272,7 +272,7 @@ async fn settle(
         }
         Disposition::Ack => {}
         // Waiting for a busy owner neither adds to nor clears the refusals.
-        Disposition::RetryAfter { delay, why: _ } => to_retry(delay, incoming.ledger_refusals).await?,
+        Disposition::RetryAfter { delay, .. } => to_retry(delay, incoming.ledger_refusals).await?,
         Disposition::InfraRetry { why: _, refused } => {
             let refusals = if refused { incoming.ledger_refusals + 1 } else { incoming.ledger_refusals };
             to_retry(app.settings.worker.infra_delay(), refusals).await?
@@ -328,13 +328,12 @@ fn count(app: &App, routing_key: &str, d: &Disposition) {
         }
         Disposition::Finished { .. } => "completed",
         Disposition::Ack => "recorded",
-        Disposition::RetryAfter { why, .. } => {
-            let busy = why.starts_with("another job");
-            m.broker_retries.with_label_values(&[if busy { "owner_busy" } else { "unfinished" }]).inc();
+        Disposition::RetryAfter { reason, .. } => {
+            m.broker_retries.with_label_values(&[reason.as_str()]).inc();
             "retry"
         }
         Disposition::InfraRetry { .. } => {
-            m.broker_retries.with_label_values(&["infra"]).inc();
+            m.broker_retries.with_label_values(&[crate::retry::RetryReason::Infrastructure.as_str()]).inc();
             "infra_retry"
         }
         Disposition::Reject { class, .. } => {

@@ -310,7 +310,8 @@ async fn write(pool: &PgPool, batch: Vec<FinishReq>) -> Result<(), Failed<Finish
             RETURNING job_id
          ),
          l AS (DELETE FROM owner_leases ol USING input i WHERE ol.owner = i.owner AND ol.holder = i.holder)
-         SELECT i.job_id, f.result AS mine, j.result AS earlier, j.error_class AS earlier_class, EXISTS (SELECT 1 FROM o WHERE o.job_id = i.job_id) AS queued
+         SELECT i.job_id, f.result AS mine, j.result AS earlier, j.status AS earlier_status,
+                j.reason AS earlier_reason, j.error_class AS earlier_class, EXISTS (SELECT 1 FROM o WHERE o.job_id = i.job_id) AS queued
          FROM input i LEFT JOIN f ON f.job_id = i.job_id LEFT JOIN jobs j ON j.job_id = i.job_id",
     )
     .bind(&job_ids)
@@ -344,10 +345,19 @@ async fn write(pool: &PgPool, batch: Vec<FinishReq>) -> Result<(), Failed<Finish
                         let mine: Option<Vec<u8>> = row.get("mine");
                         let earlier: Option<Vec<u8>> = row.get("earlier");
                         let queued: bool = row.get("queued");
-                        let error_class = if mine.is_some() { r.error_class.clone() } else { row.get("earlier_class") };
-                        mine.or(earlier)
-                            .map(|result| Finished { result, queued, error_class })
-                            .ok_or_else(|| LedgerError::Corrupt(r.job_id, "terminal without a result".into()))
+                        // Ours, or (another delivery finished it first) the stored one.
+                        let (status, reason, error_class) = if mine.is_some() {
+                            (r.status.to_string(), r.reason.clone(), r.error_class.clone())
+                        } else {
+                            (row.get("earlier_status"), row.get("earlier_reason"), row.get("earlier_class"))
+                        };
+                        let status = crate::domain::JobStatus::parse(&status)
+                            .ok_or_else(|| LedgerError::Corrupt(r.job_id, format!("status {status:?}")));
+                        status.and_then(|status| {
+                            mine.or(earlier)
+                                .map(|result| Finished { result, queued, status, reason, error_class })
+                                .ok_or_else(|| LedgerError::Corrupt(r.job_id, "terminal without a result".into()))
+                        })
                     }
                 };
                 let _ = r.reply.send(answer);

@@ -288,7 +288,10 @@ pub struct Finished {
     /// Whether this call queued outbox rows (false when another delivery
     /// finished the job first); delete them with `outbox_done` after the confirms.
     pub queued: bool,
-    /// The stored error class, when the stored result is a dead letter.
+    /// The stored job's status, reason and error class (ours, or the
+    /// earlier delivery's), which say how its result is published.
+    pub status: JobStatus,
+    pub reason: Option<String>,
     pub error_class: Option<String>,
 }
 

@@ -20,7 +20,7 @@ pub enum StepError {
     #[error("{status} from the API: a dependency still exists ({detail})")]
     NotYet { status: u16, detail: String },
     /// 429: the whole provider slows down for `retry_after`.
-    #[error("429 rate limited ({})", retry_after.map_or("no Retry-After".to_string(), |d| format!("retry after {}", crate::execute::human(d))))]
+    #[error("429 rate limited ({})", retry_after.map_or("no Retry-After".to_string(), |d| format!("retry after {}", crate::domain::human(d))))]
     RateLimited { retry_after: Option<Duration> },
     /// 5xx, timeouts, refused connections.
     #[error("transient: {0}")]
@@ -180,7 +180,7 @@ pub async fn within<T>(
     call: impl std::future::Future<Output = Result<T, StepError>>,
 ) -> Result<T, StepError> {
     tokio::time::timeout(deadline, call).await.unwrap_or_else(|_| {
-        Err(StepError::Transient(format!("{what} got no answer within {}", crate::execute::human(deadline))))
+        Err(StepError::Transient(format!("{what} got no answer within {}", crate::domain::human(deadline))))
     })
 }
 

@@ -225,7 +225,7 @@ impl MongoProvider {
             Ok(r) => r.map_err(classify),
             Err(_) => Err(StepError::Transient(format!(
                 "mongodb: {what} got no answer within {}",
-                crate::execute::human(self.timeout)
+                crate::domain::human(self.timeout)
             ))),
         }
     }
