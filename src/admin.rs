@@ -177,7 +177,11 @@ async fn teardown(State(app): State<Arc<App>>, Path(owner): Path<String>, Query(
         };
     }
     let reason = q.reason.unwrap_or_else(|| "requested through the admin API".into());
-    match ops::request_deletion(&app.settings, &owner, false, &reason, "admin-api").await {
+    let publisher = match app.link.publisher(&app.settings, &app.names).await {
+        Ok(p) => p,
+        Err(e) => return internal(e),
+    };
+    match ops::request_deletion(&publisher, &app.names, &owner, false, &reason, "admin-api").await {
         Ok(event_id) => (StatusCode::ACCEPTED, Json(json!({ "event_id": event_id, "owner": owner }))).into_response(),
         Err(ops::OpsError::Invalid(m)) => error(StatusCode::BAD_REQUEST, &m),
         Err(e) => internal(e),
@@ -278,7 +282,15 @@ async fn replay(State(app): State<Arc<App>>, body: Option<Json<FilterBody>>) -> 
             "give a filter (job, owner, reason, since, error_class, kind) or \"all\": true",
         );
     }
-    match crate::replay::replay_jobs(&app.settings, &filter, f.dry_run, false).await {
+    let publisher = match f.dry_run {
+        true => None,
+        false => match app.link.publisher(&app.settings, &app.names).await {
+            Ok(p) => Some(p),
+            Err(e) => return internal(e),
+        },
+    };
+    let max = app.settings.worker.max_replays;
+    match crate::replay::replay_jobs(&app.ledger, publisher.as_ref(), &app.names, max, &filter, false).await {
         Ok(summary) => Json(summary).into_response(),
         Err(e) => internal(e),
     }

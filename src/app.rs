@@ -40,6 +40,9 @@ pub struct App {
     pub admin_token: Option<crate::config::Secret>,
     /// Where the admin API listens once it does (`admin.listen` may say port 0).
     pub admin_addr: std::sync::OnceLock<std::net::SocketAddr>,
+    /// The broker connection the admin API publishes through (teardown and
+    /// replay requests), opened on first use.
+    pub link: broker::link::SharedLink,
     /// Jobs whose outbox rows are confirmed, cleared in batches by one task.
     confirmed: tokio::sync::mpsc::UnboundedSender<Uuid>,
     confirmed_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Uuid>>>,
@@ -162,6 +165,7 @@ impl App {
             metrics: crate::metrics::Metrics::new(),
             admin_token,
             admin_addr: std::sync::OnceLock::new(),
+            link: broker::link::SharedLink::default(),
             confirmed,
             confirmed_rx: Mutex::new(Some(confirmed_rx)),
         })
@@ -175,7 +179,7 @@ impl App {
         let beat = tokio::spawn(heartbeat(self.clone(), shutdown.clone()));
         let rx = self.confirmed_rx.lock().expect("not poisoned").take();
         let stop_clearer = CancellationToken::new();
-        let clearer = rx.map(|rx| tokio::spawn(clear_outbox(self.clone(), rx, stop_clearer.clone())));
+        let clearer = rx.map(|rx| tokio::spawn(crate::outbox::clear(self.ledger.clone(), rx, stop_clearer.clone())));
         let admin = match self.settings.admin.listen.parse::<std::net::SocketAddr>() {
             Ok(addr) => {
                 let (app, stop) = (self.clone(), shutdown.clone());
@@ -198,31 +202,8 @@ impl App {
         if let Some(a) = admin {
             let _ = a.await;
         }
+        this.link.close().await;
         this.running.store(false, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// Deletes confirmed outbox rows, many jobs per statement. What it misses (a
-/// crash, a failed delete) the drainer publishes again: a duplicate, never a loss.
-async fn clear_outbox(app: Arc<App>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Uuid>, shutdown: CancellationToken) {
-    loop {
-        let first = tokio::select! {
-            id = rx.recv() => id,
-            _ = shutdown.cancelled() => None,
-        };
-        let mut batch: Vec<Uuid> = first.into_iter().collect();
-        while batch.len() < 1000 {
-            match rx.try_recv() {
-                Ok(id) => batch.push(id),
-                Err(_) => break,
-            }
-        }
-        if batch.is_empty() {
-            return;
-        }
-        if let Err(e) = app.ledger.outbox_done(&batch).await {
-            tracing::debug!(error = %e, jobs = batch.len(), "outbox not cleared; the drainer will publish those results again");
-        }
     }
 }
 

@@ -181,7 +181,7 @@ async fn bench(mut settings: Settings, args: &BenchArgs) -> anyhow::Result<Repor
 
     let outcome = async {
         let body = sample_event("bench/x-0000000", "ev-0000000");
-        let (conn, _) = broker::consumer::open(&settings, &names).await?;
+        let (conn, _) = broker::link::open(&settings, &names).await?;
         let _ = conn.close(200, "declared".into()).await;
         eprintln!("bench: ceiling ({} messages)", args.jobs);
         let secs = broker::ceiling::measure(
@@ -308,7 +308,7 @@ impl Ctx {
 
     async fn end_to_end(&self, tag: &str, n: usize, api_latency_ms: u64) -> anyhow::Result<Run> {
         let owners = self.preload_ledger(tag, n).await?;
-        let (conn, publisher) = broker::consumer::open(&self.settings, &self.names).await?;
+        let (conn, publisher) = broker::link::open(&self.settings, &self.names).await?;
         let mut tap = ResultTap::open(&conn, &self.names).await?;
         publish_all(&publisher, &self.names, &owners, tag).await?;
         let before = Cpu::sample(None);
@@ -350,7 +350,7 @@ impl Ctx {
     async fn latency(&self, tag: &str, rate: f64, secs: u64) -> anyhow::Result<(f64, f64)> {
         let n = (rate * secs as f64) as usize;
         let owners = self.preload_ledger(tag, n).await?;
-        let (conn, publisher) = broker::consumer::open(&self.settings, &self.names).await?;
+        let (conn, publisher) = broker::link::open(&self.settings, &self.names).await?;
         let mut tap = ResultTap::open(&conn, &self.names).await?;
         let (mut api, mut worker) = self.start(tag, 0)?;
         // Wait for the worker: one warm-up event.

@@ -162,7 +162,7 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
 
     println!("reaper demo {run_id}: simulated cloud on http://{addr}, {} nodes", args.nodes);
     let app = Arc::new(App::build(settings.clone()).await?);
-    let (conn, publisher) = broker::consumer::open(&app.settings, &app.names).await?;
+    let (conn, publisher) = broker::link::open(&app.settings, &app.names).await?;
     let mut tap = ResultTap::open(&conn, &app.names).await?;
     let worker = tokio::spawn(app.clone().run(shutdown.clone()));
 

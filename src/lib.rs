@@ -35,6 +35,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod ops;
 pub mod ops_cli;
+pub mod outbox;
 pub mod plan;
 pub mod providers;
 pub mod reconcile;

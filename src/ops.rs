@@ -194,7 +194,8 @@ fn shell_comment(s: &str) -> String {
 
 /// Publishes a `deletion.requested` for `owner`, as a producer would.
 pub async fn request_deletion(
-    settings: &Settings,
+    publisher: &crate::broker::publisher::Publisher,
+    names: &Names,
     owner: &str,
     dry_run: bool,
     reason: &str,
@@ -206,19 +207,7 @@ pub async fn request_deletion(
         "event_id": event_id, "owner": owner, "reason": reason, "requested_by": requested_by,
         "dry_run": dry_run, "occurred_at": chrono::Utc::now().to_rfc3339(),
     });
-    let names = Names::new(&settings.broker.prefix);
-    let (conn, publisher) = broker::consumer::open(settings, &names).await?;
-    let sent = publisher
-        .publish(
-            &names.events,
-            contract::DELETION_REQUESTED,
-            &serde_json::to_vec(&body).expect("serializable"),
-            &event_id,
-            &[],
-        )
-        .await;
-    publisher.close().await;
-    let _ = conn.close(200, "sent".into()).await;
-    sent?;
+    let body = serde_json::to_vec(&body).expect("serializable");
+    publisher.publish(&names.events, contract::DELETION_REQUESTED, &body, &event_id, &[]).await?;
     Ok(event_id)
 }

@@ -152,7 +152,15 @@ pub async fn plan(settings: Settings, owner: &str, format: PlanFormat) -> ExitCo
 }
 
 pub async fn request_deletion(settings: &Settings, owner: &str, dry_run: bool, reason: &str) -> ExitCode {
-    match ops::request_deletion(settings, owner, dry_run, reason, "reaper-cli").await {
+    let names = crate::broker::Names::new(&settings.broker.prefix);
+    let (conn, publisher) = match crate::broker::link::open(settings, &names).await {
+        Ok(link) => link,
+        Err(e) => return fail(3, e),
+    };
+    let sent = ops::request_deletion(&publisher, &names, owner, dry_run, reason, "reaper-cli").await;
+    publisher.close().await;
+    let _ = conn.close(200, "sent".into()).await;
+    match sent {
         Ok(event_id) => {
             println!("{event_id}");
             ExitCode::SUCCESS

@@ -9,9 +9,11 @@ use std::process::ExitCode;
 
 use chrono::{DateTime, Utc};
 
+use crate::broker::publisher::Publisher;
 use crate::broker::{self, Names};
 use crate::config::Settings;
 use crate::ledger::replay::{DeadFilter, Reopen};
+use crate::ledger::Ledger;
 
 #[derive(clap::Args, Debug)]
 pub struct ReplayArgs {
@@ -80,13 +82,34 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> ExitCode {
             return ExitCode::from(3);
         }
     }
-    match replay_jobs(&settings, &filter, args.dry_run, !args.json).await {
+    match replay_from_cli(&settings, &filter, args.dry_run, !args.json).await {
         Ok(summary) => summary.print(args.json, args.dry_run),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(3)
         }
     }
+}
+
+/// `reaper replay`'s own ledger and broker link, for this one command.
+async fn replay_from_cli(
+    settings: &Settings,
+    filter: &DeadFilter,
+    dry_run: bool,
+    progress: bool,
+) -> Result<Summary, Box<dyn std::error::Error + Send + Sync>> {
+    let ledger = settings.ledger().await?;
+    ledger.migrate().await?;
+    let names = Names::new(&settings.broker.prefix);
+    let max = settings.worker.max_replays;
+    if dry_run {
+        return replay_jobs(&ledger, None, &names, max, filter, progress).await;
+    }
+    let (conn, publisher) = broker::link::open(settings, &names).await?;
+    let summary = replay_jobs(&ledger, Some(&publisher), &names, max, filter, progress).await;
+    publisher.close().await;
+    let _ = conn.close(200, "replay done".into()).await;
+    summary
 }
 
 /// What a replay did (or, dry, would do), job by job.
@@ -147,36 +170,31 @@ async fn list(settings: &Settings, filter: &DeadFilter) -> Result<(), Box<dyn st
     Ok(())
 }
 
-/// Reopens and re-publishes the dead-lettered jobs `filter` picks (or, with
-/// `dry_run`, only says which it would).
+/// Reopens and re-publishes the dead-lettered jobs `filter` picks; without a
+/// publisher (a dry run), only says which it would.
 pub async fn replay_jobs(
-    settings: &Settings,
+    ledger: &Ledger,
+    publisher: Option<&Publisher>,
+    names: &Names,
+    max_replays: u32,
     filter: &DeadFilter,
-    dry_run: bool,
     progress: bool,
 ) -> Result<Summary, Box<dyn std::error::Error + Send + Sync>> {
-    let ledger = settings.ledger().await?;
-    ledger.migrate().await?;
     let jobs = ledger.dead_jobs(filter).await?;
     let mut summary = Summary { matched: jobs.len(), ..Default::default() };
-    if dry_run {
-        summary.replayed =
-            jobs.iter().filter(|j| j.replays < settings.worker.max_replays).map(|j| j.job_id.to_string()).collect();
-        summary.held_back =
-            jobs.iter().filter(|j| j.replays >= settings.worker.max_replays).map(|j| j.job_id.to_string()).collect();
+    let Some(publisher) = publisher else {
+        summary.replayed = jobs.iter().filter(|j| j.replays < max_replays).map(|j| j.job_id.to_string()).collect();
+        summary.held_back = jobs.iter().filter(|j| j.replays >= max_replays).map(|j| j.job_id.to_string()).collect();
         return Ok(summary);
-    }
-    let names = Names::new(&settings.broker.prefix);
-    let (conn, publisher) = broker::consumer::open(settings, &names).await?;
+    };
     let bar = if progress { indicatif::ProgressBar::new(jobs.len() as u64) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(
         indicatif::ProgressStyle::with_template("  {bar:40} {pos}/{len} jobs replayed").expect("a valid template"),
     );
     for j in &jobs {
-        match ledger.reopen(j.job_id, settings.worker.max_replays).await? {
+        match ledger.reopen(j.job_id, max_replays).await? {
             Reopen::Reopened(row) => {
-                let published = publisher.publish(&names.events, &row.routing_key, &row.body, &row.event_id, &[]).await;
-                match published {
+                match crate::outbox::publish(publisher, names, &row).await {
                     Ok(()) => {
                         let _ = ledger.outbox_delete(&[row.id]).await;
                         summary.replayed.push(j.job_id.to_string());
@@ -199,6 +217,5 @@ pub async fn replay_jobs(
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let _ = conn.close(200, "replay done".into()).await;
     Ok(summary)
 }

@@ -307,7 +307,7 @@ async fn chaos(sc: Scenario) {
     let ledger = settings.ledger().await.unwrap();
     ledger.migrate().await.unwrap();
     // Declare the topology, then the test's own result queue.
-    let (conn, _) = reaper::broker::consumer::open(&settings, &names).await.unwrap();
+    let (conn, _) = reaper::broker::link::open(&settings, &names).await.unwrap();
     let _ = conn.close(200, "declared".into()).await;
     let tap = format!("{prefix}.chaos-tap");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -10,26 +10,18 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, ConfirmSelectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::publisher::Publisher;
-use super::{amqp, headers, topology, BrokerError, Names};
+use super::{amqp, headers, BrokerError, Names};
 use crate::app::App;
-use crate::config::Settings;
 use crate::contract::{self, Envelope};
 use crate::handler;
-use crate::ledger::{Ledger, Target};
 use crate::retry::Disposition;
 use chrono::{DateTime, Utc};
-
-/// Outbox rows younger than this are the worker's own to publish.
-const OUTBOX_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs until `shutdown` is cancelled, reconnecting as needed.
 pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
@@ -51,21 +43,8 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
     app.set_ready(false);
 }
 
-/// Connects, declares the topology and returns a confirm-mode publisher.
-pub async fn open(settings: &Settings, names: &Names) -> Result<(Connection, Publisher), BrokerError> {
-    let conn = Connection::connect(settings.broker.url.expose(), ConnectionProperties::default())
-        .await
-        .map_err(amqp("connecting"))?;
-    let ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
-    topology::declare(&ch, names, &settings.broker, &settings.worker.all_delays()).await?;
-    let _ = ch.close(200, "declared".into()).await;
-    let pub_ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
-    pub_ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp("enabling confirms"))?;
-    Ok((conn, Publisher::new(pub_ch)))
-}
-
 async fn session(app: &Arc<App>, shutdown: &CancellationToken) -> Result<(), BrokerError> {
-    let (conn, publisher) = open(&app.settings, &app.names).await?;
+    let (conn, publisher) = super::link::open(&app.settings, &app.names).await?;
     let ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
     ch.basic_qos(app.settings.broker.prefetch, BasicQosOptions::default()).await.map_err(amqp("setting prefetch"))?;
     let tag = format!("reaper-{}", uuid::Uuid::new_v4());
@@ -82,7 +61,7 @@ async fn session(app: &Arc<App>, shutdown: &CancellationToken) -> Result<(), Bro
     tracing::info!(queue = %app.names.work, prefetch = app.settings.broker.prefetch, "worker ready: consuming");
 
     let session_over = CancellationToken::new();
-    let drainer = tokio::spawn(drain_outbox_forever(
+    let drainer = tokio::spawn(crate::outbox::drain_forever(
         app.ledger.clone(),
         publisher.clone(),
         app.names.clone(),
@@ -117,7 +96,7 @@ async fn session(app: &Arc<App>, shutdown: &CancellationToken) -> Result<(), Bro
     session_over.cancel();
     let _ = drainer.await;
     if ended.is_ok() {
-        match drain_outbox(&app.ledger, &publisher, &app.names, Duration::ZERO).await {
+        match crate::outbox::drain(&app.ledger, &publisher, &app.names, Duration::ZERO).await {
             Ok(n) if n > 0 => tracing::info!(published = n, "outbox flushed"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "could not flush the outbox; the next worker will"),
@@ -352,63 +331,5 @@ fn header(d: &Delivery, name: &str) -> Option<String> {
     match header_value(d, name) {
         Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         _ => None,
-    }
-}
-
-async fn drain_outbox_forever(
-    ledger: Ledger,
-    publisher: Publisher,
-    names: Names,
-    stop: CancellationToken,
-    backlog: Option<prometheus::IntGauge>,
-) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-        if let Err(e) = drain_outbox(&ledger, &publisher, &names, OUTBOX_GRACE).await {
-            tracing::debug!(error = %e, "outbox drain failed; trying again");
-        }
-        if let (Ok(n), Some(g)) = (ledger.outbox_len().await, &backlog) {
-            g.set(n);
-        }
-    }
-}
-
-/// Publishes outbox rows older than `age` and deletes them once confirmed.
-pub async fn drain_outbox(
-    ledger: &Ledger,
-    publisher: &Publisher,
-    names: &Names,
-    age: Duration,
-) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
-    let mut total = 0;
-    loop {
-        let rows = ledger.outbox_due(age, 100).await?;
-        if rows.is_empty() {
-            return Ok(total);
-        }
-        let mut done = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let hs: Vec<(&str, &str)> = row.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            let exchange = match row.target {
-                Target::Result => names.results.as_str(),
-                Target::Dead => "",
-                Target::Event => names.events.as_str(),
-            };
-            match publisher.publish(exchange, &row.routing_key, &row.body, &row.event_id, &hs).await {
-                // Rows written before event ids were limited to 255 bytes: the
-                // body still carries the event id; the property cannot.
-                Err(BrokerError::TooLong { what, .. }) => {
-                    tracing::warn!(event_id = %row.event_id, what, "an outbox row does not fit AMQP; publishing it without a message id");
-                    publisher.publish(exchange, &row.routing_key, &row.body, "", &hs).await?;
-                }
-                other => other?,
-            }
-            done.push(row.id);
-        }
-        ledger.outbox_delete(&done).await?;
-        total += done.len();
     }
 }

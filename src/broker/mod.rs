@@ -4,6 +4,7 @@
 
 pub mod ceiling;
 pub mod consumer;
+pub mod link;
 pub mod publisher;
 pub mod tap;
 pub mod topology;

@@ -18,6 +18,10 @@ impl Publisher {
         Publisher { channel }
     }
 
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
     pub async fn close(&self) {
         let _ = self.channel.close(200, "done".into()).await;
     }

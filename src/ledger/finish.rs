@@ -24,8 +24,7 @@ pub(super) struct FinishReq {
     pub error_class: Option<String>,
     pub result: Vec<u8>,
     pub steps: Vec<StepRecord>,
-    /// (target, routing key, body, headers)
-    pub outbox: Vec<(&'static str, String, Vec<u8>, serde_json::Value)>,
+    pub outbox: Vec<super::OutboxMessage>,
     pub holder: Uuid,
     pub reply: oneshot::Sender<Result<Finished, LedgerError>>,
 }
@@ -268,12 +267,12 @@ async fn write(pool: &PgPool, batch: Vec<FinishReq>) -> Result<(), Failed<Finish
             s_att.push(s.attempts as i32);
             s_err.push(s.error.as_deref());
         }
-        for (target, key, body, headers) in &r.outbox {
+        for m in &r.outbox {
             o_job.push(r.job_id);
-            o_target.push(*target);
-            o_key.push(key.as_str());
-            o_body.push(body.as_slice());
-            o_headers.push(headers.clone());
+            o_target.push(m.target.as_str());
+            o_key.push(m.routing_key.as_str());
+            o_body.push(m.body.as_slice());
+            o_headers.push(m.headers_json());
         }
     }
     let rows = sqlx::query(

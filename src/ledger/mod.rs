@@ -31,7 +31,7 @@ use crate::domain::{JobStatus, Outcome, Resource, ResourceRef, Trigger};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-pub use outbox::{OutboxRow, Target};
+pub use outbox::{OutboxMessage, OutboxRow, Target};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -745,10 +745,19 @@ impl Ledger {
     /// delivery finished the job first, nothing is written and that delivery's
     /// result is returned, so every result for one event_id is the same bytes.
     pub async fn finish(&self, job: &JobRow, end: &JobEnd<'_>, holder: Uuid) -> Result<Finished, LedgerError> {
-        let mut outbox = vec![("result", end.result_key.to_string(), end.result.to_vec(), serde_json::json!({}))];
+        let mut outbox = vec![OutboxMessage {
+            target: Target::Result,
+            routing_key: end.result_key.to_string(),
+            body: end.result.to_vec(),
+            headers: Vec::new(),
+        }];
         if let Some((dead_queue, body, headers)) = &end.dead {
-            let headers = headers.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(v.as_str())));
-            outbox.push(("dead", dead_queue.to_string(), body.to_vec(), serde_json::Value::Object(headers.collect())));
+            outbox.push(OutboxMessage {
+                target: Target::Dead,
+                routing_key: dead_queue.to_string(),
+                body: body.to_vec(),
+                headers: headers.clone(),
+            });
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
         let req = finish::FinishReq {

@@ -1,7 +1,6 @@
-//! The outbox: messages a committed job still owes the broker. `finish` writes
-//! them in the statement that makes the job terminal; the worker publishes them
-//! at once and deletes them after the confirm; the drainer publishes what a
-//! crash left behind (so a result may arrive twice, always the same bytes).
+//! The outbox table: messages a committed job still owes the broker. `finish`
+//! writes them in the statement that makes the job terminal, `reopen` (replay)
+//! with the job it reopens; `src/outbox.rs` publishes, drains and clears them.
 
 use std::time::Duration;
 
@@ -21,6 +20,40 @@ pub enum Target {
     Event,
 }
 
+impl Target {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::Result => "result",
+            Target::Dead => "dead",
+            Target::Event => "event",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Target> {
+        [Target::Result, Target::Dead, Target::Event].into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+/// A message to write to the outbox with the change that owes it.
+#[derive(Debug, Clone)]
+pub struct OutboxMessage {
+    pub target: Target,
+    /// The results exchange's routing key, the dead queue's name, or the
+    /// events exchange's routing key.
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl OutboxMessage {
+    /// The headers as the table's `jsonb` column holds them.
+    pub(super) fn headers_json(&self) -> serde_json::Value {
+        let m = self.headers.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(v.as_str())));
+        serde_json::Value::Object(m.collect())
+    }
+}
+
+/// A message read back from the outbox.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
     pub id: i64,
@@ -82,12 +115,8 @@ impl Ledger {
 pub(super) fn row(r: &sqlx::postgres::PgRow) -> Result<OutboxRow, LedgerError> {
     let job_id: Uuid = r.get("job_id");
     let target: String = r.get("target");
-    let target = match target.as_str() {
-        "result" => Target::Result,
-        "dead" => Target::Dead,
-        "event" => Target::Event,
-        other => return Err(LedgerError::Corrupt(job_id, format!("outbox target {other:?}"))),
-    };
+    let target =
+        Target::parse(&target).ok_or_else(|| LedgerError::Corrupt(job_id, format!("outbox target {target:?}")))?;
     let headers: serde_json::Value = r.get("headers");
     let headers = headers
         .as_object()

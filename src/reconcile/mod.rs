@@ -413,7 +413,7 @@ impl Sweeper<'_> {
         let fail = |message: String| ReconcileError::Sweep { rule: name.into(), message };
         let names = Names::new(&self.settings.broker.prefix);
         let catalog = self.settings.validate().map_err(|e| fail(e.to_string()))?;
-        let (conn, publisher) = crate::broker::consumer::open(self.settings, &names).await?;
+        let (conn, publisher) = crate::broker::link::open(self.settings, &names).await?;
         let mut after = String::new();
         let result: Result<(), ReconcileError> = async {
             loop {

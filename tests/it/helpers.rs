@@ -169,7 +169,7 @@ pub async fn spawn_app(extra: &str) -> TestApp {
     let app = Arc::new(App::build(settings).await.expect("building the app"));
     cleanup.workers.push((shutdown.clone(), app.clone()));
     let (conn, publisher) =
-        broker::consumer::open(&app.settings, &app.names).await.expect("RabbitMQ must be running on 127.0.0.1:5672");
+        broker::link::open(&app.settings, &app.names).await.expect("RabbitMQ must be running on 127.0.0.1:5672");
     let tap = ResultTap::open(&conn, &app.names).await.expect("opening the results tap");
     let worker = Some(tokio::spawn(app.clone().run(shutdown.clone())));
     TestApp { app, sim, publisher, tap, conn, shutdown, config_text, mongo_prefix, worker, _cleanup: cleanup }

@@ -1,0 +1,53 @@
+//! The one place that opens connections to RabbitMQ. The consumer opens its
+//! own per session; one-shot commands (`reaper teardown`, `reaper replay`,
+//! reconcile, the benchmarks) open one and close it; the admin API shares a
+//! [`SharedLink`] instead of opening a connection per request.
+
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Connection, ConnectionProperties};
+
+use super::publisher::Publisher;
+use super::{amqp, topology, BrokerError, Names};
+use crate::config::Settings;
+
+/// Connects, declares the topology and returns a confirm-mode publisher.
+pub async fn open(settings: &Settings, names: &Names) -> Result<(Connection, Publisher), BrokerError> {
+    let conn = Connection::connect(settings.broker.url.expose(), ConnectionProperties::default())
+        .await
+        .map_err(amqp("connecting"))?;
+    let ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
+    topology::declare(&ch, names, &settings.broker, &settings.worker.all_delays()).await?;
+    let _ = ch.close(200, "declared".into()).await;
+    let pub_ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
+    pub_ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp("enabling confirms"))?;
+    Ok((conn, Publisher::new(pub_ch)))
+}
+
+/// One connection and confirm-mode publisher shared by a process for what it
+/// publishes outside the consumer: opened on first use, opened again when it
+/// broke (a broker restart), closed at shutdown.
+#[derive(Default)]
+pub struct SharedLink {
+    link: tokio::sync::Mutex<Option<(Connection, Publisher)>>,
+}
+
+impl SharedLink {
+    pub async fn publisher(&self, settings: &Settings, names: &Names) -> Result<Publisher, BrokerError> {
+        let mut link = self.link.lock().await;
+        if let Some((conn, publisher)) = link.as_ref() {
+            if conn.status().connected() && publisher.is_open() {
+                return Ok(publisher.clone());
+            }
+        }
+        let (conn, publisher) = open(settings, names).await?;
+        *link = Some((conn, publisher.clone()));
+        Ok(publisher)
+    }
+
+    pub async fn close(&self) {
+        if let Some((conn, publisher)) = self.link.lock().await.take() {
+            publisher.close().await;
+            let _ = conn.close(200, "reaper shutting down".into()).await;
+        }
+    }
+}
