@@ -44,3 +44,61 @@ pub mod restore;
 pub mod retry;
 pub mod sim;
 pub mod telemetry;
+
+/// The layering rule of ARCHITECTURE.md ("Invariants"), checked on the
+/// source: the modules at the bottom import only what sits below them, so a
+/// newcomer can read `domain`, `plan` and `providers` without the rest, and
+/// they can never start a circle. Test modules are not counted.
+#[cfg(test)]
+mod layering {
+    use std::collections::BTreeSet;
+
+    /// Module (a file or a directory under src/) → the crate modules it may use.
+    const RULES: &[(&str, &[&str])] = &[
+        ("domain.rs", &[]),
+        ("plan.rs", &["domain", "config"]),
+        // `ledger` for `ArchiveTo` only, until providers define what they
+        // need and the ledger implements it.
+        ("providers", &["domain", "config", "ledger"]),
+        ("execute.rs", &["domain", "config", "ledger", "plan", "providers", "metrics"]),
+        ("retry.rs", &["execute", "ledger"]),
+    ];
+
+    fn sources(path: &std::path::Path) -> Vec<String> {
+        if path.is_dir() {
+            let mut out = Vec::new();
+            for e in std::fs::read_dir(path).expect("a source directory") {
+                out.extend(sources(&e.expect("an entry").path()));
+            }
+            out
+        } else {
+            let text = std::fs::read_to_string(path).expect("a source file");
+            // Up to the unit tests, which may use anything.
+            vec![text.split("#[cfg(test)]").next().unwrap_or_default().to_string()]
+        }
+    }
+
+    fn used_modules(text: &str) -> BTreeSet<String> {
+        text.match_indices("crate::")
+            .map(|(i, _)| {
+                text[i + 7..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_lower_modules_import_only_what_is_below_them() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        for (module, allowed) in RULES {
+            let own = module.trim_end_matches(".rs");
+            for text in sources(&src.join(module)) {
+                for used in used_modules(&text) {
+                    assert!(
+                        used == own || allowed.contains(&used.as_str()),
+                        "src/{module} uses crate::{used}; it may use only {allowed:?} (ARCHITECTURE.md, Invariants)"
+                    );
+                }
+            }
+        }
+    }
+}
