@@ -150,7 +150,7 @@ impl App {
         let Checked { catalog, providers, admin_token } = App::check(&settings).await?;
         let (confirmed, confirmed_rx) = tokio::sync::mpsc::unbounded_channel();
         tracing::info!(database = %redact_url(settings.database.url.expose()), "connecting to the ledger");
-        let ledger = settings.ledger().await?;
+        let ledger = crate::ledger::Ledger::from_settings(&settings).await?;
         ledger.migrate().await?;
         let names = Names::new(&settings.broker.prefix);
         Ok(App {

@@ -288,7 +288,7 @@ impl Ctx {
     async fn preload_ledger(&self, tag: &str, n: usize) -> anyhow::Result<Vec<String>> {
         let mut s = self.settings.clone();
         s.database.url = crate::config::Secret::new(self.db_url.clone());
-        let ledger = s.ledger().await?;
+        let ledger = crate::ledger::Ledger::from_settings(&s).await?;
         ledger.migrate().await?;
         sqlx::query(
             "INSERT INTO tracked_resources (owner, kind, resource_id, attributes, created_at)

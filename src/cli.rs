@@ -133,7 +133,7 @@ pub async fn main(cli: Cli) -> ExitCode {
             app.run(token).await;
             ExitCode::SUCCESS
         }
-        Command::Migrate => match settings.ledger().await {
+        Command::Migrate => match crate::ledger::Ledger::from_settings(&settings).await {
             Ok(l) => match l.migrate().await {
                 Ok(()) => {
                     println!("migrations applied");

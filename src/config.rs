@@ -214,18 +214,6 @@ pub struct WorkerSettings {
     pub max_ledger_refusals: u32,
 }
 
-impl Settings {
-    /// Connects to the ledger with the worker's late-track window and lease time.
-    pub async fn ledger(&self) -> Result<crate::ledger::Ledger, crate::ledger::LedgerError> {
-        crate::ledger::Ledger::connect(
-            &self.database,
-            Duration::from_secs(self.worker.late_track_window_secs),
-            Duration::from_secs_f64(self.worker.lease_ttl_secs),
-        )
-        .await
-    }
-}
-
 impl WorkerSettings {
     /// The broker retry schedule for jobs that cannot finish yet.
     pub fn retry_delays(&self) -> Vec<Duration> {
@@ -239,14 +227,6 @@ impl WorkerSettings {
 
     pub fn busy_delay(&self) -> Duration {
         Duration::from_millis(self.owner_busy_delay_ms)
-    }
-
-    /// What the door checks an event against beyond its shape.
-    pub fn limits(&self) -> crate::contract::Limits {
-        crate::contract::Limits {
-            max_clock_skew: chrono::Duration::seconds(self.max_clock_skew_secs.min(366 * 24 * 3600) as i64),
-            max_resources: self.max_resources_per_event,
-        }
     }
 
     /// Every delay a message may be parked for: one retry queue each.

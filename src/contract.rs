@@ -50,6 +50,16 @@ pub struct Limits {
     pub max_resources: usize,
 }
 
+impl Limits {
+    /// The worker's settings for them.
+    pub fn of(w: &crate::config::WorkerSettings) -> Limits {
+        Limits {
+            max_clock_skew: chrono::Duration::seconds(w.max_clock_skew_secs.min(366 * 24 * 3600) as i64),
+            max_resources: w.max_resources_per_event,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Limits {
         Limits { max_clock_skew: chrono::Duration::minutes(5), max_resources: 5000 }
@@ -63,35 +73,9 @@ pub enum Event {
     Tracked(Tracked),
 }
 
-/// A `deletion.requested` or `provisioning.failed` event.
-#[derive(Debug, Clone)]
-pub struct TeardownRequest {
-    pub event_id: String,
-    pub owner: String,
-    pub trigger: crate::domain::Trigger,
-    pub dry_run: bool,
-    pub occurred_at: DateTime<Utc>,
-    /// Which life of a reused owner name ends here, when the producer knows.
-    pub generation: Option<i64>,
-    /// Resources the provisioner knows it created (provisioning.failed only).
-    pub resources: Vec<TrackedResource>,
-}
-
-/// A `resource.tracked` event.
-#[derive(Debug, Clone)]
-pub struct Tracked {
-    pub event_id: String,
-    pub owner: String,
-    pub generation: Option<i64>,
-    pub resource: TrackedResource,
-}
-
-/// A resource with the facts that decide which life of its owner it belongs to.
-#[derive(Debug, Clone)]
-pub struct TrackedResource {
-    pub resource: Resource,
-    pub created_at: Option<DateTime<Utc>>,
-}
+// The event shapes the rest of the crate works with live in `domain`; this
+// module reads them off the wire.
+pub use crate::domain::{TeardownRequest, Tracked, TrackedResource};
 
 /// Why a message was refused. Goes into the `x-reaper-reason` header on the dead queue.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -152,3 +152,33 @@ pub fn human(d: std::time::Duration) -> String {
         }
     }
 }
+
+/// A `deletion.requested` or `provisioning.failed` event.
+#[derive(Debug, Clone)]
+pub struct TeardownRequest {
+    pub event_id: String,
+    pub owner: String,
+    pub trigger: Trigger,
+    pub dry_run: bool,
+    pub occurred_at: chrono::DateTime<chrono::Utc>,
+    /// Which life of a reused owner name ends here, when the producer knows.
+    pub generation: Option<i64>,
+    /// Resources the provisioner knows it created (provisioning.failed only).
+    pub resources: Vec<TrackedResource>,
+}
+
+/// A `resource.tracked` event.
+#[derive(Debug, Clone)]
+pub struct Tracked {
+    pub event_id: String,
+    pub owner: String,
+    pub generation: Option<i64>,
+    pub resource: TrackedResource,
+}
+
+/// A resource with the facts that decide which life of its owner it belongs to.
+#[derive(Debug, Clone)]
+pub struct TrackedResource {
+    pub resource: Resource,
+    pub created_at: Option<chrono::DateTime<chrono::Utc>>,
+}

@@ -17,7 +17,7 @@ use crate::config::{Catalog, WorkerSettings};
 use crate::domain::{Outcome, Resource, ResourceRef};
 use crate::ledger::{JobRow, JobStart, Ledger, StepRecord};
 use crate::plan;
-use crate::providers::{ArchiveTo, Deleted, Providers, StepError};
+use crate::providers::{Archive, Deleted, Providers, StepError};
 
 /// What the executor needs, borrowed from the application state.
 pub struct Executor<'a> {
@@ -211,13 +211,13 @@ impl Executor<'_> {
         // A replayed job looks before it acts: the world may have moved on
         // while the job sat dead-lettered.
         let looked = Arc::new(AtomicBool::new(!recheck));
-        let archive = spec.archive.as_ref().filter(|_| !dry_run).map(|_| ArchiveTo {
+        let archive = spec.archive.as_ref().filter(|_| !dry_run).map(|_| JobArchive {
             ledger: self.ledger,
             job_id: start.job.job_id,
             kind: &r.kind,
             resource_id: &r.id,
         });
-        let archive = archive.as_ref();
+        let archive = archive.as_ref().map(|a| a as &dyn Archive);
         let op = || {
             let looked = looked.clone();
             let attempts = attempts.clone();
@@ -315,6 +315,29 @@ impl Executor<'_> {
             tracing::debug!(resource = %reference, error = %e, retry_in_ms = delay.as_millis() as u64, "step will be retried");
             tokio::time::sleep(delay).await;
         }
+    }
+}
+
+/// A job's archive in the ledger, for one resource: what an archived kind's
+/// provider keeps there before its delete commits.
+struct JobArchive<'a> {
+    ledger: &'a Ledger,
+    job_id: uuid::Uuid,
+    kind: &'a str,
+    resource_id: &'a str,
+}
+
+impl Archive for JobArchive<'_> {
+    fn keep<'a>(
+        &'a self,
+        records: &'a [serde_json::Value],
+    ) -> futures_util::future::BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(async move {
+            self.ledger
+                .archive_keep(self.job_id, self.kind, self.resource_id, records)
+                .await
+                .map_err(|e| StepError::Transient(format!("archiving before the delete: {e}")))
+        })
     }
 }
 

@@ -17,7 +17,7 @@ use crate::retry::{self, DeadLetter, Disposition, ErrorClass, RetryReason, Verdi
 /// Handles one message. `ledger_refusals` is how many times in a row the
 /// ledger refused this message before (read from its retry hop).
 pub async fn handle(app: &App, env: &Envelope<'_>, ledger_refusals: u32) -> Disposition {
-    let event = match contract::decode(env, &app.catalog, &app.settings.worker.limits()) {
+    let event = match contract::decode(env, &app.catalog, &contract::Limits::of(&app.settings.worker)) {
         Ok(e) => e,
         Err(m) => {
             tracing::warn!(routing_key = env.routing_key, reason = %m, "malformed message; dead-lettering it");

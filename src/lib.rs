@@ -57,9 +57,7 @@ mod layering {
     const RULES: &[(&str, &[&str])] = &[
         ("domain.rs", &[]),
         ("plan.rs", &["domain", "config"]),
-        // `ledger` for `ArchiveTo` only, until providers define what they
-        // need and the ledger implements it.
-        ("providers", &["domain", "config", "ledger"]),
+        ("providers", &["domain", "config"]),
         ("execute.rs", &["domain", "config", "ledger", "plan", "providers", "metrics"]),
         ("retry.rs", &["execute", "ledger"]),
     ];

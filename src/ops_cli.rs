@@ -15,7 +15,7 @@ fn fail(code: u8, e: impl std::fmt::Display) -> ExitCode {
 }
 
 pub async fn status(settings: &Settings, json: bool) -> ExitCode {
-    let ledger = match settings.ledger().await {
+    let ledger = match crate::ledger::Ledger::from_settings(settings).await {
         Ok(l) => l,
         Err(e) => return fail(3, e),
     };
@@ -55,7 +55,7 @@ pub async fn status(settings: &Settings, json: bool) -> ExitCode {
 }
 
 pub async fn show(settings: &Settings, owner: &str, json: bool) -> ExitCode {
-    let ledger = match settings.ledger().await {
+    let ledger = match crate::ledger::Ledger::from_settings(settings).await {
         Ok(l) => l,
         Err(e) => return fail(3, e),
     };

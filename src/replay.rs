@@ -98,7 +98,7 @@ async fn replay_from_cli(
     dry_run: bool,
     progress: bool,
 ) -> Result<Summary, Box<dyn std::error::Error + Send + Sync>> {
-    let ledger = settings.ledger().await?;
+    let ledger = crate::ledger::Ledger::from_settings(settings).await?;
     ledger.migrate().await?;
     let names = Names::new(&settings.broker.prefix);
     let max = settings.worker.max_replays;
@@ -154,7 +154,7 @@ impl Summary {
 }
 
 async fn list(settings: &Settings, filter: &DeadFilter) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let ledger = settings.ledger().await?;
+    let ledger = crate::ledger::Ledger::from_settings(settings).await?;
     let jobs = ledger.dead_jobs(filter).await?;
     println!("{:<38} {:<28} {:<10} {:>7}  reason", "job", "owner", "class", "replays");
     for j in &jobs {

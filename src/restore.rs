@@ -51,7 +51,7 @@ pub enum RestoreError {
 /// For the CLI: builds the catalog, ledger and providers from `settings`.
 pub async fn restore(settings: &Settings, job_id: Uuid, dry_run: bool) -> Result<RestoreReport, RestoreError> {
     let catalog = settings.validate()?;
-    let ledger = settings.ledger().await?;
+    let ledger = crate::ledger::Ledger::from_settings(settings).await?;
     let providers = Providers::build(&settings.providers).await?;
     restore_with(&catalog, &ledger, &providers, job_id, dry_run).await
 }

@@ -304,7 +304,7 @@ async fn chaos(sc: Scenario) {
     let config_path = dir.join("reaper.toml");
     std::fs::write(&config_path, &config).unwrap();
     let settings = Settings::from_toml(&config).unwrap();
-    let ledger = settings.ledger().await.unwrap();
+    let ledger = reaper::ledger::Ledger::from_settings(&settings).await.unwrap();
     ledger.migrate().await.unwrap();
     // Declare the topology, then the test's own result queue.
     let (conn, _) = reaper::broker::link::open(&settings, &names).await.unwrap();

@@ -26,8 +26,8 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::config::DatabaseSettings;
-use crate::contract::{TeardownRequest, Tracked, TrackedResource};
 use crate::domain::{JobStatus, Outcome, Resource, ResourceRef, Trigger};
+use crate::domain::{TeardownRequest, Tracked, TrackedResource};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -296,6 +296,14 @@ pub struct Finished {
 }
 
 impl Ledger {
+    /// Connects with the settings' database, the worker's late-track window
+    /// and its lease time.
+    pub async fn from_settings(s: &crate::config::Settings) -> Result<Ledger, LedgerError> {
+        let w = &s.worker;
+        let window = Duration::from_secs(w.late_track_window_secs);
+        Ledger::connect(&s.database, window, Duration::from_secs_f64(w.lease_ttl_secs)).await
+    }
+
     pub async fn connect(s: &DatabaseSettings, window: Duration, lease_ttl: Duration) -> Result<Ledger, LedgerError> {
         let opts: PgConnectOptions = s.url.expose().parse().map_err(db("parsing database.url"))?;
         let pool = PgPoolOptions::new()

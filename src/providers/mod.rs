@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::config::{KindSpec, ProviderSettings};
 use crate::domain::Resource;
-use crate::ledger::Ledger;
+use futures_util::future::BoxFuture;
 
 /// How one provider call failed, in the terms the retry policy needs.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -114,22 +114,11 @@ impl Action {
     }
 }
 
-/// Where a provider keeps what it is about to delete, before it deletes it:
-/// the job's archive in the ledger.
-pub struct ArchiveTo<'a> {
-    pub ledger: &'a Ledger,
-    pub job_id: uuid::Uuid,
-    pub kind: &'a str,
-    pub resource_id: &'a str,
-}
-
-impl ArchiveTo<'_> {
-    pub async fn keep(&self, records: &[serde_json::Value]) -> Result<(), StepError> {
-        self.ledger
-            .archive_keep(self.job_id, self.kind, self.resource_id, records)
-            .await
-            .map_err(|e| StepError::Transient(format!("archiving before the delete: {e}")))
-    }
+/// Where a provider keeps what it is about to delete, before it deletes it.
+/// The executor hands one in for an archived kind (the job's archive in the
+/// ledger); providers only know this much of it.
+pub trait Archive: Sync {
+    fn keep<'a>(&'a self, records: &'a [serde_json::Value]) -> BoxFuture<'a, Result<(), StepError>>;
 }
 
 impl Provider {
@@ -137,7 +126,7 @@ impl Provider {
         &self,
         kind: &KindSpec,
         r: &Resource,
-        archive: Option<&ArchiveTo<'_>>,
+        archive: Option<&dyn Archive>,
     ) -> Result<Deleted, StepError> {
         match (self, &kind.delete) {
             (Provider::Http(p), _) => p.delete(kind, r).await,

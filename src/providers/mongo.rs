@@ -14,7 +14,7 @@ use mongodb::bson::{self, doc, Bson, Document};
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Collection, Database};
 
-use super::{ArchiveTo, Deleted, ProviderError, StepError};
+use super::{Archive, Deleted, ProviderError, StepError};
 use crate::config::MongoProviderSettings;
 use crate::domain::Resource;
 
@@ -236,7 +236,7 @@ impl MongoProvider {
         &self,
         t: &MongoTemplate,
         r: &Resource,
-        archive: Option<&ArchiveTo<'_>>,
+        archive: Option<&dyn Archive>,
     ) -> Result<Deleted, StepError> {
         let filter = t.for_resource(r).map_err(StepError::Permanent)?;
         let coll = self.collection(&t.collection);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-use super::{ArchiveTo, Deleted, ProviderError, StepError};
+use super::{Archive, Deleted, ProviderError, StepError};
 use crate::config::PostgresProviderSettings;
 use crate::domain::Resource;
 
@@ -165,7 +165,7 @@ impl PostgresProvider {
         &self,
         t: &SqlTemplate,
         r: &Resource,
-        archive: Option<&ArchiveTo<'_>>,
+        archive: Option<&dyn Archive>,
     ) -> Result<Deleted, StepError> {
         let Some(archive) = archive else {
             let done = bind(sqlx::query(&t.sql), t, r)?.execute(&self.pool).await.map_err(classify)?;

@@ -125,7 +125,7 @@ async fn bench(
     s.broker.prefetch = 256;
     s.admin.listen = String::new();
     s.validate()?;
-    let ledger = s.ledger().await?;
+    let ledger = crate::ledger::Ledger::from_settings(&s).await?;
     ledger.migrate().await?;
     let providers = crate::providers::Providers::build(&s.providers).await?;
     let sweeper = Sweeper { settings: &s, ledger: &ledger, providers: &providers, metrics: None };

@@ -34,7 +34,7 @@ pub async fn run(settings: Settings, args: ReconcileArgs) -> ExitCode {
     if let Err(e) = settings.validate() {
         return fail(2, e);
     }
-    let ledger = match settings.ledger().await {
+    let ledger = match crate::ledger::Ledger::from_settings(&settings).await {
         Ok(l) => l,
         Err(e) => return fail(3, e),
     };
