@@ -9,7 +9,8 @@ use uuid::Uuid;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, Names};
-use crate::config::{redact_url, Catalog, ConfigError, Settings};
+use crate::catalog::Catalog;
+use crate::config::{redact_url, ConfigError, Settings};
 use crate::ledger::{Ledger, LedgerError};
 use crate::providers::{ProviderError, Providers};
 
@@ -92,7 +93,7 @@ impl App {
     /// `reaper check-config` runs exactly this, so "valid" means `run` starts
     /// as far as the configuration goes.
     pub async fn check(settings: &Settings) -> Result<Checked, AppError> {
-        let catalog = settings.validate()?;
+        let catalog = crate::catalog::validate(settings)?;
         if catalog.is_empty() {
             return Err(ConfigError::Invalid(
                 "no kinds are configured: add [kinds.NAME] sections (see config/vpc-node.toml)".into(),

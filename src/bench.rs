@@ -619,13 +619,14 @@ fn print_table(r: &Report) {
 /// process's peak memory.
 fn plan_bench(n: usize, json: bool) -> ExitCode {
     use crate::domain::Resource;
-    let catalog = match Settings::from_toml(include_str!("../config/vpc-node.toml")).and_then(|s| s.validate()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let catalog =
+        match Settings::from_toml(include_str!("../config/vpc-node.toml")).and_then(|s| crate::catalog::validate(&s)) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
     let kinds = ["bare_metal_server", "vni", "dns_record", "ip_reservation"];
     let resources: Vec<Resource> = (0..n)
         .map(|i| {

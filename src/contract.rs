@@ -10,7 +10,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::config::Catalog;
+use crate::catalog::Catalog;
 use crate::domain::{Resource, ResourceRef};
 
 /// Routing keys on the events exchange.

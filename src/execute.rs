@@ -13,7 +13,8 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 
-use crate::config::{Catalog, WorkerSettings};
+use crate::catalog::Catalog;
+use crate::config::WorkerSettings;
 use crate::domain::{Outcome, Resource, ResourceRef};
 use crate::ledger::{JobRow, JobStart, Ledger, StepRecord};
 use crate::plan;
@@ -225,13 +226,13 @@ impl Executor<'_> {
             async move {
                 attempts.fetch_add(1, Ordering::Relaxed);
                 if !looked.load(Ordering::Relaxed) {
-                    if provider.exists(spec, r).await? == Some(false) {
+                    if provider.exists(spec.check.as_ref(), &spec.delete, r).await? == Some(false) {
                         return Ok(Outcome::AlreadyGone);
                     }
                     looked.store(true, Ordering::Relaxed);
                 }
                 if dry_run {
-                    return Ok(match provider.exists(spec, r).await? {
+                    return Ok(match provider.exists(spec.check.as_ref(), &spec.delete, r).await? {
                         Some(false) => Outcome::AlreadyGone,
                         _ => Outcome::WouldDelete,
                     });
@@ -239,12 +240,12 @@ impl Executor<'_> {
                 // After an accepted delete only the check is repeated: a second
                 // DELETE would answer 404 and hide that we deleted it.
                 if !deleted_once.load(Ordering::Relaxed) {
-                    match provider.delete(spec, r, archive).await? {
+                    match provider.delete(&spec.delete, r, archive).await? {
                         Deleted::AlreadyGone => return Ok(Outcome::AlreadyGone),
                         Deleted::Now => deleted_once.store(true, Ordering::Relaxed),
                     }
                 }
-                match provider.exists(spec, r).await? {
+                match provider.exists(spec.check.as_ref(), &spec.delete, r).await? {
                     Some(true) => Err(StepError::StillThere),
                     _ => Ok(Outcome::Deleted),
                 }

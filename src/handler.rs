@@ -6,7 +6,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::app::App;
-use crate::config::LookupQuery;
+use crate::catalog::LookupQuery;
 use crate::contract::{self, Envelope, Event, ResourceReport, TeardownResult};
 use crate::domain::JobStatus;
 use crate::execute::{Executor, RunEnd};

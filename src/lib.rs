@@ -24,6 +24,7 @@ pub mod admin;
 pub mod app;
 pub mod bench;
 pub mod broker;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod contract;
@@ -56,9 +57,14 @@ mod layering {
     /// Module (a file or a directory under src/) → the crate modules it may use.
     const RULES: &[(&str, &[&str])] = &[
         ("domain.rs", &[]),
-        ("plan.rs", &["domain", "config"]),
+        ("config.rs", &[]),
+        ("config", &[]),
+        ("plan.rs", &["domain"]),
         ("providers", &["domain", "config"]),
-        ("execute.rs", &["domain", "config", "ledger", "plan", "providers", "metrics"]),
+        ("catalog.rs", &["config", "domain", "plan", "providers"]),
+        ("contract.rs", &["catalog", "config", "domain"]),
+        ("ledger", &["config", "domain"]),
+        ("execute.rs", &["domain", "config", "catalog", "ledger", "plan", "providers", "metrics"]),
         ("retry.rs", &["execute", "ledger"]),
     ];
 

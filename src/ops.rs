@@ -42,7 +42,7 @@ pub async fn plan(app: &App, owner: &str) -> Result<Vec<PlanStep>, OpsError> {
 
 pub fn plan_of(
     settings: &Settings,
-    catalog: &crate::config::Catalog,
+    catalog: &crate::catalog::Catalog,
     resources: &[Resource],
 ) -> Result<Vec<PlanStep>, OpsError> {
     let levels = plan::levels(resources, catalog)?;
@@ -105,7 +105,7 @@ pub async fn validate(app: &App, owner: &str) -> Result<Vec<Verdict>, OpsError> 
         let r = &resource;
         let (verdict, detail) =
             match (app.catalog.kind(&r.kind), app.catalog.kind(&r.kind).and_then(|k| app.providers.get(&k.provider))) {
-                (Some(spec), Some(p)) => match p.exists(spec, &resource).await {
+                (Some(spec), Some(p)) => match p.exists(spec.check.as_ref(), &spec.delete, &resource).await {
                     Ok(Some(false)) => ("PASS", "gone at the provider".to_string()),
                     Ok(Some(true)) => ("FAIL", "still exists at the provider".to_string()),
                     Ok(None) => ("UNKNOWN", "the kind has no check configured".to_string()),

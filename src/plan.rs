@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 
-use crate::config::Catalog;
 use crate::domain::{Resource, ResourceRef};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,8 +42,15 @@ pub struct Graph {
     level: Vec<usize>,
 }
 
+/// The kinds' order, all the planner knows of the configuration: which kinds
+/// must be gone before a resource of `kind` is deleted (`None`: the kind is
+/// not configured). `catalog::Catalog` is the one the worker uses.
+pub trait KindOrder {
+    fn after(&self, kind: &str) -> Option<&[String]>;
+}
+
 impl Graph {
-    pub fn build(resources: &[Resource], catalog: &Catalog) -> Result<Graph, PlanError> {
+    pub fn build<O: KindOrder + ?Sized>(resources: &[Resource], order: &O) -> Result<Graph, PlanError> {
         let n = resources.len();
         let index: HashMap<(&str, &str), usize> =
             resources.iter().enumerate().map(|(i, r)| ((r.kind.as_str(), r.id.as_str()), i)).collect();
@@ -54,8 +60,8 @@ impl Graph {
         let mut prev: Vec<Vec<usize>> = vec![Vec::new(); n];
         let present: std::collections::HashSet<&str> = resources.iter().map(|r| r.kind.as_str()).collect();
         for (y, r) in resources.iter().enumerate() {
-            let spec = catalog.kind(&r.kind).ok_or_else(|| PlanError::UnknownKind(r.reference()))?;
-            for k in spec.after.iter().filter(|k| present.contains(k.as_str())) {
+            let after = order.after(&r.kind).ok_or_else(|| PlanError::UnknownKind(r.reference()))?;
+            for k in after.iter().filter(|k| present.contains(k.as_str())) {
                 let node = *kind_node.entry(k.as_str()).or_insert_with(|| {
                     next.push(Vec::new());
                     prev.push(Vec::new());
@@ -209,8 +215,8 @@ impl Walk<'_> {
 
 /// The resources as longest-path layers: level 0 needs nothing gone first,
 /// level n waits for something at level n - 1. For showing a plan.
-pub fn levels(resources: &[Resource], catalog: &Catalog) -> Result<Levels, PlanError> {
-    let g = Graph::build(resources, catalog)?;
+pub fn levels<O: KindOrder + ?Sized>(resources: &[Resource], order: &O) -> Result<Levels, PlanError> {
+    let g = Graph::build(resources, order)?;
     let mut out: Levels = Vec::new();
     for i in 0..g.len() {
         let l = g.level(i);
@@ -230,8 +236,8 @@ mod tests {
     use super::*;
     use crate::config::Settings;
 
-    fn catalog() -> Catalog {
-        Settings::from_toml(include_str!("../config/vpc-node.toml")).unwrap().validate().unwrap()
+    fn catalog() -> crate::catalog::Catalog {
+        crate::catalog::validate(&Settings::from_toml(include_str!("../config/vpc-node.toml")).unwrap()).unwrap()
     }
 
     fn r(kind: &str, id: &str) -> Resource {

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::config::{ArchiveSpec, Catalog, Settings};
+use crate::catalog::{ArchiveSpec, Catalog};
+use crate::config::Settings;
 use crate::ledger::Ledger;
 use crate::providers::{Provider, Providers};
 
@@ -50,7 +51,7 @@ pub enum RestoreError {
 
 /// For the CLI: builds the catalog, ledger and providers from `settings`.
 pub async fn restore(settings: &Settings, job_id: Uuid, dry_run: bool) -> Result<RestoreReport, RestoreError> {
-    let catalog = settings.validate()?;
+    let catalog = crate::catalog::validate(settings)?;
     let ledger = crate::ledger::Ledger::from_settings(settings).await?;
     let providers = Providers::build(&settings.providers).await?;
     restore_with(&catalog, &ledger, &providers, job_id, dry_run).await

@@ -12,7 +12,7 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio::time::Instant;
 
 use super::{Deleted, ProviderError, StepError};
-use crate::config::{redact_url, HttpProviderSettings, KindSpec};
+use crate::config::{redact_url, HttpProviderSettings};
 use crate::domain::Resource;
 
 /// Everything but RFC 3986 unreserved characters is encoded, `/` included, so a
@@ -225,9 +225,7 @@ impl HttpProvider {
         })
     }
 
-    pub async fn delete(&self, kind: &KindSpec, r: &Resource) -> Result<Deleted, StepError> {
-        let t =
-            kind.delete.http().ok_or_else(|| StepError::Permanent(format!("kind {} has no HTTP delete", kind.name)))?;
+    pub async fn delete(&self, t: &RequestTemplate, r: &Resource) -> Result<Deleted, StepError> {
         let status = self.send(t, r).await?;
         match status {
             s if s.is_success() => Ok(Deleted::Now),

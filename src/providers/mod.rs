@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{KindSpec, ProviderSettings};
+use crate::config::ProviderSettings;
 use crate::domain::Resource;
 use futures_util::future::BoxFuture;
 
@@ -122,26 +122,32 @@ pub trait Archive: Sync {
 }
 
 impl Provider {
+    /// Runs a kind's delete for one resource.
     pub async fn delete(
         &self,
-        kind: &KindSpec,
+        delete: &Action,
         r: &Resource,
         archive: Option<&dyn Archive>,
     ) -> Result<Deleted, StepError> {
-        match (self, &kind.delete) {
-            (Provider::Http(p), _) => p.delete(kind, r).await,
+        match (self, delete) {
+            (Provider::Http(p), Action::Http(t)) => p.delete(t, r).await,
             (Provider::Postgres(p), Action::Sql(t)) => {
                 within(p.deadline(), "the delete", p.delete(t, r, archive)).await
             }
             (Provider::Mongo(p), Action::Mongo(t)) => p.delete(t, r, archive).await,
-            _ => Err(StepError::Permanent(format!("kind {}: its delete does not fit its provider", kind.name))),
+            _ => Err(StepError::Permanent(format!("kind {}: its delete does not fit its provider", r.kind))),
         }
     }
 
     /// Whether the resource still exists; `None` when nothing can tell (an
     /// HTTP or SQL kind without a check). A MongoDB kind's filter is its check.
-    pub async fn exists(&self, kind: &KindSpec, r: &Resource) -> Result<Option<bool>, StepError> {
-        match (&kind.check, &kind.delete) {
+    pub async fn exists(
+        &self,
+        check: Option<&Action>,
+        delete: &Action,
+        r: &Resource,
+    ) -> Result<Option<bool>, StepError> {
+        match (check, delete) {
             (Some(c), _) => self.probe(c, r).await.map(Some),
             (None, a @ Action::Mongo(_)) => self.probe(a, r).await.map(Some),
             (None, _) => Ok(None),

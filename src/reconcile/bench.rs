@@ -124,7 +124,7 @@ async fn bench(
     s.broker.prefix = format!("bench-rc-{}", &db_name[db_name.len() - 8..]);
     s.broker.prefetch = 256;
     s.admin.listen = String::new();
-    s.validate()?;
+    crate::catalog::validate(&s)?;
     let ledger = crate::ledger::Ledger::from_settings(&s).await?;
     ledger.migrate().await?;
     let providers = crate::providers::Providers::build(&s.providers).await?;

@@ -31,7 +31,7 @@ pub async fn run(settings: Settings, args: ReconcileArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     };
     // Validated first, so a bad rule is a configuration error, not a failed sweep.
-    if let Err(e) = settings.validate() {
+    if let Err(e) = crate::catalog::validate(&settings) {
         return fail(2, e);
     }
     let ledger = match crate::ledger::Ledger::from_settings(&settings).await {

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use futures_util::TryStreamExt;
-use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::providers::{mongo, Provider, Providers};
@@ -24,51 +23,7 @@ pub struct Item {
     pub attributes: BTreeMap<String, String>,
 }
 
-/// Where one side of a rule is read from. Which fields apply depends on the
-/// provider's type; `provider = "ledger"` reads what reaper itself tracks.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InventorySettings {
-    pub provider: String,
-    /// HTTP: "GET /path" of the list.
-    #[serde(default)]
-    pub request: Option<String>,
-    /// HTTP: JSON pointer to the array of items in a page ("" = the page is the array).
-    #[serde(default)]
-    pub items: String,
-    /// The key: a JSON pointer in an HTTP item ("/name"), a document field, a
-    /// SQL column (default "key").
-    #[serde(default)]
-    pub key: Option<String>,
-    /// HTTP: JSON pointer to the next page's token; absent or null ends the list.
-    #[serde(default)]
-    pub next: Option<String>,
-    /// HTTP: query parameter the token is sent back in.
-    #[serde(default = "default_next_param")]
-    pub next_param: String,
-    /// Where the creation time is (pointer, field or column); RFC 3339, a
-    /// UNIX time in seconds, or a timestamp column. Times without a zone are UTC.
-    #[serde(default)]
-    pub created_at: Option<String>,
-    /// Attribute name → pointer or field (HTTP, MongoDB). SQL: every other column.
-    #[serde(default)]
-    pub attributes: BTreeMap<String, String>,
-    /// SQL: the query.
-    #[serde(default)]
-    pub sql: Option<String>,
-    /// MongoDB: the collection and a filter (plain JSON, no placeholders).
-    #[serde(default)]
-    pub collection: Option<String>,
-    #[serde(default)]
-    pub filter: Option<String>,
-    /// Ledger: the kind whose live tracked resources are the inventory.
-    #[serde(default)]
-    pub kind: Option<String>,
-}
-
-fn default_next_param() -> String {
-    "start".into()
-}
+pub use crate::config::reconcile::InventorySettings;
 
 pub const LEDGER: &str = "ledger";
 

@@ -412,7 +412,7 @@ impl Sweeper<'_> {
     ) -> Result<(), ReconcileError> {
         let fail = |message: String| ReconcileError::Sweep { rule: name.into(), message };
         let names = Names::new(&self.settings.broker.prefix);
-        let catalog = self.settings.validate().map_err(|e| fail(e.to_string()))?;
+        let catalog = crate::catalog::validate(self.settings).map_err(|e| fail(e.to_string()))?;
         let (conn, publisher) = crate::broker::link::open(self.settings, &names).await?;
         let mut after = String::new();
         let result: Result<(), ReconcileError> = async {
@@ -509,7 +509,7 @@ fn event_for(
     key: &str,
     attrs: &serde_json::Value,
     event_id: String,
-    catalog: &crate::config::Catalog,
+    catalog: &crate::catalog::Catalog,
 ) -> Result<Option<Outgoing>, String> {
     let template = rule.action.owner.clone().unwrap_or_else(|| format!("reconcile.{rule_name}/{{key}}"));
     let owner = template.replace("{key}", key);

@@ -1,97 +1,13 @@
-//! Reconcile rules as configured: what each side reads, what is done with an
-//! orphan, the safety settings, and the checks made at start-up.
+//! Reconcile rules: their start-up checks and filters. The settings
+//! themselves are plain data in `config::reconcile`.
+
+pub use crate::config::reconcile::{ActionSettings, Filter, ReconcileSettings, RuleSettings};
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-
-use super::inventory::{InventorySettings, Item};
-use crate::config::{Catalog, ProviderSettings};
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReconcileSettings {
-    /// The shortest `every_secs` a rule's schedule may have.
-    pub min_interval_secs: f64,
-    /// Whether `reaper run` runs the rules' schedules (off: by hand and the admin API only).
-    pub run_schedules: bool,
-    #[serde(default)]
-    pub rules: BTreeMap<String, RuleSettings>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleSettings {
-    /// The source of truth. Without one, every item of the copy that passes
-    /// the filters is an orphan (a rule like "failed for more than 24 hours").
-    #[serde(default)]
-    pub truth: Option<InventorySettings>,
-    pub copy: InventorySettings,
-    pub action: ActionSettings,
-    /// Items younger than this (by their created_at, else by when reaper first
-    /// saw them orphaned) are left alone.
-    #[serde(default)]
-    pub grace_secs: f64,
-    /// Consecutive sweeps that must all find an item orphaned before it is touched.
-    #[serde(default = "one")]
-    pub quarantine_sweeps: u32,
-    /// Refuse (unless forced) when a sweep would tear down more than this many...
-    #[serde(default = "default_max_count")]
-    pub max_count: u64,
-    /// ...or more than this fraction of the copy (rules with a truth only).
-    #[serde(default = "default_max_fraction")]
-    pub max_fraction: f64,
-    /// Only items matching all of these are considered.
-    #[serde(default)]
-    pub include: Vec<Filter>,
-    /// Items matching any of these are never touched.
-    #[serde(default)]
-    pub exclude: Vec<Filter>,
-    /// Run inside `reaper run` this often; unset: by hand only.
-    #[serde(default)]
-    pub every_secs: Option<f64>,
-    /// Scheduled sweeps act (true) or only report (false, the default).
-    #[serde(default)]
-    pub execute_on_schedule: bool,
-}
-
-fn one() -> u32 {
-    1
-}
-fn default_max_count() -> u64 {
-    100
-}
-fn default_max_fraction() -> f64 {
-    0.5
-}
-
-/// What a sweep does with each orphan.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ActionSettings {
-    /// Tear the orphan down as a resource of this kind (provisioning.failed
-    /// listing it). Without a kind, the owner itself is torn down
-    /// (deletion.requested or provisioning.failed, lookups finding the rest).
-    #[serde(default)]
-    pub kind: Option<String>,
-    /// The attribute that is the resource's id; default the key.
-    #[serde(default)]
-    pub id: Option<String>,
-    /// The owner, "type/{key}"; default "reconcile.RULE/{key}".
-    #[serde(default)]
-    pub owner: Option<String>,
-    /// "deletion.requested" or "provisioning.failed".
-    #[serde(default)]
-    pub event: Option<String>,
-}
-
-/// `field` is "key" or an attribute; `glob` may use `*`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Filter {
-    pub field: String,
-    pub glob: String,
-}
+use super::inventory::Item;
+use crate::catalog::Catalog;
+use crate::config::ProviderSettings;
 
 impl Filter {
     pub fn matches(&self, item: &Item) -> bool {

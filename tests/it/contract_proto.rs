@@ -80,7 +80,8 @@ fn examples() -> Vec<(&'static str, &'static str, Value)> {
 #[test]
 fn events_round_trip_through_the_protobuf_schemas_and_back_into_reaper() {
     let pool = pool();
-    let catalog = Settings::from_toml(include_str!("../../config/vpc-node.toml")).unwrap().validate().unwrap();
+    let catalog =
+        reaper::catalog::validate(&Settings::from_toml(include_str!("../../config/vpc-node.toml")).unwrap()).unwrap();
     for (message, key, value) in examples() {
         let back = round_trip(&pool, message, &value).unwrap_or_else(|e| panic!("{message}: {e}"));
         assert_eq!(normalize(&back), normalize(&value), "{message}");

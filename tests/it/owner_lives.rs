@@ -269,7 +269,7 @@ fn a_kind_whose_ids_come_back_must_tell_its_lives_apart() {
         .replace(" AND created_at = $2::timestamptz", "")
         .replace("params = [\"id\", \"attr.created_at\"]\n", "");
     let settings = reaper::config::Settings::from_toml(&config).unwrap();
-    let err = settings.validate().unwrap_err().to_string();
+    let err = reaper::catalog::validate(&settings).unwrap_err().to_string();
     assert!(err.contains("node_record") && err.contains("reused_ids"), "{err}");
 }
 

@@ -1,0 +1,137 @@
+//! Reconcile rules as configured: what each side reads, what is done with an
+//! orphan, the safety settings. Plain data; `src/reconcile/` checks and runs them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileSettings {
+    /// The shortest `every_secs` a rule's schedule may have.
+    pub min_interval_secs: f64,
+    /// Whether `reaper run` runs the rules' schedules (off: by hand and the admin API only).
+    pub run_schedules: bool,
+    #[serde(default)]
+    pub rules: BTreeMap<String, RuleSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSettings {
+    /// The source of truth. Without one, every item of the copy that passes
+    /// the filters is an orphan (a rule like "failed for more than 24 hours").
+    #[serde(default)]
+    pub truth: Option<InventorySettings>,
+    pub copy: InventorySettings,
+    pub action: ActionSettings,
+    /// Items younger than this (by their created_at, else by when reaper first
+    /// saw them orphaned) are left alone.
+    #[serde(default)]
+    pub grace_secs: f64,
+    /// Consecutive sweeps that must all find an item orphaned before it is touched.
+    #[serde(default = "one")]
+    pub quarantine_sweeps: u32,
+    /// Refuse (unless forced) when a sweep would tear down more than this many...
+    #[serde(default = "default_max_count")]
+    pub max_count: u64,
+    /// ...or more than this fraction of the copy (rules with a truth only).
+    #[serde(default = "default_max_fraction")]
+    pub max_fraction: f64,
+    /// Only items matching all of these are considered.
+    #[serde(default)]
+    pub include: Vec<Filter>,
+    /// Items matching any of these are never touched.
+    #[serde(default)]
+    pub exclude: Vec<Filter>,
+    /// Run inside `reaper run` this often; unset: by hand only.
+    #[serde(default)]
+    pub every_secs: Option<f64>,
+    /// Scheduled sweeps act (true) or only report (false, the default).
+    #[serde(default)]
+    pub execute_on_schedule: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_max_count() -> u64 {
+    100
+}
+fn default_max_fraction() -> f64 {
+    0.5
+}
+
+/// What a sweep does with each orphan.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionSettings {
+    /// Tear the orphan down as a resource of this kind (provisioning.failed
+    /// listing it). Without a kind, the owner itself is torn down
+    /// (deletion.requested or provisioning.failed, lookups finding the rest).
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// The attribute that is the resource's id; default the key.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The owner, "type/{key}"; default "reconcile.RULE/{key}".
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// "deletion.requested" or "provisioning.failed".
+    #[serde(default)]
+    pub event: Option<String>,
+}
+
+/// `field` is "key" or an attribute; `glob` may use `*`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    pub field: String,
+    pub glob: String,
+}
+
+/// Where one side of a rule is read from. Which fields apply depends on the
+/// provider's type; `provider = "ledger"` reads what reaper itself tracks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InventorySettings {
+    pub provider: String,
+    /// HTTP: "GET /path" of the list.
+    #[serde(default)]
+    pub request: Option<String>,
+    /// HTTP: JSON pointer to the array of items in a page ("" = the page is the array).
+    #[serde(default)]
+    pub items: String,
+    /// The key: a JSON pointer in an HTTP item ("/name"), a document field, a
+    /// SQL column (default "key").
+    #[serde(default)]
+    pub key: Option<String>,
+    /// HTTP: JSON pointer to the next page's token; absent or null ends the list.
+    #[serde(default)]
+    pub next: Option<String>,
+    /// HTTP: query parameter the token is sent back in.
+    #[serde(default = "default_next_param")]
+    pub next_param: String,
+    /// Where the creation time is (pointer, field or column); RFC 3339, a
+    /// UNIX time in seconds, or a timestamp column. Times without a zone are UTC.
+    #[serde(default)]
+    pub created_at: Option<String>,
+    /// Attribute name → pointer or field (HTTP, MongoDB). SQL: every other column.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// SQL: the query.
+    #[serde(default)]
+    pub sql: Option<String>,
+    /// MongoDB: the collection and a filter (plain JSON, no placeholders).
+    #[serde(default)]
+    pub collection: Option<String>,
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// Ledger: the kind whose live tracked resources are the inventory.
+    #[serde(default)]
+    pub kind: Option<String>,
+}
+
+fn default_next_param() -> String {
+    "start".into()
+}
