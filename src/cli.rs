@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, App, AppError};
 use crate::config::{ProviderSettings, Settings};
-use crate::sim::Sim;
+use crate::devtools::sim::Sim;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -81,10 +81,10 @@ pub enum Command {
     /// Print shell completions: reaper completions bash > /etc/bash_completion.d/reaper
     Completions { shell: clap_complete::Shell },
     /// Measure the broker's ceiling and reaper's end-to-end rate, latency, CPU and memory.
-    Bench(crate::bench::BenchArgs),
+    Bench(crate::devtools::bench::BenchArgs),
     /// The whole job in one command: a simulated cloud, N sample VPC nodes, a mix
     /// of deletion and provisioning-failure events, the worker, and a summary.
-    Demo(crate::demo::DemoArgs),
+    Demo(crate::devtools::demo::DemoArgs),
     /// Re-run dead-lettered jobs after fixing their cause. Steps already done
     /// stay done; each remaining resource is checked again before it is deleted.
     Replay(crate::replay::ReplayArgs),
@@ -203,11 +203,11 @@ pub async fn main(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::Demo(args) => crate::demo::run(settings, args).await,
+        Command::Demo(args) => crate::devtools::demo::run(settings, args).await,
         Command::Replay(args) => crate::replay::run(settings, args).await,
         Command::Restore(args) => crate::restore::run(settings, args).await,
         Command::Reconcile(args) => crate::reconcile::cli::run(settings, args).await,
-        Command::Bench(args) => crate::bench::run(settings, args).await,
+        Command::Bench(args) => crate::devtools::bench::run(settings, args).await,
         Command::Completions { .. } => ExitCode::SUCCESS,
         Command::Status { json } => crate::ops_cli::status(&settings, json).await,
         Command::Show { owner, json } => crate::ops_cli::show(&settings, &owner, json).await,

@@ -22,13 +22,12 @@
 
 pub mod admin;
 pub mod app;
-pub mod bench;
 pub mod broker;
 pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod contract;
-pub mod demo;
+pub mod devtools;
 pub mod domain;
 pub mod execute;
 pub mod handler;
@@ -43,7 +42,6 @@ pub mod reconcile;
 pub mod replay;
 pub mod restore;
 pub mod retry;
-pub mod sim;
 pub mod telemetry;
 
 /// The layering rule of ARCHITECTURE.md ("Invariants"), checked on the
@@ -104,5 +102,23 @@ mod layering {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_worker_never_imports_the_devtools() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut checked = 0;
+        for e in std::fs::read_dir(&src).expect("src") {
+            let path = e.expect("an entry").path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            if ["devtools", "cli.rs", "lib.rs", "main.rs"].contains(&name.as_str()) {
+                continue;
+            }
+            for text in sources(&path) {
+                checked += 1;
+                assert!(!used_modules(&text).contains("devtools"), "src/{name} uses crate::devtools");
+            }
+        }
+        assert!(checked > 20, "the sources were read");
     }
 }

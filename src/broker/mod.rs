@@ -2,7 +2,6 @@
 //! consumer loop that turns deliveries into handler calls and dispositions
 //! into publishes and acks.
 
-pub mod ceiling;
 pub mod consumer;
 pub mod link;
 pub mod publisher;

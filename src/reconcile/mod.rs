@@ -15,7 +15,6 @@
 //! sweeps than the quarantine wait; more deletions than `max_count` or
 //! `max_fraction` of the copy are refused unless forced.
 
-pub mod bench;
 pub mod cli;
 pub mod inventory;
 pub mod rules;

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use reaper::demo::VpcNode;
-use reaper::sim::{Faults, Sim};
+use reaper::devtools::demo::VpcNode;
+use reaper::devtools::sim::{Faults, Sim};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 

@@ -276,7 +276,7 @@ async fn ghost_containers() {
     }
 
     // Proxmox cannot be reached: nothing is touched.
-    t.sim.set_faults(reaper::sim::Faults { fail_next: 100, fail_status: 502, ..Default::default() });
+    t.sim.set_faults(reaper::devtools::sim::Faults { fail_next: 100, fail_status: 502, ..Default::default() });
     let (code, _, err) = t.reconcile("ghost_apps", &["--execute", "--force"]);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("truth inventory failed to load"), "{err}");
@@ -321,9 +321,9 @@ async fn ghost_containers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vpc_node() {
     let mut t = setup("vpc-node").await;
-    let stuck = reaper::demo::VpcNode::new(&unique("stuck"));
-    let recent = reaper::demo::VpcNode::new(&unique("recent"));
-    let deleted = reaper::demo::VpcNode::new(&unique("deleted"));
+    let stuck = reaper::devtools::demo::VpcNode::new(&unique("stuck"));
+    let recent = reaper::devtools::demo::VpcNode::new(&unique("recent"));
+    let deleted = reaper::devtools::demo::VpcNode::new(&unique("deleted"));
     for (node, status, age_h) in [(&stuck, "failed", 30), (&recent, "failed", 2), (&deleted, "deleting", 0)] {
         node.create_in(&t.sim);
         let name = node.owner.trim_start_matches("node/");
@@ -361,7 +361,7 @@ async fn vpc_node() {
             .await
             .unwrap();
     }
-    let paths_of = |n: &reaper::demo::VpcNode| n.resources.iter().map(|r| r.path.clone()).collect::<Vec<_>>();
+    let paths_of = |n: &reaper::devtools::demo::VpcNode| n.resources.iter().map(|r| r.path.clone()).collect::<Vec<_>>();
 
     // The node being deleted: its service sends deletion.requested.
     t.publish("deletion.requested", &deletion("del-node", &deleted.owner, Utc::now())).await;
@@ -387,7 +387,7 @@ async fn vpc_node() {
             .fetch_all(t.app.ledger.pool())
             .await
             .unwrap();
-    let status_of = |n: &reaper::demo::VpcNode| {
+    let status_of = |n: &reaper::devtools::demo::VpcNode| {
         statuses.iter().find(|(name, _)| n.owner.ends_with(name.as_str())).map(|(_, s)| s.clone()).unwrap()
     };
     assert_eq!(status_of(&stuck), "cleanup_completed");

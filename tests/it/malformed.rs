@@ -1,5 +1,5 @@
 use chrono::Utc;
-use reaper::demo::VpcNode;
+use reaper::devtools::demo::VpcNode;
 use serde_json::json;
 
 use crate::helpers::*;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::{Duration as Ch, Utc};
-use reaper::demo::VpcNode;
+use reaper::devtools::demo::VpcNode;
 use serde_json::json;
 
 use crate::helpers::*;
@@ -188,7 +188,7 @@ async fn a_replay_does_not_take_a_resource_tracked_again_for_a_new_life() {
     t.provision(&node).await;
     let vni = node.resources.iter().find(|r| r.kind == "vni").unwrap();
     // Every DELETE is refused: the job is dead-lettered with the VNI still claimed.
-    t.sim.set_faults(reaper::sim::Faults {
+    t.sim.set_faults(reaper::devtools::sim::Faults {
         fail_next: 100,
         fail_status: 403,
         only_method: "DELETE".into(),
@@ -210,7 +210,7 @@ async fn a_replay_does_not_take_a_resource_tracked_again_for_a_new_life() {
         states.iter().any(|(r, _, job)| r.id == vni.id && job.is_none())
     })
     .await;
-    t.sim.set_faults(reaper::sim::Faults::default());
+    t.sim.set_faults(reaper::devtools::sim::Faults::default());
     let out = t.reaper(&["replay", "--owner", &node.owner], &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r = t.next_result(30).await.result;
@@ -233,7 +233,7 @@ async fn a_replay_does_not_mark_the_next_node_of_the_same_name_cleaned_up() {
     .await;
     t.sim.create("/v1/virtual_network_interfaces/vni-1", &[]);
     // The VNI API refuses: the job is dead-lettered before the node row is marked.
-    t.sim.set_faults(reaper::sim::Faults {
+    t.sim.set_faults(reaper::devtools::sim::Faults {
         fail_next: 100,
         fail_status: 403,
         only_method: "DELETE".into(),
@@ -249,7 +249,7 @@ async fn a_replay_does_not_mark_the_next_node_of_the_same_name_cleaned_up() {
          INSERT INTO nodes (node_name, status) VALUES ('{name}', 'provisioning');"
     ))
     .await;
-    t.sim.set_faults(reaper::sim::Faults::default());
+    t.sim.set_faults(reaper::devtools::sim::Faults::default());
     let out = t.reaper(&["replay", "--owner", &format!("node/{name}")], &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r = t.next_result(30).await.result;

@@ -134,7 +134,7 @@ async fn a_truth_that_fails_to_load_or_comes_back_empty_touches_nothing() {
     world(&t, 3, &["gone-1"]).await;
 
     // The gateway answers 503 to every list request.
-    t.sim.set_faults(reaper::sim::Faults { fail_next: 1000, fail_status: 503, ..Default::default() });
+    t.sim.set_faults(reaper::devtools::sim::Faults { fail_next: 1000, fail_status: 503, ..Default::default() });
     let (code, r, err) = t.reconcile("models", &["--execute", "--force"]);
     assert_eq!(code, 3, "a failed inventory exits 3: {r} {err}");
     assert!(err.contains("truth inventory failed to load, so nothing was touched"), "{err}");
@@ -172,7 +172,7 @@ async fn a_truth_that_fails_to_load_or_comes_back_empty_touches_nothing() {
 async fn a_truth_list_cut_short_after_its_first_page_touches_nothing() {
     let mut t = spawn_app(&RULE.replace("max_count = 5\n", "max_count = 50\n")).await;
     world(&t, 140, &[]).await;
-    t.sim.set_faults(reaper::sim::Faults {
+    t.sim.set_faults(reaper::devtools::sim::Faults {
         pass_first: 1,
         fail_next: 1,
         fail_status: 429,
@@ -348,8 +348,8 @@ action = { kind = "vni", owner = "untracked/{key}" }
 max_fraction = 1.0
 "#;
     let mut t = spawn_app(rule).await;
-    let nodes: Vec<reaper::demo::VpcNode> =
-        (0..3).map(|i| reaper::demo::VpcNode::new(&unique(&format!("n{i}")))).collect();
+    let nodes: Vec<reaper::devtools::demo::VpcNode> =
+        (0..3).map(|i| reaper::devtools::demo::VpcNode::new(&unique(&format!("n{i}")))).collect();
     for n in &nodes {
         t.provision(n).await;
     }

@@ -4,8 +4,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use chrono::Utc;
-use reaper::demo::VpcNode;
-use reaper::sim::Faults;
+use reaper::devtools::demo::VpcNode;
+use reaper::devtools::sim::Faults;
 
 use crate::helpers::*;
 

@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use chrono::Utc;
-use reaper::demo::VpcNode;
+use reaper::devtools::demo::VpcNode;
 
 use crate::helpers::*;
 

@@ -152,7 +152,7 @@ lookup = { provider = "provisioner_db", owner_type = "node", sql = "SELECT bare_
 async fn ids_found_in_the_provisioners_tables_are_torn_down_in_order_without_any_track() {
     let mut t = spawn_app(LOOKUPS).await;
     let name = unique("node");
-    let node = reaper::demo::VpcNode::new(&name);
+    let node = reaper::devtools::demo::VpcNode::new(&name);
     node.create_in(&t.sim);
     let pool = t.app.ledger.pool();
     for sql in [
@@ -202,7 +202,7 @@ async fn ids_found_in_the_provisioners_tables_are_torn_down_in_order_without_any
 async fn a_lookup_that_fails_stops_the_job_before_anything_is_deleted() {
     // The table does not exist: the inventory cannot load, so nothing may act on half of it.
     let mut t = spawn_app(&format!("{LOOKUPS}\n[worker]\nretry_delays_secs = [0.1]\n")).await;
-    let node = reaper::demo::VpcNode::new(&unique("node"));
+    let node = reaper::devtools::demo::VpcNode::new(&unique("node"));
     t.provision(&node).await;
     t.publish("deletion.requested", &deletion("lookup-broken", &node.owner, Utc::now())).await;
     let r = t.next_result(30).await.result;
@@ -252,7 +252,7 @@ lookup = { provider = "docs", owner_type = "node", collection = "vnics", filter 
 retry_delays_secs = [0.1]
 "#;
     let mut t = spawn_app(lookup).await;
-    let node = reaper::demo::VpcNode::new(&unique("node"));
+    let node = reaper::devtools::demo::VpcNode::new(&unique("node"));
     t.provision(&node).await;
     t.publish("deletion.requested", &deletion("mongo-lookup-down", &node.owner, Utc::now())).await;
     let r = t.next_result(30).await.result;

@@ -1,8 +1,8 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use reaper::demo::VpcNode;
-use reaper::sim::Faults;
+use reaper::devtools::demo::VpcNode;
+use reaper::devtools::sim::Faults;
 use serde_json::json;
 
 use crate::helpers::*;

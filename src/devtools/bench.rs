@@ -104,7 +104,7 @@ pub async fn run(settings: Settings, args: BenchArgs) -> ExitCode {
     }
     if let Some(items) = args.reconcile_items {
         let (copy, url, execute) = (&args.reconcile_copy, &args.mongo_url, args.reconcile_execute);
-        return match crate::reconcile::bench::run(settings, items, copy, url, execute).await {
+        return match crate::devtools::reconcile_bench::run(settings, items, copy, url, execute).await {
             Ok(r) => {
                 if args.json {
                     println!("{}", serde_json::to_string_pretty(&r).expect("serializable"));
@@ -184,7 +184,7 @@ async fn bench(mut settings: Settings, args: &BenchArgs) -> anyhow::Result<Repor
         let (conn, _) = broker::link::open(&settings, &names).await?;
         let _ = conn.close(200, "declared".into()).await;
         eprintln!("bench: ceiling ({} messages)", args.jobs);
-        let secs = broker::ceiling::measure(
+        let secs = crate::devtools::ceiling::measure(
             settings.broker.url.expose(),
             &prefix,
             queue_type,
@@ -619,14 +619,15 @@ fn print_table(r: &Report) {
 /// process's peak memory.
 fn plan_bench(n: usize, json: bool) -> ExitCode {
     use crate::domain::Resource;
-    let catalog =
-        match Settings::from_toml(include_str!("../config/vpc-node.toml")).and_then(|s| crate::catalog::validate(&s)) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
+    let catalog = match Settings::from_toml(include_str!("../../config/vpc-node.toml"))
+        .and_then(|s| crate::catalog::validate(&s))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let kinds = ["bare_metal_server", "vni", "dns_record", "ip_reservation"];
     let resources: Vec<Resource> = (0..n)
         .map(|i| {

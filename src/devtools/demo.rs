@@ -16,7 +16,7 @@ use crate::app::App;
 use crate::broker::{self, tap::ResultTap};
 use crate::config::Settings;
 use crate::contract::{DELETION_REQUESTED, PROVISIONING_FAILED, RESOURCE_TRACKED};
-use crate::sim::{Faults, Sim};
+use crate::devtools::sim::{Faults, Sim};
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
@@ -147,7 +147,7 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
     let sim = Sim::new();
     let addr = sim.spawn(0, shutdown.clone()).await?;
     let run_id = format!("{:08x}", fastrand::u32(..));
-    let demo_settings = Settings::from_toml(include_str!("../config/vpc-node.toml"))?;
+    let demo_settings = Settings::from_toml(include_str!("../../config/vpc-node.toml"))?;
     settings.providers = demo_settings.providers;
     settings.kinds = demo_settings.kinds;
     if let Some(crate::config::ProviderSettings::Http(h)) = settings.providers.get_mut("cloud") {

@@ -15,8 +15,8 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Connection, ConnectionProperties};
 
-use super::publisher::Publisher;
-use super::{amqp, BrokerError};
+use crate::broker::publisher::Publisher;
+use crate::broker::{amqp, BrokerError};
 use crate::config::QueueType;
 
 /// Preloads `n` copies of `body` on a queue of its own, then times the loop.

@@ -12,8 +12,8 @@ use serde::Serialize;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 
-use super::{Mode, Sweeper};
 use crate::config::Settings;
+use crate::reconcile::{Mode, Sweeper};
 
 #[derive(Debug, Serialize)]
 pub struct ReconcileBench {
@@ -142,7 +142,7 @@ async fn bench(
         (None, None)
     };
     Ok(ReconcileBench {
-        machine: crate::bench::machine(),
+        machine: crate::devtools::bench::machine(),
         date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
         items,
         copy: copy.to_string(),
