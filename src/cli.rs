@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{self, App, AppError};
 use crate::config::{ProviderSettings, Settings};
 use crate::devtools::sim::Sim;
+use crate::ops_cli::PlanFormat;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -96,13 +97,6 @@ pub enum Command {
     Reconcile(crate::reconcile::cli::ReconcileArgs),
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum PlanFormat {
-    Table,
-    Json,
-    Sh,
-}
-
 pub async fn main(cli: Cli) -> ExitCode {
     if let Command::Completions { shell } = cli.command {
         let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -129,7 +123,7 @@ pub async fn main(cli: Cli) -> ExitCode {
                 Err(e) => return report(e),
             };
             let token = CancellationToken::new();
-            app::cancel_on_signals(token.clone());
+            crate::runner::cancel_on_signals(token.clone());
             app.run(token).await;
             ExitCode::SUCCESS
         }
@@ -180,7 +174,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         },
         Command::Sim { port, null, latency_ms } => {
             let token = CancellationToken::new();
-            app::cancel_on_signals(token.clone());
+            crate::runner::cancel_on_signals(token.clone());
             let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
                 Ok(l) => l,
                 Err(e) => {

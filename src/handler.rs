@@ -190,7 +190,7 @@ async fn look_up(app: &App, start: &mut JobStart) -> Result<(), String> {
 /// field `created_at`), so that it is claimed only for the life it belongs
 /// to. A kind whose ids come back must return one.
 fn with_created_at(app: &App, r: crate::domain::Resource) -> Result<contract::TrackedResource, String> {
-    let created_at = r.attributes.get("created_at").and_then(|t| crate::reconcile::inventory::parse_time(t));
+    let created_at = r.attributes.get("created_at").and_then(|t| crate::domain::parse_time(t));
     let reused = app.catalog.kind(&r.kind).is_some_and(|k| k.reused_ids);
     if reused && created_at.is_none() {
         return Err(format!(

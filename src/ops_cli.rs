@@ -5,13 +5,20 @@
 use std::process::ExitCode;
 
 use crate::app::App;
-use crate::cli::PlanFormat;
 use crate::config::Settings;
 use crate::ops;
 
 fn fail(code: u8, e: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {e}");
     ExitCode::from(code)
+}
+
+/// How `reaper plan` prints.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum PlanFormat {
+    Table,
+    Json,
+    Sh,
 }
 
 pub async fn status(settings: &Settings, json: bool) -> ExitCode {

@@ -1,8 +1,8 @@
-//! The only code that knows lapin: topology, publishing with confirms, and the
-//! consumer loop that turns deliveries into handler calls and dispositions
-//! into publishes and acks.
+//! RabbitMQ below the worker: opening connections (`link`), declaring the
+//! topology, publishing with confirms, watching results, and what a dead copy
+//! says. The consumer loop that turns deliveries into handler calls sits
+//! above the app, in `src/consumer.rs`.
 
-pub mod consumer;
 pub mod link;
 pub mod publisher;
 pub mod tap;

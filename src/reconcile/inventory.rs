@@ -410,22 +410,7 @@ fn json_text(v: &serde_json::Value) -> Option<String> {
     }
 }
 
-/// RFC 3339, or a date-time without a zone (taken as UTC), or UNIX seconds.
-pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Some(t.with_timezone(&Utc));
-    }
-    // PostgreSQL's text form of a timestamptz: "2026-12-01 01:03:18.123456+00".
-    if let Ok(t) = DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%#z") {
-        return Some(t.with_timezone(&Utc));
-    }
-    for f in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
-        if let Ok(n) = NaiveDateTime::parse_from_str(s, f) {
-            return Some(n.and_utc());
-        }
-    }
-    s.parse::<f64>().ok().and_then(|secs| DateTime::from_timestamp(secs as i64, 0))
-}
+pub use crate::domain::parse_time;
 
 #[cfg(test)]
 mod tests {

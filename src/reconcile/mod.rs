@@ -136,6 +136,18 @@ pub struct Sweeper<'a> {
 
 const SAMPLES: i64 = 10;
 
+impl crate::app::App {
+    /// A reconcile sweeper over this process's ledger, providers and metrics.
+    pub fn sweeper(&self) -> Sweeper<'_> {
+        Sweeper {
+            settings: &self.settings,
+            ledger: &self.ledger,
+            providers: &self.providers,
+            metrics: Some(&self.metrics),
+        }
+    }
+}
+
 impl Sweeper<'_> {
     pub async fn sweep(&self, name: &str, mode: Mode) -> Result<Report, ReconcileError> {
         let rule = self.settings.reconcile.rules.get(name).ok_or_else(|| ReconcileError::UnknownRule(name.into()))?;

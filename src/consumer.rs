@@ -15,9 +15,9 @@ use lapin::types::{AMQPValue, FieldTable};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::publisher::Publisher;
-use super::{amqp, headers, BrokerError, Names};
 use crate::app::App;
+use crate::broker::publisher::Publisher;
+use crate::broker::{amqp, headers, BrokerError, Names};
 use crate::contract::{self, Envelope};
 use crate::handler;
 use crate::retry::Disposition;
@@ -44,7 +44,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
 }
 
 async fn session(app: &Arc<App>, shutdown: &CancellationToken) -> Result<(), BrokerError> {
-    let (conn, publisher) = super::link::open(&app.settings, &app.names).await?;
+    let (conn, publisher) = crate::broker::link::open(&app.settings, &app.names).await?;
     let ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
     ch.basic_qos(app.settings.broker.prefetch, BasicQosOptions::default()).await.map_err(amqp("setting prefetch"))?;
     let tag = format!("reaper-{}", uuid::Uuid::new_v4());
@@ -241,7 +241,7 @@ async fn settle(
         Disposition::Finished { event_id, job_id, result, routing_key: result_key, dead, queued } => {
             publisher.publish(&app.names.results, result_key, &result, &event_id, &[]).await?;
             if let Some(dead) = dead {
-                let hs = super::dead_letter_headers(routing_key, &dead.reason, dead.class, Some(&dead.job_id));
+                let hs = crate::broker::dead_letter_headers(routing_key, &dead.reason, dead.class, Some(&dead.job_id));
                 let hs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 publisher.publish("", &app.names.dead, &delivery.data, &event_id, &hs).await?;
             }
@@ -257,7 +257,7 @@ async fn settle(
             to_retry(app.settings.worker.infra_delay(), refusals).await?
         }
         Disposition::Reject { reason, class } => {
-            let hs = super::dead_letter_headers(routing_key, &reason, class, None);
+            let hs = crate::broker::dead_letter_headers(routing_key, &reason, class, None);
             let hs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (*k, v.as_str())).collect();
             publisher.publish("", &app.names.dead, &delivery.data, message_id, &hs).await?;
         }

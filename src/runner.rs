@@ -1,0 +1,83 @@
+//! Runs the worker: the consumer, the admin API, the reconcile schedules, the
+//! lease heartbeat and the outbox clearer, over one `App`, until one
+//! cancellation token says stop. `app.rs` holds the state; this starts and
+//! stops what works on it.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::config::redact_url;
+
+impl App {
+    /// Runs the worker until `shutdown` is cancelled.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        self.running.store(true, std::sync::atomic::Ordering::SeqCst);
+        let this = self.clone();
+        tracing::info!(broker = %redact_url(self.settings.broker.url.expose()), prefix = %self.settings.broker.prefix, "starting the worker");
+        let beat = tokio::spawn(heartbeat(self.clone(), shutdown.clone()));
+        let rx = self.take_confirmed();
+        let stop_clearer = CancellationToken::new();
+        let clearer = rx.map(|rx| tokio::spawn(crate::outbox::clear(self.ledger.clone(), rx, stop_clearer.clone())));
+        let admin = match self.settings.admin.listen.parse::<std::net::SocketAddr>() {
+            Ok(addr) => {
+                let (app, stop) = (self.clone(), shutdown.clone());
+                Some(tokio::spawn(async move {
+                    if let Err(e) = crate::admin::serve(app, addr, stop).await {
+                        tracing::error!(error = %e, %addr, "the admin API could not start");
+                    }
+                }))
+            }
+            Err(_) => None,
+        };
+        let sweeps = tokio::spawn(crate::reconcile::schedule::run(self.clone(), shutdown.clone()));
+        crate::consumer::run(self, shutdown).await;
+        let _ = beat.await;
+        let _ = sweeps.await;
+        stop_clearer.cancel();
+        if let Some(c) = clearer {
+            let _ = c.await;
+        }
+        if let Some(a) = admin {
+            let _ = a.await;
+        }
+        this.link.close().await;
+        this.running.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Renews the owner leases of every delivery in hand, a few times per lease.
+async fn heartbeat(app: Arc<App>, shutdown: CancellationToken) {
+    let every = app.ledger.lease_ttl() / 3;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let holders = app.holders.snapshot();
+        if let Err(e) = app.ledger.renew(&holders).await {
+            tracing::warn!(error = %e, "could not renew owner leases; they may expire and the owners be taken over");
+        }
+    }
+}
+
+/// Cancels `token` on SIGTERM or Ctrl-C.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing a SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("signal received: shutting down");
+        token.cancel();
+    });
+}
