@@ -390,6 +390,41 @@ impl TeardownResult {
 
 /// Timestamps leave as RFC 3339 in UTC with `Z`, in the protobuf JSON form
 /// (0, 3, 6 or 9 fractional digits), so the two encodings agree byte for byte.
+/// A teardown event reaper publishes itself (`reaper request-deletion`, the
+/// admin API, reconcile): the shape producers send, written in this one place.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutgoingTeardown<'a> {
+    pub event_id: &'a str,
+    pub owner: &'a str,
+    pub reason: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+    #[serde(with = "rfc3339")]
+    pub occurred_at: DateTime<Utc>,
+    /// provisioning.failed: what failed, and at which step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<OutgoingResource<'a>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OutgoingResource<'a> {
+    pub kind: &'a str,
+    pub id: &'a str,
+    pub attributes: &'a BTreeMap<String, String>,
+}
+
+impl OutgoingTeardown<'_> {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an outgoing event serializes")
+    }
+}
+
 pub mod rfc3339 {
     use super::*;
     use serde::{Deserializer, Serializer};

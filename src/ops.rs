@@ -203,11 +203,18 @@ pub async fn request_deletion(
 ) -> Result<String, OpsError> {
     contract::check_owner(owner).map_err(|e| OpsError::Invalid(e.0))?;
     let event_id = uuid::Uuid::new_v4().to_string();
-    let body = serde_json::json!({
-        "event_id": event_id, "owner": owner, "reason": reason, "requested_by": requested_by,
-        "dry_run": dry_run, "occurred_at": chrono::Utc::now().to_rfc3339(),
-    });
-    let body = serde_json::to_vec(&body).expect("serializable");
+    let body = contract::OutgoingTeardown {
+        event_id: &event_id,
+        owner,
+        reason,
+        requested_by: Some(requested_by),
+        dry_run,
+        occurred_at: chrono::Utc::now(),
+        error: None,
+        failed_step: None,
+        resources: Vec::new(),
+    }
+    .to_bytes();
     publisher.publish(&names.events, contract::DELETION_REQUESTED, &body, &event_id, &[]).await?;
     Ok(event_id)
 }

@@ -527,7 +527,17 @@ fn event_for(
     crate::contract::check_owner(&owner).map_err(|e| format!("orphan {key:?}: {e}"))?;
     let reason = format!("reconcile rule {rule_name}");
     let attributes: BTreeMap<String, String> = serde_json::from_value(attrs.clone()).unwrap_or_default();
-    let now = Utc::now().to_rfc3339();
+    let event = crate::contract::OutgoingTeardown {
+        event_id: &event_id,
+        owner: &owner,
+        reason: &reason,
+        requested_by: None,
+        dry_run: false,
+        occurred_at: Utc::now(),
+        error: None,
+        failed_step: None,
+        resources: Vec::new(),
+    };
     let (rk, body) = match &rule.action.kind {
         Some(kind) => {
             let id = match &rule.action.id {
@@ -545,26 +555,24 @@ fn event_for(
                 );
                 return Ok(None);
             }
-            let body = serde_json::json!({
-                "event_id": event_id, "owner": owner, "reason": reason, "occurred_at": now,
-                "error": "orphan found by reconcile", "failed_step": rule_name,
-                "resources": [{ "kind": kind, "id": id, "attributes": attributes }],
-            });
-            (crate::contract::PROVISIONING_FAILED, body)
+            let resources = vec![crate::contract::OutgoingResource { kind, id: &id, attributes: &attributes }];
+            let body = crate::contract::OutgoingTeardown {
+                error: Some("orphan found by reconcile"),
+                failed_step: Some(rule_name),
+                resources,
+                ..event
+            };
+            (crate::contract::PROVISIONING_FAILED, body.to_bytes())
         }
         None => {
             let rk = match rule.action.event.as_deref() {
                 Some(crate::contract::PROVISIONING_FAILED) => crate::contract::PROVISIONING_FAILED,
                 _ => crate::contract::DELETION_REQUESTED,
             };
-            let body = serde_json::json!({
-                "event_id": event_id, "owner": owner, "reason": reason, "occurred_at": now,
-                "requested_by": "reaper-reconcile",
-            });
-            (rk, body)
+            (rk, crate::contract::OutgoingTeardown { requested_by: Some("reaper-reconcile"), ..event }.to_bytes())
         }
     };
-    Ok(Some((event_id, rk, serde_json::to_vec(&body).expect("serializable"))))
+    Ok(Some((event_id, rk, body)))
 }
 
 #[cfg(test)]
