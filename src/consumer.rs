@@ -19,8 +19,8 @@ use crate::app::App;
 use crate::broker::publisher::Publisher;
 use crate::broker::{amqp, headers, BrokerError, Names};
 use crate::contract::{self, Envelope};
+use crate::disposition::Disposition;
 use crate::handler;
-use crate::retry::Disposition;
 use chrono::{DateTime, Utc};
 
 /// Runs until `shutdown` is cancelled, reconnecting as needed.
@@ -140,11 +140,11 @@ async fn process_one(app: &App, publisher: &Publisher, delivery: Delivery) {
             if panics >= app.settings.broker.delivery_limit {
                 Disposition::Reject {
                     reason: format!("poison: handling panicked {panics} times: {what}"),
-                    class: crate::retry::ErrorClass::Poison,
+                    class: crate::disposition::ErrorClass::Poison,
                 }
             } else {
                 app.metrics.events.with_label_values(&[metric_key(&incoming.routing_key), "panic"]).inc();
-                app.metrics.broker_retries.with_label_values(&[crate::retry::RetryReason::Panic.as_str()]).inc();
+                app.metrics.broker_retries.with_label_values(&[crate::disposition::RetryReason::Panic.as_str()]).inc();
                 let _ = settle_panic(app, publisher, &delivery, &incoming, panics)
                     .await
                     .map_err(|e| tracing::warn!(error = %e, "could not park a panicking message"));
@@ -238,14 +238,14 @@ async fn settle(
         publisher.publish("", &app.names.retry(delay), &delivery.data, message_id, &hs).await
     };
     match d {
-        Disposition::Finished { event_id, job_id, result, routing_key: result_key, dead, queued } => {
+        Disposition::Finished { event_id, job_id, result, routing_key: result_key, dead, outbox_written } => {
             publisher.publish(&app.names.results, result_key, &result, &event_id, &[]).await?;
             if let Some(dead) = dead {
                 let hs = crate::broker::dead_letter_headers(routing_key, &dead.reason, dead.class, Some(&dead.job_id));
                 let hs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 publisher.publish("", &app.names.dead, &delivery.data, &event_id, &hs).await?;
             }
-            if queued {
+            if outbox_written {
                 clear_outbox = Some(job_id);
             }
         }
@@ -312,7 +312,7 @@ fn count(app: &App, routing_key: &str, d: &Disposition) {
             "retry"
         }
         Disposition::InfraRetry { .. } => {
-            m.broker_retries.with_label_values(&[crate::retry::RetryReason::Infrastructure.as_str()]).inc();
+            m.broker_retries.with_label_values(&[crate::disposition::RetryReason::Infrastructure.as_str()]).inc();
             "infra_retry"
         }
         Disposition::Reject { class, .. } => {

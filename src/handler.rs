@@ -8,11 +8,11 @@ use uuid::Uuid;
 use crate::app::App;
 use crate::catalog::LookupQuery;
 use crate::contract::{self, Envelope, Event, ResourceReport, TeardownResult};
+use crate::disposition::{self, DeadLetter, Disposition, ErrorClass, RetryReason, Verdict};
 use crate::domain::JobStatus;
 use crate::execute::{Executor, RunEnd};
 use crate::ledger::{Begin, JobEnd, JobStart, LedgerError, TrackOutcome};
 use crate::providers::Provider;
-use crate::retry::{self, DeadLetter, Disposition, ErrorClass, RetryReason, Verdict};
 
 /// Handles one message. `ledger_refusals` is how many times in a row the
 /// ledger refused this message before (read from its retry hop).
@@ -67,7 +67,7 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn on_ledger_error(&self, e: &LedgerError) -> Disposition {
-        retry::on_ledger_error(e, self.ledger_refusals, self.app.settings.worker.max_ledger_refusals)
+        disposition::on_ledger_error(e, self.ledger_refusals, self.app.settings.worker.max_ledger_refusals)
     }
 }
 
@@ -202,11 +202,11 @@ fn with_created_at(app: &App, r: crate::domain::Resource) -> Result<contract::Tr
 }
 
 /// Turns a run into the job's end: completed, dead-lettered, or back to the
-/// broker for a later run (`retry::judge` classifies; this carries it out).
+/// broker for a later run (`disposition::judge` classifies; this carries it out).
 async fn conclude(ctx: &Ctx<'_>, start: &JobStart, run: crate::execute::Run, holder: Uuid) -> Disposition {
     let (app, body) = (ctx.app, ctx.body);
     let job = &start.job;
-    let (status, dead) = match retry::judge(run.end) {
+    let (status, dead) = match disposition::judge(run.end) {
         Verdict::Completed => (JobStatus::Completed, None),
         Verdict::Dead(class, why) => (JobStatus::DeadLettered, Some((class, why))),
         Verdict::Retry(why) => {
@@ -217,7 +217,7 @@ async fn conclude(ctx: &Ctx<'_>, start: &JobStart, run: crate::execute::Run, hol
                     return ctx.on_ledger_error(&e);
                 }
             };
-            match retry::after_failed_run(&app.settings.worker.retry_delays(), failed_runs, why.clone()) {
+            match disposition::after_failed_run(&app.settings.worker.retry_delays(), failed_runs, why.clone()) {
                 Ok(delay) => {
                     tracing::info!(
                         failed_runs,
@@ -280,11 +280,11 @@ async fn conclude(ctx: &Ctx<'_>, start: &JobStart, run: crate::execute::Run, hol
     match app.ledger.finish(job, &end, holder).await {
         Ok(f) => {
             tracing::info!(status = status.as_str(), reason = reason.as_deref().unwrap_or(""), "job finished");
-            if f.queued {
+            if f.outbox_written {
                 app.metrics.jobs.with_label_values(&[status.as_str()]).inc();
             }
             let stored = Stored { result: f.result, status: f.status, reason: f.reason, error_class: f.error_class };
-            finished(job.event_id.clone(), job.job_id, stored, f.queued)
+            finished(job.event_id.clone(), job.job_id, stored, f.outbox_written)
         }
         Err(e) => {
             let _ = app.ledger.release(&job.owner, holder).await;
@@ -303,7 +303,7 @@ struct Stored {
 
 /// The stored status (and class) decide the routing key and whether the
 /// event is dead-lettered, so a duplicate is published exactly like the original.
-fn finished(event_id: String, job_id: Uuid, stored: Stored, queued: bool) -> Disposition {
+fn finished(event_id: String, job_id: Uuid, stored: Stored, outbox_written: bool) -> Disposition {
     let (routing_key, dead) = match stored.status {
         JobStatus::DeadLettered => (
             contract::TEARDOWN_DEAD_LETTERED,
@@ -317,5 +317,5 @@ fn finished(event_id: String, job_id: Uuid, stored: Stored, queued: bool) -> Dis
         ),
         _ => (contract::TEARDOWN_COMPLETED, None),
     };
-    Disposition::Finished { event_id, job_id, result: stored.result, routing_key, dead, queued }
+    Disposition::Finished { event_id, job_id, result: stored.result, routing_key, dead, outbox_written }
 }

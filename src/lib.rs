@@ -9,7 +9,7 @@
 //! - [`ledger`]: tracked resources, jobs and steps in PostgreSQL.
 //! - [`providers`]: how one resource is deleted and checked: HTTP APIs, PostgreSQL rows, MongoDB documents.
 //! - [`execute`]: runs a plan with bounded concurrency and in-process retries.
-//! - [`handler`]: one event end to end, ending in a [`retry::Disposition`].
+//! - [`handler`]: one event end to end, ending in a [`disposition::Disposition`].
 //! - [`retry`]: the one classification into ack / retry later / dead-letter.
 //! - [`broker`]: the only code that knows lapin.
 //! - [`app`]: the state built from settings, and the run loop.
@@ -29,6 +29,7 @@ pub mod config;
 pub mod consumer;
 pub mod contract;
 pub mod devtools;
+pub mod disposition;
 pub mod domain;
 pub mod execute;
 pub mod handler;
@@ -42,7 +43,6 @@ pub mod providers;
 pub mod reconcile;
 pub mod replay;
 pub mod restore;
-pub mod retry;
 pub mod runner;
 pub mod telemetry;
 
@@ -65,7 +65,7 @@ mod layering {
         ("contract.rs", &["catalog", "config", "domain"]),
         ("ledger", &["config", "domain"]),
         ("execute.rs", &["domain", "config", "catalog", "ledger", "plan", "providers", "metrics"]),
-        ("retry.rs", &["execute", "ledger"]),
+        ("disposition.rs", &["execute", "ledger"]),
     ];
 
     fn sources(path: &std::path::Path) -> Vec<String> {

@@ -94,14 +94,24 @@ pub async fn show(settings: &Settings, owner: &str, json: bool) -> ExitCode {
     }
     println!("  jobs:");
     for j in &jobs {
+        let class = j.error_class.as_deref().map(|c| format!(" [{c}]")).unwrap_or_default();
         println!(
-            "  {} {:<20} {:<14} attempts {} {}",
+            "  {} {:<20} {:<14} deliveries {}, failed runs {}{class} {}",
             j.job_id,
             j.trigger,
             j.status,
             j.attempts,
+            j.failed_runs,
             j.reason.as_deref().unwrap_or("")
         );
+        let q = &j.request;
+        let asked = [("reason", &q.reason), ("by", &q.requested_by), ("step", &q.failed_step), ("error", &q.error)]
+            .into_iter()
+            .filter_map(|(k, v)| v.as_deref().map(|v| format!("{k}: {v}")))
+            .collect::<Vec<_>>();
+        if !asked.is_empty() {
+            println!("      asked: {}", asked.join("; "));
+        }
     }
     ExitCode::SUCCESS
 }

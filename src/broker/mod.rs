@@ -66,7 +66,7 @@ pub(crate) fn amqp(op: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError
 pub fn dead_letter_headers(
     routing_key: &str,
     reason: &str,
-    class: crate::retry::ErrorClass,
+    class: crate::disposition::ErrorClass,
     job_id: Option<&str>,
 ) -> Vec<(&'static str, String)> {
     let mut hs = vec![

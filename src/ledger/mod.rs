@@ -10,7 +10,7 @@
 //! a teardown starts and decides, when a track arrives after one, that it is late.
 
 pub mod archive;
-mod finish;
+mod group_commit;
 mod leases;
 pub mod outbox;
 pub mod replay;
@@ -123,7 +123,7 @@ pub struct Ledger {
     lease_ttl: Duration,
     /// The group-commit task that writes finished jobs (see finish.rs).
     /// The group-commit queues (finish.rs).
-    batchers: Arc<finish::Batchers>,
+    batchers: Arc<group_commit::Batchers>,
 }
 
 /// A job as stored.
@@ -150,7 +150,7 @@ pub struct JobRow {
     pub routing_key: String,
     /// The kinds' lookups ran for this job (once; see `Ledger::adopt`).
     pub looked_up: bool,
-    /// Why it was dead-lettered (`retry::ErrorClass`), once it was.
+    /// Why it was dead-lettered (`disposition::ErrorClass`), once it was.
     pub error_class: Option<String>,
 }
 
@@ -285,9 +285,9 @@ async fn track_by_event(
 pub struct Finished {
     /// The stored result: ours, or the one another delivery stored first.
     pub result: Vec<u8>,
-    /// Whether this call queued outbox rows (false when another delivery
+    /// Whether this call outbox_written outbox rows (false when another delivery
     /// finished the job first); delete them with `outbox_done` after the confirms.
-    pub queued: bool,
+    pub outbox_written: bool,
     /// The stored job's status, reason and error class (ours, or the
     /// earlier delivery's), which say how its result is published.
     pub status: JobStatus,
@@ -312,7 +312,7 @@ impl Ledger {
             .connect_with(opts)
             .await
             .map_err(db("connecting"))?;
-        let batchers = Arc::new(finish::spawn(pool.clone(), lease_ttl.as_secs_f64(), window.as_secs_f64()));
+        let batchers = Arc::new(group_commit::spawn(pool.clone(), lease_ttl.as_secs_f64(), window.as_secs_f64()));
         Ok(Ledger { pool, window, lease_ttl, batchers })
     }
 
@@ -625,7 +625,7 @@ impl Ledger {
         }
         let job_id = Uuid::new_v4();
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let ask = finish::BeginReq {
+        let ask = group_commit::BeginReq {
             job_id,
             event_id: req.event_id.clone(),
             owner: req.owner.clone(),
@@ -740,7 +740,7 @@ impl Ledger {
             return Ok(());
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let req = finish::StepsReq { job_id: job.job_id, owner: job.owner.clone(), steps: steps.to_vec(), reply };
+        let req = group_commit::StepsReq { job_id: job.job_id, owner: job.owner.clone(), steps: steps.to_vec(), reply };
         self.batchers.steps.send(req).map_err(|_| LedgerError::FinisherGone)?;
         answer.await.map_err(|_| LedgerError::FinisherGone)?
     }
@@ -768,7 +768,7 @@ impl Ledger {
             });
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let req = finish::FinishReq {
+        let req = group_commit::FinishReq {
             job_id: job.job_id,
             owner: job.owner.clone(),
             status: end.status.as_str(),

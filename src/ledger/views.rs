@@ -38,10 +38,32 @@ pub struct OwnerJob {
     pub trigger: String,
     pub status: String,
     pub dry_run: bool,
+    /// Deliveries of the job.
     pub attempts: i32,
+    /// Runs that ended unfinished: what the retry schedule counts.
+    pub failed_runs: i32,
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Why it was dead-lettered, and its class.
     pub reason: Option<String>,
+    pub error_class: Option<String>,
+    /// What the event said about why (the request's own reason, not the
+    /// dead-letter reason above).
+    pub request: Request,
+}
+
+/// What the producer said about the teardown, from the event the job stored:
+/// why, who asked, and for a provisioning failure, which step and error.
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+pub struct Request {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -112,7 +134,9 @@ impl Ledger {
         .map(|r| OwnerResource { kind: r.get("kind"), id: r.get("resource_id"), state: r.get("state"), job_id: r.get("job_id"), tracked_at: r.get("tracked_at") })
         .collect();
         let jobs = sqlx::query(
-            "SELECT job_id, event_id, trigger, status, dry_run, attempts, started_at, finished_at, reason FROM jobs WHERE owner = $1 ORDER BY started_at",
+            "SELECT job_id, event_id, trigger, status, dry_run, attempts, failed_runs, started_at, finished_at, reason,
+                    error_class, event_body
+             FROM jobs WHERE owner = $1 ORDER BY started_at",
         )
         .bind(owner)
         .fetch_all(&self.pool)
@@ -126,7 +150,9 @@ impl Ledger {
 
     pub async fn job_view(&self, job_id: Uuid) -> Result<Option<JobView>, LedgerError> {
         let Some(r) = sqlx::query(
-            "SELECT job_id, event_id, owner, trigger, status, dry_run, attempts, started_at, finished_at, reason, result FROM jobs WHERE job_id = $1",
+            "SELECT job_id, event_id, owner, trigger, status, dry_run, attempts, failed_runs, started_at, finished_at, reason,
+                    error_class, result, event_body
+             FROM jobs WHERE job_id = $1",
         )
         .bind(job_id)
         .fetch_optional(&self.pool)
@@ -136,6 +162,7 @@ impl Ledger {
             return Ok(None);
         };
         let result: Option<Vec<u8>> = r.get("result");
+
         let steps = sqlx::query(
             "SELECT kind, resource_id, outcome, attempts, error FROM job_steps WHERE job_id = $1 ORDER BY finished_at",
         )
@@ -185,9 +212,14 @@ fn owner_job(r: &sqlx::postgres::PgRow) -> OwnerJob {
         status: r.get("status"),
         dry_run: r.get("dry_run"),
         attempts: r.get("attempts"),
+        failed_runs: r.get("failed_runs"),
         started_at: r.get("started_at"),
         finished_at: r.get("finished_at"),
         reason: r.get("reason"),
+        error_class: r.get("error_class"),
+        // The stored event was decoded at the door, so this reads; a row
+        // that does not shows nothing rather than failing the view.
+        request: serde_json::from_slice(&r.get::<Vec<u8>, _>("event_body")).unwrap_or_default(),
     }
 }
 

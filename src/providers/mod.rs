@@ -87,13 +87,6 @@ impl Action {
         }
     }
 
-    pub fn sql(&self) -> Option<&postgres::SqlTemplate> {
-        match self {
-            Action::Sql(t) => Some(t),
-            _ => None,
-        }
-    }
-
     /// Whether the action names one resource by its id. One that does not
     /// acts on the same thing for every resource of its kind.
     pub fn uses_id(&self) -> bool {

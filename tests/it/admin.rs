@@ -137,6 +137,10 @@ async fn an_operator_plans_tears_down_and_validates_an_owner_through_the_api() {
         .unwrap();
     assert_eq!(job["status"], "completed");
     assert_eq!(job["result"]["resources"].as_array().unwrap().len(), 5);
+    // What the request said is kept with the job, and shown.
+    assert_eq!(job["request"]["reason"], "requested through the admin API", "{job}");
+    assert_eq!(job["request"]["requested_by"], "admin-api", "{job}");
+    assert_eq!((job["attempts"].as_i64(), job["failed_runs"].as_i64()), (Some(1), Some(0)), "{job}");
     let metrics = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("reaper_jobs_total{outcome=\"completed\"} 1"), "{metrics}");
     assert!(metrics.contains("reaper_step_duration_seconds_count{kind=\"vni\",provider=\"cloud\"} 1"), "{metrics}");
@@ -211,6 +215,7 @@ async fn the_cli_answers_an_operator_without_psql() {
     let out = t.reaper(&["show", &node.owner], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("deleted") && text.contains("completed"), "{text}");
+    assert!(text.contains("asked: reason: requested by hand; by: reaper-cli"), "{text}");
     let out = t.reaper(&["status", "--json"], &[]);
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["jobs"]["completed"], 1);

@@ -56,7 +56,7 @@ async fn a_refused_finish_fails_alone_and_its_batch_mates_are_written() {
         } else {
             let f = a.as_ref().unwrap_or_else(|e| panic!("job {i} failed with its batch-mate: {e}"));
             assert_eq!(f.result, format!("{{\"n\":{i}}}").into_bytes());
-            assert!(f.queued);
+            assert!(f.outbox_written);
         }
     }
     let done: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'completed'")

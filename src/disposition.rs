@@ -19,7 +19,7 @@ pub enum Disposition {
         event_id: String,
         job_id: uuid::Uuid,
         /// Outbox rows hold these messages too; clear them after the confirms.
-        queued: bool,
+        outbox_written: bool,
         result: Vec<u8>,
         routing_key: &'static str,
         dead: Option<DeadLetter>,

@@ -111,7 +111,7 @@ async fn write_begins(
     Ok(())
 }
 
-/// Takes whatever is queued (up to MAX_BATCH) and writes it at once, forever.
+/// Takes whatever is outbox_written (up to MAX_BATCH) and writes it at once, forever.
 async fn batches<T: Answer>(
     mut rx: mpsc::UnboundedReceiver<T>,
     job: fn(&T) -> Uuid,
@@ -175,7 +175,7 @@ impl<T: Answer> Failed<T> {
     }
 }
 
-/// Every queued request can be told that its write failed.
+/// Every outbox_written request can be told that its write failed.
 trait Answer {
     fn fail(self, e: LedgerError);
 }
@@ -310,7 +310,7 @@ async fn write(pool: &PgPool, batch: Vec<FinishReq>) -> Result<(), Failed<Finish
          ),
          l AS (DELETE FROM owner_leases ol USING input i WHERE ol.owner = i.owner AND ol.holder = i.holder)
          SELECT i.job_id, f.result AS mine, j.result AS earlier, j.status AS earlier_status,
-                j.reason AS earlier_reason, j.error_class AS earlier_class, EXISTS (SELECT 1 FROM o WHERE o.job_id = i.job_id) AS queued
+                j.reason AS earlier_reason, j.error_class AS earlier_class, EXISTS (SELECT 1 FROM o WHERE o.job_id = i.job_id) AS outbox_written
          FROM input i LEFT JOIN f ON f.job_id = i.job_id LEFT JOIN jobs j ON j.job_id = i.job_id",
     )
     .bind(&job_ids)
@@ -343,7 +343,7 @@ async fn write(pool: &PgPool, batch: Vec<FinishReq>) -> Result<(), Failed<Finish
                     Some(row) => {
                         let mine: Option<Vec<u8>> = row.get("mine");
                         let earlier: Option<Vec<u8>> = row.get("earlier");
-                        let queued: bool = row.get("queued");
+                        let outbox_written: bool = row.get("outbox_written");
                         // Ours, or (another delivery finished it first) the stored one.
                         let (status, reason, error_class) = if mine.is_some() {
                             (r.status.to_string(), r.reason.clone(), r.error_class.clone())
@@ -354,7 +354,7 @@ async fn write(pool: &PgPool, batch: Vec<FinishReq>) -> Result<(), Failed<Finish
                             .ok_or_else(|| LedgerError::Corrupt(r.job_id, format!("status {status:?}")));
                         status.and_then(|status| {
                             mine.or(earlier)
-                                .map(|result| Finished { result, queued, status, reason, error_class })
+                                .map(|result| Finished { result, outbox_written, status, reason, error_class })
                                 .ok_or_else(|| LedgerError::Corrupt(r.job_id, "terminal without a result".into()))
                         })
                     }
