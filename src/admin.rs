@@ -177,11 +177,18 @@ async fn teardown(State(app): State<Arc<App>>, Path(owner): Path<String>, Query(
         };
     }
     let reason = q.reason.unwrap_or_else(|| "requested through the admin API".into());
+    if let Err(e) = crate::contract::check_owner(&owner) {
+        return error(StatusCode::BAD_REQUEST, &e.0);
+    }
     let publisher = match app.link.publisher(&app.settings, &app.names).await {
         Ok(p) => p,
         Err(e) => return internal(e),
     };
-    match ops::request_deletion(&publisher, &app.names, &owner, false, &reason, "admin-api").await {
+    let sent = ops::request_deletion(&publisher, &app.names, &owner, false, &reason, "admin-api").await;
+    if let Err(ops::OpsError::Broker(_)) = &sent {
+        app.link.forget().await;
+    }
+    match sent {
         Ok(event_id) => (StatusCode::ACCEPTED, Json(json!({ "event_id": event_id, "owner": owner }))).into_response(),
         Err(ops::OpsError::Invalid(m)) => error(StatusCode::BAD_REQUEST, &m),
         Err(e) => internal(e),

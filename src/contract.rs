@@ -388,8 +388,6 @@ impl TeardownResult {
     }
 }
 
-/// Timestamps leave as RFC 3339 in UTC with `Z`, in the protobuf JSON form
-/// (0, 3, 6 or 9 fractional digits), so the two encodings agree byte for byte.
 /// A teardown event reaper publishes itself (`reaper request-deletion`, the
 /// admin API, reconcile): the shape producers send, written in this one place.
 #[derive(Debug, Clone, Serialize)]
@@ -425,6 +423,8 @@ impl OutgoingTeardown<'_> {
     }
 }
 
+/// Timestamps leave as RFC 3339 in UTC with `Z`, in the protobuf JSON form
+/// (0, 3, 6 or 9 fractional digits), so the two encodings agree byte for byte.
 pub mod rfc3339 {
     use super::*;
     use serde::{Deserializer, Serializer};
@@ -439,5 +439,47 @@ pub mod rfc3339 {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
         DateTime::<Utc>::deserialize(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_events_reaper_writes_itself_pass_its_own_door() {
+        let settings = crate::config::Settings::from_toml(include_str!("../config/vpc-node.toml")).unwrap();
+        let catalog = crate::catalog::validate(&settings).unwrap();
+        let attrs: BTreeMap<String, String> = [("zone_id".to_string(), "z1".to_string())].into();
+        let now = Utc::now();
+        let failed = OutgoingTeardown {
+            event_id: "e1",
+            owner: "node/n1",
+            reason: "reconcile rule r",
+            requested_by: None,
+            dry_run: false,
+            occurred_at: now,
+            error: Some("orphan found by reconcile"),
+            failed_step: Some("r"),
+            resources: vec![OutgoingResource { kind: "dns_record", id: "r1", attributes: &attrs }],
+        };
+        let bytes = failed.to_bytes();
+        let env = Envelope { routing_key: PROVISIONING_FAILED, body: &bytes, received_at: now, sent_at: None };
+        let Ok(Event::Teardown(t)) = decode(&env, &catalog, &Limits::default()) else { panic!("refused") };
+        assert_eq!((t.owner.as_str(), t.resources.len()), ("node/n1", 1));
+        assert_eq!(t.resources[0].resource.attributes["zone_id"], "z1");
+        let asked = OutgoingTeardown {
+            event_id: "e2",
+            requested_by: Some("reaper-cli"),
+            dry_run: true,
+            error: None,
+            failed_step: None,
+            resources: Vec::new(),
+            ..failed
+        };
+        let bytes = asked.to_bytes();
+        let env = Envelope { routing_key: DELETION_REQUESTED, body: &bytes, received_at: now, sent_at: None };
+        let Ok(Event::Teardown(t)) = decode(&env, &catalog, &Limits::default()) else { panic!("refused") };
+        assert!(t.dry_run && t.resources.is_empty());
     }
 }

@@ -1,24 +1,23 @@
 //! reaper tears down what deleted or half-provisioned things left behind, in
 //! dependency order, as a durable worker on RabbitMQ with a PostgreSQL ledger.
 //!
-//! # Layout
-//! - [`contract`]: the wire format; the only module that knows the JSON shapes.
-//! - [`domain`]: plain types (resources, outcomes, triggers).
-//! - [`config`]: settings and the validated catalog of resource kinds.
-//! - [`plan`]: pure ordering of resources into levels.
-//! - [`ledger`]: tracked resources, jobs and steps in PostgreSQL.
+//! # Layout (ARCHITECTURE.md is the map; bottom first)
+//! - [`domain`]: plain types (resources, outcomes, triggers, the event shapes the ledger stores).
+//! - [`config`]: settings, plain data; [`catalog`]: the kinds, checked into a `Catalog`.
+//! - [`plan`]: pure ordering of resources into a graph and levels.
 //! - [`providers`]: how one resource is deleted and checked: HTTP APIs, PostgreSQL rows, MongoDB documents.
+//! - [`contract`]: the wire format; the only module that writes or reads event JSON.
+//! - [`ledger`]: tracked resources, jobs, steps, outbox and archive in PostgreSQL.
 //! - [`execute`]: runs a plan with bounded concurrency and in-process retries.
+//! - [`disposition`]: the one classification into ack / retry later / dead-letter.
 //! - [`handler`]: one event end to end, ending in a [`disposition::Disposition`].
-//! - [`retry`]: the one classification into ack / retry later / dead-letter.
-//! - [`broker`]: the only code that knows lapin.
-//! - [`app`]: the state built from settings, and the run loop.
+//! - [`broker`]: connections, topology, publishing with confirms; [`consumer`]: the worker loop.
+//! - [`outbox`]: publishing, draining and clearing what jobs owe the broker.
+//! - [`app`]: the state built from settings; [`runner`]: starts and stops what works on it.
 //! - [`admin`]: the admin HTTP API; [`metrics`]: every metric; [`ops`]: what operators ask, for the API and the CLI.
-//! - [`sim`]: the simulated cloud used by the demo and the tests.
-//! - [`demo`]: `reaper demo`.
-//! - [`bench`]: `reaper bench`, the benchmark the performance figures come from.
 //! - [`replay`]: `reaper replay`, for dead-lettered jobs; [`restore`]: `reaper restore`, for archived rows and documents.
 //! - [`reconcile`]: orphan sweeps (inventories, set difference, safety brakes, schedule).
+//! - [`devtools`]: the demo, the benchmarks and the simulated cloud; the worker never imports them.
 
 pub mod admin;
 pub mod app;
@@ -76,18 +75,32 @@ mod layering {
             }
             out
         } else {
+            if path.extension().and_then(|e| e.to_str()) != Some("rs") {
+                return Vec::new();
+            }
             let text = std::fs::read_to_string(path).expect("a source file");
-            // Up to the unit tests, which may use anything.
-            vec![text.split("#[cfg(test)]").next().unwrap_or_default().to_string()]
+            // Up to the unit tests (a `#[cfg(test)]` module), which may use anything.
+            let cut = text.find("#[cfg(test)]\nmod ").unwrap_or(text.len());
+            vec![text[..cut].to_string()]
         }
     }
 
     fn used_modules(text: &str) -> BTreeSet<String> {
-        text.match_indices("crate::")
-            .map(|(i, _)| {
-                text[i + 7..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>()
-            })
-            .collect()
+        let word =
+            |s: &str| s.trim().chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>();
+        let mut used = BTreeSet::new();
+        for (i, _) in text.match_indices("crate::") {
+            let rest = &text[i + 7..];
+            match rest.strip_prefix('{') {
+                // `crate::{a, b::c}`: each item names a module.
+                Some(group) => used.extend(group.split('}').next().unwrap_or("").split(',').map(word)),
+                None => {
+                    used.insert(word(rest));
+                }
+            }
+        }
+        used.retain(|m| !m.is_empty());
+        used
     }
 
     #[test]

@@ -169,6 +169,9 @@ pub async fn plan(settings: Settings, owner: &str, format: PlanFormat) -> ExitCo
 }
 
 pub async fn request_deletion(settings: &Settings, owner: &str, dry_run: bool, reason: &str) -> ExitCode {
+    if let Err(e) = crate::contract::check_owner(owner) {
+        return fail(2, e.0);
+    }
     let names = crate::broker::Names::new(&settings.broker.prefix);
     let (conn, publisher) = match crate::broker::link::open(settings, &names).await {
         Ok(link) => link,

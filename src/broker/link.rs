@@ -32,6 +32,7 @@ pub struct SharedLink {
 }
 
 impl SharedLink {
+    /// The shared publisher, opened (within 10 s) when there is none or it broke.
     pub async fn publisher(&self, settings: &Settings, names: &Names) -> Result<Publisher, BrokerError> {
         let mut link = self.link.lock().await;
         if let Some((conn, publisher)) = link.as_ref() {
@@ -39,9 +40,17 @@ impl SharedLink {
                 return Ok(publisher.clone());
             }
         }
-        let (conn, publisher) = open(settings, names).await?;
+        let opened = tokio::time::timeout(std::time::Duration::from_secs(10), open(settings, names)).await;
+        let (conn, publisher) = opened.map_err(|_| BrokerError::Timeout { op: "connecting" })??;
         *link = Some((conn, publisher.clone()));
         Ok(publisher)
+    }
+
+    /// Drops the link after a failed publish, so the next caller opens a new one.
+    pub async fn forget(&self) {
+        if let Some((conn, _)) = self.link.lock().await.take() {
+            let _ = conn.close(200, "reopening".into()).await;
+        }
     }
 
     pub async fn close(&self) {

@@ -50,6 +50,8 @@ pub enum BrokerError {
     Nacked { exchange: String, routing_key: String },
     #[error("broker: nothing to route {routing_key:?} to on {exchange:?}")]
     Unroutable { exchange: String, routing_key: String },
+    #[error("broker: {op} took too long")]
+    Timeout { op: &'static str },
     #[error("broker: the consumer was cancelled by the server")]
     ConsumerCancelled,
     #[error("broker: {what} is too long for AMQP: {message}")]

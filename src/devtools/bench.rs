@@ -1,6 +1,6 @@
 //! `reaper bench`: the numbers in docs/performance.md.
 //!
-//! 1. ceiling: the bare broker loop (`broker::ceiling`), same queue type and prefetch;
+//! 1. ceiling: the bare broker loop (`devtools::ceiling`), same queue type and prefetch;
 //! 2. reaper end to end: N owners of 5 tracked resources (the VPC node, two
 //!    levels) preloaded in the ledger, N deletion events preloaded on the queue,
 //!    `reaper run` as its own process against a null API (`reaper sim --null`)

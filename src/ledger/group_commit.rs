@@ -348,7 +348,8 @@ async fn write(pool: &PgPool, batch: Vec<FinishReq>) -> Result<(), Failed<Finish
                         let (status, reason, error_class) = if mine.is_some() {
                             (r.status.to_string(), r.reason.clone(), r.error_class.clone())
                         } else {
-                            (row.get("earlier_status"), row.get("earlier_reason"), row.get("earlier_class"))
+                            let status: Option<String> = row.get("earlier_status");
+                            (status.unwrap_or_default(), row.get("earlier_reason"), row.get("earlier_class"))
                         };
                         let status = crate::domain::JobStatus::parse(&status)
                             .ok_or_else(|| LedgerError::Corrupt(r.job_id, format!("status {status:?}")));

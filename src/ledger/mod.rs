@@ -285,13 +285,15 @@ async fn track_by_event(
 pub struct Finished {
     /// The stored result: ours, or the one another delivery stored first.
     pub result: Vec<u8>,
-    /// Whether this call outbox_written outbox rows (false when another delivery
+    /// Whether this call wrote outbox rows (false when another delivery
     /// finished the job first); delete them with `outbox_done` after the confirms.
     pub outbox_written: bool,
-    /// The stored job's status, reason and error class (ours, or the
-    /// earlier delivery's), which say how its result is published.
+    /// The stored job's status (ours, or the earlier delivery's): with
+    /// `reason` and `error_class`, it says how the result is published.
     pub status: JobStatus,
+    /// Why it was dead-lettered, when it was.
     pub reason: Option<String>,
+    /// Its `disposition::ErrorClass`, when it was dead-lettered.
     pub error_class: Option<String>,
 }
 
