@@ -207,53 +207,26 @@ impl Executor<'_> {
             return (failed(reference, 0, &err), Some(err));
         }
         let started = std::time::Instant::now();
-        let attempts = Arc::new(AtomicU32::new(0));
-        let deleted_once = Arc::new(AtomicBool::new(false));
-        // A replayed job looks before it acts: the world may have moved on
-        // while the job sat dead-lettered.
-        let looked = Arc::new(AtomicBool::new(!recheck));
         let archive = spec.archive.as_ref().filter(|_| !dry_run).map(|_| JobArchive {
             ledger: self.ledger,
             job_id: start.job.job_id,
             kind: &r.kind,
             resource_id: &r.id,
         });
-        let archive = archive.as_ref().map(|a| a as &dyn Archive);
-        let op = || {
-            let looked = looked.clone();
-            let attempts = attempts.clone();
-            let deleted_once = deleted_once.clone();
-            async move {
-                attempts.fetch_add(1, Ordering::Relaxed);
-                if !looked.load(Ordering::Relaxed) {
-                    if provider.exists(spec.check.as_ref(), &spec.delete, r).await? == Some(false) {
-                        return Ok(Outcome::AlreadyGone);
-                    }
-                    looked.store(true, Ordering::Relaxed);
-                }
-                if dry_run {
-                    return Ok(match provider.exists(spec.check.as_ref(), &spec.delete, r).await? {
-                        Some(false) => Outcome::AlreadyGone,
-                        _ => Outcome::WouldDelete,
-                    });
-                }
-                // After an accepted delete only the check is repeated: a second
-                // DELETE would answer 404 and hide that we deleted it.
-                if !deleted_once.load(Ordering::Relaxed) {
-                    match provider.delete(&spec.delete, r, archive).await? {
-                        Deleted::AlreadyGone => return Ok(Outcome::AlreadyGone),
-                        Deleted::Now => deleted_once.store(true, Ordering::Relaxed),
-                    }
-                }
-                match provider.exists(spec.check.as_ref(), &spec.delete, r).await? {
-                    Some(true) => Err(StepError::StillThere),
-                    _ => Ok(Outcome::Deleted),
-                }
-            }
+        let attempt = Attempt {
+            provider,
+            spec,
+            resource: r,
+            archive: archive.as_ref().map(|a| a as &dyn Archive),
+            dry_run,
+            // A replayed job looks before it acts: the world may have moved on
+            // while the job sat dead-lettered.
+            looked: AtomicBool::new(!recheck),
+            deleted_once: AtomicBool::new(false),
+            tries: AtomicU32::new(0),
         };
-        let result = self.retry(op, &reference).await;
-        let n = attempts.load(Ordering::Relaxed).saturating_sub(result.1);
-        let result = result.0;
+        let (result, waits) = self.retry(|| attempt.once(), &reference).await;
+        let n = attempt.tries.load(Ordering::Relaxed).saturating_sub(waits);
         if let Some(m) = self.metrics {
             m.step_seconds
                 .with_label_values(&[r.kind.as_str(), spec.provider.as_str()])
@@ -315,6 +288,54 @@ impl Executor<'_> {
             };
             tracing::debug!(resource = %reference, error = %e, retry_in_ms = delay.as_millis() as u64, "step will be retried");
             tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+/// One resource's step, tried again and again by `Executor::retry`: what
+/// the tries so far have learnt is kept here.
+struct Attempt<'a> {
+    provider: &'a crate::providers::Provider,
+    spec: &'a crate::catalog::KindSpec,
+    resource: &'a Resource,
+    archive: Option<&'a dyn Archive>,
+    dry_run: bool,
+    /// Whether the resource was looked at first (a replay looks before it acts).
+    looked: AtomicBool,
+    /// After an accepted delete only the check is repeated: a second DELETE
+    /// would answer 404 and hide that we deleted it.
+    deleted_once: AtomicBool,
+    tries: AtomicU32,
+}
+
+impl Attempt<'_> {
+    async fn exists(&self) -> Result<Option<bool>, StepError> {
+        self.provider.exists(self.spec.check.as_ref(), &self.spec.delete, self.resource).await
+    }
+
+    async fn once(&self) -> Result<Outcome, StepError> {
+        self.tries.fetch_add(1, Ordering::Relaxed);
+        if !self.looked.load(Ordering::Relaxed) {
+            if self.exists().await? == Some(false) {
+                return Ok(Outcome::AlreadyGone);
+            }
+            self.looked.store(true, Ordering::Relaxed);
+        }
+        if self.dry_run {
+            return Ok(match self.exists().await? {
+                Some(false) => Outcome::AlreadyGone,
+                _ => Outcome::WouldDelete,
+            });
+        }
+        if !self.deleted_once.load(Ordering::Relaxed) {
+            match self.provider.delete(&self.spec.delete, self.resource, self.archive).await? {
+                Deleted::AlreadyGone => return Ok(Outcome::AlreadyGone),
+                Deleted::Now => self.deleted_once.store(true, Ordering::Relaxed),
+            }
+        }
+        match self.exists().await? {
+            Some(true) => Err(StepError::StillThere),
+            _ => Ok(Outcome::Deleted),
         }
     }
 }

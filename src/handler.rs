@@ -209,59 +209,16 @@ async fn conclude(ctx: &Ctx<'_>, start: &JobStart, run: crate::execute::Run, hol
     let (status, dead) = match disposition::judge(run.end) {
         Verdict::Completed => (JobStatus::Completed, None),
         Verdict::Dead(class, why) => (JobStatus::DeadLettered, Some((class, why))),
-        Verdict::Retry(why) => {
-            let failed_runs = match app.ledger.count_failed_run(job.job_id).await {
-                Ok(n) => n,
-                Err(e) => {
-                    let _ = app.ledger.release(&job.owner, holder).await;
-                    return ctx.on_ledger_error(&e);
-                }
-            };
-            match disposition::after_failed_run(&app.settings.worker.retry_delays(), failed_runs, why.clone()) {
-                Ok(delay) => {
-                    tracing::info!(
-                        failed_runs,
-                        deliveries = job.attempts,
-                        delay_ms = delay.as_millis() as u64,
-                        why,
-                        "job not finished; retrying through the broker"
-                    );
-                    if let Err(e) = app.ledger.release(&job.owner, holder).await {
-                        tracing::warn!(error = %e, "could not release the owner; its lease will expire");
-                    }
-                    return Disposition::RetryAfter { delay, why, reason: RetryReason::Unfinished };
-                }
-                Err(spent) => (JobStatus::DeadLettered, Some(spent)),
-            }
-        }
+        Verdict::Retry(why) => match retry_later(ctx, job, holder, why).await {
+            Ok(d) => return d,
+            Err(spent) => (JobStatus::DeadLettered, Some(spent)),
+        },
     };
     let (class, reason) = match dead {
         Some((class, why)) => (Some(class), Some(why)),
         None => (None, None),
     };
-    let result = TeardownResult {
-        event_id: job.event_id.clone(),
-        job_id: job.job_id,
-        owner: job.owner.clone(),
-        trigger: job.trigger.as_str().to_string(),
-        status: status.as_str().to_string(),
-        dry_run: job.dry_run,
-        resources: run
-            .steps
-            .iter()
-            .map(|s| ResourceReport {
-                kind: s.resource.kind.clone(),
-                id: s.resource.id.clone(),
-                outcome: s.outcome.as_str().to_string(),
-                attempts: s.attempts,
-                error: s.error.clone(),
-            })
-            .collect(),
-        attempts: job.attempts,
-        started_at: job.started_at,
-        finished_at: Utc::now(),
-        reason: reason.clone(),
-    };
+    let result = result_of(job, &run.steps, status, reason.clone());
     let bytes = result.to_bytes();
     let job_id = job.job_id.to_string();
     let dead = reason.as_deref().zip(class).map(|(r, class)| {
@@ -290,6 +247,68 @@ async fn conclude(ctx: &Ctx<'_>, start: &JobStart, run: crate::execute::Run, hol
             let _ = app.ledger.release(&job.owner, holder).await;
             ctx.on_ledger_error(&e)
         }
+    }
+}
+
+/// An unfinished run: counted as a failed run, then back to the broker for
+/// the schedule's next delay (the owner released), or, the schedule spent,
+/// the dead letter it gets instead.
+async fn retry_later(
+    ctx: &Ctx<'_>,
+    job: &crate::ledger::JobRow,
+    holder: Uuid,
+    why: String,
+) -> Result<Disposition, (ErrorClass, String)> {
+    let app = ctx.app;
+    let failed_runs = match app.ledger.count_failed_run(job.job_id).await {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = app.ledger.release(&job.owner, holder).await;
+            return Ok(ctx.on_ledger_error(&e));
+        }
+    };
+    let delay = disposition::after_failed_run(&app.settings.worker.retry_delays(), failed_runs, why.clone())?;
+    tracing::info!(
+        failed_runs,
+        deliveries = job.attempts,
+        delay_ms = delay.as_millis() as u64,
+        why,
+        "job not finished; retrying through the broker"
+    );
+    if let Err(e) = app.ledger.release(&job.owner, holder).await {
+        tracing::warn!(error = %e, "could not release the owner; its lease will expire");
+    }
+    Ok(Disposition::RetryAfter { delay, why, reason: RetryReason::Unfinished })
+}
+
+/// The job's result as it will be stored and published.
+fn result_of(
+    job: &crate::ledger::JobRow,
+    steps: &[crate::ledger::StepRecord],
+    status: JobStatus,
+    reason: Option<String>,
+) -> TeardownResult {
+    TeardownResult {
+        event_id: job.event_id.clone(),
+        job_id: job.job_id,
+        owner: job.owner.clone(),
+        trigger: job.trigger.as_str().to_string(),
+        status: status.as_str().to_string(),
+        dry_run: job.dry_run,
+        resources: steps
+            .iter()
+            .map(|s| ResourceReport {
+                kind: s.resource.kind.clone(),
+                id: s.resource.id.clone(),
+                outcome: s.outcome.as_str().to_string(),
+                attempts: s.attempts,
+                error: s.error.clone(),
+            })
+            .collect(),
+        attempts: job.attempts,
+        started_at: job.started_at,
+        finished_at: Utc::now(),
+        reason,
     }
 }
 
