@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
-use crate::config::{redact_url, ProviderSettings};
+use crate::config::redact_url;
 use crate::ledger::replay::DeadFilter;
 use crate::ops;
 
@@ -105,18 +105,8 @@ async fn status(State(app): State<Arc<App>>) -> Response {
         Err(e) => return internal(e),
     };
     let s = &app.settings;
-    let providers: serde_json::Map<String, serde_json::Value> = s
-        .providers
-        .iter()
-        .map(|(name, p)| {
-            let summary = match p {
-                ProviderSettings::Http(h) => json!({ "type": "http", "base_url": redact_url(&h.base_url), "max_concurrency": h.max_concurrency, "rate_per_sec": h.rate_per_sec, "auth": h.auth.is_some() }),
-                ProviderSettings::Postgres(pg) => json!({ "type": "postgres", "url": redact_url(pg.url.expose()), "max_connections": pg.max_connections }),
-                ProviderSettings::Mongodb(m) => json!({ "type": "mongodb", "url": redact_url(m.url.expose()), "database": m.database, "batch_size": m.batch_size }),
-            };
-            (name.clone(), summary)
-        })
-        .collect();
+    let providers: serde_json::Map<String, serde_json::Value> =
+        s.providers.iter().map(|(name, p)| (name.clone(), p.summary())).collect();
     let kinds: serde_json::Map<String, serde_json::Value> = app
         .catalog
         .kind_names()

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::{ConfigError, GuardSettings, KindSettings, LookupSettings, ProviderSettings, Settings};
-use crate::providers::Action;
+use crate::providers::{Action, ArchiveSpec, LookupQuery};
 
 /// Checks everything that can be checked without I/O: the settings' values,
 /// the kinds (into the `Catalog`), and the reconcile rules against them.
@@ -49,12 +49,6 @@ pub struct Lookup {
     pub query: LookupQuery,
 }
 
-#[derive(Debug, Clone)]
-pub enum LookupQuery {
-    Sql(String),
-    Mongo { filter: crate::providers::mongo::MongoTemplate, id_field: String, attributes: Vec<String> },
-}
-
 impl Lookup {
     /// Whether this lookup applies to `owner` ("type/id").
     pub fn applies_to(&self, owner: &str) -> bool {
@@ -70,35 +64,13 @@ impl Lookup {
                     .into())
             }
         }
-        match providers.get(&l.provider) {
-            Some(ProviderSettings::Postgres(_)) => {
-                let sql = l.sql.clone().ok_or("lookup: a postgres lookup needs `sql`")?;
-                if crate::providers::postgres::placeholders(&sql) > 2 {
-                    return Err("lookup.sql may use $1 (the owner's id) and $2 (the whole owner), no more".into());
-                }
-                Ok(Lookup {
-                    provider: l.provider.clone(),
-                    owner_type: l.owner_type.clone().unwrap_or_default(),
-                    query: LookupQuery::Sql(sql),
-                })
-            }
-            Some(ProviderSettings::Mongodb(_)) => {
-                let collection = l.collection.as_deref().ok_or("lookup: a mongodb lookup needs `collection`")?;
-                let filter = l.filter.as_deref().ok_or("lookup: a mongodb lookup needs `filter`")?;
-                let filter = crate::providers::mongo::MongoTemplate::parse(collection, filter, None, true)
-                    .map_err(|e| format!("lookup.filter: {e}"))?;
-                Ok(Lookup {
-                    provider: l.provider.clone(),
-                    owner_type: l.owner_type.clone().unwrap_or_default(),
-                    query: LookupQuery::Mongo {
-                        filter,
-                        id_field: l.id_field.clone().unwrap_or_else(|| "_id".into()),
-                        attributes: l.attributes.clone(),
-                    },
-                })
-            }
-            _ => Err(format!("lookup.provider {:?} is not a configured postgres or mongodb provider", l.provider)),
-        }
+        let provider =
+            providers.get(&l.provider).ok_or_else(|| format!("lookup.provider {:?} is not configured", l.provider))?;
+        let query = LookupQuery::parse(provider, l).map_err(|e| match e.starts_with("lookup") {
+            true => e,
+            false => format!("lookup.provider {:?} {e}", l.provider),
+        })?;
+        Ok(Lookup { provider: l.provider.clone(), owner_type: l.owner_type.clone().unwrap_or_default(), query })
     }
 }
 
@@ -120,47 +92,6 @@ impl Guard {
             .map_err(|e| format!("guard.query: {e}"))?;
         let reason = g.reason.clone().unwrap_or_else(|| format!("in use (guard on provider {})", g.provider));
         Ok(Guard { provider: g.provider.clone(), action, reason })
-    }
-}
-
-/// Where a restore puts archived records back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ArchiveSpec {
-    /// Rows: `INSERT INTO table SELECT * FROM json_populate_record(...)`.
-    Table(String),
-    /// Documents: inserted back into the collection.
-    Collection(String),
-}
-
-impl ArchiveSpec {
-    fn parse(k: &KindSettings, delete: &Action) -> Result<ArchiveSpec, String> {
-        match delete {
-            Action::Http(_) => Err("archive: a cloud deletion cannot be undone, so it cannot be archived; \
-                                    archive is for database rows and documents"
-                .into()),
-            Action::Sql(t) => {
-                if !t.sql.trim_start().to_ascii_uppercase().starts_with("DELETE") {
-                    return Err("archive: the SQL must be a DELETE (its rows are kept with RETURNING *)".into());
-                }
-                if t.sql.to_ascii_uppercase().contains("RETURNING") {
-                    return Err("archive: leave RETURNING out of the DELETE; reaper adds RETURNING *".into());
-                }
-                let table = k.archive_table.clone().ok_or("archive: SQL kinds need archive_table")?;
-                let ident = |p: &str| {
-                    !p.is_empty()
-                        && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                        && !p.starts_with(|c: char| c.is_ascii_digit())
-                };
-                if !table.split('.').all(ident) || table.split('.').count() > 2 {
-                    return Err(format!("archive_table {table:?} must be a plain [schema.]table name"));
-                }
-                Ok(ArchiveSpec::Table(table))
-            }
-            Action::Mongo(t) if t.soft_delete_field.is_some() => {
-                Err("archive: a soft delete keeps the documents; archive is for hard deletes".into())
-            }
-            Action::Mongo(t) => Ok(ArchiveSpec::Collection(t.collection.clone())),
-        }
     }
 }
 
@@ -218,7 +149,8 @@ impl Catalog {
             let check = k.check.as_deref().map(|c| parse("check", c)).transpose()?;
             let lookup = k.lookup.as_ref().map(|l| Lookup::parse(l, providers)).transpose().map_err(err)?;
             let guard = k.guard.as_ref().map(|g| Guard::parse(g, providers)).transpose().map_err(err)?;
-            let archive = if k.archive { Some(ArchiveSpec::parse(k, &delete).map_err(err)?) } else { None };
+            let archive =
+                if k.archive { Some(delete.archive_target(k.archive_table.as_deref()).map_err(err)?) } else { None };
             for a in &k.after {
                 if !kinds.contains_key(a) {
                     return Err(err(format!("after names {a:?}, which is not a configured kind")));

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, App, AppError};
-use crate::config::{ProviderSettings, Settings};
+use crate::config::Settings;
 use crate::devtools::sim::Sim;
 use crate::ops_cli::PlanFormat;
 
@@ -161,12 +161,8 @@ pub async fn main(cli: Cli) -> ExitCode {
                     println!("  reconcile rule {name}: {every}");
                 }
                 for (name, p) in &settings.providers {
-                    let (url, max) = match p {
-                        ProviderSettings::Http(h) => (h.base_url.clone(), h.max_concurrency),
-                        ProviderSettings::Postgres(pg) => (pg.url.expose().to_string(), pg.max_connections as usize),
-                        ProviderSettings::Mongodb(m) => (m.url.expose().to_string(), m.batch_size as usize),
-                    };
-                    println!("  provider {name}: {} (max {} in flight)", crate::config::redact_url(&url), max);
+                    let (url, max) = p.endpoint();
+                    println!("  provider {name}: {url} (max {max} in flight)");
                 }
                 ExitCode::SUCCESS
             }

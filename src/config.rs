@@ -286,6 +286,36 @@ pub enum ProviderSettings {
     Mongodb(MongoProviderSettings),
 }
 
+impl ProviderSettings {
+    /// What `GET /v1/status` shows of a provider: its type, where it is (the
+    /// URL's credentials redacted) and its limits; never a secret.
+    pub fn summary(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            ProviderSettings::Http(h) => {
+                json!({ "type": "http", "base_url": redact_url(&h.base_url), "max_concurrency": h.max_concurrency, "rate_per_sec": h.rate_per_sec, "auth": h.auth.is_some() })
+            }
+            ProviderSettings::Postgres(pg) => {
+                json!({ "type": "postgres", "url": redact_url(pg.url.expose()), "max_connections": pg.max_connections })
+            }
+            ProviderSettings::Mongodb(m) => {
+                json!({ "type": "mongodb", "url": redact_url(m.url.expose()), "database": m.database, "batch_size": m.batch_size })
+            }
+        }
+    }
+
+    /// Where the provider is (credentials redacted) and how many calls it
+    /// takes at once, for `reaper check-config`.
+    pub fn endpoint(&self) -> (String, usize) {
+        let (url, max) = match self {
+            ProviderSettings::Http(h) => (h.base_url.as_str(), h.max_concurrency),
+            ProviderSettings::Postgres(pg) => (pg.url.expose(), pg.max_connections as usize),
+            ProviderSettings::Mongodb(m) => (m.url.expose(), m.batch_size as usize),
+        };
+        (redact_url(url), max)
+    }
+}
+
 /// An application's MongoDB database, where some kinds live as documents.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -6,13 +6,11 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::app::App;
-use crate::catalog::LookupQuery;
 use crate::contract::{self, Envelope, Event, ResourceReport, TeardownResult};
 use crate::disposition::{self, DeadLetter, Disposition, ErrorClass, RetryReason, Verdict};
 use crate::domain::JobStatus;
 use crate::execute::{Executor, RunEnd};
 use crate::ledger::{Begin, JobEnd, JobStart, LedgerError, TrackOutcome};
-use crate::providers::Provider;
 
 /// Handles one message. `ledger_refusals` is how many times in a row the
 /// ledger refused this message before (read from its retry hop).
@@ -147,15 +145,7 @@ async fn look_up(app: &App, start: &mut JobStart) -> Result<(), String> {
         let Some(provider) = app.providers.get(&l.provider) else {
             return Err(format!("lookup for {}: provider {} is not configured", kind.name, l.provider));
         };
-        let rows = match (provider.as_ref(), &l.query) {
-            (Provider::Postgres(p), LookupQuery::Sql(sql)) => {
-                crate::providers::within(p.deadline(), "the lookup", p.lookup(&kind.name, sql, &start.job.owner)).await
-            }
-            (Provider::Mongo(p), LookupQuery::Mongo { filter, id_field, attributes }) => {
-                p.lookup(&kind.name, filter, id_field, attributes, &start.job.owner).await
-            }
-            _ => return Err(format!("lookup for {}: provider {} cannot run it", kind.name, l.provider)),
-        };
+        let rows = provider.lookup(&kind.name, &l.query, &start.job.owner).await;
         found.extend(rows.map_err(|e| format!("lookup for {} failed: {e}", kind.name))?);
     }
     // Two lookups (or one, twice) may name the same resource: it is one resource.

@@ -6,11 +6,10 @@ use serde::Serialize;
 
 use crate::app::App;
 use crate::broker::{self, Names};
-use crate::config::{redact_url, ProviderSettings, Settings};
+use crate::config::Settings;
 use crate::contract;
 use crate::domain::Resource;
 use crate::plan;
-use crate::providers::Action;
 
 #[derive(Debug, Serialize)]
 pub struct PlanStep {
@@ -51,29 +50,7 @@ pub fn plan_of(
         for &i in level {
             let r = &resources[i];
             let Some(spec) = catalog.kind(&r.kind) else { continue };
-            let request = match &spec.delete {
-                Action::Http(t) => {
-                    let base = match settings.providers.get(&spec.provider) {
-                        // Plans are printed and served: never with the URL's credentials.
-                        Some(ProviderSettings::Http(h)) => redact_url(h.base_url.trim_end_matches('/')),
-                        _ => String::new(),
-                    };
-                    let path = t.render(&r.id, &r.attributes).map_err(OpsError::Invalid)?;
-                    format!("{} {base}{path}", t.method())
-                }
-                Action::Sql(t) => {
-                    let values = t.values(r).map_err(OpsError::Invalid)?;
-                    format!("SQL {} -- with {}", t.sql, serde_json::to_string(&values).expect("strings serialize"))
-                }
-                Action::Mongo(t) => {
-                    let filter = t.for_resource(r).map_err(OpsError::Invalid)?;
-                    let verb = match &t.soft_delete_field {
-                        Some(f) => format!("updateMany (set {f} = now)"),
-                        None => "deleteMany".into(),
-                    };
-                    format!("MONGO db.{}.{verb} {}", t.collection, filter)
-                }
-            };
+            let request = spec.delete.describe(settings.providers.get(&spec.provider), r).map_err(OpsError::Invalid)?;
             out.push(PlanStep {
                 level: n,
                 kind: r.kind.clone(),
@@ -146,42 +123,19 @@ pub fn script(settings: &Settings, owner: &str, steps: &[PlanStep]) -> String {
             ));
             continue;
         }
-        let auth = match settings.providers.get(&step.provider) {
-            Some(ProviderSettings::Postgres(_) | ProviderSettings::Mongodb(_)) => None,
-            Some(ProviderSettings::Http(h)) => h.auth.as_ref().map(|a| {
-                let var =
-                    a.token_env.clone().unwrap_or_else(|| format!("REAPER_{}_TOKEN", step.provider.to_uppercase()));
-                let value = if a.scheme.is_empty() {
-                    format!("${{{var}:?set {var}}}")
-                } else {
-                    format!("{} ${{{var}:?set {var}}}", a.scheme)
-                };
-                format!(" -H \"{}: {value}\"", a.header)
-            }),
-            None => None,
-        };
-        // Credentials in the base URL are asked for, like tokens, never written out.
-        let userinfo = match settings.providers.get(&step.provider) {
-            Some(ProviderSettings::Http(h)) if has_userinfo(&h.base_url) => {
-                let var = format!("REAPER_{}_USERINFO", step.provider.to_uppercase());
-                format!(" -u \"${{{var}:?set {var} to user:password}}\"")
-            }
-            _ => String::new(),
-        };
+        let credentials = settings
+            .providers
+            .get(&step.provider)
+            .map(|p| crate::providers::http::curl_credentials(&step.provider, p))
+            .unwrap_or_default();
         s.push_str(&format!(
-            "del {method} {}{}{userinfo}  # {}/{}\n",
+            "del {method} {}{credentials}  # {}/{}\n",
             shell_quote(url),
-            auth.unwrap_or_default(),
             step.kind,
             shell_comment(&step.id)
         ));
     }
     s
-}
-
-/// Whether a URL carries `user[:password]@` before its host.
-fn has_userinfo(url: &str) -> bool {
-    url.split_once("://").is_some_and(|(_, rest)| rest.split('/').next().unwrap_or("").contains('@'))
 }
 
 fn shell_quote(s: &str) -> String {

@@ -7,10 +7,10 @@ use std::process::ExitCode;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::catalog::{ArchiveSpec, Catalog};
+use crate::catalog::Catalog;
 use crate::config::Settings;
 use crate::ledger::Ledger;
-use crate::providers::{Provider, Providers};
+use crate::providers::Providers;
 
 #[derive(clap::Args, Debug)]
 pub struct RestoreArgs {
@@ -72,9 +72,9 @@ pub async fn restore_with(
         let (kind, id) = (text("kind"), text("id"));
         let archived = catalog.kind(&kind).and_then(|k| k.archive.as_ref()).is_some();
         if text("outcome") == "deleted" && !archived {
-            let why = match catalog.kind(&kind).map(|k| &k.delete) {
-                Some(crate::providers::Action::Http(_)) => "deleted through an API, which cannot be undone",
-                _ => "deleted by a kind without `archive = true`",
+            let why = match catalog.kind(&kind).is_some_and(|k| k.delete.cannot_be_undone()) {
+                true => "deleted through an API, which cannot be undone",
+                false => "deleted by a kind without `archive = true`",
             };
             report.not_restorable.push(format!("{kind}/{id}: {why}"));
         }
@@ -97,10 +97,9 @@ pub async fn restore_with(
             report.restored += 1;
             continue;
         }
-        let put = match (providers.get(&provider).map(|p| p.as_ref()), &target) {
-            (Some(Provider::Postgres(p)), ArchiveSpec::Table(t)) => p.restore(t, &a.record).await,
-            (Some(Provider::Mongo(m)), ArchiveSpec::Collection(c)) => m.restore(c, &a.record).await,
-            _ => Err(crate::providers::StepError::Permanent(format!("provider {provider} cannot restore"))),
+        let put = match providers.get(&provider) {
+            Some(p) => p.restore(&target, &a.record).await,
+            None => Err(crate::providers::StepError::Permanent(format!("provider {provider} is not configured"))),
         };
         match put {
             Ok(true) => {

@@ -11,9 +11,13 @@ use reqwest::{Method, StatusCode};
 use tokio::sync::{Mutex, Semaphore};
 use tokio::time::Instant;
 
+use super::listing::{json_text, Item, Pages};
 use super::{Deleted, ProviderError, StepError};
+use crate::config::reconcile::InventorySettings;
 use crate::config::{redact_url, HttpProviderSettings};
+use crate::domain::parse_time;
 use crate::domain::Resource;
+use chrono::DateTime;
 
 /// Everything but RFC 3986 unreserved characters is encoded, `/` included, so a
 /// value can never step out of its path segment. Dots stay as they are (so do
@@ -105,6 +109,13 @@ impl RequestTemplate {
     /// (`{attr.a}{id}` with `.` and `.`, or `/x/.{id}` with `.`): a URL parser
     /// turns those into another path (`/zones/z1/records/..` is the zone), so
     /// the request would reach something nobody named.
+    /// "METHOD base/path" for a plan. Plans are printed and served: never
+    /// with the base URL's credentials.
+    pub fn describe(&self, base: Option<&HttpProviderSettings>, r: &Resource) -> Result<String, String> {
+        let base = base.map(|h| redact_url(h.base_url.trim_end_matches('/'))).unwrap_or_default();
+        Ok(format!("{} {base}{}", self.method, self.render(&r.id, &r.attributes)?))
+    }
+
     pub fn render(&self, id: &str, attributes: &BTreeMap<String, String>) -> Result<String, String> {
         let mut out = String::new();
         // Where the current segment starts, and the first value in it, if any.
@@ -358,6 +369,115 @@ fn without_url(e: &reqwest::Error) -> String {
         src = cause.source();
     }
     s
+}
+
+/// The curl options a generated script passes for this provider's
+/// credentials: read from the environment when it runs, never written out.
+/// Only an HTTP provider's steps are run by curl.
+pub fn curl_credentials(provider: &str, settings: &crate::config::ProviderSettings) -> String {
+    let crate::config::ProviderSettings::Http(h) = settings else { return String::new() };
+    let mut out = String::new();
+    if let Some(a) = &h.auth {
+        let var = a.token_env.clone().unwrap_or_else(|| format!("REAPER_{}_TOKEN", provider.to_uppercase()));
+        let value = match a.scheme.is_empty() {
+            true => format!("${{{var}:?set {var}}}"),
+            false => format!("{} ${{{var}:?set {var}}}", a.scheme),
+        };
+        out.push_str(&format!(" -H \"{}: {value}\"", a.header));
+    }
+    if has_userinfo(&h.base_url) {
+        let var = format!("REAPER_{}_USERINFO", provider.to_uppercase());
+        out.push_str(&format!(" -u \"${{{var}:?set {var} to user:password}}\""));
+    }
+    out
+}
+
+/// Whether a URL carries `user[:password]@` before its host.
+fn has_userinfo(url: &str) -> bool {
+    url.split_once("://").is_some_and(|(_, rest)| rest.split('/').next().unwrap_or("").contains('@'))
+}
+
+// ---- Listing, for reconcile ----
+
+/// What an HTTP inventory needs: a GET without placeholders, a key, and JSON pointers.
+pub fn check_inventory(inv: &InventorySettings) -> Result<(), String> {
+    let r = inv.request.as_deref().ok_or("an HTTP inventory needs `request` (\"GET /path\")")?;
+    let t = RequestTemplate::parse(r)?;
+    if t.method() != Method::GET || r.contains('{') {
+        return Err("an HTTP inventory's request is a GET without placeholders".into());
+    }
+    if inv.key.is_none() {
+        return Err("an HTTP inventory needs `key` (a JSON pointer such as \"/name\")".into());
+    }
+    for p in [Some(&inv.items), inv.key.as_ref(), inv.next.as_ref(), inv.created_at.as_ref()]
+        .into_iter()
+        .flatten()
+        .chain(inv.attributes.values())
+    {
+        if !p.is_empty() && !p.starts_with('/') {
+            return Err(format!("{p:?} is not a JSON pointer (they start with '/')"));
+        }
+    }
+    Ok(())
+}
+
+impl HttpProvider {
+    pub async fn list(&self, inv: &InventorySettings, strict: bool, mut pages: Pages) {
+        let request = inv.request.clone().unwrap_or_default();
+        let path = request.split_once(' ').map(|(_, p)| p.trim().to_string()).unwrap_or_default();
+        let key = inv.key.clone().unwrap_or_default();
+        let mut token: Option<String> = None;
+        let mut seen_tokens = std::collections::HashSet::new();
+        loop {
+            let url = match &token {
+                None => path.clone(),
+                Some(t) => {
+                    let sep = if path.contains('?') { '&' } else { '?' };
+                    let t = percent_encoding::utf8_percent_encode(t, percent_encoding::NON_ALPHANUMERIC);
+                    format!("{path}{sep}{}={t}", inv.next_param)
+                }
+            };
+            let page = match self.get_json(&url).await {
+                Ok(p) => p,
+                Err(e) => return pages.fail(format!("GET {url}: {e}")).await,
+            };
+            let Some(items) = page.pointer(&inv.items).and_then(|v| v.as_array()) else {
+                return pages.fail(format!("GET {url}: no array at {:?} in the answer", inv.items)).await;
+            };
+            let mut out = Vec::with_capacity(items.len());
+            for it in items {
+                let Some(k) = it.pointer(&key).and_then(json_text) else {
+                    if strict {
+                        return pages
+                            .fail(format!("GET {url}: an item has nothing at {key:?}: it could not be matched"))
+                            .await;
+                    }
+                    continue;
+                };
+                let created_at = inv.created_at.as_deref().and_then(|p| it.pointer(p)).and_then(|v| match v {
+                    serde_json::Value::Number(n) => n.as_f64().and_then(|s| DateTime::from_timestamp(s as i64, 0)),
+                    other => json_text(other).and_then(|s| parse_time(&s)),
+                });
+                let attributes = inv
+                    .attributes
+                    .iter()
+                    .filter_map(|(name, p)| it.pointer(p).and_then(json_text).map(|v| (name.clone(), v)))
+                    .collect();
+                out.push(Item { key: k, created_at, attributes });
+            }
+            if !pages.push_page(out).await {
+                return;
+            }
+            token = inv.next.as_deref().and_then(|p| page.pointer(p)).and_then(json_text).filter(|t| !t.is_empty());
+            match &token {
+                None => return pages.finish().await,
+                Some(t) if !seen_tokens.insert(t.clone()) => {
+                    return pages.fail(format!("GET {url}: the API sent page token {t:?} twice")).await;
+                }
+                Some(_) => {}
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! is idempotent: a resource that is already gone counts as done.
 
 pub mod http;
+pub mod listing;
 pub mod mongo;
 pub mod postgres;
 
@@ -9,7 +10,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::ProviderSettings;
+use crate::config::reconcile::InventorySettings;
+use crate::config::{LookupSettings, ProviderSettings};
 use crate::domain::Resource;
 use futures_util::future::BoxFuture;
 
@@ -80,6 +82,41 @@ impl Action {
         }
     }
 
+    /// The request a plan shows for `r`: the HTTP call with the provider's
+    /// base URL (credentials redacted), the SQL with the values it will be
+    /// bound to, or the MongoDB call with its filter.
+    pub fn describe(&self, provider: Option<&ProviderSettings>, r: &Resource) -> Result<String, String> {
+        match self {
+            Action::Http(t) => {
+                let base = match provider {
+                    Some(ProviderSettings::Http(h)) => Some(h),
+                    _ => None,
+                };
+                t.describe(base, r)
+            }
+            Action::Sql(t) => t.describe(r),
+            Action::Mongo(t) => t.describe(r),
+        }
+    }
+
+    /// Where what this action deletes can be kept, to be put back by
+    /// `reaper restore`; an error says why it cannot be.
+    pub fn archive_target(&self, archive_table: Option<&str>) -> Result<ArchiveSpec, String> {
+        match self {
+            Action::Http(_) => Err("archive: a cloud deletion cannot be undone, so it cannot be archived; \
+                                    archive is for database rows and documents"
+                .into()),
+            Action::Sql(t) => t.archive_target(archive_table).map(ArchiveSpec::Table),
+            Action::Mongo(t) => t.archive_target().map(ArchiveSpec::Collection),
+        }
+    }
+
+    /// Whether what this action deleted is gone for good whatever reaper
+    /// keeps: a call to an API, which nothing can undo.
+    pub fn cannot_be_undone(&self) -> bool {
+        matches!(self, Action::Http(_))
+    }
+
     pub fn http(&self) -> Option<&http::RequestTemplate> {
         match self {
             Action::Http(t) => Some(t),
@@ -104,6 +141,42 @@ impl Action {
             Action::Sql(t) => t.attributes().collect(),
             Action::Mongo(t) => t.attributes(),
         }
+    }
+}
+
+/// Where a restore puts archived records back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArchiveSpec {
+    /// Rows: `INSERT INTO table SELECT * FROM json_populate_record(...)`.
+    Table(String),
+    /// Documents: inserted back into the collection.
+    Collection(String),
+}
+
+/// A kind's lookup, in its provider's language: what finds an owner's
+/// resources that were never tracked.
+#[derive(Debug, Clone)]
+pub enum LookupQuery {
+    Sql(String),
+    Mongo(mongo::MongoLookup),
+}
+
+impl LookupQuery {
+    pub fn parse(provider: &ProviderSettings, l: &LookupSettings) -> Result<LookupQuery, String> {
+        match provider {
+            ProviderSettings::Postgres(_) => postgres::parse_lookup(l).map(LookupQuery::Sql),
+            ProviderSettings::Mongodb(_) => mongo::MongoLookup::parse(l).map(LookupQuery::Mongo),
+            ProviderSettings::Http(_) => Err("is not a postgres or mongodb provider".into()),
+        }
+    }
+}
+
+/// Checks the fields an inventory needs on its provider's type.
+pub fn check_inventory(provider: &ProviderSettings, inv: &InventorySettings) -> Result<(), String> {
+    match provider {
+        ProviderSettings::Http(_) => http::check_inventory(inv),
+        ProviderSettings::Postgres(_) => postgres::check_inventory(inv),
+        ProviderSettings::Mongodb(_) => mongo::check_inventory(inv),
     }
 }
 
@@ -154,6 +227,38 @@ impl Provider {
             (Provider::Postgres(p), Action::Sql(t)) => within(p.deadline(), "the check", p.probe(t, r)).await,
             (Provider::Mongo(p), Action::Mongo(t)) => p.probe(t, r).await,
             _ => Err(StepError::Permanent("a check does not fit its provider".into())),
+        }
+    }
+}
+
+impl Provider {
+    /// The resources of `kind` an owner ("type/id") has, by the kind's lookup.
+    pub async fn lookup(&self, kind: &str, query: &LookupQuery, owner: &str) -> Result<Vec<Resource>, StepError> {
+        match (self, query) {
+            (Provider::Postgres(p), LookupQuery::Sql(sql)) => {
+                within(p.deadline(), "the lookup", p.lookup(kind, sql, owner)).await
+            }
+            (Provider::Mongo(p), LookupQuery::Mongo(l)) => p.lookup(kind, l, owner).await,
+            _ => Err(StepError::Permanent(format!("lookup for {kind}: its provider cannot run it"))),
+        }
+    }
+
+    /// Puts an archived record back. `Ok(false)` when it is there already.
+    pub async fn restore(&self, target: &ArchiveSpec, record: &serde_json::Value) -> Result<bool, StepError> {
+        match (self, target) {
+            (Provider::Postgres(p), ArchiveSpec::Table(t)) => p.restore(t, record).await,
+            (Provider::Mongo(m), ArchiveSpec::Collection(c)) => m.restore(c, record).await,
+            _ => Err(StepError::Permanent("this provider cannot restore what was archived".into())),
+        }
+    }
+
+    /// Reads an inventory into `pages`, ending with `End` or `Failed`.
+    /// `strict`: an item without a key fails the list instead of being left out.
+    pub async fn list(&self, inv: &InventorySettings, strict: bool, pages: listing::Pages) {
+        match self {
+            Provider::Postgres(p) => p.list(inv, strict, pages).await,
+            Provider::Mongo(m) => m.list(inv, strict, pages).await,
+            Provider::Http(h) => h.list(inv, strict, pages).await,
         }
     }
 }

@@ -14,9 +14,36 @@ use mongodb::bson::{self, doc, Bson, Document};
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Collection, Database};
 
+use super::listing::{Item, Pages, PAGE};
 use super::{Archive, Deleted, ProviderError, StepError};
+use crate::config::reconcile::InventorySettings;
 use crate::config::MongoProviderSettings;
+use crate::domain::parse_time;
 use crate::domain::Resource;
+use chrono::DateTime;
+use futures_util::TryStreamExt;
+
+/// A lookup on MongoDB: one resource per distinct `id_field` value among the
+/// documents its filter (over `owner` and `owner_id`) matches.
+#[derive(Debug, Clone)]
+pub struct MongoLookup {
+    pub filter: MongoTemplate,
+    pub id_field: String,
+    pub attributes: Vec<String>,
+}
+
+impl MongoLookup {
+    pub fn parse(l: &crate::config::LookupSettings) -> Result<MongoLookup, String> {
+        let collection = l.collection.as_deref().ok_or("lookup: a mongodb lookup needs `collection`")?;
+        let filter = l.filter.as_deref().ok_or("lookup: a mongodb lookup needs `filter`")?;
+        let filter = MongoTemplate::parse(collection, filter, None, true).map_err(|e| format!("lookup.filter: {e}"))?;
+        Ok(MongoLookup {
+            filter,
+            id_field: l.id_field.clone().unwrap_or_else(|| "_id".into()),
+            attributes: l.attributes.clone(),
+        })
+    }
+}
 
 /// A collection and a filter with placeholders, checked at start-up.
 #[derive(Debug, Clone, PartialEq)]
@@ -86,6 +113,24 @@ impl MongoTemplate {
             }
         });
         out
+    }
+
+    /// The call and its filter, for a plan.
+    pub fn describe(&self, r: &Resource) -> Result<String, String> {
+        let filter = self.for_resource(r)?;
+        let verb = match &self.soft_delete_field {
+            Some(f) => format!("updateMany (set {f} = now)"),
+            None => "deleteMany".into(),
+        };
+        Ok(format!("MONGO db.{}.{verb} {}", self.collection, filter))
+    }
+
+    /// The collection a hard delete's documents are put back into.
+    pub fn archive_target(&self) -> Result<String, String> {
+        match self.soft_delete_field {
+            Some(_) => Err("archive: a soft delete keeps the documents; archive is for hard deletes".into()),
+            None => Ok(self.collection.clone()),
+        }
     }
 
     /// The filter with each placeholder replaced by `value(name)`.
@@ -288,14 +333,8 @@ impl MongoProvider {
 
     /// Runs a lookup: one resource per distinct `id_field` value among the
     /// matching documents.
-    pub async fn lookup(
-        &self,
-        kind: &str,
-        t: &MongoTemplate,
-        id_field: &str,
-        attributes: &[String],
-        owner: &str,
-    ) -> Result<Vec<Resource>, StepError> {
+    pub async fn lookup(&self, kind: &str, l: &MongoLookup, owner: &str) -> Result<Vec<Resource>, StepError> {
+        let (t, id_field, attributes) = (&l.filter, l.id_field.as_str(), &l.attributes);
         let owner_id = owner.split_once('/').map(|(_, id)| id).unwrap_or(owner);
         let filter = t
             .render(&|name| match name {
@@ -363,6 +402,66 @@ pub fn classify(e: mongodb::error::Error) -> StepError {
         StepError::Transient(format!("mongodb: {text}"))
     } else {
         StepError::Permanent(format!("mongodb refused the operation: {text}"))
+    }
+}
+
+// ---- Listing, for reconcile ----
+
+/// What a mongodb inventory needs: a collection, a key field and a filter that parses.
+pub fn check_inventory(inv: &InventorySettings) -> Result<(), String> {
+    inv.collection.as_ref().ok_or("a mongodb inventory needs `collection`")?;
+    inv.key.as_ref().ok_or("a mongodb inventory needs `key` (a field)")?;
+    let f = inv.filter.as_deref().unwrap_or("{}");
+    MongoTemplate::parse("x", f, None, true).map(|_| ())
+}
+
+impl MongoProvider {
+    pub async fn list(&self, inv: &InventorySettings, strict: bool, mut pages: Pages) {
+        let key = inv.key.clone().unwrap_or_default();
+        let filter: Document = match serde_json::from_str::<serde_json::Value>(inv.filter.as_deref().unwrap_or("{}"))
+            .map_err(|e| e.to_string())
+            .and_then(|v| Bson::try_from(v).map_err(|e| e.to_string()))
+        {
+            Ok(Bson::Document(d)) => d,
+            Ok(_) => Document::new(),
+            Err(e) => return pages.fail(format!("filter: {e}")).await,
+        };
+        let mut projection = mongodb::bson::doc! { key.as_str(): 1 };
+        for f in inv.created_at.iter().chain(inv.attributes.values()) {
+            projection.insert(f.clone(), 1);
+        }
+        let coll = self.database().collection::<Document>(inv.collection.as_deref().unwrap_or_default());
+        let mut cursor = match coll.find(filter).projection(projection).batch_size(PAGE as u32).await {
+            Ok(c) => c,
+            Err(e) => return pages.fail(classify(e).to_string()).await,
+        };
+        loop {
+            let d = match cursor.try_next().await {
+                Ok(Some(d)) => d,
+                Ok(None) => break,
+                Err(e) => return pages.fail(classify(e).to_string()).await,
+            };
+            let Some(k) = get_path(&d, &key).and_then(as_text) else {
+                if strict {
+                    let id = d.get("_id").cloned().unwrap_or(Bson::Null);
+                    return pages.fail(format!("document {id} has no {key:?}: it could not be matched")).await;
+                }
+                continue;
+            };
+            let created_at = inv.created_at.as_deref().and_then(|f| get_path(&d, f)).and_then(|v| match v {
+                Bson::DateTime(t) => DateTime::from_timestamp_millis(t.timestamp_millis()),
+                other => as_text(other).and_then(|s| parse_time(&s)),
+            });
+            let attributes = inv
+                .attributes
+                .iter()
+                .filter_map(|(name, f)| get_path(&d, f).and_then(as_text).map(|v| (name.clone(), v)))
+                .collect();
+            if !pages.push(Item { key: k, created_at, attributes }).await {
+                return;
+            }
+        }
+        pages.finish().await
     }
 }
 

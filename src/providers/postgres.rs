@@ -4,14 +4,19 @@
 //! `params` names them; nothing is ever pasted into the SQL. One pool per
 //! configured database.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
+use super::listing::{Item, Pages};
 use super::{Archive, Deleted, ProviderError, StepError};
+use crate::config::reconcile::InventorySettings;
 use crate::config::PostgresProviderSettings;
 use crate::domain::Resource;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use futures_util::TryStreamExt;
 
 /// A statement and what binds to its placeholders, checked at start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +71,34 @@ impl SqlTemplate {
         })
     }
 
+    /// The SQL and the values it will be bound to, for a plan.
+    pub fn describe(&self, r: &Resource) -> Result<String, String> {
+        let values = self.values(r)?;
+        Ok(format!("SQL {} -- with {}", self.sql, serde_json::to_string(&values).expect("strings serialize")))
+    }
+
+    /// The table an archived DELETE keeps its rows for: the DELETE takes
+    /// `RETURNING *`, and the table must be a plain name (it is quoted into
+    /// the restore's INSERT).
+    pub fn archive_target(&self, table: Option<&str>) -> Result<String, String> {
+        if !self.sql.trim_start().to_ascii_uppercase().starts_with("DELETE") {
+            return Err("archive: the SQL must be a DELETE (its rows are kept with RETURNING *)".into());
+        }
+        if self.sql.to_ascii_uppercase().contains("RETURNING") {
+            return Err("archive: leave RETURNING out of the DELETE; reaper adds RETURNING *".into());
+        }
+        let table = table.ok_or("archive: SQL kinds need archive_table")?;
+        let ident = |p: &str| {
+            !p.is_empty()
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !p.starts_with(|c: char| c.is_ascii_digit())
+        };
+        if !table.split('.').all(ident) || table.split('.').count() > 2 {
+            return Err(format!("archive_table {table:?} must be a plain [schema.]table name"));
+        }
+        Ok(table.to_string())
+    }
+
     /// The values, in placeholder order.
     pub fn values(&self, r: &Resource) -> Result<Vec<String>, String> {
         self.params
@@ -76,6 +109,15 @@ impl SqlTemplate {
             })
             .collect()
     }
+}
+
+/// A lookup's SQL: `$1` is the owner's id, `$2` the whole owner.
+pub fn parse_lookup(l: &crate::config::LookupSettings) -> Result<String, String> {
+    let sql = l.sql.clone().ok_or("lookup: a postgres lookup needs `sql`")?;
+    if placeholders(&sql) > 2 {
+        return Err("lookup.sql may use $1 (the owner's id) and $2 (the whole owner), no more".into());
+    }
+    Ok(sql)
 }
 
 /// The highest `$N` in `sql`, outside quotes.
@@ -287,6 +329,101 @@ fn classify(e: sqlx::Error) -> StepError {
         },
         _ => StepError::Transient(format!("database: {e}")),
     }
+}
+
+// ---- Listing, for reconcile ----
+
+/// What a postgres inventory needs: a query without parameters.
+pub fn check_inventory(inv: &InventorySettings) -> Result<(), String> {
+    match &inv.sql {
+        Some(sql) if placeholders(sql) == 0 => Ok(()),
+        Some(_) => Err("an inventory's SQL takes no parameters".into()),
+        None => Err("a postgres inventory needs `sql`".into()),
+    }
+}
+
+impl PostgresProvider {
+    /// An application database's inventory query. It runs in a transaction of
+    /// its own with a statement timeout of an hour instead of the provider's
+    /// (which bounds a step, not a list of a million rows read as fast as the
+    /// ledger takes them); a load that takes longer fails, touching nothing.
+    pub async fn list(&self, inv: &InventorySettings, strict: bool, pages: Pages) {
+        let mut tx = match self.pool.begin().await {
+            Ok(tx) => tx,
+            Err(e) => return pages.fail(format!("query failed: {e}")).await,
+        };
+        if let Err(e) = sqlx::query("SET LOCAL statement_timeout = '1h'").execute(&mut *tx).await {
+            return pages.fail(format!("query failed: {e}")).await;
+        }
+        let sql = inv.sql.clone().unwrap_or_default();
+        let rows = sqlx::query(&sql).fetch(&mut *tx);
+        list_rows(rows, inv, strict, pages).await
+    }
+}
+
+/// Hands over the rows of an inventory query (an application database's or
+/// the ledger's), each row an item keyed by its `key` column.
+pub async fn list_rows<'a>(
+    mut rows: futures_util::stream::BoxStream<'a, Result<sqlx::postgres::PgRow, sqlx::Error>>,
+    inv: &InventorySettings,
+    strict: bool,
+    mut pages: Pages,
+) {
+    let key_col = inv.key.clone().unwrap_or_else(|| "key".into());
+    loop {
+        let row = match rows.try_next().await {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(e) => return pages.fail(format!("query failed: {e}")).await,
+        };
+        let item = match sql_item(&row, &key_col, inv.created_at.as_deref()) {
+            Ok(Some(item)) => item,
+            Ok(None) if strict => {
+                return pages.fail(format!("a row has no {key_col:?} (NULL or empty): it could not be matched")).await
+            }
+            Ok(None) => continue,
+            Err(e) => return pages.fail(e).await,
+        };
+        if !pages.push(item).await {
+            return;
+        }
+    }
+    pages.finish().await
+}
+
+fn sql_item(row: &sqlx::postgres::PgRow, key_col: &str, created_col: Option<&str>) -> Result<Option<Item>, String> {
+    use sqlx::{Column, Row};
+    let mut item = Item { key: String::new(), created_at: None, attributes: BTreeMap::new() };
+    for (i, col) in row.columns().iter().enumerate() {
+        let name = col.name();
+        if Some(name) == created_col {
+            item.created_at = match row.try_get::<Option<DateTime<Utc>>, _>(i) {
+                Ok(t) => t,
+                Err(_) => row
+                    .try_get::<Option<NaiveDateTime>, _>(i)
+                    .map_err(|e| format!("column {name:?} is not a timestamp: {e}"))?
+                    .map(|n| n.and_utc()),
+            };
+            continue;
+        }
+        let v: Option<String> =
+            row.try_get(i).map_err(|e| format!("column {name:?} is not text (cast it with ::text): {e}"))?;
+        match (name == key_col, v) {
+            (true, Some(k)) => item.key = k,
+            (true, None) => return Ok(None),
+            (false, Some(v)) => {
+                item.attributes.insert(name.to_string(), v);
+            }
+            (false, None) => {}
+        }
+    }
+    if item.key.is_empty() {
+        if row.columns().iter().all(|c| c.name() != key_col) {
+            return Err(format!("the query returns no column named {key_col:?}"));
+        }
+        return Ok(None);
+    }
+    Ok(Some(item))
 }
 
 #[cfg(test)]
