@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 
@@ -24,9 +25,44 @@ use crate::providers::{Archive, Deleted, Providers, StepError};
 pub struct Executor<'a> {
     pub catalog: &'a Catalog,
     pub providers: &'a Providers,
-    pub ledger: &'a Ledger,
+    /// Where finished steps (and archived records) are written as the run goes.
+    pub log: Arc<dyn StepLog>,
     pub worker: &'a WorkerSettings,
     pub metrics: Option<&'a crate::metrics::Metrics>,
+}
+
+/// Where a run writes what it did while it runs: the ledger in the worker;
+/// in the unit tests a list in memory, so the executor's logic runs without
+/// a database.
+pub trait StepLog: Send + Sync + 'static {
+    /// Finished steps, so a redelivery after a crash does not redo them.
+    fn record_steps<'a>(&'a self, job: &'a JobRow, steps: &'a [StepRecord]) -> BoxFuture<'a, Result<(), String>>;
+    /// What an archived kind is about to delete, kept for `reaper restore`.
+    fn archive_keep<'a>(
+        &'a self,
+        job_id: uuid::Uuid,
+        kind: &'a str,
+        resource_id: &'a str,
+        records: &'a [serde_json::Value],
+    ) -> BoxFuture<'a, Result<(), String>>;
+}
+
+impl StepLog for Ledger {
+    fn record_steps<'a>(&'a self, job: &'a JobRow, steps: &'a [StepRecord]) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move { Ledger::record_steps(self, job, steps).await.map_err(|e| e.to_string()) })
+    }
+
+    fn archive_keep<'a>(
+        &'a self,
+        job_id: uuid::Uuid,
+        kind: &'a str,
+        resource_id: &'a str,
+        records: &'a [serde_json::Value],
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            Ledger::archive_keep(self, job_id, kind, resource_id, records).await.map_err(|e| e.to_string())
+        })
+    }
 }
 
 /// How a run ended, before the retry policy decides what happens next.
@@ -87,7 +123,7 @@ impl Executor<'_> {
         let mut walk = graph.walk();
         let mut records: Vec<Option<StepRecord>> = vec![None; resources.len()];
         let mut end = RunEnd::Completed;
-        let mut recorder = Recorder::new(self.ledger, &start.job);
+        let mut recorder = Recorder::new(self.log.clone(), &start.job);
         let mut running = FuturesUnordered::new();
         let mut ready = walk.start();
         loop {
@@ -123,11 +159,13 @@ impl Executor<'_> {
         order.sort_by(|&a, &b| {
             (graph.level(a), resources[a].reference()).cmp(&(graph.level(b), resources[b].reference()))
         });
+        // Read before the records are taken below: a taken one reads as not gone.
+        let gone: Vec<bool> = records.iter().map(|r| r.as_ref().is_some_and(|r| r.outcome.is_gone())).collect();
         let steps = order
             .into_iter()
             .map(|i| {
                 records[i].take().unwrap_or_else(|| {
-                    let holder = graph.waits_for(i).into_iter().find(|&w| !records_gone(&records, w));
+                    let holder = graph.waits_for(i).into_iter().find(|&w| !gone[w]);
                     let why = match holder {
                         Some(w) => {
                             format!("not attempted: it waits for {}, which is not gone", resources[w].reference())
@@ -208,7 +246,7 @@ impl Executor<'_> {
         }
         let started = std::time::Instant::now();
         let archive = spec.archive.as_ref().filter(|_| !dry_run).map(|_| JobArchive {
-            ledger: self.ledger,
+            log: self.log.as_ref(),
             job_id: start.job.job_id,
             kind: &r.kind,
             resource_id: &r.id,
@@ -343,19 +381,16 @@ impl Attempt<'_> {
 /// A job's archive in the ledger, for one resource: what an archived kind's
 /// provider keeps there before its delete commits.
 struct JobArchive<'a> {
-    ledger: &'a Ledger,
+    log: &'a dyn StepLog,
     job_id: uuid::Uuid,
     kind: &'a str,
     resource_id: &'a str,
 }
 
 impl Archive for JobArchive<'_> {
-    fn keep<'a>(
-        &'a self,
-        records: &'a [serde_json::Value],
-    ) -> futures_util::future::BoxFuture<'a, Result<(), StepError>> {
+    fn keep<'a>(&'a self, records: &'a [serde_json::Value]) -> BoxFuture<'a, Result<(), StepError>> {
         Box::pin(async move {
-            self.ledger
+            self.log
                 .archive_keep(self.job_id, self.kind, self.resource_id, records)
                 .await
                 .map_err(|e| StepError::Transient(format!("archiving before the delete: {e}")))
@@ -374,10 +409,6 @@ fn worse(end: RunEnd, why: String, retryable: bool) -> RunEnd {
     }
 }
 
-fn records_gone(records: &[Option<StepRecord>], i: usize) -> bool {
-    records[i].as_ref().is_some_and(|r| r.outcome.is_gone())
-}
-
 /// Writes a job's finished steps while it runs, so a redelivery after a crash
 /// does not redo them. A write starts when a finished step lets others start
 /// and no write of the job is in flight; what finishes meanwhile goes in the
@@ -388,7 +419,7 @@ fn records_gone(records: &[Option<StepRecord>], i: usize) -> bool {
 /// unfinished, by `settle`. (A dependent may start before its prerequisite's
 /// write commits: after a crash that prerequisite is redone, answered 404.)
 struct Recorder {
-    ledger: Ledger,
+    log: Arc<dyn StepLog>,
     job: Option<Arc<JobRow>>,
     pending: Vec<StepRecord>,
     /// The write in flight; it hands its steps back if it failed.
@@ -396,10 +427,10 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn new(ledger: &Ledger, job: &JobRow) -> Recorder {
+    fn new(log: Arc<dyn StepLog>, job: &JobRow) -> Recorder {
         // A dry run records nothing.
         let job = (!job.dry_run).then(|| Arc::new(job.clone()));
-        Recorder { ledger: ledger.clone(), job, pending: Vec::new(), in_flight: None }
+        Recorder { log, job, pending: Vec::new(), in_flight: None }
     }
 
     /// `releases`: the step let other resources start.
@@ -415,9 +446,9 @@ impl Recorder {
                 self.pending.extend(failed);
             }
         }
-        let (ledger, steps) = (self.ledger.clone(), std::mem::take(&mut self.pending));
+        let (log, steps) = (self.log.clone(), std::mem::take(&mut self.pending));
         self.in_flight = Some(tokio::spawn(async move {
-            match ledger.record_steps(&job, &steps).await {
+            match log.record_steps(&job, &steps).await {
                 Ok(()) => None,
                 Err(e) => {
                     tracing::warn!(error = %e, "could not record finished steps; trying again with the next ones");
@@ -436,7 +467,7 @@ impl Recorder {
             }
         }
         if let (true, Some(job)) = (flush && !self.pending.is_empty(), &self.job) {
-            if let Err(e) = self.ledger.record_steps(job, &self.pending).await {
+            if let Err(e) = self.log.record_steps(job, &self.pending).await {
                 tracing::warn!(error = %e, "could not record finished steps; the next attempt will redo them");
             }
         }
@@ -455,7 +486,251 @@ fn blocked(resource: ResourceRef, why: String) -> StepRecord {
 
 #[cfg(test)]
 mod tests {
+    //! The executor's logic over the simulated cloud (a real HTTP server in
+    //! this process, which answers 409 to a delete out of order) and a step
+    //! log in memory: no database, no broker, milliseconds per case.
     use super::*;
+    use crate::devtools::sim::{Faults, Sim};
+    use std::collections::{BTreeMap, HashMap};
+    use std::sync::Mutex;
+    use tokio_util::sync::CancellationToken;
+
+    /// The steps a run wrote while it ran.
+    #[derive(Default)]
+    struct MemoryLog {
+        steps: Mutex<Vec<StepRecord>>,
+    }
+
+    impl StepLog for MemoryLog {
+        fn record_steps<'a>(&'a self, _: &'a JobRow, steps: &'a [StepRecord]) -> BoxFuture<'a, Result<(), String>> {
+            self.steps.lock().unwrap().extend_from_slice(steps);
+            Box::pin(async { Ok(()) })
+        }
+
+        fn archive_keep<'a>(
+            &'a self,
+            _: uuid::Uuid,
+            _: &'a str,
+            _: &'a str,
+            _: &'a [serde_json::Value],
+        ) -> BoxFuture<'a, Result<(), String>> {
+            Box::pin(async { Err("this log keeps no archive".into()) })
+        }
+    }
+
+    /// A node's cloud resources: the server goes after its VNI and DNS
+    /// record, the IP reservation after the DNS record.
+    const KINDS: &str = r#"
+        [kinds.vni]
+        provider = "cloud"
+        delete = "DELETE /v1/vnis/{id}"
+        check = "GET /v1/vnis/{id}"
+        [kinds.dns_record]
+        provider = "cloud"
+        delete = "DELETE /v1/zones/{attr.zone_id}/records/{id}"
+        check = "GET /v1/zones/{attr.zone_id}/records/{id}"
+        [kinds.server]
+        provider = "cloud"
+        delete = "DELETE /v1/servers/{id}"
+        check = "GET /v1/servers/{id}"
+        after = ["vni", "dns_record"]
+        [kinds.ip]
+        provider = "cloud"
+        delete = "DELETE /v1/ips/{id}"
+        check = "GET /v1/ips/{id}"
+        after = ["dns_record"]
+        [kinds.model]
+        provider = "cloud"
+        delete = "DELETE /v1/models/{id}"
+        check = "GET /v1/models/{id}"
+        guard = { provider = "cloud", query = "GET /v1/usages/{id}", reason = "a deployment uses it" }
+    "#;
+
+    struct Cloud {
+        sim: Sim,
+        catalog: Catalog,
+        providers: Providers,
+        worker: WorkerSettings,
+        log: Arc<MemoryLog>,
+        stop: CancellationToken,
+    }
+
+    impl Drop for Cloud {
+        fn drop(&mut self) {
+            self.stop.cancel();
+        }
+    }
+
+    async fn cloud(step_attempts: u32) -> Cloud {
+        let sim = Sim::new();
+        let stop = CancellationToken::new();
+        let addr = sim.spawn(0, stop.clone()).await.expect("the simulated cloud listens");
+        let settings = crate::config::Settings::from_toml_layers(&[
+            &format!("[providers.cloud]\ntype = \"http\"\nbase_url = \"http://{addr}\"\n"),
+            KINDS,
+            &format!("[worker]\nstep_attempts = {step_attempts}\nstep_min_backoff_ms = 1\nstep_max_backoff_ms = 5\n"),
+        ])
+        .expect("settings");
+        let catalog = crate::catalog::validate(&settings).expect("catalog");
+        let providers = Providers::build(&settings.providers).await.expect("providers");
+        let worker = settings.worker.clone();
+        Cloud { sim, catalog, providers, worker, log: Arc::default(), stop }
+    }
+
+    impl Cloud {
+        async fn run(&self, resources: Vec<Resource>, dry_run: bool) -> Run {
+            let exec = Executor {
+                catalog: &self.catalog,
+                providers: &self.providers,
+                log: self.log.clone(),
+                worker: &self.worker,
+                metrics: None,
+            };
+            exec.run(&job(resources, dry_run)).await
+        }
+
+        /// The paths of the DELETEs the cloud received, in the order they came.
+        fn deletes(&self) -> Vec<String> {
+            self.sim.requests().into_iter().filter(|(m, _)| m == "DELETE").map(|(_, p)| p).collect()
+        }
+    }
+
+    fn job(resources: Vec<Resource>, dry_run: bool) -> JobStart {
+        let job = JobRow {
+            job_id: uuid::Uuid::new_v4(),
+            event_id: "e1".into(),
+            owner: "node/n1".into(),
+            trigger: crate::domain::Trigger::DeletionRequested,
+            dry_run,
+            status: crate::domain::JobStatus::Running,
+            attempts: 1,
+            failed_runs: 0,
+            started_at: chrono::Utc::now(),
+            reason: None,
+            result: None,
+            replays: 0,
+            routing_key: "deletion.requested".into(),
+            looked_up: true,
+            error_class: None,
+        };
+        JobStart { job, resources, done: HashMap::new() }
+    }
+
+    fn res(kind: &str, id: &str) -> Resource {
+        let attributes = match kind {
+            "dns_record" => BTreeMap::from([("zone_id".to_string(), "z1".to_string())]),
+            _ => BTreeMap::new(),
+        };
+        Resource { kind: kind.into(), id: id.into(), attributes, parent: None }
+    }
+
+    /// A node: VNI, DNS record, server and IP, created in the cloud with the
+    /// dependencies the kinds' `after` describes.
+    /// (In the cloud, the VNI and the record depend on the server, and the
+    /// record on the IP: the cloud refuses to delete those first.)
+    fn node(sim: &Sim) -> Vec<Resource> {
+        sim.create("/v1/servers/s1", &[]);
+        sim.create("/v1/ips/i1", &[]);
+        sim.create("/v1/vnis/v1", &["/v1/servers/s1"]);
+        sim.create("/v1/zones/z1/records/r1", &["/v1/servers/s1", "/v1/ips/i1"]);
+        vec![res("server", "s1"), res("ip", "i1"), res("vni", "v1"), res("dns_record", "r1")]
+    }
+
+    fn outcome(run: &Run, kind: &str) -> Outcome {
+        run.steps.iter().find(|s| s.resource.kind == kind).unwrap_or_else(|| panic!("no step for {kind}")).outcome
+    }
+
+    #[tokio::test]
+    async fn children_go_before_what_waits_for_them_and_each_resource_once() {
+        let c = cloud(3).await;
+        let run = c.run(node(&c.sim), false).await;
+        assert_eq!(run.end, RunEnd::Completed, "{:?}", run.steps);
+        assert!(run.steps.iter().all(|s| s.outcome == Outcome::Deleted), "{:?}", run.steps);
+        let deletes = c.deletes();
+        let at = |p: &str| deletes.iter().position(|d| d == p).unwrap_or_else(|| panic!("no DELETE {p}: {deletes:?}"));
+        assert!(at("/v1/servers/s1") > at("/v1/vnis/v1") && at("/v1/servers/s1") > at("/v1/zones/z1/records/r1"));
+        assert!(at("/v1/ips/i1") > at("/v1/zones/z1/records/r1"), "{deletes:?}");
+        assert_eq!(deletes.len(), 4, "one DELETE per resource: {deletes:?}");
+        assert_eq!(c.sim.stats().refused_for_order, 0);
+        assert!(c.sim.paths().is_empty(), "left in the cloud: {:?}", c.sim.paths());
+        // The steps that let others start were written while the run went on.
+        let logged: Vec<String> = c.log.steps.lock().unwrap().iter().map(|s| s.resource.kind.clone()).collect();
+        assert!(logged.contains(&"dns_record".to_string()), "written during the run: {logged:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_step_holds_back_only_what_waits_for_it() {
+        let c = cloud(3).await;
+        let mut resources = node(&c.sim);
+        // A zone id of ".." would make the path another one: refused, for good.
+        resources[3].attributes.insert("zone_id".into(), "..".into());
+        let run = c.run(resources, false).await;
+        assert!(matches!(&run.end, RunEnd::Permanent(w) if w.contains("dns_record/r1")), "{:?}", run.end);
+        assert_eq!(outcome(&run, "dns_record"), Outcome::Failed);
+        assert_eq!(outcome(&run, "vni"), Outcome::Deleted, "the VNI waits for nothing");
+        for held in ["server", "ip"] {
+            let s = run.steps.iter().find(|s| s.resource.kind == held).unwrap();
+            assert_eq!(s.outcome, Outcome::Blocked, "{held}");
+            assert!(s.error.as_deref().unwrap_or_default().contains("waits for dns_record/r1"), "{s:?}");
+        }
+        assert_eq!(c.deletes(), ["/v1/vnis/v1"], "nothing else was asked to go");
+    }
+
+    #[tokio::test]
+    async fn a_429_is_waited_out_and_does_not_spend_the_steps_attempts() {
+        let c = cloud(2).await;
+        c.sim.create("/v1/vnis/v1", &[]);
+        c.sim.set_faults(Faults { fail_next: 4, fail_status: 429, retry_after_secs: 0.01, ..Faults::default() });
+        let run = c.run(vec![res("vni", "v1")], false).await;
+        assert_eq!(run.end, RunEnd::Completed, "four 429s with two attempts: {:?}", run.steps);
+        assert_eq!(run.steps[0].attempts, 1, "the waits are not attempts");
+        assert_eq!(c.sim.stats().injected_rate_limits, 4);
+    }
+
+    #[tokio::test]
+    async fn transient_errors_are_retried_then_leave_the_run_unfinished() {
+        let c = cloud(3).await;
+        c.sim.create("/v1/vnis/v1", &[]);
+        c.sim.set_faults(Faults { fail_next: 2, fail_status: 503, ..Faults::default() });
+        let run = c.run(vec![res("vni", "v1")], false).await;
+        assert_eq!(run.end, RunEnd::Completed);
+        assert_eq!((run.steps[0].outcome, run.steps[0].attempts), (Outcome::Deleted, 3));
+
+        c.sim.create("/v1/vnis/v2", &[]);
+        c.sim.set_faults(Faults { fail_next: 100, fail_status: 503, ..Faults::default() });
+        let run = c.run(vec![res("vni", "v2")], false).await;
+        assert!(matches!(&run.end, RunEnd::Unfinished(w) if w.contains("503")), "{:?}", run.end);
+        assert_eq!((run.steps[0].outcome, run.steps[0].attempts), (Outcome::Failed, 3));
+        assert!(c.sim.exists("/v1/vnis/v2"));
+    }
+
+    #[tokio::test]
+    async fn a_guard_in_use_blocks_the_owner_before_anything_is_deleted() {
+        let c = cloud(3).await;
+        let mut resources = node(&c.sim);
+        c.sim.create("/v1/models/m1", &[]);
+        c.sim.create("/v1/usages/m1", &[]);
+        resources.push(res("model", "m1"));
+        let run = c.run(resources, false).await;
+        assert!(matches!(&run.end, RunEnd::Blocked(w) if w.contains("a deployment uses it")), "{:?}", run.end);
+        assert!(run.steps.iter().all(|s| s.outcome == Outcome::Blocked), "{:?}", run.steps);
+        assert!(c.deletes().is_empty(), "nothing deleted: {:?}", c.deletes());
+    }
+
+    #[tokio::test]
+    async fn a_dry_run_sends_no_delete_and_writes_nothing() {
+        let c = cloud(3).await;
+        let mut resources = node(&c.sim);
+        resources.push(res("vni", "gone-already"));
+        let run = c.run(resources, true).await;
+        assert_eq!(run.end, RunEnd::Completed);
+        assert_eq!(outcome(&run, "server"), Outcome::WouldDelete);
+        let gone = run.steps.iter().find(|s| s.resource.id == "gone-already").unwrap();
+        assert_eq!(gone.outcome, Outcome::AlreadyGone);
+        assert!(c.deletes().is_empty(), "{:?}", c.deletes());
+        assert_eq!(c.sim.paths().len(), 4);
+        assert!(c.log.steps.lock().unwrap().is_empty(), "a dry run records nothing");
+    }
 
     #[test]
     fn durations_read_as_people_write_them() {

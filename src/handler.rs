@@ -116,7 +116,7 @@ async fn run_job(ctx: &Ctx<'_>, mut start: JobStart, holder: Uuid) -> Dispositio
         let exec = Executor {
             catalog: &app.catalog,
             providers: &app.providers,
-            ledger: &app.ledger,
+            log: std::sync::Arc::new(app.ledger.clone()),
             worker: &app.settings.worker,
             metrics: Some(&app.metrics),
         };
