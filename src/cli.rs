@@ -9,9 +9,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{self, App, AppError};
+use crate::app::{App, AppError};
 use crate::config::Settings;
-use crate::devtools::sim::Sim;
 use crate::ops_cli::PlanFormat;
 
 #[derive(Parser, Debug)]
@@ -137,62 +136,8 @@ pub async fn main(cli: Cli) -> ExitCode {
             },
             Err(e) => report(e.into()),
         },
-        Command::CheckConfig => match app::App::check(&settings).await {
-            Ok(app::Checked { catalog, .. }) => {
-                println!("config is valid; kinds and what must be gone before each:");
-                for k in catalog.kind_names() {
-                    let spec = catalog.kind(k).expect("listed");
-                    let after = if spec.after.is_empty() { "-".to_string() } else { spec.after.join(", ") };
-                    let mut extras = Vec::new();
-                    if let Some(l) = &spec.lookup {
-                        extras.push(format!("lookup in {}", l.provider));
-                    }
-                    if let Some(g) = &spec.guard {
-                        extras.push(format!("guard on {}", g.provider));
-                    }
-                    if spec.archive.is_some() {
-                        extras.push("archived".into());
-                    }
-                    let extras = if extras.is_empty() { String::new() } else { format!("  [{}]", extras.join(", ")) };
-                    println!("  {k:<24} provider={:<12} after: {after}{extras}", spec.provider);
-                }
-                for (name, r) in &settings.reconcile.rules {
-                    let every = r.every_secs.map(|e| format!("every {e}s")).unwrap_or_else(|| "by hand".into());
-                    println!("  reconcile rule {name}: {every}");
-                }
-                for (name, p) in &settings.providers {
-                    let (url, max) = p.endpoint();
-                    println!("  provider {name}: {url} (max {max} in flight)");
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => report(e),
-        },
-        Command::Sim { port, null, latency_ms } => {
-            let token = CancellationToken::new();
-            crate::runner::cancel_on_signals(token.clone());
-            let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
-                Ok(l) => l,
-                Err(e) => {
-                    eprintln!("error: binding 127.0.0.1:{port}: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let served = if null {
-                println!("null API on http://127.0.0.1:{port}: 204 to everything after {latency_ms} ms");
-                Sim::serve_null(listener, std::time::Duration::from_millis(latency_ms), token).await
-            } else {
-                println!("simulated cloud on http://127.0.0.1:{port} (control API under /_sim)");
-                Sim::new().serve(listener, token).await
-            };
-            match served {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::CheckConfig => crate::ops_cli::check_config(&settings).await,
+        Command::Sim { port, null, latency_ms } => crate::devtools::sim::run(port, null, latency_ms).await,
         Command::Demo(args) => crate::devtools::demo::run(settings, args).await,
         Command::Replay(args) => crate::replay::run(settings, args).await,
         Command::Restore(args) => crate::restore::run(settings, args).await,

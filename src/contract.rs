@@ -87,10 +87,8 @@ struct WireTeardown {
     event_id: String,
     owner: String,
     #[serde(default)]
-    #[allow(dead_code)]
     reason: Option<String>,
     #[serde(default)]
-    #[allow(dead_code)]
     requested_by: Option<String>,
     #[serde(default)]
     dry_run: bool,
@@ -99,10 +97,8 @@ struct WireTeardown {
     #[serde(default, deserialize_with = "int64")]
     generation: Option<i64>,
     #[serde(default)]
-    #[allow(dead_code)]
     failed_step: Option<String>,
     #[serde(default)]
-    #[allow(dead_code)]
     error: Option<String>,
     #[serde(default)]
     resources: Vec<WireResource>,
@@ -174,6 +170,12 @@ pub fn decode(env: &Envelope, catalog: &Catalog, limits: &Limits) -> Result<Even
                 occurred_at: occurred_at(wire.occurred_at, env, limits),
                 generation: wire.generation,
                 resources: dedupe(resources)?,
+                asked: crate::domain::Asked {
+                    reason: wire.reason,
+                    requested_by: wire.requested_by,
+                    failed_step: wire.failed_step,
+                    error: wire.error,
+                },
             }))
         }
         RESOURCE_TRACKED => {

@@ -165,6 +165,22 @@ pub struct TeardownRequest {
     pub generation: Option<i64>,
     /// Resources the provisioner knows it created (provisioning.failed only).
     pub resources: Vec<TrackedResource>,
+    pub asked: Asked,
+}
+
+/// What the producer said about a teardown: why, who asked, and for a
+/// provisioning failure, which step failed with which error. Kept with the
+/// job (in its stored event) for operators: `reaper show`, `GET /v1/jobs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Asked {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A `resource.tracked` event.

@@ -21,6 +21,42 @@ pub enum PlanFormat {
     Sh,
 }
 
+/// `reaper check-config`: the kinds in the order they go, the reconcile
+/// rules and the providers (credentials redacted).
+pub async fn check_config(settings: &Settings) -> ExitCode {
+    let catalog = match App::check(settings).await {
+        Ok(checked) => checked.catalog,
+        Err(e @ crate::app::AppError::Ledger(_)) => return fail(3, e),
+        Err(e) => return fail(2, e),
+    };
+    println!("config is valid; kinds and what must be gone before each:");
+    for k in catalog.kind_names() {
+        let spec = catalog.kind(k).expect("listed");
+        let after = if spec.after.is_empty() { "-".to_string() } else { spec.after.join(", ") };
+        let mut extras = Vec::new();
+        if let Some(l) = &spec.lookup {
+            extras.push(format!("lookup in {}", l.provider));
+        }
+        if let Some(g) = &spec.guard {
+            extras.push(format!("guard on {}", g.provider));
+        }
+        if spec.archive.is_some() {
+            extras.push("archived".into());
+        }
+        let extras = if extras.is_empty() { String::new() } else { format!("  [{}]", extras.join(", ")) };
+        println!("  {k:<24} provider={:<12} after: {after}{extras}", spec.provider);
+    }
+    for (name, r) in &settings.reconcile.rules {
+        let every = r.every_secs.map(|e| format!("every {e}s")).unwrap_or_else(|| "by hand".into());
+        println!("  reconcile rule {name}: {every}");
+    }
+    for (name, p) in &settings.providers {
+        let (url, max) = p.endpoint();
+        println!("  provider {name}: {url} (max {max} in flight)");
+    }
+    ExitCode::SUCCESS
+}
+
 pub async fn status(settings: &Settings, json: bool) -> ExitCode {
     let ledger = match crate::ledger::Ledger::from_settings(settings).await {
         Ok(l) => l,

@@ -99,6 +99,34 @@ struct Inner {
     requests: Vec<(String, String)>,
 }
 
+/// `reaper sim`: serves the simulated cloud (or, with `null`, an API that
+/// answers 204 to everything) on 127.0.0.1:`port` until Ctrl-C.
+pub async fn run(port: u16, null: bool, latency_ms: u64) -> std::process::ExitCode {
+    let token = CancellationToken::new();
+    crate::runner::cancel_on_signals(token.clone());
+    let listener = match TcpListener::bind(("127.0.0.1", port)).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: binding 127.0.0.1:{port}: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let served = if null {
+        println!("null API on http://127.0.0.1:{port}: 204 to everything after {latency_ms} ms");
+        Sim::serve_null(listener, Duration::from_millis(latency_ms), token).await
+    } else {
+        println!("simulated cloud on http://127.0.0.1:{port} (control API under /_sim)");
+        Sim::new().serve(listener, token).await
+    };
+    match served {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// A handle on the simulated cloud's state, shared with its server.
 #[derive(Clone, Default)]
 pub struct Sim {

@@ -171,6 +171,12 @@ pub struct StepRecord {
     pub error: Option<String>,
 }
 
+/// The teardown a late track belongs to: the life it ended.
+struct EndedLife {
+    occurred_at: DateTime<Utc>,
+    generation: Option<i64>,
+}
+
 /// A dead-lettered job's event on its way to the dead queue: (queue, body,
 /// headers from `broker::dead_letter_headers`).
 pub type DeadCopy<'a> = (&'a str, &'a [u8], Vec<(&'static str, String)>);
@@ -343,28 +349,7 @@ impl Ledger {
         let mut tx = self.pool.begin().await.map_err(db("begin"))?;
         lock_owner(&mut tx, &t.owner).await?;
         if let Some(stored) = track_by_event(&mut tx, &t.event_id).await? {
-            if let Some(why) = other_track(&stored, t) {
-                return Ok(TrackOutcome::Conflict(why));
-            }
-            // This very track again. Recorded on its first delivery; if it
-            // turned out late, resume (or republish) its job.
-            let Some(job) = job_by_event(&mut tx, &t.event_id).await? else {
-                tx.commit().await.map_err(db("commit"))?;
-                return Ok(TrackOutcome::Recorded);
-            };
-            if job.trigger != Trigger::LateTrack || job.owner != t.owner {
-                return Ok(TrackOutcome::Conflict(format!("event_id already names a job of {}", job.owner)));
-            }
-            if job.status == JobStatus::Running {
-                if !self.acquire_lease(&mut tx, &t.owner, holder).await? {
-                    return Ok(TrackOutcome::Busy);
-                }
-                bump_attempts(&mut tx, job.job_id).await?;
-            }
-            let job = job_by_event(&mut tx, &t.event_id).await?.expect("read above");
-            let start = load_start(&mut tx, job, None).await?;
-            tx.commit().await.map_err(db("commit"))?;
-            return Ok(TrackOutcome::Late(Box::new(start)));
+            return self.track_again(tx, &stored, t, holder).await;
         }
         if let Some(job) = job_by_event(&mut tx, &t.event_id).await? {
             // A late track opened by a replica from before the `tracks` table
@@ -388,6 +373,54 @@ impl Ledger {
             return Ok(TrackOutcome::Busy);
         }
         upsert_resources(&mut tx, &t.owner, t.generation, std::slice::from_ref(&t.resource), None).await?;
+        match self.teardown_it_is_late_for(&mut tx, t).await? {
+            None => {
+                tx.commit().await.map_err(db("commit"))?;
+                Ok(TrackOutcome::Recorded)
+            }
+            Some(ended) => self.open_late_job(tx, t, &ended, body, routing_key, holder).await,
+        }
+    }
+
+    /// This very track again. Recorded on its first delivery; if it turned
+    /// out late, resume (or republish) its job.
+    async fn track_again(
+        &self,
+        mut tx: Transaction<'_, Postgres>,
+        stored: &(String, String, String),
+        t: &Tracked,
+        holder: Uuid,
+    ) -> Result<TrackOutcome, LedgerError> {
+        if let Some(why) = other_track(stored, t) {
+            return Ok(TrackOutcome::Conflict(why));
+        }
+        let Some(job) = job_by_event(&mut tx, &t.event_id).await? else {
+            tx.commit().await.map_err(db("commit"))?;
+            return Ok(TrackOutcome::Recorded);
+        };
+        if job.trigger != Trigger::LateTrack || job.owner != t.owner {
+            return Ok(TrackOutcome::Conflict(format!("event_id already names a job of {}", job.owner)));
+        }
+        if job.status == JobStatus::Running {
+            if !self.acquire_lease(&mut tx, &t.owner, holder).await? {
+                return Ok(TrackOutcome::Busy);
+            }
+            bump_attempts(&mut tx, job.job_id).await?;
+        }
+        let job = job_by_event(&mut tx, &t.event_id).await?.expect("read above");
+        let start = load_start(&mut tx, job, None).await?;
+        tx.commit().await.map_err(db("commit"))?;
+        Ok(TrackOutcome::Late(Box::new(start)))
+    }
+
+    /// The earliest real teardown of the owner whose life the just-tracked
+    /// resource belongs to: `None` when there is none (the usual case) or a
+    /// job already claimed the resource.
+    async fn teardown_it_is_late_for(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        t: &Tracked,
+    ) -> Result<Option<EndedLife>, LedgerError> {
         let r = &t.resource.resource;
         let row = sqlx::query(
             "SELECT job_id, tracked_at FROM tracked_resources WHERE owner = $1 AND kind = $2 AND resource_id = $3",
@@ -395,16 +428,14 @@ impl Ledger {
         .bind(&t.owner)
         .bind(&r.kind)
         .bind(&r.id)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut **tx)
         .await
         .map_err(db("reading the tracked resource"))?;
         let claimed: Option<Uuid> = row.get("job_id");
         let tracked_at: DateTime<Utc> = row.get("tracked_at");
         if claimed.is_some() {
-            tx.commit().await.map_err(db("commit"))?;
-            return Ok(TrackOutcome::Recorded);
+            return Ok(None);
         }
-        // The earliest real teardown of this owner whose life the resource belongs to.
         let ended = sqlx::query(
             "SELECT j.occurred_at, j.generation FROM jobs j
              WHERE j.owner = $1 AND NOT j.dry_run AND j.trigger IN ('deletion.requested', 'provisioning.failed')
@@ -416,19 +447,28 @@ impl Ledger {
         .bind(t.resource.created_at)
         .bind(tracked_at)
         .bind(self.window_secs())
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await
         .map_err(db("finding the teardown a late track belongs to"))?;
-        let Some(ended) = ended else {
-            tx.commit().await.map_err(db("commit"))?;
-            return Ok(TrackOutcome::Recorded);
-        };
+        Ok(ended.map(|e| EndedLife { occurred_at: e.get("occurred_at"), generation: e.get("generation") }))
+    }
+
+    /// Opens the late-track job that deletes a resource tracked after its
+    /// life's teardown began, and claims the resource for it.
+    async fn open_late_job(
+        &self,
+        mut tx: Transaction<'_, Postgres>,
+        t: &Tracked,
+        ended: &EndedLife,
+        body: &[u8],
+        routing_key: &str,
+        holder: Uuid,
+    ) -> Result<TrackOutcome, LedgerError> {
         if !self.acquire_lease(&mut tx, &t.owner, holder).await? {
             return Ok(TrackOutcome::Busy);
         }
+        let r = &t.resource.resource;
         let job_id = Uuid::new_v4();
-        let occurred_at: DateTime<Utc> = ended.get("occurred_at");
-        let generation: Option<i64> = ended.get("generation");
         sqlx::query(
             "INSERT INTO jobs (job_id, event_id, owner, trigger, dry_run, generation, occurred_at, event_body, routing_key)
              VALUES ($1, $2, $3, 'late_track', false, $4, $5, $6, $7)",
@@ -436,8 +476,8 @@ impl Ledger {
         .bind(job_id)
         .bind(&t.event_id)
         .bind(&t.owner)
-        .bind(generation)
-        .bind(occurred_at)
+        .bind(ended.generation)
+        .bind(ended.occurred_at)
         .bind(body)
         .bind(routing_key)
         .execute(&mut *tx)

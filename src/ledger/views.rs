@@ -49,21 +49,7 @@ pub struct OwnerJob {
     pub error_class: Option<String>,
     /// What the event said about why (the request's own reason, not the
     /// dead-letter reason above).
-    pub request: Request,
-}
-
-/// What the producer said about the teardown, from the event the job stored:
-/// why, who asked, and for a provisioning failure, which step and error.
-#[derive(Debug, Default, Serialize, serde::Deserialize)]
-pub struct Request {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub requested_by: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failed_step: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub request: crate::domain::Asked,
 }
 
 #[derive(Debug, Serialize)]

@@ -24,6 +24,7 @@ async fn a_refused_finish_fails_alone_and_its_batch_mates_are_written() {
             occurred_at: Utc::now(),
             generation: None,
             resources: vec![],
+            asked: Default::default(),
         };
         let holder = Uuid::new_v4();
         match ledger.begin_job(&req, b"{}", "deletion.requested", holder).await.unwrap() {
