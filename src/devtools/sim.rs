@@ -74,6 +74,18 @@ pub struct Stats {
     pub checks: u64,
     /// Requests that carried an Authorization header (the token itself is not kept).
     pub with_authorization: u64,
+    /// The most resource requests that were being answered at once.
+    pub max_in_flight: u64,
+}
+
+/// One resource request as the cloud saw it: when it arrived (since the
+/// simulated cloud was made), what it was and how it was answered.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Arrival {
+    pub at: Duration,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -97,6 +109,9 @@ struct Inner {
     stats: Stats,
     /// Every resource request as it arrived: method and raw (still encoded) path.
     requests: Vec<(String, String)>,
+    /// Every answered resource request, in the order the answers went out.
+    timeline: Vec<Arrival>,
+    in_flight: u64,
 }
 
 /// `reaper sim`: serves the simulated cloud (or, with `null`, an API that
@@ -128,14 +143,29 @@ pub async fn run(port: u16, null: bool, latency_ms: u64) -> std::process::ExitCo
 }
 
 /// A handle on the simulated cloud's state, shared with its server.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Sim {
     inner: Arc<Mutex<Inner>>,
+    born: std::time::Instant,
+}
+
+impl Default for Sim {
+    fn default() -> Sim {
+        Sim { inner: Arc::default(), born: std::time::Instant::now() }
+    }
 }
 
 impl Sim {
     pub fn new() -> Sim {
         Sim::default()
+    }
+
+    /// Every answered resource request, with when it arrived: what a test
+    /// reads to see pacing, pauses and the order things happened in.
+    pub fn timeline(&self) -> Vec<Arrival> {
+        let mut t = self.inner.lock().unwrap().timeline.clone();
+        t.sort_by_key(|a| a.at);
+        t
     }
 
     /// Creates a resource directly (no HTTP), as a provisioner would have.
@@ -310,6 +340,28 @@ async fn handle(
     if let Some(control) = path.strip_prefix("/_sim/") {
         return control_api(&sim, &method, control, &body);
     }
+    let at = sim.born.elapsed();
+    {
+        let mut g = sim.inner.lock().unwrap();
+        g.in_flight += 1;
+        g.stats.max_in_flight = g.stats.max_in_flight.max(g.in_flight);
+    }
+    let response = resource_request(&sim, &method, &uri, &headers, &body).await;
+    let mut g = sim.inner.lock().unwrap();
+    g.in_flight -= 1;
+    let status = response.status().as_u16();
+    g.timeline.push(Arrival { at, method: method.to_string(), path, status });
+    response
+}
+
+async fn resource_request(
+    sim: &Sim,
+    method: &Method,
+    uri: &Uri,
+    headers: &axum::http::HeaderMap,
+    body: &Bytes,
+) -> Response {
+    let path = uri.path().to_string();
     let (latency, injected) = {
         let mut g = sim.inner.lock().unwrap();
         g.stats.requests += 1;
@@ -345,7 +397,7 @@ async fn handle(
         None => {}
     }
     let mut g = sim.inner.lock().unwrap();
-    match method {
+    match *method {
         Method::PUT | Method::POST => {
             let r: SimResource = if body.is_empty() {
                 SimResource::default()

@@ -483,6 +483,67 @@ impl HttpProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devtools::sim::{Faults, Sim};
+    use tokio_util::sync::CancellationToken;
+
+    /// An HTTP provider on a fresh simulated cloud, with `extra` settings.
+    async fn provider(extra: &str) -> (HttpProvider, Sim, CancellationToken) {
+        let sim = Sim::new();
+        let stop = CancellationToken::new();
+        let addr = sim.spawn(0, stop.clone()).await.expect("the simulated cloud listens");
+        let toml = format!("[providers.cloud]\ntype = \"http\"\nbase_url = \"http://{addr}\"\n{extra}\n");
+        let settings = crate::config::Settings::from_toml(&toml).expect("settings");
+        let Some(crate::config::ProviderSettings::Http(h)) = settings.providers.get("cloud") else { unreachable!() };
+        (HttpProvider::build("cloud", h).expect("provider"), sim, stop)
+    }
+
+    fn vni(i: usize) -> Resource {
+        Resource { kind: "vni".into(), id: format!("v{i}"), attributes: BTreeMap::new(), parent: None }
+    }
+
+    /// Deletes `n` resources at once and waits for every answer.
+    async fn delete_all(p: &HttpProvider, sim: &Sim, n: usize) {
+        let t = RequestTemplate::parse("DELETE /v1/vnis/{id}").unwrap();
+        for i in 0..n {
+            sim.create(&format!("/v1/vnis/v{i}"), &[]);
+        }
+        let all: Vec<_> = (0..n).map(vni).collect();
+        let results = futures_util::future::join_all(all.iter().map(|r| p.delete(&t, r))).await;
+        assert!(results.iter().all(|r| matches!(r, Ok(Deleted::Now))), "{results:?}");
+    }
+
+    #[tokio::test]
+    async fn no_more_requests_are_in_flight_than_max_concurrency() {
+        let (p, sim, _stop) = provider("max_concurrency = 3").await;
+        sim.set_faults(Faults { latency_ms: 30, ..Faults::default() });
+        delete_all(&p, &sim, 12).await;
+        assert_eq!(sim.stats().max_in_flight, 3, "at most three at once, and three did run at once");
+    }
+
+    #[tokio::test]
+    async fn requests_are_spaced_by_rate_per_sec() {
+        let (p, sim, _stop) = provider("rate_per_sec = 40").await;
+        delete_all(&p, &sim, 8).await;
+        let at: Vec<Duration> = sim.timeline().iter().map(|a| a.at).collect();
+        for pair in at.windows(2) {
+            // 25 ms apart, less a little for the clocks of two tasks.
+            assert!(pair[1] - pair[0] >= Duration::from_millis(20), "requests too close: {at:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_429_holds_back_every_request_to_the_provider_for_its_retry_after() {
+        let (p, sim, _stop) = provider("max_concurrency = 4").await;
+        sim.set_faults(Faults { fail_next: 1, fail_status: 429, retry_after_secs: 0.4, ..Faults::default() });
+        let t = RequestTemplate::parse("DELETE /v1/vnis/{id}").unwrap();
+        sim.create("/v1/vnis/v0", &[]);
+        assert!(matches!(p.delete(&t, &vni(0)).await, Err(StepError::RateLimited { .. })));
+        delete_all(&p, &sim, 4).await;
+        let timeline = sim.timeline();
+        let limited = timeline.iter().find(|a| a.status == 429).expect("one 429").at;
+        let next = timeline.iter().filter(|a| a.at > limited).map(|a| a.at).min().expect("the later deletes");
+        assert!(next - limited >= Duration::from_millis(350), "a request came {:?} after the 429", next - limited);
+    }
 
     #[test]
     fn values_are_encoded_so_they_cannot_leave_their_segment() {
