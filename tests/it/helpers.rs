@@ -267,6 +267,27 @@ impl TestApp {
 }
 
 /// Polls `cond` until it holds; fails with `what` after `limit`.
+impl TestApp {
+    /// When the first DELETE of `path` reached the cloud.
+    pub fn first_delete(&self, path: &str) -> Duration {
+        let timeline = self.sim.timeline();
+        let first = timeline.iter().find(|a| a.method == "DELETE" && a.path == path);
+        first.unwrap_or_else(|| panic!("no DELETE of {path} reached the cloud")).at
+    }
+
+    /// When the DELETE that removed `path` reached the cloud.
+    pub fn gone_at(&self, path: &str) -> Duration {
+        let timeline = self.sim.timeline();
+        let gone = timeline.iter().find(|a| a.method == "DELETE" && a.path == path && a.status == 204);
+        gone.unwrap_or_else(|| panic!("no DELETE removed {path}")).at
+    }
+
+    /// How many DELETEs of `path` reached the cloud.
+    pub fn deletes_of(&self, path: &str) -> usize {
+        self.sim.requests().iter().filter(|(m, p)| m == "DELETE" && p == path).count()
+    }
+}
+
 pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut cond: F)
 where
     F: FnMut() -> Fut,

@@ -47,6 +47,14 @@ async fn a_dead_lettered_job_is_replayed_from_the_cli_once_its_cause_is_fixed() 
     assert_eq!(done_first, if refused.kind == "vni" { 3 } else { 1 }, "{:?}", first.resources);
     assert_eq!(t.sim.stats().deleted - deleted_before, 5 - done_first, "what was done already was left alone");
     assert_eq!(t.sim.stats().delete_not_found, 0);
+    // A redone step would look first (a replay re-checks) and say already_gone
+    // without a DELETE: every step says deleted, and each resource was asked
+    // to go once, the refused one twice (refused, then deleted).
+    assert!(second.resources.iter().all(|s| s.outcome == "deleted"), "{:?}", second.resources);
+    for r in &node.resources {
+        let want = if r.kind == refused.kind { 2 } else { 1 };
+        assert_eq!(t.deletes_of(&r.path), want, "DELETEs of {}", r.path);
+    }
 
     // Nothing is dead any more: a second replay finds nothing and changes nothing.
     let out = t.reaper(&["replay", "--owner", &node.owner, "--json"], &[]);

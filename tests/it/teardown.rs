@@ -21,9 +21,16 @@ async fn a_vpc_node_is_torn_down_children_first_with_zero_order_refusals() {
     assert_eq!(r.result.trigger, "deletion.requested");
     assert_eq!(r.result.resources.len(), 5);
     assert!(r.result.resources.iter().all(|s| s.outcome == "deleted"), "{:?}", r.result.resources);
-    // Children first: the VNI and the DNS record are reported in the first level.
-    let first_two: Vec<&str> = r.result.resources[..2].iter().map(|s| s.kind.as_str()).collect();
-    assert_eq!(first_two, ["dns_record", "vni"]);
+    // Children first, as the cloud saw it: nothing was asked to go before
+    // what depends on it was gone (the first DELETE of each came after).
+    let path = |kind: &str| node.resources.iter().find(|r| r.kind == kind).unwrap().path.clone();
+    let server = t.first_delete(&path("bare_metal_server"));
+    for child in ["vni", "dns_record"] {
+        assert!(t.gone_at(&path(child)) < server, "{child} was not gone before the server's DELETE");
+    }
+    for ip in node.resources.iter().filter(|r| r.kind == "ip_reservation") {
+        assert!(t.gone_at(&path("dns_record")) < t.first_delete(&ip.path), "the DNS record goes before {}", ip.path);
+    }
     assert!(t.sim.paths().is_empty(), "left in the cloud: {:?}", t.sim.paths());
     assert_eq!(t.sim.stats().refused_for_order, 0);
     let states = t.app.ledger.owner_resources(&node.owner).await.unwrap();
@@ -50,7 +57,7 @@ async fn steps_retry_through_5xx_and_429_to_success() {
     t.provision(&node2).await;
     t.sim.set_faults(Faults {
         rate_limit_rate: 0.3,
-        retry_after_secs: 0.05,
+        retry_after_secs: 0.3,
         seed: Some(7),
         only_method: "DELETE".into(),
         ..Default::default()
@@ -60,6 +67,14 @@ async fn steps_retry_through_5xx_and_429_to_success() {
     assert_eq!(r.result.status, "completed", "{:?}", r.result);
     let stats = t.sim.stats();
     assert!(stats.injected_errors >= 2 && stats.injected_rate_limits >= 1, "{stats:?}");
+    // Each 429 paused the whole provider: nothing reached the cloud during
+    // its Retry-After (past the first 50 ms, for requests already on their way).
+    let timeline = t.sim.timeline();
+    for limited in timeline.iter().filter(|a| a.status == 429) {
+        let window = limited.at + Duration::from_millis(50)..limited.at + Duration::from_millis(250);
+        let during: Vec<_> = timeline.iter().filter(|a| window.contains(&a.at)).collect();
+        assert!(during.is_empty(), "requests during the pause after {limited:?}: {during:?}");
+    }
     assert!(t.sim.paths().is_empty(), "left: {:?}", t.sim.paths());
     assert_eq!(stats.refused_for_order, 0);
     t.stop().await;
@@ -97,8 +112,10 @@ async fn the_same_event_id_twice_is_one_job_with_identical_results() {
         .await
         .unwrap();
     assert_eq!(n, 1);
-    // Each resource was deleted once: nothing was deleted twice as "already gone" noise.
-    assert_eq!(t.sim.stats().deleted, 5);
+    // Each resource was asked to go once: the second copy ran nothing.
+    for r in &node.resources {
+        assert_eq!(t.deletes_of(&r.path), 1, "DELETEs of {}", r.path);
+    }
     t.stop().await;
 }
 
