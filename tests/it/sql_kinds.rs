@@ -62,6 +62,21 @@ async fn count(t: &TestApp, table: &str) -> i64 {
 async fn rows_are_deleted_by_bound_sql_children_first_and_nothing_else_is_touched() {
     let mut t = spawn_app(APP_KINDS).await;
     app_tables(&t).await;
+    // The order is read from the database: each row's delete is logged as it
+    // happens, and a deployment's delete takes 300 ms. Without the foreign key
+    // (which would refuse a model first and hide a wrong order behind a retry),
+    // a model deleted at the same time as its deployment would be logged first.
+    for sql in [
+        "ALTER TABLE app_deployments DROP CONSTRAINT app_deployments_model_id_fkey",
+        "CREATE TABLE deleted_log (seq serial, what text)",
+        "CREATE FUNCTION log_delete() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+           IF TG_TABLE_NAME = 'app_deployments' THEN PERFORM pg_sleep(0.3); END IF;
+           INSERT INTO deleted_log (what) VALUES (TG_TABLE_NAME || '/' || OLD.id); RETURN OLD; END $$",
+        "CREATE TRIGGER log_model AFTER DELETE ON app_models FOR EACH ROW EXECUTE FUNCTION log_delete()",
+        "CREATE TRIGGER log_deployment AFTER DELETE ON app_deployments FOR EACH ROW EXECUTE FUNCTION log_delete()",
+    ] {
+        t.sql(sql).await;
+    }
     let owner = "model/m1";
     for (kind, id, attrs) in [("model_row", "m1", json!({})), ("deployment_row", "d1", json!({"tenant": "t1"}))] {
         t.publish(
@@ -98,7 +113,9 @@ async fn rows_are_deleted_by_bound_sql_children_first_and_nothing_else_is_touche
     t.publish("deletion.requested", &deletion("sql-del", owner, Utc::now())).await;
     let r = t.next_result(30).await.result;
     assert_eq!(r.status, "completed", "{r:?}");
-    assert_eq!(r.resources[0].id, "d1", "the deployment goes first: {:?}", r.resources);
+    let order: Vec<String> =
+        sqlx::query_scalar("SELECT what FROM deleted_log ORDER BY seq").fetch_all(t.app.ledger.pool()).await.unwrap();
+    assert_eq!(order, ["app_deployments/d1", "app_models/m1"], "the deployment goes first");
     let by_id = |id: &str| r.resources.iter().find(|s| s.id == id).unwrap().outcome.clone();
     assert_eq!(
         (by_id("d1").as_str(), by_id("m1").as_str(), by_id("x' OR '1'='1").as_str()),
@@ -128,6 +145,12 @@ async fn a_row_another_row_still_references_is_retried_as_not_yet_then_dead_lett
     assert_eq!(r.status, "dead_lettered", "{r:?}");
     let m1 = r.resources.iter().find(|s| s.id == "m1").unwrap();
     assert!(m1.error.as_deref().unwrap_or("").contains("dependency still exists"), "{m1:?}");
+    // Retried: each run tried the step twice, and the job ran once per
+    // retry delay (0.2 s, 0.4 s) and once more before it was given up.
+    assert_eq!(m1.attempts, 2, "{m1:?}");
+    assert_eq!(r.attempts, 3, "{r:?}");
+    let (_, headers) = t.dead_headers(1).await.pop().unwrap();
+    assert_eq!(headers.get("x-reaper-error-class").map(String::as_str), Some("exhausted"), "{headers:?}");
     assert_eq!(count(&t, "models").await, 2, "the referenced model is still there");
     t.stop().await;
 }
