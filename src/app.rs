@@ -156,7 +156,7 @@ impl App {
             ready: AtomicBool::new(false),
             running: AtomicBool::new(false),
             holders: Holders::default(),
-            metrics: crate::metrics::Metrics::new(),
+            metrics: metrics(),
             admin_token,
             admin_addr: std::sync::OnceLock::new(),
             link: broker::link::SharedLink::default(),
@@ -164,4 +164,23 @@ impl App {
             confirmed_rx: Mutex::new(Some(confirmed_rx)),
         })
     }
+}
+
+/// The metrics, with the series alerts ask for from the start: a job outcome,
+/// dead-letter class or retry reason that has not happened yet reads 0, not
+/// "no data" (a `rate()` over a series that appears only with its first
+/// event misses that event).
+fn metrics() -> crate::metrics::Metrics {
+    use crate::disposition::{ErrorClass, RetryReason};
+    let m = crate::metrics::Metrics::new();
+    for outcome in ["completed", "dead_lettered"] {
+        m.jobs.with_label_values(&[outcome]);
+    }
+    for class in ErrorClass::ALL {
+        m.dead_letters.with_label_values(&[class.as_str()]);
+    }
+    for why in RetryReason::ALL {
+        m.broker_retries.with_label_values(&[why.as_str()]);
+    }
+    m
 }

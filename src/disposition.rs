@@ -52,6 +52,9 @@ pub enum RetryReason {
 }
 
 impl RetryReason {
+    pub const ALL: [RetryReason; 4] =
+        [RetryReason::OwnerBusy, RetryReason::Unfinished, RetryReason::Infrastructure, RetryReason::Panic];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RetryReason::OwnerBusy => "owner_busy",

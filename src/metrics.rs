@@ -86,24 +86,7 @@ impl Metrics {
             &["rule"],
         )
         .expect("valid metric");
-        for c in [
-            Box::new(events.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(jobs.clone()),
-            Box::new(step_seconds.clone()),
-            Box::new(step_retries.clone()),
-            Box::new(broker_retries.clone()),
-            Box::new(dead_letters.clone()),
-            Box::new(outbox_backlog.clone()),
-            Box::new(in_flight.clone()),
-            Box::new(ready.clone()),
-            Box::new(reconcile_runs.clone()),
-            Box::new(reconcile_seconds.clone()),
-            Box::new(reconcile_orphans.clone()),
-            Box::new(reconcile_published.clone()),
-        ] {
-            registry.register(c).expect("each metric registered once");
-        }
-        Metrics {
+        let m = Metrics {
             registry,
             events,
             jobs,
@@ -118,7 +101,39 @@ impl Metrics {
             reconcile_seconds,
             reconcile_orphans,
             reconcile_published,
+        };
+        for c in m.collectors() {
+            m.registry.register(c).expect("each metric registered once");
         }
+        m
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.events.clone()),
+            Box::new(self.jobs.clone()),
+            Box::new(self.step_seconds.clone()),
+            Box::new(self.step_retries.clone()),
+            Box::new(self.broker_retries.clone()),
+            Box::new(self.dead_letters.clone()),
+            Box::new(self.outbox_backlog.clone()),
+            Box::new(self.in_flight.clone()),
+            Box::new(self.ready.clone()),
+            Box::new(self.reconcile_runs.clone()),
+            Box::new(self.reconcile_seconds.clone()),
+            Box::new(self.reconcile_orphans.clone()),
+            Box::new(self.reconcile_published.clone()),
+        ]
+    }
+
+    /// The name of every metric reaper registers: what dashboards and alerts
+    /// may use (a labelled one appears in `/metrics` once it has a series).
+    pub fn names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for c in self.collectors() {
+            names.extend(c.desc().into_iter().map(|d| d.fq_name.clone()));
+        }
+        names
     }
 
     /// The Prometheus text exposition.

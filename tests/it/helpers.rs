@@ -288,6 +288,44 @@ impl TestApp {
     }
 }
 
+/// The reaper metrics the Grafana dashboard and the alert rules use (a
+/// histogram's `_bucket`, `_count` and `_sum` are its own name).
+pub fn dashboard_metrics() -> std::collections::BTreeSet<String> {
+    let file = |p: &str| std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(p)).unwrap();
+    let dash: Value = serde_json::from_str(&file("deploy/grafana-dashboard.json")).expect("the dashboard is JSON");
+    let alerts: serde_norway::Value = serde_norway::from_str(&file("deploy/alerts.yml")).expect("alerts are YAML");
+    let mut exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_string()))
+        .collect();
+    for g in alerts["groups"].as_sequence().unwrap() {
+        for r in g["rules"].as_sequence().unwrap() {
+            exprs.push(r["expr"].as_str().unwrap().to_string());
+        }
+    }
+    let mut used = std::collections::BTreeSet::new();
+    for e in &exprs {
+        let words: Vec<&str> =
+            e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("reaper_")).collect();
+        assert!(!words.is_empty(), "{e} uses no reaper metric");
+        for w in words {
+            used.insert(w.trim_end_matches("_bucket").trim_end_matches("_count").trim_end_matches("_sum").to_string());
+        }
+    }
+    used
+}
+
+/// The metric families a `/metrics` scrape holds (its `# TYPE` lines).
+pub fn scraped_families(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(String::from)
+        .collect()
+}
+
 pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut cond: F)
 where
     F: FnMut() -> Fut,

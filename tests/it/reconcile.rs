@@ -293,6 +293,11 @@ async fn the_admin_route_needs_the_token_runs_dry_by_default_and_counts_its_swee
     let metrics = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains(r#"reaper_reconcile_runs_total{outcome="dry_run",rule="models"} 1"#), "{metrics}");
     assert!(metrics.contains(r#"reaper_reconcile_published_total{rule="models"} 1"#), "{metrics}");
+    // After a job and a sweep, every metric the dashboard and the alerts use
+    // has a series in what the running worker exports.
+    let scraped = scraped_families(&metrics);
+    let missing: Vec<_> = dashboard_metrics().into_iter().filter(|m| !scraped.contains(m)).collect();
+    assert!(missing.is_empty(), "used by the dashboard or alerts but not exported: {missing:?}\n{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
