@@ -378,7 +378,7 @@ async fn resource_request(
             }
             return r;
         }
-        (g.faults.latency_ms, g.roll(&method))
+        (g.faults.latency_ms, g.roll(method))
     };
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
@@ -402,7 +402,7 @@ async fn resource_request(
             let r: SimResource = if body.is_empty() {
                 SimResource::default()
             } else {
-                match serde_json::from_slice(&body) {
+                match serde_json::from_slice(body) {
                     Ok(r) => r,
                     Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
                 }
