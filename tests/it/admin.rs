@@ -225,3 +225,91 @@ async fn the_cli_answers_an_operator_without_psql() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("request-deletion"));
     t.stop().await;
 }
+
+/// Every route the OpenAPI document does not mark open, with its
+/// placeholders filled: (method, path).
+fn protected_routes() -> Vec<(reqwest::Method, String)> {
+    let spec: Value = serde_json::from_str(reaper::admin::OPENAPI).unwrap();
+    let mut out = Vec::new();
+    for (path, ops) in spec["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            if op["security"].as_array().is_some_and(|s| s.is_empty()) {
+                continue; // open: health, readiness, metrics, the document itself
+            }
+            let path = path
+                .replace("{owner}", "node%2Fadmin-probe")
+                .replace("{id}", "6f1c2a52-8f0e-4f7e-9d3b-1a2b3c4d5e6f")
+                .replace("{rule}", "models");
+            out.push((method.to_uppercase().parse().unwrap(), path));
+        }
+    }
+    assert!(out.len() >= 10, "{out:?}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_protected_route_refuses_a_missing_or_wrong_token_and_changes_nothing() {
+    let (t, base) = with_admin().await;
+    let node = VpcNode::new("admin-probe");
+    t.provision(&node).await;
+    let c = reqwest::Client::new();
+    for (method, path) in protected_routes() {
+        let url = format!("{base}{path}?execute=true");
+        let none = c.request(method.clone(), &url).send().await.unwrap().status();
+        assert_eq!(none, 401, "{method} {path} without a token");
+        let wrong = c.request(method.clone(), &url).bearer_auth("admin-tok-7f3a9").send().await.unwrap().status();
+        assert_eq!(wrong, 403, "{method} {path} with a wrong token (the right one less its last character)");
+    }
+    assert_eq!(t.count("SELECT count(*) FROM jobs").await, 0, "no route opened a job");
+    assert_eq!(t.sim.paths().len(), node.resources.len(), "nothing was deleted");
+    assert_eq!(t.sim.stats().deletes, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_token_configured_every_protected_route_answers_401() {
+    // A variable nobody sets: the developer's own REAPER_ADMIN_TOKEN must not leak in.
+    let t = spawn_app("[admin]\ntoken_env = \"REAPER_TEST_UNSET_ADMIN_TOKEN\"\n").await;
+    wait_until("the admin API listens", Duration::from_secs(10), || async { t.app.admin_addr.get().is_some() }).await;
+    let base = format!("http://{}", t.app.admin_addr.get().unwrap());
+    let c = reqwest::Client::new();
+    for (method, path) in protected_routes() {
+        let r = c.request(method.clone(), format!("{base}{path}")).bearer_auth("anything").send().await.unwrap();
+        assert_eq!(r.status(), 401, "{method} {path}");
+        assert!(r.text().await.unwrap().contains("no admin token is configured"), "{method} {path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_listens_beyond_loopback_only_with_a_token_read_from_its_variable_or_file() {
+    let settings = |admin: &str| {
+        let vpc = include_str!("../../config/vpc-node.toml").replace("auth = {", "# auth = {");
+        reaper::config::Settings::from_toml_layers(&[&vpc, admin]).unwrap()
+    };
+    let err = reaper::app::App::check(&settings(
+        "[admin]\nlisten = \"0.0.0.0:9090\"\ntoken_env = \"REAPER_TEST_UNSET_ADMIN_TOKEN\"\n",
+    ))
+    .await
+    .err()
+    .expect("no token, not loopback: refused");
+    assert!(err.to_string().contains("not a loopback address and no admin token is set"), "{err}");
+
+    let var = format!("REAPER_TEST_ADMIN_TOKEN_{:08x}", fastrand::u32(..));
+    // SAFETY: a variable of this test's own name, read by this test only.
+    unsafe { std::env::set_var(&var, "from-the-environment") };
+    let checked =
+        reaper::app::App::check(&settings(&format!("[admin]\nlisten = \"0.0.0.0:9090\"\ntoken_env = \"{var}\"\n")))
+            .await
+            .expect("a token from the environment");
+    assert_eq!(checked.admin_token.unwrap().expose(), "from-the-environment");
+
+    let file = std::env::temp_dir().join(format!("reaper-admin-{:08x}", fastrand::u32(..)));
+    std::fs::write(&file, "from-a-file\n").unwrap();
+    let checked = reaper::app::App::check(&settings(&format!(
+        "[admin]\nlisten = \"0.0.0.0:9090\"\ntoken_env = \"{var}\"\ntoken_file = \"{}\"\n",
+        file.display()
+    )))
+    .await
+    .expect("a token from a file");
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(checked.admin_token.unwrap().expose(), "from-a-file", "the file wins, its newline trimmed");
+}
