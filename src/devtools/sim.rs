@@ -126,6 +126,8 @@ pub async fn run(port: u16, null: bool, latency_ms: u64) -> std::process::ExitCo
             return std::process::ExitCode::from(2);
         }
     };
+    // With --port 0 the system picks one: say which.
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
     let served = if null {
         println!("null API on http://127.0.0.1:{port}: 204 to everything after {latency_ms} ms");
         Sim::serve_null(listener, Duration::from_millis(latency_ms), token).await

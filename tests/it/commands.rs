@@ -1,6 +1,6 @@
 //! The remaining documented commands, run as a new user would type them.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use crate::helpers::*;
@@ -31,13 +31,11 @@ async fn migrate_applies_the_schema_and_is_idempotent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sim_serves_the_simulated_cloud_with_dependencies_enforced() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_reaper"))
-        .args(["sim", "--port", &port.to_string()])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
+    // Port 0: the sim binds one the system picks and prints it.
+    let mut child = Child::spawn(reaper_cmd().args(["sim", "--port", "0"]).stdout(Stdio::piped()), "reaper sim");
+    let first = first_line(child.inner.stdout.take().unwrap(), Duration::from_secs(20), "reaper sim's banner");
+    let base =
+        first.split_whitespace().find(|w| w.starts_with("http://")).expect("the banner names the URL").to_string();
     let c = reqwest::Client::new();
     wait_until("the sim listens", Duration::from_secs(10), || {
         let c = c.clone();
@@ -58,8 +56,7 @@ async fn sim_serves_the_simulated_cloud_with_dependencies_enforced() {
     assert_eq!(c.delete(format!("{base}/v1/servers/s1")).send().await.unwrap().status(), 404);
     let stats: serde_json::Value = c.get(format!("{base}/_sim/stats")).send().await.unwrap().json().await.unwrap();
     assert_eq!(stats["refused_for_order"], 1);
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    assert!(child.wait().unwrap().success());
+    assert!(child.terminate(Duration::from_secs(15)).success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,6 +66,11 @@ async fn bench_measures_a_small_run() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(report["ceiling_msgs_per_sec"].as_f64().unwrap() > 0.0);
-    assert!(report["e2e"]["jobs_per_sec"].as_f64().unwrap() > 0.0, "{report}");
+    // Every job completed (the bench fails otherwise), and the rate is what
+    // the jobs and the time say (the first job starts the clock).
+    let e2e = &report["e2e"];
+    assert_eq!(e2e["jobs"], 150, "{report}");
+    let (secs, rate) = (e2e["secs"].as_f64().unwrap(), e2e["jobs_per_sec"].as_f64().unwrap());
+    assert!(secs > 0.0 && (rate - 149.0 / secs).abs() < 0.01 * rate, "{report}");
     assert!(report["e2e"]["worker_peak_rss_mib"].as_f64().unwrap() > 1.0, "{report}");
 }

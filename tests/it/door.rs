@@ -237,14 +237,15 @@ async fn an_event_id_longer_than_255_bytes_is_refused_and_the_worker_shuts_down_
 
     let node = VpcNode::new(&unique("node"));
     node.create_in(&t.sim);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_reaper"))
-        .args(["run", "--config"])
-        .arg(t.config_file())
-        .env("REAPER_ADMIN__LISTEN", "")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("starting reaper run");
+    let mut child = Child::spawn(
+        reaper_cmd()
+            .args(["run", "--config"])
+            .arg(t.config_file())
+            .env("REAPER_ADMIN__LISTEN", "")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+        "reaper run",
+    );
     // 128 characters, 256 bytes: within the old character limit, over AMQP's.
     let bad = serde_json::to_vec(&json!({"event_id": long, "owner": "node/long-id"})).unwrap();
     t.publish_raw(&t.app.names.events, "deletion.requested", &bad).await;
@@ -262,15 +263,7 @@ async fn an_event_id_longer_than_255_bytes_is_refused_and_the_worker_shuts_down_
     let dead = t.dead_wait(1).await;
     assert!(dead[0].1.contains("at most 255 bytes"), "{:?}", dead[0].1);
 
-    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "reaper run did not stop within 30 s of SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = child.terminate(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "reaper run exits 0 on SIGTERM");
 }
 

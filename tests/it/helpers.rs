@@ -370,14 +370,15 @@ impl TestApp {
         path
     }
 
-    /// Runs the reaper binary with this test's config and extra environment.
+    /// Runs the reaper binary with this test's config and extra environment,
+    /// to its end (within two minutes).
     pub fn reaper(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_reaper"));
+        let mut cmd = reaper_cmd();
         cmd.args(args).arg("--config").arg(self.config_file());
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.output().expect("running reaper")
+        run_to_end(&mut cmd, &format!("reaper {}", args.join(" ")), Duration::from_secs(120))
     }
 
     /// Starts a second worker on the same queue and ledger: another replica.
@@ -437,4 +438,108 @@ pub fn example(name: &str) -> String {
 /// An example's seed SQL (examples/NAME/schema.sql).
 pub fn example_sql(name: &str) -> Option<String> {
     std::fs::read_to_string(format!("{}/examples/{name}/schema.sql", env!("CARGO_MANIFEST_DIR"))).ok()
+}
+
+/// The `reaper` binary without the developer's `REAPER_*` variables: what a
+/// test's run reads is what the test sets.
+pub fn reaper_cmd() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_reaper"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("REAPER_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+/// A child process that is killed when the test ends before it does (a
+/// failed assertion included), so no worker outlives its test.
+pub struct Child {
+    pub inner: std::process::Child,
+    what: String,
+}
+
+impl Child {
+    pub fn spawn(cmd: &mut std::process::Command, what: &str) -> Child {
+        let inner = cmd.spawn().unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        Child { inner, what: what.to_string() }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.inner.id()
+    }
+
+    /// Waits for it to exit, at most `limit`.
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.inner.try_wait().expect("asking whether the child exited") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{} did not exit within {limit:?}", self.what);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then waits for it to exit, at most `limit`.
+    pub fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let pid = self.id().to_string();
+        let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("running kill");
+        assert!(sent.success(), "SIGTERM to {}", self.what);
+        self.wait(limit)
+    }
+
+    /// SIGKILL, as a crash would, and reaps it.
+    pub fn crash(&mut self) {
+        let _ = self.inner.kill();
+        let _ = self.inner.wait();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if matches!(self.inner.try_wait(), Ok(None)) {
+            self.crash();
+        }
+    }
+}
+
+/// Runs `cmd` to its end within `limit`, with its output captured; killed
+/// and reported if it takes longer.
+pub fn run_to_end(cmd: &mut std::process::Command, what: &str, limit: Duration) -> std::process::Output {
+    use std::io::Read;
+    use std::process::Stdio;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = Child::spawn(cmd, what);
+    let read = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = read(Box::new(child.inner.stdout.take().unwrap()));
+    let err = read(Box::new(child.inner.stderr.take().unwrap()));
+    let status = child.wait(limit);
+    std::process::Output { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() }
+}
+
+/// The first line `r` gives, within `limit`.
+pub fn first_line(r: impl std::io::Read + Send + 'static, limit: Duration, what: &str) -> String {
+    let lines = lines_of(r);
+    lines.recv_timeout(limit).unwrap_or_else(|_| panic!("no {what} within {limit:?}"))
+}
+
+/// Each line `r` gives, as it comes, from a thread of its own.
+pub fn lines_of(r: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }

@@ -1,6 +1,6 @@
 //! Replay, replicas and shutdown, on the real services.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -129,21 +129,10 @@ async fn two_replicas_never_run_one_job_twice_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_the_worker_cleanly_with_exit_code_zero() {
     let t = spawn_app("").await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_reaper"))
-        .args(["run", "--config"])
-        .arg(t.config_file())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        Child::spawn(reaper_cmd().args(["run", "--config"]).arg(t.config_file()).stderr(Stdio::piped()), "reaper run");
     // Wait for readiness as an operator would: the log line.
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = lines_of(child.inner.stderr.take().unwrap());
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let line = rx
@@ -153,16 +142,8 @@ async fn sigterm_stops_the_worker_cleanly_with_exit_code_zero() {
             break;
         }
     }
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(std::time::Instant::now() < deadline, "reaper did not stop within 15s of SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(status.code(), Some(0));
+    let status = child.terminate(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "a clean stop after SIGTERM");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,16 +165,16 @@ async fn two_terminals_replaying_at_once_replay_each_job_once() {
     }
     assert!(dead >= 1, "at least one job was refused");
     let config = t.config_file();
-    let spawn = || {
-        Command::new(env!("CARGO_BIN_EXE_reaper"))
-            .args(["replay", "--reason", "403", "--json", "--config"])
-            .arg(&config)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap()
+    let run = || {
+        let config = config.clone();
+        std::thread::spawn(move || {
+            let mut cmd = reaper_cmd();
+            cmd.args(["replay", "--reason", "403", "--json", "--config"]).arg(&config);
+            run_to_end(&mut cmd, "reaper replay", Duration::from_secs(60))
+        })
     };
-    let (a, b) = (spawn(), spawn());
-    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let (a, b) = (run(), run());
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
     let sa: serde_json::Value = serde_json::from_slice(&a.stdout).unwrap();
     let sb: serde_json::Value = serde_json::from_slice(&b.stdout).unwrap();
     let replayed = sa["replayed"].as_array().unwrap().len() + sb["replayed"].as_array().unwrap().len();
@@ -317,15 +298,12 @@ async fn check(t: &TestApp, class: &str, job: bool) {
 }
 
 /// Starts `reaper run` with the test's config; the worker's stderr goes to a file.
-fn start_worker(t: &TestApp) -> std::process::Child {
+fn start_worker(t: &TestApp) -> Child {
     let log = std::fs::File::create(std::env::temp_dir().join(format!("{}.worker.log", t.app.names.events))).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_reaper"))
-        .args(["run", "--config"])
-        .arg(t.config_file())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    Child::spawn(
+        reaper_cmd().args(["run", "--config"]).arg(t.config_file()).stdout(Stdio::null()).stderr(log),
+        "reaper run",
+    )
 }
 
 /// Crashes do not spend the retry schedule. A worker killed (-9) three times
@@ -360,15 +338,13 @@ async fn a_job_whose_worker_crashes_keeps_its_retry_schedule() {
         let mut worker = start_worker(&t);
         wait_until(&format!("delivery {crash} is deleting"), Duration::from_secs(30), || async { deletes() >= crash })
             .await;
-        worker.kill().unwrap();
-        worker.wait().unwrap();
+        worker.crash();
     }
     // The next run fails its step four times (step_attempts) and ends unfinished.
     t.sim.set_faults(Faults { fail_next: 4, fail_status: 503, only_method: "DELETE".into(), ..Default::default() });
     let mut worker = start_worker(&t);
     let r = t.next_result(60).await.result;
-    let _ = worker.kill();
-    let _ = worker.wait();
+    worker.crash();
     assert_eq!(r.status, "completed", "three crashes and one failed run are within a two-retry schedule: {r:?}");
     assert!(!t.sim.exists(&path));
     assert_eq!(r.attempts, 5, "deliveries are still counted (poison detection uses them): {r:?}");

@@ -1,7 +1,7 @@
 //! Tokens and passwords from the config never reach the logs or /v1/status.
 
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -25,30 +25,44 @@ async fn tokens_and_passwords_never_appear_in_logs_or_status() {
     let dir = std::env::temp_dir().join(format!("reaper-secrets-{:08x}", fastrand::u32(..)));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("admin-token"), ADMIN_TOKEN).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config = t
         .config_text
         .replace("# auth = {", "auth = {")
         .replace("postgres://postgres@", &format!("postgres://postgres:{DB_PASSWORD}@"))
         .replace(
             "[admin]\nlisten = \"127.0.0.1:0\"",
-            &format!("[admin]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"", dir.join("admin-token").display()),
+            &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"", dir.join("admin-token").display()),
         );
     assert!(config.contains(DB_PASSWORD) && config.contains(MONGO_PASSWORD));
     assert!(config.contains("token_env = \"REAPER_CLOUD_TOKEN\""));
     std::fs::write(dir.join("reaper.toml"), &config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_reaper"))
-        .args(["run", "--config"])
-        .arg(dir.join("reaper.toml"))
-        .env("REAPER_CLOUD_TOKEN", CLOUD_TOKEN)
-        .env("RUST_LOG", "debug")
-        .env("REAPER_LOG__FORMAT", "json")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-
-    let base = format!("http://127.0.0.1:{port}");
+    let mut child = Child::spawn(
+        reaper_cmd()
+            .args(["run", "--config"])
+            .arg(dir.join("reaper.toml"))
+            .env("REAPER_CLOUD_TOKEN", CLOUD_TOKEN)
+            .env("RUST_LOG", "debug")
+            .env("REAPER_LOG__FORMAT", "json")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::piped()),
+        "reaper run",
+    );
+    // The admin API listens on a port the system picks; the log says which.
+    let stderr = lines_of(child.inner.stderr.take().unwrap());
+    let mut logs = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let addr = loop {
+        let line = stderr
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("the worker logs where its admin API listens");
+        logs.push_str(&line);
+        logs.push('\n');
+        if line.contains("admin API listening") {
+            let v: serde_json::Value = serde_json::from_str(&line).expect("JSON logs");
+            break v["fields"]["addr"].as_str().expect("the address is logged").to_string();
+        }
+    };
+    let base = format!("http://{addr}");
     let c = reqwest::Client::new();
     wait_until("the worker is ready", Duration::from_secs(20), || {
         let c = c.clone();
@@ -67,11 +81,10 @@ async fn tokens_and_passwords_never_appear_in_logs_or_status() {
     assert!(status.contains("\"counts\""), "{status}");
     assert_eq!(c.get(format!("{base}/v1/status")).bearer_auth("wrong").send().await.unwrap().status(), 403);
 
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    let mut logs = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
-    child.stdout.take().unwrap().read_to_string(&mut logs).unwrap();
-    assert!(child.wait().unwrap().success());
+    let mut stdout = child.inner.stdout.take().unwrap();
+    assert!(child.terminate(Duration::from_secs(20)).success());
+    logs.extend(stderr.iter().map(|l| l + "\n"));
+    stdout.read_to_string(&mut logs).unwrap();
     assert!(logs.len() > 1000 && logs.contains("job finished"), "debug logs were written: {} bytes", logs.len());
     assert!(
         status.contains("\"mongodb\"") && status.contains("127.0.0.1:1"),
@@ -105,11 +118,11 @@ async fn plans_and_scripts_never_show_the_credentials_in_a_base_url() {
     // `reaper plan` as a table, as JSON (what teardown?dry_run=true answers) and
     // as the shell script (what GET /v1/owners/{o}/script answers).
     for format in ["table", "json", "sh"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_reaper"))
-            .args(["plan", &node.owner, "--format", format, "--config"])
-            .arg(&file)
-            .output()
-            .unwrap();
+        let out = run_to_end(
+            reaper_cmd().args(["plan", &node.owner, "--format", format, "--config"]).arg(&file),
+            "reaper plan",
+            Duration::from_secs(60),
+        );
         let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "{format}: {stderr}");
         assert!(stdout.contains(&base), "{format}: the plan shows where the requests go: {stdout}");

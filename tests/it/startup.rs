@@ -1,4 +1,6 @@
-use std::process::Command;
+use std::time::Duration;
+
+use crate::helpers::{reaper_cmd, run_to_end};
 
 fn reaper(args: &[&str], config: &str) -> std::process::Output {
     reaper_env(args, config, &[("REAPER_CLOUD_TOKEN", "t")])
@@ -10,11 +12,9 @@ fn reaper_env(args: &[&str], config: &str, env: &[(&str, &str)]) -> std::process
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("reaper.toml");
     std::fs::write(&file, config).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reaper"));
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("REAPER_")) {
-        cmd.env_remove(k);
-    }
-    let out = cmd.args(args).arg("--config").arg(&file).envs(env.iter().copied()).output().unwrap();
+    let mut cmd = reaper_cmd();
+    cmd.args(args).arg("--config").arg(&file).envs(env.iter().copied());
+    let out = run_to_end(&mut cmd, &format!("reaper {}", args.join(" ")), Duration::from_secs(60));
     let _ = std::fs::remove_dir_all(&dir);
     out
 }
@@ -147,10 +147,11 @@ fn check_config_prints_the_order_of_a_valid_config() {
 
 #[test]
 fn a_missing_config_file_is_a_clear_error() {
-    let out = Command::new(env!("CARGO_BIN_EXE_reaper"))
-        .args(["check-config", "--config", "/nonexistent/reaper.toml"])
-        .output()
-        .unwrap();
+    let out = run_to_end(
+        reaper_cmd().args(["check-config", "--config", "/nonexistent/reaper.toml"]),
+        "reaper check-config",
+        Duration::from_secs(60),
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/reaper.toml does not exist"));
 }
