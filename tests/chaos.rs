@@ -342,6 +342,8 @@ async fn chaos(sc: Scenario) {
     // take the broker and the database away once each.
     let chaos_started = Instant::now();
     let mut kills = 0;
+    // Kills while results were still owed: crashes that hit work in flight.
+    let mut kills_mid_work = 0;
     let mut next_kill = Instant::now() + Duration::from_millis(fastrand::u64(kill_gap_ms.clone()));
     let mut broker_restarted = !services;
     let mut db_stopped = !services;
@@ -363,6 +365,7 @@ async fn chaos(sc: Scenario) {
         if Instant::now() >= next_kill {
             worker.kill9();
             kills += 1;
+            kills_mid_work += 1;
             worker.start();
             next_kill = Instant::now() + Duration::from_millis(fastrand::u64(kill_gap_ms.clone()));
         }
@@ -400,14 +403,39 @@ async fn chaos(sc: Scenario) {
         if kills < min_kills && Instant::now() >= next_kill {
             worker.kill9();
             kills += 1;
+            kills_mid_work += usize::from(results.len() < jobs);
             worker.start();
             next_kill = Instant::now() + Duration::from_millis(fastrand::u64(kill_gap_ms.clone()));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Results a killed worker stored but did not publish are published by the
+    // last worker's outbox drain (after its grace): wait for the outbox to
+    // empty, so those copies are compared with the others too.
+    let drained_by = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(ledger.pool()).await.unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < drained_by, "{left} outbox rows were never published");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let exit = worker.term();
-    // Stragglers: duplicates published by outbox drains or redeliveries.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Stragglers on their way to the tap: wait until its queue is empty.
+    let tap_conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let tap_ch = tap_conn.create_channel().await.unwrap();
+    let emptied_by = Instant::now() + Duration::from_secs(10);
+    loop {
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        let q = tap_ch.queue_declare(tap.as_str().into(), passive, FieldTable::default()).await.unwrap();
+        if q.message_count() == 0 {
+            break;
+        }
+        assert!(Instant::now() < emptied_by, "the tap still holds {} results", q.message_count());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = tap_conn.close(200, "tap drained".into()).await;
     while let Ok(body) = rx.try_recv() {
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         results.entry(v["event_id"].as_str().unwrap().to_string()).or_default().push(body);
@@ -486,6 +514,9 @@ async fn chaos(sc: Scenario) {
     );
     assert_eq!(stats.refused_for_order, 0, "no delete was refused for order");
     assert_eq!(queue_depth, 0, "the work queue is empty");
-    assert!(kills >= min_kills);
+    assert!(
+        kills_mid_work >= 3,
+        "at least three kills hit a worker with results still owed: {kills_mid_work} of {kills}"
+    );
     assert_eq!(exit, Some(0), "the last worker stops cleanly on SIGTERM");
 }

@@ -5,6 +5,8 @@
 //! commit that holds its own rows.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use sqlx::{PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
@@ -56,6 +58,38 @@ pub(super) struct Batchers {
     pub finish: mpsc::UnboundedSender<FinishReq>,
     pub steps: mpsc::UnboundedSender<StepsReq>,
     pub begin: mpsc::UnboundedSender<BeginReq>,
+    /// What the finish queue did: how often it wrote, how much at once, how
+    /// often a refused batch was split.
+    pub finish_counts: Arc<Counts>,
+}
+
+/// What one group-commit queue has done so far.
+#[derive(Debug, Default)]
+pub struct Counts {
+    statements: AtomicU64,
+    largest: AtomicU64,
+    splits: AtomicU64,
+}
+
+/// A reading of `Counts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchCounts {
+    /// Batches written (a split batch's one-by-one writes are not counted).
+    pub statements: u64,
+    /// The most requests one batch held.
+    pub largest: u64,
+    /// Batches the database refused that were written one by one instead.
+    pub splits: u64,
+}
+
+impl Counts {
+    pub fn read(&self) -> BatchCounts {
+        BatchCounts {
+            statements: self.statements.load(Ordering::Relaxed),
+            largest: self.largest.load(Ordering::Relaxed),
+            splits: self.splits.load(Ordering::Relaxed),
+        }
+    }
 }
 
 pub(super) fn spawn(pool: PgPool, lease_secs: f64, window_secs: f64) -> Batchers {
@@ -63,14 +97,18 @@ pub(super) fn spawn(pool: PgPool, lease_secs: f64, window_secs: f64) -> Batchers
     let (steps, steps_rx) = mpsc::unbounded_channel();
     let (begin, begin_rx) = mpsc::unbounded_channel();
     let (p1, p2) = (pool.clone(), pool.clone());
-    tokio::spawn(batches(finish_rx, |r: &FinishReq| r.job_id, async move |b| write(&p1, b).await));
-    tokio::spawn(batches(steps_rx, |r: &StepsReq| r.job_id, async move |b| write_steps(&p2, b).await));
+    let finish_counts = Arc::new(Counts::default());
+    let counts = finish_counts.clone();
+    tokio::spawn(batches(finish_rx, |r: &FinishReq| r.job_id, counts, async move |b| write(&p1, b).await));
+    let counts = Arc::new(Counts::default());
+    tokio::spawn(batches(steps_rx, |r: &StepsReq| r.job_id, counts, async move |b| write_steps(&p2, b).await));
     tokio::spawn(batches(
         begin_rx,
         |r: &BeginReq| r.job_id,
+        Arc::new(Counts::default()),
         async move |b| write_begins(&pool, b, lease_secs, window_secs).await,
     ));
-    Batchers { finish, steps, begin }
+    Batchers { finish, steps, begin, finish_counts }
 }
 
 async fn write_begins(
@@ -115,6 +153,7 @@ async fn write_begins(
 async fn batches<T: Answer>(
     mut rx: mpsc::UnboundedReceiver<T>,
     job: fn(&T) -> Uuid,
+    counts: Arc<Counts>,
     mut write: impl AsyncFnMut(Vec<T>) -> Result<(), Failed<T>>,
 ) {
     let mut deferred: Vec<T> = Vec::new();
@@ -136,11 +175,14 @@ async fn batches<T: Answer>(
         let mut seen = HashSet::new();
         let (batch, later): (Vec<_>, Vec<_>) = deferred.drain(..).partition(|r| seen.insert(job(r)));
         deferred = later;
+        counts.statements.fetch_add(1, Ordering::Relaxed);
+        counts.largest.fetch_max(batch.len() as u64, Ordering::Relaxed);
         match write(batch).await {
             Ok(()) => {}
             // The database refused the data: one job's rows may be at fault, so
             // write each alone rather than fail its batch-mates with it.
             Err(Failed { batch, message, code: Some(_) }) if batch.len() > 1 => {
+                counts.splits.fetch_add(1, Ordering::Relaxed);
                 for r in batch {
                     if let Err(one) = write(vec![r]).await {
                         one.answer();

@@ -11,6 +11,7 @@
 
 pub mod archive;
 mod group_commit;
+pub use group_commit::BatchCounts;
 mod leases;
 pub mod outbox;
 pub mod replay;
@@ -777,6 +778,12 @@ impl Ledger {
     }
 
     /// Remembers finished steps so a redelivered job does not redo them.
+    /// What the finish queue's group commit has done: for tests and the
+    /// benchmark, which show that finishes share statements.
+    pub fn finish_batches(&self) -> group_commit::BatchCounts {
+        self.batchers.finish_counts.read()
+    }
+
     pub async fn record_steps(&self, job: &JobRow, steps: &[StepRecord]) -> Result<(), LedgerError> {
         if steps.is_empty() || job.dry_run {
             return Ok(());

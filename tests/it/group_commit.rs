@@ -9,7 +9,9 @@ use uuid::Uuid;
 
 use crate::helpers::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// One thread: the eight finishes are all queued before the batcher runs, so
+// they meet in one batch whatever the machine is doing.
+#[tokio::test(flavor = "current_thread")]
 async fn a_refused_finish_fails_alone_and_its_batch_mates_are_written() {
     let mut t = spawn_app("").await;
     t.stop().await; // drive the ledger directly
@@ -50,7 +52,14 @@ async fn a_refused_finish_fails_alone_and_its_batch_mates_are_written() {
             ledger.finish(job, &end, *holder).await
         }
     });
+    let before = ledger.finish_batches();
     let answers = futures_util::future::join_all(finishes).await;
+    let counts = ledger.finish_batches();
+    // The eight shared statements (fewer than one each), and the refused
+    // batch was split and written one by one: the path this test is about.
+    assert_eq!(counts.statements - before.statements, 1, "one statement for the eight: {before:?} -> {counts:?}");
+    assert_eq!(counts.largest, 8, "{counts:?}");
+    assert_eq!(counts.splits - before.splits, 1, "{before:?} -> {counts:?}");
     for (i, a) in answers.iter().enumerate() {
         if i == 3 {
             assert!(a.is_err(), "the refused job reports the failure");
