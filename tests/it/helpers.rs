@@ -382,10 +382,11 @@ impl TestApp {
     }
 
     /// Starts a second worker on the same queue and ledger: another replica.
-    pub async fn spawn_replica(&self) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    /// A second worker on the same database and queues; its `App` says what it did.
+    pub async fn spawn_replica(&self) -> (CancellationToken, tokio::task::JoinHandle<()>, Arc<App>) {
         let token = CancellationToken::new();
         let app = Arc::new(App::build(self.app.settings.clone()).await.expect("building a replica"));
-        (token.clone(), tokio::spawn(app.run(token)))
+        (token.clone(), tokio::spawn(app.clone().run(token)), app)
     }
 }
 

@@ -307,13 +307,16 @@ async fn a_scheduled_rule_runs_inside_the_worker_once_per_interval() {
         .replace("min_interval_secs = 0.2", "min_interval_secs = 0.2\nrun_schedules = true");
     let started = std::time::Instant::now();
     let mut t = spawn_app(&rule).await;
-    let (replica_token, replica) = t.spawn_replica().await;
+    let (replica_token, replica, _) = t.spawn_replica().await;
     world_at_once(&t, 2, &["gone-1"]).await;
     let res = t.next_result(30).await.result;
     assert_eq!((res.owner.as_str(), res.status.as_str()), ("model/gone-1", "completed"));
     assert!(!exists(&t, "gone-1").await);
     // Two workers, half-second intervals: at most one sweep per interval between them.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_until("four sweeps", Duration::from_secs(20), || async {
+        t.count("SELECT sweeps FROM reconcile_rules WHERE rule = 'models'").await >= 4
+    })
+    .await;
     replica_token.cancel();
     let _ = replica.await;
     let sweeps = t.count("SELECT sweeps FROM reconcile_rules WHERE rule = 'models'").await;

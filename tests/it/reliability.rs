@@ -94,7 +94,11 @@ async fn replay_without_a_filter_or_all_refuses_to_guess() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_never_run_one_job_twice_at_once() {
     let mut t = spawn_app("").await;
-    let (replica, handle) = t.spawn_replica().await;
+    let (replica, handle, replica_app) = t.spawn_replica().await;
+    wait_until("the replica consumes", Duration::from_secs(20), || async {
+        replica_app.ready.load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await;
     let nodes: Vec<VpcNode> = (0..12).map(|_| VpcNode::new(&unique("node"))).collect();
     for n in &nodes {
         t.provision(n).await;
@@ -121,6 +125,14 @@ async fn two_replicas_never_run_one_job_twice_at_once() {
     assert_eq!(stats.deleted, 60);
     assert_eq!(stats.delete_not_found, 0, "no delete ran twice: the copies never ran at the same time");
     assert_eq!(stats.refused_for_order, 0);
+    // Both workers took deliveries: the copies really met two workers.
+    let handled = |app: &reaper::app::App| -> f64 {
+        let text = app.metrics.render();
+        let lines = text.lines().filter(|l| l.starts_with("reaper_events_consumed_total{"));
+        lines.filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    let (main, second) = (handled(&t.app), handled(&replica_app));
+    assert!(main > 0.0 && second > 0.0, "deliveries handled by the first worker {main}, by the replica {second}");
     replica.cancel();
     handle.await.unwrap();
     t.stop().await;
