@@ -92,6 +92,12 @@ async fn generations_decide_when_both_sides_carry_one() {
         t.app.ledger.count_tracked(&owners).await.unwrap() >= 2
     })
     .await;
+    // A track is recorded and judged in one transaction: once it is in the
+    // ledger, whether it opened a job is decided. g2's did not, and nothing claims it.
+    let rows = t.app.ledger.owner_resources(&owner).await.unwrap();
+    let g2 = rows.iter().find(|(r, _, _)| r.id == "g2-ip").expect("g2 is tracked");
+    assert_eq!((g2.1.as_str(), g2.2), ("live", None), "the second life's IP is live and unclaimed: {rows:?}");
+    assert_eq!(t.count("SELECT count(*) FROM jobs WHERE event_id = 'gen-track-2'").await, 0);
     assert!(t.sim.exists("/v1/subnets/subnet-mgmt/reserved_ips/g2-ip"));
     t.stop().await;
 }
