@@ -425,3 +425,64 @@ guard = { provider = "cloud", query = "GET /v1/holds/{id}", reason = "held" }
     assert!(t.drain_dead().await.is_empty(), "nothing went to the dead queue");
     t.stop().await;
 }
+
+/// Contract 6, end to end: a worker killed (-9) in the middle of a job, after
+/// some of its steps were recorded, leaves the job on the queue (nothing was
+/// acked), and the next worker resumes it: every recorded step is left alone
+/// (no second DELETE), what was left is done, and one result is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_resumed_after_a_crash_does_not_redo_its_recorded_steps() {
+    // A killed worker's lease on the owner runs out after lease_ttl_secs.
+    let lease = "lease_ttl_secs = 1\nowner_busy_delay_ms = 200\n";
+    let mut t = spawn_app(&format!("[worker]\n{lease}")).await;
+    t.config_text = t
+        .config_text
+        .replace(&format!("[worker]\n{lease}"), "")
+        .replace("shutdown_grace_secs = 5\n", &format!("shutdown_grace_secs = 5\n{lease}"));
+    assert!(t.config_text.contains(lease));
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    t.stop().await; // the workers from here on are processes, killed as a crash kills.
+                    // The first two DELETEs (the VNI and the DNS record, which go first) pass;
+                    // every later one hangs, so the job is mid-way when the worker dies.
+    t.sim.set_faults(Faults {
+        pass_first: 2,
+        hang_rate: 1.0,
+        hang_ms: 60_000,
+        only_method: "DELETE".into(),
+        ..Default::default()
+    });
+    let mut worker = start_worker(&t);
+    t.publish("deletion.requested", &deletion("resume-1", &node.owner, Utc::now())).await;
+    wait_until("two steps are recorded", Duration::from_secs(30), || async {
+        t.count("SELECT count(*) FROM job_steps s JOIN jobs j USING (job_id) WHERE j.event_id = 'resume-1'").await >= 2
+    })
+    .await;
+    wait_until("a later DELETE hangs", Duration::from_secs(30), || async { t.sim.stats().injected_hangs >= 1 }).await;
+    let recorded: Vec<(String, String)> = sqlx::query_as(
+        "SELECT s.kind, s.resource_id FROM job_steps s JOIN jobs j USING (job_id) WHERE j.event_id = 'resume-1'",
+    )
+    .fetch_all(t.app.ledger.pool())
+    .await
+    .unwrap();
+    worker.crash();
+    let status: String = sqlx::query_scalar("SELECT status FROM jobs WHERE event_id = 'resume-1'")
+        .fetch_one(t.app.ledger.pool())
+        .await
+        .unwrap();
+    assert_eq!(status, "running", "the crash ended nothing");
+
+    t.sim.set_faults(Faults::default());
+    let mut worker = start_worker(&t);
+    let r = t.next_result(60).await.result;
+    worker.crash();
+    assert_eq!(r.status, "completed", "{r:?}");
+    assert!(t.sim.paths().is_empty(), "left: {:?}", t.sim.paths());
+    for (kind, id) in &recorded {
+        let step = r.resources.iter().find(|s| &s.kind == kind && &s.id == id).unwrap();
+        assert_eq!(step.outcome, "deleted", "{kind}/{id} keeps its recorded outcome");
+        let path = &node.resources.iter().find(|x| &x.kind == kind && &x.id == id).unwrap().path;
+        assert_eq!(t.deletes_of(path), 1, "{kind}/{id} was recorded before the crash and not asked to go again");
+    }
+    assert!(t.drain_dead().await.is_empty(), "nothing was dead-lettered");
+}
