@@ -154,6 +154,9 @@ async fn a_dry_run_deletes_nothing_and_reports_would_delete() {
     let mut t = spawn_app("").await;
     let node = VpcNode::new(&unique("node"));
     t.provision(&node).await;
+    // One of them is gone already: the dry run must ask, not assume.
+    let gone = node.resources.iter().find(|r| r.kind == "ip_reservation").unwrap();
+    t.sim.remove(&gone.path);
     let before = t.sim.paths();
     let mut ev = deletion("dry-1", &node.owner, Utc::now());
     ev["dry_run"] = json!(true);
@@ -162,13 +165,24 @@ async fn a_dry_run_deletes_nothing_and_reports_would_delete() {
     assert_eq!(r.result.status, "completed");
     assert!(r.result.dry_run);
     assert_eq!(r.result.resources.len(), 5);
-    assert!(r.result.resources.iter().all(|s| s.outcome == "would_delete"), "{:?}", r.result.resources);
+    for s in &r.result.resources {
+        let want = if s.id == gone.id { "already_gone" } else { "would_delete" };
+        assert_eq!(s.outcome, want, "{:?}", r.result.resources);
+    }
+    // Each resource's check endpoint was asked (GET of its path); nothing was deleted.
+    let asked: Vec<(String, String)> = t.sim.requests();
+    for res in &node.resources {
+        assert!(asked.iter().any(|(m, p)| m == "GET" && *p == res.path), "no check of {}: {asked:?}", res.path);
+    }
     assert_eq!(t.sim.paths(), before);
     assert_eq!(t.sim.stats().deletes, 0);
     // And the owner's resources are still there for a real teardown.
     t.publish("deletion.requested", &deletion("real-1", &node.owner, Utc::now())).await;
     let r = t.next_result(30).await;
-    assert!(r.result.resources.iter().all(|s| s.outcome == "deleted"), "{:?}", r.result.resources);
+    for s in &r.result.resources {
+        let want = if s.id == gone.id { "already_gone" } else { "deleted" };
+        assert_eq!(s.outcome, want, "{:?}", r.result.resources);
+    }
     assert!(t.sim.paths().is_empty());
     t.stop().await;
 }
