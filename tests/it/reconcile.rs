@@ -425,3 +425,138 @@ grace_secs = 3600
     assert_eq!((r["actionable"].as_u64(), r["too_young"].as_u64()), (Some(1), Some(1)), "{r}");
     assert_eq!(r["sample_actionable"], json!(["old"]));
 }
+
+/// Lists that are not whole, or not there: a 404 for the list, an API that
+/// hands back a page token it sent before (a list that would never end, or
+/// repeat), and a copy that comes back empty next to a full truth. Each is
+/// refused, and nothing is touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_that_are_missing_looping_or_empty_on_one_side_touch_nothing() {
+    // The list is not there: 404 is a failed load, not an empty list.
+    let t = spawn_app(&RULE.replace("GET /gw/models", "GET /gw/no_such_list")).await;
+    world(&t, 3, &["gone-1"]).await;
+    let (code, r, err) = t.reconcile("models", &["--execute", "--force"]);
+    assert_eq!(code, 3, "{r} {err}");
+    assert!(err.contains("truth inventory failed to load") && err.contains("404"), "{err}");
+    assert_eq!(models(&t).await, 4);
+    drop(t);
+
+    // The API ignores the token it is sent back (the wrong parameter name), so
+    // its second page is its first again, with the same token.
+    let t = spawn_app(&RULE.replace(r#"next = "/next" }"#, r#"next = "/next", next_param = "cursor" }"#)).await;
+    world(&t, 150, &["gone-1"]).await;
+    let (code, r, err) = t.reconcile("models", &["--execute", "--force"]);
+    assert_eq!(code, 3, "{r} {err}");
+    assert!(err.contains("sent page token") && err.contains("twice"), "{err}");
+    assert_eq!(models(&t).await, 151);
+    drop(t);
+
+    // The copy comes back empty while the truth holds three: refused, even forced.
+    let mut t =
+        spawn_app(&RULE.replace(
+            "SELECT id AS key, created_at FROM models",
+            "SELECT id AS key, created_at FROM models WHERE false",
+        ))
+        .await;
+    world(&t, 3, &["gone-1"]).await;
+    let (code, r, _) = t.reconcile("models", &["--execute", "--force"]);
+    assert_eq!(code, 1, "{r}");
+    assert!(r["refused"].as_str().unwrap().contains("copy inventory came back empty while the truth holds 3"), "{r}");
+    assert_eq!(models(&t).await, 4);
+    assert!(t.tap.next(Duration::from_millis(200)).await.is_none(), "no teardown was published");
+}
+
+/// A copy row without a key is left out (it cannot be matched, and a copy
+/// item is only ever a candidate), counted by neither side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_item_without_a_key_is_left_out() {
+    let t = spawn_app(&RULE.replace("SELECT id AS key,", "SELECT NULLIF(id, 'no-key') AS key,")).await;
+    world(&t, 3, &["gone-1", "no-key"]).await;
+    let (code, r, err) = t.reconcile("models", &[]);
+    assert_eq!(code, 0, "{r} {err}");
+    assert_eq!((r["copy"].as_u64(), r["orphans"].as_u64()), (Some(4), Some(1)), "{r}");
+    assert_eq!(r["sample_actionable"], json!(["gone-1"]), "{r}");
+}
+
+/// Quarantine counts sweeps that completed: one whose inventory failed to
+/// load advances nothing, so an orphan seen by two good sweeps with failures
+/// between them is still waiting for its third.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_sweeps_do_not_count_toward_the_quarantine() {
+    let t = spawn_app(&RULE.replace("max_fraction = 0.5", "max_fraction = 1.0\nquarantine_sweeps = 3")).await;
+    world(&t, 2, &["gone-1"]).await;
+    let (_, r, _) = t.reconcile("models", &["--execute"]);
+    assert_eq!((r["sweep"].as_i64(), r["in_quarantine"].as_u64()), (Some(1), Some(1)), "{r}");
+    t.sim.set_faults(reaper::devtools::sim::Faults { fail_next: 1000, fail_status: 503, ..Default::default() });
+    for _ in 0..2 {
+        let (code, _, err) = t.reconcile("models", &["--execute"]);
+        assert_eq!(code, 3, "{err}");
+    }
+    t.sim.set_faults(Default::default());
+    let (_, r, _) = t.reconcile("models", &["--execute"]);
+    assert_eq!(
+        (r["sweep"].as_i64(), r["in_quarantine"].as_u64(), r["actionable"].as_u64()),
+        (Some(2), Some(1), Some(0)),
+        "the failed sweeps counted nothing: {r}"
+    );
+    assert!(exists(&t, "gone-1").await);
+}
+
+/// Grace runs from when reaper first saw an orphan that says nothing of its
+/// age, not from the sweep that acts: seen now, it is too young now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grace_for_an_item_without_a_creation_time_counts_from_when_it_was_first_seen() {
+    let rule = RULE
+        .replace(
+            r#"copy = { provider = "appdb", sql = "SELECT id AS key, created_at FROM models", created_at = "created_at" }"#,
+            r#"copy = { provider = "appdb", sql = "SELECT id AS key FROM models" }"#,
+        )
+        .replace("max_fraction = 0.5", "max_fraction = 1.0\ngrace_secs = 1");
+    assert!(!rule.contains("created_at = \"created_at\""));
+    let mut t = spawn_app(&rule).await;
+    world(&t, 2, &["gone-1"]).await;
+    // (Only executed sweeps record when an orphan was first seen.)
+    let first_seen = std::time::Instant::now();
+    let (_, r, _) = t.reconcile("models", &["--execute"]);
+    assert_eq!((r["too_young"].as_u64(), r["actionable"].as_u64()), (Some(1), Some(0)), "{r}");
+    let mut r = Value::Null;
+    wait_until("the orphan comes of age", Duration::from_secs(20), || {
+        r = t.reconcile("models", &["--execute"]).1;
+        let ready = r["published"].as_u64() == Some(1);
+        async move { ready }
+    })
+    .await;
+    assert!(first_seen.elapsed() >= Duration::from_secs(1), "acted on before its grace ran out: {r}");
+    assert_eq!(t.next_result(30).await.result.owner, "model/gone-1");
+}
+
+/// Two sweeps of one rule never run at once: the second is refused as busy,
+/// exit 3 from the CLI and 409 from the admin route, and touches nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_of_a_rule_already_being_swept_is_refused() {
+    let file = std::env::temp_dir().join(format!("reaper-admin-{:08x}", fastrand::u32(..)));
+    std::fs::write(&file, "busy-token-5d1").unwrap();
+    let admin = format!("\n[admin]\ntoken_file = \"{}\"\n", file.display());
+    let mut t = spawn_app(&format!("{RULE}{admin}")).await;
+    let _ = std::fs::remove_file(&file);
+    // The CLI's config file names [admin] once.
+    t.config_text = t.config_text.replace(&admin, "\n");
+    world(&t, 2, &["gone-1"]).await;
+    // Another sweep holds the rule's lock, as a running sweep does.
+    let mut other = t.app.ledger.pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('reaper.reconcile'), hashtext('models'))")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let (code, r, err) = t.reconcile("models", &["--execute", "--force"]);
+    assert_eq!(code, 3, "{r} {err}");
+    assert!(err.contains("another sweep of it is running"), "{err}");
+    wait_until("the admin API listens", Duration::from_secs(10), || async { t.app.admin_addr.get().is_some() }).await;
+    let url = format!("http://{}/v1/reconcile/models?execute=true", t.app.admin_addr.get().unwrap());
+    let answer = reqwest::Client::new().post(url).bearer_auth("busy-token-5d1").send().await.unwrap();
+    assert_eq!(answer.status(), 409);
+    assert_eq!(models(&t).await, 3);
+    other.rollback().await.unwrap();
+    let (code, _, err) = t.reconcile("models", &[]);
+    assert_eq!(code, 0, "free again: {err}");
+}
