@@ -481,7 +481,7 @@ async fn a_job_resumed_after_a_crash_does_not_redo_its_recorded_steps() {
     for (kind, id) in &recorded {
         let step = r.resources.iter().find(|s| &s.kind == kind && &s.id == id).unwrap();
         assert_eq!(step.outcome, "deleted", "{kind}/{id} keeps its recorded outcome");
-        let path = &node.resources.iter().find(|x| &x.kind == kind && &x.id == id).unwrap().path;
+        let path = &node.resources.iter().find(|x| x.kind == *kind && &x.id == id).unwrap().path;
         assert_eq!(t.deletes_of(path), 1, "{kind}/{id} was recorded before the crash and not asked to go again");
     }
     assert!(t.drain_dead().await.is_empty(), "nothing was dead-lettered");
