@@ -151,6 +151,7 @@ pub async fn spawn_app(extra: &str) -> TestApp {
     // `{db_url}` in `extra` is this test's own database (an "application" database for SQL kinds).
     let extra = extra
         .replace("{db_url}", &format!("{}/{db_name}", pg_server()))
+        .replace("{db_name}", &db_name)
         .replace("{sim_url}", &format!("http://{addr}"))
         .replace("{mongo_url}", &mongo_url())
         .replace("{mongo_prefix}", &mongo_prefix);
@@ -168,8 +169,12 @@ pub async fn spawn_app(extra: &str) -> TestApp {
     cleanup.retry_delays = settings.worker.all_delays();
     let app = Arc::new(App::build(settings).await.expect("building the app"));
     cleanup.workers.push((shutdown.clone(), app.clone()));
+    // The test's own link goes straight to the broker, even when the worker's
+    // goes through a proxy the test cuts.
+    let mut direct = app.settings.clone();
+    direct.broker.url = reaper::config::Secret::new(amqp_url());
     let (conn, publisher) =
-        broker::link::open(&app.settings, &app.names).await.expect("RabbitMQ must be running on 127.0.0.1:5672");
+        broker::link::open(&direct, &app.names).await.expect("RabbitMQ must be running on 127.0.0.1:5672");
     let tap = ResultTap::open(&conn, &app.names).await.expect("opening the results tap");
     let worker = Some(tokio::spawn(app.clone().run(shutdown.clone())));
     TestApp { app, sim, publisher, tap, conn, shutdown, config_text, mongo_prefix, worker, _cleanup: cleanup }
@@ -543,4 +548,59 @@ pub fn lines_of(r: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Rece
         }
     });
     rx
+}
+
+/// A TCP proxy the test can cut, to take a service away from one worker
+/// without touching the service the other tests share.
+pub struct TcpProxy {
+    pub port: u16,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    links: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Forwards 127.0.0.1:`port` to `target` ("127.0.0.1:5432").
+    pub async fn to(target: &str) -> TcpProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let links: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (target, c, l) = (target.to_string(), cut.clone(), links.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if c.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the service is away
+                }
+                let target = target.clone();
+                l.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                }));
+            }
+        });
+        TcpProxy { port, cut, links, accept }
+    }
+
+    /// Drops every connection and refuses new ones until `restore`.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
 }

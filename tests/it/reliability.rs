@@ -486,3 +486,63 @@ async fn a_job_resumed_after_a_crash_does_not_redo_its_recorded_steps() {
     }
     assert!(t.drain_dead().await.is_empty(), "nothing was dead-lettered");
 }
+
+/// The ledger's database and the broker go away for one worker (through a
+/// proxy the test cuts). Without its database a job is parked on the retry
+/// queue (never dead-lettered, nothing deleted) and /readyz answers 503
+/// naming the database; back, the job completes. Without its broker the
+/// worker answers 503 naming consumption while it reconnects, and is ready
+/// and working again once the broker is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_its_database_or_broker_parks_its_work_and_says_it_is_not_ready() {
+    let pg = TcpProxy::to("127.0.0.1:5432").await;
+    let amqp = TcpProxy::to("127.0.0.1:5672").await;
+    let extra = format!(
+        "[database]\nurl = \"postgres://postgres@127.0.0.1:{}/{{db_name}}\"\n\
+         [broker]\nurl = \"amqp://guest:guest@127.0.0.1:{}/%2f\"\n\
+         [worker]\nretry_delays_secs = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]\n",
+        pg.port, amqp.port
+    );
+    let mut t = spawn_app(&extra).await;
+    wait_until("the admin API listens", Duration::from_secs(10), || async { t.app.admin_addr.get().is_some() }).await;
+    let readyz = format!("http://{}/readyz", t.app.admin_addr.get().unwrap());
+    let c = reqwest::Client::new();
+    let ready = |c: &reqwest::Client| {
+        let (c, url) = (c.clone(), readyz.clone());
+        async move {
+            let r = c.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    wait_until("ready", Duration::from_secs(20), || async { ready(&c).await.0 == 200 }).await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+
+    pg.cut();
+    t.publish("deletion.requested", &deletion("no-db", &node.owner, Utc::now())).await;
+    let infra = || t.app.metrics.broker_retries.with_label_values(&["infra"]).get();
+    wait_until("the job is parked for a retry", Duration::from_secs(30), || async { infra() >= 1 }).await;
+    let (code, body) = ready(&c).await;
+    assert_eq!((code, body["database"].as_bool()), (503, Some(false)), "{body}");
+    assert_eq!(t.sim.stats().deletes, 0, "nothing was deleted without the ledger");
+    pg.restore();
+    let r = t.next_result(60).await.result;
+    assert_eq!(r.status, "completed", "{r:?}");
+    assert!(t.sim.paths().is_empty());
+    assert!(t.drain_dead().await.is_empty(), "parked, never dead-lettered");
+    wait_until("ready again", Duration::from_secs(20), || async { ready(&c).await.0 == 200 }).await;
+
+    amqp.cut();
+    wait_until("not consuming", Duration::from_secs(20), || async {
+        let (code, body) = ready(&c).await;
+        code == 503 && body["consuming"] == false && body["database"] == true
+    })
+    .await;
+    amqp.restore();
+    wait_until("consuming again", Duration::from_secs(30), || async { ready(&c).await.0 == 200 }).await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    t.publish("deletion.requested", &deletion("after-broker", &node.owner, Utc::now())).await;
+    assert_eq!(t.next_result(60).await.result.status, "completed");
+    t.stop().await;
+}
