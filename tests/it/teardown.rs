@@ -278,3 +278,36 @@ async fn a_failure_holds_back_only_what_waits_for_it() {
     assert_eq!(t.sim.stats().delete_not_found, 0, "nothing was deleted twice");
     t.stop().await;
 }
+
+/// `parent` links order resources of one kind: a VNI attached to another
+/// (its parent) goes first, as the cloud requires, in a chain of three. The
+/// cloud answers slowly, so resources started together would meet there at
+/// once (and the parents be refused), whatever order they were started in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parent_links_order_resources_of_one_kind_end_to_end() {
+    let mut t = spawn_app("").await;
+    let vni = |id: &str| format!("/v1/virtual_network_interfaces/{id}");
+    let owner = format!("node/{}", unique("chain"));
+    // The root's dependent is the middle one, whose dependent is the leaf: the
+    // cloud refuses the root while the middle exists, the middle while the leaf does.
+    t.sim.create(&vni("c-root"), &[]);
+    t.sim.create(&vni("b-mid"), &[&vni("c-root")]);
+    t.sim.create(&vni("a-leaf"), &[&vni("b-mid")]);
+    t.sim.set_faults(Faults { latency_ms: 30, ..Default::default() });
+    let event = json!({
+        "event_id": unique("parents"), "owner": owner, "occurred_at": Utc::now().to_rfc3339(),
+        "resources": [
+            {"kind": "vni", "id": "a-leaf", "parent": {"kind": "vni", "id": "b-mid"}},
+            {"kind": "vni", "id": "b-mid", "parent": {"kind": "vni", "id": "c-root"}},
+            {"kind": "vni", "id": "c-root"},
+        ],
+    });
+    t.publish("provisioning.failed", &event).await;
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "completed", "{r:?}");
+    assert!(t.gone_at(&vni("a-leaf")) < t.first_delete(&vni("b-mid")), "the child goes before its parent");
+    assert!(t.gone_at(&vni("b-mid")) < t.first_delete(&vni("c-root")), "the child goes before its parent");
+    assert_eq!(t.sim.stats().refused_for_order, 0);
+    assert!(t.sim.paths().is_empty());
+    t.stop().await;
+}
