@@ -306,3 +306,47 @@ async fn a_lookup_that_first_runs_on_a_retry_claims_only_what_it_can_date() {
     );
     t.stop().await;
 }
+
+/// Rule 3, the window: a track with neither `created_at` nor `generation`
+/// belongs to a teardown if it was tracked no later than its `occurred_at`
+/// plus `late_track_window_secs`. Inside the window it is a late track and
+/// goes; past it, it is the next life's and stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_date_or_generation_the_window_decides_which_life_a_track_belongs_to() {
+    let mut t = spawn_app("[worker]\nlate_track_window_secs = 60\n").await;
+    let ip = |id: &str| format!("/v1/subnets/subnet-mgmt/reserved_ips/{id}");
+
+    // Torn down a moment ago: a track now is inside the window.
+    let recent = format!("node/{}", unique("recent"));
+    t.publish("deletion.requested", &deletion(&unique("del"), &recent, Utc::now())).await;
+    assert!(t.next_result(30).await.result.resources.is_empty());
+    t.sim.create(&ip("in-window"), &[]);
+    let late = unique("late");
+    t.publish("resource.tracked", &ip_track(&late, &recent, "in-window")).await;
+    let r = t.next_result(30).await.result;
+    assert_eq!((r.event_id.as_str(), r.trigger.as_str()), (late.as_str(), "late_track"), "{r:?}");
+    assert!(!t.sim.exists(&ip("in-window")));
+
+    // Torn down two minutes ago: a track now is past the window, the next life's.
+    let older = format!("node/{}", unique("older"));
+    t.publish("deletion.requested", &deletion(&unique("del"), &older, Utc::now() - Ch::seconds(120))).await;
+    assert!(t.next_result(30).await.result.resources.is_empty());
+    t.sim.create(&ip("past-window"), &[]);
+    let next_life = unique("next-life");
+    t.publish("resource.tracked", &ip_track(&next_life, &older, "past-window")).await;
+    let owners = vec![older.clone()];
+    wait_until("the track is recorded", Duration::from_secs(20), || async {
+        t.app.ledger.count_tracked(&owners).await.unwrap() >= 1
+    })
+    .await;
+    let rows = t.app.ledger.owner_resources(&older).await.unwrap();
+    assert_eq!((rows[0].1.as_str(), rows[0].2), ("live", None), "the next life's IP is live and unclaimed: {rows:?}");
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE event_id = $1")
+        .bind(&next_life)
+        .fetch_one(t.app.ledger.pool())
+        .await
+        .unwrap();
+    assert_eq!(jobs, 0, "no job for the next life's track");
+    assert!(t.sim.exists(&ip("past-window")));
+    t.stop().await;
+}
