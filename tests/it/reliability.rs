@@ -546,3 +546,56 @@ async fn a_worker_without_its_database_or_broker_parks_its_work_and_says_it_is_n
     assert_eq!(t.next_result(60).await.result.status, "completed");
     t.stop().await;
 }
+
+/// On shutdown the worker takes no new deliveries and gives the jobs in
+/// flight `shutdown_grace_secs` to finish: one that finishes in time is
+/// published; one that does not is left unacked, goes back to the queue and
+/// is finished by the next worker, never lost and never dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_jobs_in_flight_finish_within_the_grace_and_hands_back_the_rest() {
+    let mut t = spawn_app("[worker]\nshutdown_grace_secs = 2\nlease_ttl_secs = 1\nowner_busy_delay_ms = 200\n").await;
+    let deleting = || t.sim.requests().iter().any(|(m, _)| m == "DELETE");
+
+    // Each DELETE takes 300 ms: the job is in flight when the stop comes, and
+    // finishes within the grace.
+    let quick = VpcNode::new(&unique("node"));
+    t.provision(&quick).await;
+    t.sim.set_faults(Faults { latency_ms: 300, only_method: "DELETE".into(), ..Default::default() });
+    t.publish("deletion.requested", &deletion("in-flight", &quick.owner, Utc::now())).await;
+    wait_until("a DELETE is under way", Duration::from_secs(20), || async { deleting() }).await;
+    t.shutdown.cancel();
+    let r = t.next_result(20).await.result;
+    assert_eq!((r.event_id.as_str(), r.status.as_str()), ("in-flight", "completed"), "{r:?}");
+    t.stop().await;
+    assert!(t.sim.paths().is_empty());
+
+    // A DELETE that hangs outlasts the grace: the worker stops anyway, and the
+    // job goes back to the queue for the next worker.
+    let (replica, handle, _) = t.spawn_replica().await;
+    let slow = VpcNode::new(&unique("node"));
+    slow.create_in(&t.sim);
+    t.sim.set_faults(Faults { hang_rate: 1.0, hang_ms: 60_000, only_method: "DELETE".into(), ..Default::default() });
+    let event = serde_json::json!({
+        "event_id": "outlasts-grace", "owner": slow.owner, "occurred_at": Utc::now().to_rfc3339(),
+        "resources": [{"kind": "vni", "id": slow.resources.iter().find(|r| r.kind == "vni").unwrap().id}],
+    });
+    t.publish("provisioning.failed", &event).await;
+    wait_until("the DELETE hangs", Duration::from_secs(20), || async { t.sim.stats().injected_hangs >= 1 }).await;
+    let stopping = std::time::Instant::now();
+    replica.cancel();
+    tokio::time::timeout(Duration::from_secs(10), handle).await.expect("the replica stops after its grace").unwrap();
+    let took = stopping.elapsed();
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(8), "stopped after the grace: {took:?}");
+    let status: String = sqlx::query_scalar("SELECT status FROM jobs WHERE event_id = 'outlasts-grace'")
+        .fetch_one(t.app.ledger.pool())
+        .await
+        .unwrap();
+    assert_eq!(status, "running", "handed back, not ended");
+    t.sim.set_faults(Faults::default());
+    let (next, handle, _) = t.spawn_replica().await;
+    let r = t.next_result(60).await.result;
+    assert_eq!((r.event_id.as_str(), r.status.as_str()), ("outlasts-grace", "completed"), "{r:?}");
+    next.cancel();
+    handle.await.unwrap();
+    assert!(t.drain_dead().await.is_empty());
+}
