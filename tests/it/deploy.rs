@@ -64,3 +64,22 @@ fn the_dashboard_and_alerts_use_only_metrics_reaper_registers_and_the_docs_list_
         assert!(registered.contains(u), "the dashboard or an alert uses {u}, which reaper does not register");
     }
 }
+
+/// docs/contract.md names the test of each guarantee: each named test exists.
+#[test]
+fn every_test_the_contract_names_exists() {
+    let doc = std::fs::read_to_string(root("docs/contract.md")).unwrap();
+    let named: Vec<&str> = doc
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|w| w.split("::").count() == 2 && w.chars().all(|c| c.is_ascii_lowercase() || c == '_' || c == ':'))
+        .collect();
+    assert!(named.len() >= 20, "{named:?}");
+    for n in named {
+        let (module, test) = n.split_once("::").unwrap();
+        let file = root(&format!("tests/it/{module}.rs"));
+        let source = std::fs::read_to_string(&file).unwrap_or_else(|_| panic!("{n}: no tests/it/{module}.rs"));
+        assert!(source.contains(&format!("fn {test}(")), "docs/contract.md names {n}, which does not exist");
+    }
+}
