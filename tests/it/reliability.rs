@@ -599,3 +599,37 @@ async fn shutdown_lets_jobs_in_flight_finish_within_the_grace_and_hands_back_the
     handle.await.unwrap();
     assert!(t.drain_dead().await.is_empty());
 }
+
+/// A job that runs longer than its owner's lease keeps the lease by the
+/// heartbeat: a second delivery of the owner meanwhile (on the other worker)
+/// waits as "owner busy" instead of running the same deletes beside it. A
+/// lease that is not renewed runs out (`a_job_whose_worker_crashes_keeps_its_retry_schedule`
+/// and `a_job_resumed_after_a_crash_does_not_redo_its_recorded_steps` rely on
+/// that after a crash).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_heartbeat_keeps_a_long_jobs_lease_so_a_second_delivery_waits() {
+    let mut t = spawn_app("[worker]\nlease_ttl_secs = 1\nowner_busy_delay_ms = 100\n").await;
+    let (replica, handle, replica_app) = t.spawn_replica().await;
+    wait_until("the replica consumes", Duration::from_secs(20), || async {
+        replica_app.ready.load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    // Each DELETE takes 800 ms: the job outlasts its 1 s lease several times over.
+    t.sim.set_faults(Faults { latency_ms: 800, only_method: "DELETE".into(), ..Default::default() });
+    let ev = deletion("long-job", &node.owner, Utc::now());
+    t.publish("deletion.requested", &ev).await;
+    t.publish("deletion.requested", &ev).await;
+    let (a, b) = (t.next_result(60).await, t.next_result(60).await);
+    assert_eq!(a.body, b.body, "one job, one result");
+    assert_eq!(a.result.status, "completed", "{:?}", a.result);
+    for r in &node.resources {
+        assert_eq!(t.deletes_of(&r.path), 1, "{} was asked to go once: the copies never ran together", r.path);
+    }
+    let busy = |app: &reaper::app::App| app.metrics.broker_retries.with_label_values(&["owner_busy"]).get();
+    assert!(busy(&t.app) + busy(&replica_app) >= 1, "the second delivery waited as owner busy");
+    replica.cancel();
+    handle.await.unwrap();
+    t.stop().await;
+}
