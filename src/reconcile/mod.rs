@@ -181,15 +181,48 @@ impl Sweeper<'_> {
         result
     }
 
+    /// One sweep in one ledger transaction, committed when it executed and
+    /// rolled back otherwise. A sweep that fails ends its transaction here and
+    /// now: a dropped one is rolled back only when the pool next uses its
+    /// connection, and until then the rule's advisory lock would make every
+    /// next sweep "busy".
     async fn sweep_inner(&self, name: &str, rule: &RuleSettings, mode: Mode) -> Result<Report, ReconcileError> {
-        let started_at = Utc::now();
         let clock = std::time::Instant::now();
         let fail = |message: String| ReconcileError::Sweep { rule: name.into(), message };
         let mut tx = self.ledger.pool().begin().await.map_err(|e| fail(format!("ledger: {e}")))?;
+        let mut report = match self.sweep_in(name, rule, mode, &mut tx).await {
+            Ok((report, true)) => {
+                tx.commit().await.map_err(|e| fail(format!("ledger: {e}")))?;
+                report
+            }
+            Ok((report, false)) => {
+                tx.rollback().await.map_err(|e| fail(format!("ledger: {e}")))?;
+                report
+            }
+            Err(e) => {
+                if let Err(why) = tx.rollback().await {
+                    tracing::warn!(rule = name, error = %why, "could not roll back a failed sweep");
+                }
+                return Err(e);
+            }
+        };
+        report.seconds = clock.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    async fn sweep_in(
+        &self,
+        name: &str,
+        rule: &RuleSettings,
+        mode: Mode,
+        tx: &mut Transaction<'static, Postgres>,
+    ) -> Result<(Report, bool), ReconcileError> {
+        let started_at = Utc::now();
+        let fail = |message: String| ReconcileError::Sweep { rule: name.into(), message };
         let (locked,): (bool,) =
             sqlx::query_as("SELECT pg_try_advisory_xact_lock(hashtext('reaper.reconcile'), hashtext($1))")
                 .bind(name)
-                .fetch_one(&mut *tx)
+                .fetch_one(&mut **tx)
                 .await
                 .map_err(|e| fail(format!("ledger: {e}")))?;
         if !locked {
@@ -199,9 +232,9 @@ impl Sweeper<'_> {
             "CREATE TEMP TABLE rc_truth (key TEXT NOT NULL) ON COMMIT DROP",
             "CREATE TEMP TABLE rc_copy (key TEXT NOT NULL, created_at TIMESTAMPTZ, attrs JSONB NOT NULL) ON COMMIT DROP",
         ] {
-            sqlx::query(ddl).execute(&mut *tx).await.map_err(|e| fail(format!("ledger: {e}")))?;
+            sqlx::query(ddl).execute(&mut **tx).await.map_err(|e| fail(format!("ledger: {e}")))?;
         }
-        let (truth, copy, excluded) = self.load(name, rule, &mut tx).await?;
+        let (truth, copy, excluded) = self.load(name, rule, tx).await?;
 
         let mut report = Report {
             rule: name.into(),
@@ -228,11 +261,9 @@ impl Sweeper<'_> {
         if let Some(why) = empty {
             report.outcome = Outcome::Refused;
             report.refused = Some(format!("{why}; nothing was touched"));
-            report.seconds = clock.elapsed().as_secs_f64();
-            tx.rollback().await.map_err(|e| fail(format!("ledger: {e}")))?;
-            return Ok(report);
+            return Ok((report, false));
         }
-        self.classify(name, rule, &mut tx, &mut report).await.map_err(|e| fail(format!("ledger: {e}")))?;
+        self.classify(name, rule, tx, &mut report).await.map_err(|e| fail(format!("ledger: {e}")))?;
 
         let brake = brake(rule, report.actionable, copy, truth.is_some());
         report.outcome = match (&brake, mode.force, mode.execute, report.actionable) {
@@ -245,7 +276,7 @@ impl Sweeper<'_> {
             (_, _, true, _) => Outcome::Acted,
         };
         if report.outcome == Outcome::Acted {
-            self.publish(name, rule, &mut tx, &mut report).await?;
+            self.publish(name, rule, tx, &mut report).await?;
             if report.published == 0 {
                 report.outcome = Outcome::NothingToDo;
             }
@@ -255,15 +286,13 @@ impl Sweeper<'_> {
             sqlx::query("UPDATE reconcile_rules SET last_report = $2 WHERE rule = $1")
                 .bind(name)
                 .bind(stored)
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await
                 .map_err(|e| fail(format!("ledger: {e}")))?;
-            tx.commit().await.map_err(|e| fail(format!("ledger: {e}")))?;
-        } else {
-            tx.rollback().await.map_err(|e| fail(format!("ledger: {e}")))?;
         }
-        report.seconds = clock.elapsed().as_secs_f64();
-        Ok(report)
+        // An executed sweep is kept (its count, the orphans' state, what it
+        // published), a refused one by the brakes included; a dry run is not.
+        Ok((report, mode.execute))
     }
 
     /// Reads both inventories at once into the temporary tables. Returns the

@@ -559,4 +559,22 @@ async fn a_sweep_of_a_rule_already_being_swept_is_refused() {
     other.rollback().await.unwrap();
     let (code, _, err) = t.reconcile("models", &[]);
     assert_eq!(code, 0, "free again: {err}");
+
+    // The route's other answers: 503 when an inventory fails to load, 422
+    // when a safety rule refuses; neither touches anything.
+    let post = |u: String| reqwest::Client::new().post(u).bearer_auth("busy-token-5d1").send();
+    let route = format!("http://{}/v1/reconcile/models", t.app.admin_addr.get().unwrap());
+    t.sim.set_faults(reaper::devtools::sim::Faults { fail_next: 1000, fail_status: 503, ..Default::default() });
+    let failed = post(format!("{route}?execute=true&force=true")).await.unwrap();
+    assert_eq!(failed.status(), 503);
+    assert!(failed.text().await.unwrap().contains("failed to load"));
+    t.sim.set_faults(Default::default());
+    for i in 0..2 {
+        t.sim.remove(&format!("/gw/models/live-{i:04}"));
+    }
+    let refused = post(format!("{route}?execute=true&force=true")).await.unwrap();
+    assert_eq!(refused.status(), 422);
+    let report: Value = refused.json().await.unwrap();
+    assert!(report["refused"].as_str().unwrap().contains("truth inventory came back empty"), "{report}");
+    assert_eq!(models(&t).await, 3);
 }
