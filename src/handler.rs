@@ -22,6 +22,8 @@ pub async fn handle(app: &App, env: &Envelope<'_>, ledger_refusals: u32) -> Disp
             return Disposition::Reject { reason: m.0, class: ErrorClass::Malformed };
         }
     };
+    #[cfg(debug_assertions)]
+    panic_if_asked(&event);
     let ctx = Ctx { app, body: env.body, ledger_refusals };
     let holder = app.holders.register();
     let busy = || Disposition::RetryAfter {
@@ -53,6 +55,23 @@ pub async fn handle(app: &App, env: &Envelope<'_>, ledger_refusals: u32) -> Disp
             Ok(Begin::Conflict(why)) => refused(why),
             Err(e) => ctx.on_ledger_error(&e),
         },
+    }
+}
+
+/// Debug builds only: `REAPER_DEBUG_PANIC_OWNER=<owner>` makes the handler
+/// panic on every message about that owner, so a test can show what a panic
+/// costs (retries, then a dead letter; never the worker or other messages).
+/// Release builds have no such switch.
+#[cfg(debug_assertions)]
+fn panic_if_asked(event: &Event) {
+    static OWNER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let asked = OWNER.get_or_init(|| std::env::var("REAPER_DEBUG_PANIC_OWNER").ok());
+    let owner = match event {
+        Event::Teardown(r) => &r.owner,
+        Event::Tracked(t) => &t.owner,
+    };
+    if asked.as_deref() == Some(owner.as_str()) {
+        panic!("injected panic for {owner} (REAPER_DEBUG_PANIC_OWNER, a debug build)");
     }
 }
 

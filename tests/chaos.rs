@@ -98,63 +98,57 @@ async fn collect_results(
     out: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
 ) {
     while !stop.is_cancelled() {
-        // A connect (or a consumer) can hang across the broker restart without
-        // an error; bounded waits and an idle watchdog reconnect instead.
-        let url = amqp_url();
-        let connect = Connection::connect(&url, ConnectionProperties::default());
-        let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(10), connect).await else {
+        // Any step of opening the tap can hang across the broker restart
+        // without an error: the whole of it is bounded, and an idle watchdog
+        // reconnects too.
+        let opened = tokio::time::timeout(Duration::from_secs(15), open_tap(&names, &tap)).await;
+        let Ok(Some((conn, mut consumer))) = opened else {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            continue;
-        };
-        let Ok(ch) = conn.create_channel().await else { continue };
-        let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
-        if ch
-            .queue_declare(tap.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
-            .await
-            .is_err()
-        {
-            continue;
-        }
-        let _ = ch
-            .queue_bind(
-                tap.as_str().into(),
-                names.results.as_str().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await;
-        let _ = ch.basic_qos(500, BasicQosOptions::default()).await;
-        let Ok(mut consumer) = ch
-            .basic_consume(
-                tap.as_str().into(),
-                "chaos-tap".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-        else {
             continue;
         };
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 // Unacked deliveries go back to the tap queue when we close.
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {
-                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "idle; reconnecting".into())).await;
-                    break;
-                }
+                _ = tokio::time::sleep(Duration::from_secs(5)) => break,
                 next = consumer.next() => match next {
                     Some(Ok(d)) => {
+                        let acked = tokio::time::timeout(Duration::from_secs(5), d.acker.ack(BasicAckOptions::default())).await;
+                        if !matches!(acked, Ok(Ok(_))) {
+                            break; // redelivered after the reconnect; a copy is compared like any duplicate
+                        }
                         let _ = out.send(d.data.clone());
-                        let _ = d.acker.ack(BasicAckOptions::default()).await;
                     }
                     _ => break,
                 }
             }
         }
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "reconnecting".into())).await;
     }
+}
+
+/// The test's own durable result queue, bound to the results exchange, with a consumer on it.
+async fn open_tap(names: &Names, tap: &str) -> Option<(Connection, lapin::Consumer)> {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.ok()?;
+    let ch = conn.create_channel().await.ok()?;
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    ch.queue_declare(tap.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args).await.ok()?;
+    ch.queue_bind(
+        tap.into(),
+        names.results.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .ok()?;
+    ch.basic_qos(500, BasicQosOptions::default()).await.ok()?;
+    let consumer = ch
+        .basic_consume(tap.into(), "chaos-tap".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .ok()?;
+    Some((conn, consumer))
 }
 
 struct Worker {

@@ -633,3 +633,39 @@ async fn the_heartbeat_keeps_a_long_jobs_lease_so_a_second_delivery_waits() {
     handle.await.unwrap();
     t.stop().await;
 }
+
+/// A message whose handling panics costs retries, then a dead letter, and
+/// nothing else: the worker goes on with other messages. (The panic is
+/// injected by `REAPER_DEBUG_PANIC_OWNER`, which only debug builds read.)
+/// The count of panics travels with the message, so it holds across workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_panics_the_handler_is_retried_then_dead_lettered_and_the_worker_carries_on() {
+    let mut t = spawn_app("").await;
+    let healthy = VpcNode::new(&unique("node"));
+    t.provision(&healthy).await;
+    t.stop().await; // the worker from here on is a process with the switch set
+    let cursed = format!("node/{}", unique("cursed"));
+    let log = std::fs::File::create(std::env::temp_dir().join(format!("{}.panic.log", t.app.names.events))).unwrap();
+    let mut worker = Child::spawn(
+        reaper_cmd()
+            .args(["run", "--config"])
+            .arg(t.config_file())
+            .env("REAPER_DEBUG_PANIC_OWNER", &cursed)
+            .stdout(Stdio::null())
+            .stderr(log),
+        "reaper run",
+    );
+    t.publish("deletion.requested", &deletion("cursed-1", &cursed, Utc::now())).await;
+    let (body, headers) = t.dead_headers(1).await.pop().unwrap();
+    assert_eq!(headers.get("x-reaper-error-class").map(String::as_str), Some("poison"), "{headers:?}");
+    let reason = headers.get("x-reaper-reason").cloned().unwrap_or_default();
+    let limit = t.app.settings.broker.delivery_limit;
+    assert!(reason.contains(&format!("handling panicked {limit} times")), "{reason}");
+    assert!(String::from_utf8_lossy(&body).contains("cursed-1"), "the original body is kept");
+    // The worker is alive and well: the next owner is torn down.
+    t.publish("deletion.requested", &deletion("after-panic", &healthy.owner, Utc::now())).await;
+    let r = t.next_result(60).await.result;
+    assert_eq!((r.event_id.as_str(), r.status.as_str()), ("after-panic", "completed"), "{r:?}");
+    assert!(t.sim.paths().is_empty());
+    assert!(worker.terminate(Duration::from_secs(20)).success(), "a clean stop after the panics");
+}
