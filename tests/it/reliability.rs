@@ -669,3 +669,43 @@ async fn a_message_that_panics_the_handler_is_retried_then_dead_lettered_and_the
     assert!(t.sim.paths().is_empty());
     assert!(worker.terminate(Duration::from_secs(20)).success(), "a clean stop after the panics");
 }
+
+/// Results leave through the outbox: a row a crashed worker left unpublished
+/// is published by the next worker's drain once it is older than the grace,
+/// and a row still young when the worker stops is flushed on the way out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_left_in_the_outbox_are_published_by_the_drain_and_the_shutdown_flush() {
+    let mut t = spawn_app("").await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    t.publish("deletion.requested", &deletion("outboxed", &node.owner, Utc::now())).await;
+    let first = t.next_result(30).await;
+    let pool = t.app.ledger.pool().clone();
+    let outbox = |age_secs: i64| {
+        sqlx::query(
+            "INSERT INTO outbox (job_id, event_id, target, routing_key, body, created_at)
+             VALUES ($1, 'outboxed', 'result', $2, $3, now() - make_interval(secs => $4))",
+        )
+        .bind(first.result.job_id)
+        .bind(&first.routing_key)
+        .bind(first.body.clone())
+        .bind(age_secs as f64)
+        .execute(&pool)
+    };
+
+    // As if the worker had died between its commit and its publish, a while ago.
+    outbox(60).await.unwrap();
+    let again = t.next_result(30).await;
+    assert_eq!(again.body, first.body, "the drain publishes the stored bytes");
+    wait_until("the drained row is cleared", Duration::from_secs(20), || async {
+        t.count("SELECT count(*) FROM outbox WHERE event_id = 'outboxed'").await == 0
+    })
+    .await;
+
+    // A row younger than the grace is the worker's own to publish; stopping
+    // flushes it rather than leave it for the next worker.
+    outbox(0).await.unwrap();
+    t.stop().await;
+    let flushed = t.next_result(30).await;
+    assert_eq!(flushed.body, first.body, "flushed on shutdown");
+}
