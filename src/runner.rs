@@ -16,7 +16,11 @@ impl App {
         self.running.store(true, std::sync::atomic::Ordering::SeqCst);
         let this = self.clone();
         tracing::info!(broker = %redact_url(self.settings.broker.url.expose()), prefix = %self.settings.broker.prefix, "starting the worker");
-        let beat = tokio::spawn(heartbeat(self.clone(), shutdown.clone()));
+        // The heartbeat outlives `shutdown`: the jobs finishing in the grace
+        // period still hold their owners, or a duplicate on another worker
+        // would find a lease run out and run the same deletes beside them.
+        let stop_beat = CancellationToken::new();
+        let beat = tokio::spawn(heartbeat(self.clone(), stop_beat.clone()));
         let rx = self.take_confirmed();
         let stop_clearer = CancellationToken::new();
         let clearer = rx.map(|rx| tokio::spawn(crate::outbox::clear(self.ledger.clone(), rx, stop_clearer.clone())));
@@ -33,6 +37,7 @@ impl App {
         };
         let sweeps = tokio::spawn(crate::reconcile::schedule::run(self.clone(), shutdown.clone()));
         crate::consumer::run(self, shutdown).await;
+        stop_beat.cancel();
         let _ = beat.await;
         let _ = sweeps.await;
         stop_clearer.cancel();
@@ -47,12 +52,13 @@ impl App {
     }
 }
 
-/// Renews the owner leases of every delivery in hand, a few times per lease.
-async fn heartbeat(app: Arc<App>, shutdown: CancellationToken) {
+/// Renews the owner leases of every delivery in hand, a few times per lease,
+/// until `stop` (after the consumer's last job has ended or been handed back).
+async fn heartbeat(app: Arc<App>, stop: CancellationToken) {
     let every = app.ledger.lease_ttl() / 3;
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
         let holders = app.holders.snapshot();

@@ -709,3 +709,38 @@ async fn results_left_in_the_outbox_are_published_by_the_drain_and_the_shutdown_
     let flushed = t.next_result(30).await;
     assert_eq!(flushed.body, first.body, "flushed on shutdown");
 }
+
+/// During the shutdown grace the worker still holds the leases of the jobs it
+/// is finishing: a duplicate waiting on another worker must not find the
+/// owner free and run the same deletes beside them. (The heartbeat used to
+/// stop with the consumer, so a lease could run out mid-grace.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_finishing_in_the_shutdown_grace_keeps_its_lease() {
+    let mut t = spawn_app("[worker]\nlease_ttl_secs = 1\nowner_busy_delay_ms = 100\nshutdown_grace_secs = 8\n").await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    // Each DELETE takes 800 ms: the job runs for a few seconds, well past its lease.
+    t.sim.set_faults(Faults { latency_ms: 800, only_method: "DELETE".into(), ..Default::default() });
+    let ev = deletion("grace-lease", &node.owner, Utc::now());
+    t.publish("deletion.requested", &ev).await;
+    wait_until("the first DELETE is under way", Duration::from_secs(20), || async {
+        t.sim.requests().iter().any(|(m, _)| m == "DELETE")
+    })
+    .await;
+    // Another worker, and a duplicate for it, then the first worker is told to stop.
+    let (replica, handle, replica_app) = t.spawn_replica().await;
+    wait_until("the replica consumes", Duration::from_secs(20), || async {
+        replica_app.ready.load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await;
+    t.shutdown.cancel();
+    t.publish("deletion.requested", &ev).await;
+    let (a, b) = (t.next_result(60).await, t.next_result(60).await);
+    assert_eq!(a.body, b.body, "one job, one result");
+    for r in &node.resources {
+        assert_eq!(t.deletes_of(&r.path), 1, "{} was asked to go once", r.path);
+    }
+    replica.cancel();
+    handle.await.unwrap();
+    t.stop().await;
+}
