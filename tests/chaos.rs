@@ -160,7 +160,14 @@ struct Worker {
 impl Worker {
     fn start(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_reaper"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_reaper"));
+        // Only what this test sets: none of the developer's REAPER_* variables.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("REAPER_") {
+                cmd.env_remove(k);
+            }
+        }
+        let child = cmd
             .args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "warn,reaper=info")

@@ -281,35 +281,34 @@ async fn with_no_token_configured_every_protected_route_answers_401() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_listens_beyond_loopback_only_with_a_token_read_from_its_variable_or_file() {
-    let settings = |admin: &str| {
-        let vpc = include_str!("../../config/vpc-node.toml").replace("auth = {", "# auth = {");
-        reaper::config::Settings::from_toml_layers(&[&vpc, admin]).unwrap()
+    let vpc = include_str!("../../config/vpc-node.toml").replace("auth = {", "# auth = {");
+    let beyond = "[admin]\nlisten = \"0.0.0.0:9090\"\ntoken_env = \"REAPER_TEST_ADMIN_TOKEN\"\n";
+    // `reaper check-config` runs the checks `reaper run` runs; the variable is
+    // set for the child only (never in this multi-threaded test process).
+    let dir = std::env::temp_dir().join(format!("reaper-admin-{:08x}", fastrand::u32(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("reaper.toml");
+    std::fs::write(&file, format!("{vpc}\n{beyond}")).unwrap();
+    let check = |env: &[(&str, &str)]| {
+        let mut cmd = reaper_cmd();
+        cmd.args(["check-config", "--config"]).arg(&file).envs(env.iter().copied());
+        run_to_end(&mut cmd, "reaper check-config", Duration::from_secs(60))
     };
-    let err = reaper::app::App::check(&settings(
-        "[admin]\nlisten = \"0.0.0.0:9090\"\ntoken_env = \"REAPER_TEST_UNSET_ADMIN_TOKEN\"\n",
-    ))
-    .await
-    .err()
-    .expect("no token, not loopback: refused");
-    assert!(err.to_string().contains("not a loopback address and no admin token is set"), "{err}");
+    let out = check(&[]);
+    assert_eq!(out.status.code(), Some(2), "no token, not loopback: refused");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not a loopback address and no admin token is set"), "{stderr}");
+    let out = check(&[("REAPER_TEST_ADMIN_TOKEN", "from-the-environment")]);
+    assert!(out.status.success(), "a token from the variable: {}", String::from_utf8_lossy(&out.stderr));
 
-    let var = format!("REAPER_TEST_ADMIN_TOKEN_{:08x}", fastrand::u32(..));
-    // SAFETY: a variable of this test's own name, read by this test only.
-    unsafe { std::env::set_var(&var, "from-the-environment") };
-    let checked =
-        reaper::app::App::check(&settings(&format!("[admin]\nlisten = \"0.0.0.0:9090\"\ntoken_env = \"{var}\"\n")))
-            .await
-            .expect("a token from the environment");
-    assert_eq!(checked.admin_token.unwrap().expose(), "from-the-environment");
-
-    let file = std::env::temp_dir().join(format!("reaper-admin-{:08x}", fastrand::u32(..)));
-    std::fs::write(&file, "from-a-file\n").unwrap();
-    let checked = reaper::app::App::check(&settings(&format!(
-        "[admin]\nlisten = \"0.0.0.0:9090\"\ntoken_env = \"{var}\"\ntoken_file = \"{}\"\n",
-        file.display()
-    )))
-    .await
-    .expect("a token from a file");
-    let _ = std::fs::remove_file(&file);
+    // From a file, read as written less its newline (in process: no variable involved).
+    std::fs::write(dir.join("token"), "from-a-file\n").unwrap();
+    let settings = reaper::config::Settings::from_toml_layers(&[
+        &vpc,
+        &format!("{beyond}token_file = \"{}\"\n", dir.join("token").display()),
+    ])
+    .unwrap();
+    let checked = reaper::app::App::check(&settings).await.expect("a token from a file");
+    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(checked.admin_token.unwrap().expose(), "from-a-file", "the file wins, its newline trimmed");
 }

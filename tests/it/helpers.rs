@@ -160,6 +160,11 @@ pub async fn spawn_app(extra: &str) -> TestApp {
         .expect("test settings");
     // Schedules fire at start on a fresh ledger; a test that wants them says so.
     settings.reconcile.run_schedules = extra.contains("run_schedules = true");
+    // The admin token comes from the test (token_file), never from the
+    // developer's REAPER_ADMIN_TOKEN.
+    if !extra.contains("token_env") {
+        settings.admin.token_env = "REAPER_TEST_UNSET_ADMIN_TOKEN".into();
+    }
     // The simulated services take no token (the config file for the binary has its auth lines commented out).
     for p in settings.providers.values_mut() {
         if let reaper::config::ProviderSettings::Http(h) = p {
