@@ -306,7 +306,14 @@ struct ReconcileQuery {
 /// rule runs, 503 when an inventory failed to load.
 async fn reconcile(State(app): State<Arc<App>>, Path(rule): Path<String>, Query(q): Query<ReconcileQuery>) -> Response {
     use crate::reconcile::{Mode, ReconcileError};
-    match app.sweeper().sweep(&rule, Mode { execute: q.execute, force: q.force }).await {
+    // On a task of its own: a client that hangs up must not drop the sweep
+    // half-way (its transaction would end only when the pool reused the
+    // connection, holding the rule's lock until then).
+    let mode = Mode { execute: q.execute, force: q.force };
+    let (sweeper_app, name) = (app.clone(), rule.clone());
+    let swept = tokio::spawn(async move { sweeper_app.sweeper().sweep(&name, mode).await }).await;
+    let Ok(swept) = swept else { return error(StatusCode::INTERNAL_SERVER_ERROR, "the sweep panicked") };
+    match swept {
         Ok(r) if r.outcome == crate::reconcile::Outcome::Refused => {
             (StatusCode::UNPROCESSABLE_ENTITY, Json(r)).into_response()
         }

@@ -69,6 +69,10 @@ async fn session(app: &Arc<App>, shutdown: &CancellationToken) -> Result<(), Bro
         Some(app.metrics.outbox_backlog.clone()),
     ));
     let tracker = TaskTracker::new();
+    // Cancelled when the grace is over: a job still running then is dropped
+    // where it stands (its delivery, unacked, goes back to the queue), so
+    // nothing of this session acts after it ended.
+    let abandon = CancellationToken::new();
     let ended = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
@@ -76,7 +80,13 @@ async fn session(app: &Arc<App>, shutdown: &CancellationToken) -> Result<(), Bro
                 Some(Ok(delivery)) => {
                     let app = app.clone();
                     let publisher = publisher.clone();
-                    tracker.spawn(async move { process(&app, &publisher, delivery).await });
+                    let abandon = abandon.clone();
+                    tracker.spawn(async move {
+                        tokio::select! {
+                            _ = process(&app, &publisher, delivery) => {}
+                            _ = abandon.cancelled() => {}
+                        }
+                    });
                 }
                 Some(Err(e)) => break Err(amqp("consuming")(e)),
                 None => break Err(BrokerError::ConsumerCancelled),
@@ -92,6 +102,8 @@ async fn session(app: &Arc<App>, shutdown: &CancellationToken) -> Result<(), Bro
     let grace = Duration::from_secs(app.settings.worker.shutdown_grace_secs);
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("jobs still running after the grace period; they go back to the queue unacked");
+        abandon.cancel();
+        tracker.wait().await;
     }
     session_over.cancel();
     let _ = drainer.await;
@@ -113,9 +125,16 @@ async fn session(app: &Arc<App>, shutdown: &CancellationToken) -> Result<(), Bro
 /// Handles one delivery and settles it. Nothing is acked before what it must
 /// publish is confirmed; any failure leaves it nacked for redelivery.
 async fn process(app: &App, publisher: &Publisher, delivery: Delivery) {
+    /// Counts the delivery out however it ends (a job abandoned after the grace included).
+    struct InFlight<'a>(&'a prometheus::IntGauge);
+    impl Drop for InFlight<'_> {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
     app.metrics.in_flight.inc();
+    let _counted = InFlight(&app.metrics.in_flight);
     process_one(app, publisher, delivery).await;
-    app.metrics.in_flight.dec();
 }
 
 async fn process_one(app: &App, publisher: &Publisher, delivery: Delivery) {

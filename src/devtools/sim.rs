@@ -83,6 +83,8 @@ pub struct Stats {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Arrival {
     pub at: Duration,
+    /// When its answer went out.
+    pub done: Duration,
     pub method: String,
     pub path: String,
     pub status: u16,
@@ -343,16 +345,24 @@ async fn handle(
         return control_api(&sim, &method, control, &body);
     }
     let at = sim.born.elapsed();
+    /// Counts the request out however it ends (a client that hangs up drops it).
+    struct InFlight<'a>(&'a Sim);
+    impl Drop for InFlight<'_> {
+        fn drop(&mut self) {
+            self.0.inner.lock().unwrap().in_flight -= 1;
+        }
+    }
     {
         let mut g = sim.inner.lock().unwrap();
         g.in_flight += 1;
         g.stats.max_in_flight = g.stats.max_in_flight.max(g.in_flight);
     }
+    let counted = InFlight(&sim);
     let response = resource_request(&sim, &method, &uri, &headers, &body).await;
-    let mut g = sim.inner.lock().unwrap();
-    g.in_flight -= 1;
+    drop(counted);
     let status = response.status().as_u16();
-    g.timeline.push(Arrival { at, method: method.to_string(), path, status });
+    let done = sim.born.elapsed();
+    sim.inner.lock().unwrap().timeline.push(Arrival { at, done, method: method.to_string(), path, status });
     response
 }
 

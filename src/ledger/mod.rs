@@ -777,13 +777,13 @@ impl Ledger {
         Ok(rows.iter().map(resource_row).collect())
     }
 
-    /// Remembers finished steps so a redelivered job does not redo them.
     /// What the finish queue's group commit has done: for tests and the
     /// benchmark, which show that finishes share statements.
     pub fn finish_batches(&self) -> group_commit::BatchCounts {
         self.batchers.finish_counts.read()
     }
 
+    /// Remembers finished steps so a redelivered job does not redo them.
     pub async fn record_steps(&self, job: &JobRow, steps: &[StepRecord]) -> Result<(), LedgerError> {
         if steps.is_empty() || job.dry_run {
             return Ok(());

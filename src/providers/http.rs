@@ -104,11 +104,6 @@ impl RequestTemplate {
         })
     }
 
-    /// The path with every value percent-encoded. An empty value is refused,
-    /// and so is a segment holding a value that comes out empty, `.` or `..`
-    /// (`{attr.a}{id}` with `.` and `.`, or `/x/.{id}` with `.`): a URL parser
-    /// turns those into another path (`/zones/z1/records/..` is the zone), so
-    /// the request would reach something nobody named.
     /// "METHOD base/path" for a plan. Plans are printed and served: never
     /// with the base URL's credentials.
     pub fn describe(&self, base: Option<&HttpProviderSettings>, r: &Resource) -> Result<String, String> {
@@ -116,6 +111,11 @@ impl RequestTemplate {
         Ok(format!("{} {base}{}", self.method, self.render(&r.id, &r.attributes)?))
     }
 
+    /// The path with every value percent-encoded. An empty value is refused,
+    /// and so is a segment holding a value that comes out empty, `.` or `..`
+    /// (`{attr.a}{id}` with `.` and `.`, or `/x/.{id}` with `.`): a URL parser
+    /// turns those into another path (`/zones/z1/records/..` is the zone), so
+    /// the request would reach something nobody named.
     pub fn render(&self, id: &str, attributes: &BTreeMap<String, String>) -> Result<String, String> {
         let mut out = String::new();
         // Where the current segment starts, and the first value in it, if any.

@@ -276,7 +276,6 @@ impl TestApp {
     }
 }
 
-/// Polls `cond` until it holds; fails with `what` after `limit`.
 impl TestApp {
     /// When the first DELETE of `path` reached the cloud.
     pub fn first_delete(&self, path: &str) -> Duration {
@@ -285,11 +284,11 @@ impl TestApp {
         first.unwrap_or_else(|| panic!("no DELETE of {path} reached the cloud")).at
     }
 
-    /// When the DELETE that removed `path` reached the cloud.
+    /// When the DELETE that removed `path` was answered: it was gone from then.
     pub fn gone_at(&self, path: &str) -> Duration {
         let timeline = self.sim.timeline();
         let gone = timeline.iter().find(|a| a.method == "DELETE" && a.path == path && a.status == 204);
-        gone.unwrap_or_else(|| panic!("no DELETE removed {path}")).at
+        gone.unwrap_or_else(|| panic!("no DELETE removed {path}")).done
     }
 
     /// How many DELETEs of `path` reached the cloud.
@@ -336,6 +335,7 @@ pub fn scraped_families(text: &str) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
+/// Polls `cond` until it holds; fails with `what` after `limit`.
 pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut cond: F)
 where
     F: FnMut() -> Fut,

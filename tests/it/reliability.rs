@@ -637,7 +637,7 @@ async fn the_heartbeat_keeps_a_long_jobs_lease_so_a_second_delivery_waits() {
 /// A message whose handling panics costs retries, then a dead letter, and
 /// nothing else: the worker goes on with other messages. (The panic is
 /// injected by `REAPER_DEBUG_PANIC_OWNER`, which only debug builds read.)
-/// The count of panics travels with the message, so it holds across workers.
+#[cfg(debug_assertions)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_panics_the_handler_is_retried_then_dead_lettered_and_the_worker_carries_on() {
     let mut t = spawn_app("").await;

@@ -297,9 +297,9 @@ async fn parent_links_order_resources_of_one_kind_end_to_end() {
     let event = json!({
         "event_id": unique("parents"), "owner": owner, "occurred_at": Utc::now().to_rfc3339(),
         "resources": [
-            {"kind": "vni", "id": "a-leaf", "parent": {"kind": "vni", "id": "b-mid"}},
-            {"kind": "vni", "id": "b-mid", "parent": {"kind": "vni", "id": "c-root"}},
             {"kind": "vni", "id": "c-root"},
+            {"kind": "vni", "id": "b-mid", "parent": {"kind": "vni", "id": "c-root"}},
+            {"kind": "vni", "id": "a-leaf", "parent": {"kind": "vni", "id": "b-mid"}},
         ],
     });
     t.publish("provisioning.failed", &event).await;
