@@ -394,8 +394,18 @@ impl TestApp {
     /// Starts a second worker on the same queue and ledger: another replica.
     /// A second worker on the same database and queues; its `App` says what it did.
     pub async fn spawn_replica(&self) -> (CancellationToken, tokio::task::JoinHandle<()>, Arc<App>) {
+        self.spawn_replica_with(|_| {}).await
+    }
+
+    /// A second worker whose settings `change` makes differ from the first's.
+    pub async fn spawn_replica_with(
+        &self,
+        change: impl FnOnce(&mut Settings),
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>, Arc<App>) {
         let token = CancellationToken::new();
-        let app = Arc::new(App::build(self.app.settings.clone()).await.expect("building a replica"));
+        let mut settings = self.app.settings.clone();
+        change(&mut settings);
+        let app = Arc::new(App::build(settings).await.expect("building a replica"));
         (token.clone(), tokio::spawn(app.clone().run(token)), app)
     }
 }

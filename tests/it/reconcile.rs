@@ -578,3 +578,23 @@ async fn a_sweep_of_a_rule_already_being_swept_is_refused() {
     assert!(report["refused"].as_str().unwrap().contains("truth inventory came back empty"), "{report}");
     assert_eq!(models(&t).await, 3);
 }
+
+/// `reconcile.run_schedules = false` keeps a worker's schedules off: while
+/// a replica with them on sweeps the rule again and again, this one never does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_run_schedules_false_never_sweeps_on_schedule() {
+    let rule = RULE.replace("max_count = 5", "max_count = 5\nevery_secs = 0.5");
+    let t = spawn_app(&rule).await;
+    assert!(!t.app.settings.reconcile.run_schedules, "the test's own worker has them off");
+    let (replica_token, replica, replica_app) = t.spawn_replica_with(|s| s.reconcile.run_schedules = true).await;
+    world_at_once(&t, 2, &[]).await;
+    let runs = |app: &reaper::app::App| -> f64 {
+        let text = app.metrics.render();
+        let lines = text.lines().filter(|l| l.starts_with("reaper_reconcile_runs_total{"));
+        lines.filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    wait_until("the replica swept three times", Duration::from_secs(20), || async { runs(&replica_app) >= 3.0 }).await;
+    assert_eq!(runs(&t.app), 0.0, "the worker with run_schedules = false swept");
+    replica_token.cancel();
+    let _ = replica.await;
+}

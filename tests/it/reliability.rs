@@ -744,3 +744,28 @@ async fn a_job_finishing_in_the_shutdown_grace_keeps_its_lease() {
     handle.await.unwrap();
     t.stop().await;
 }
+
+/// The broker's own backstop: a message that keeps coming back unacked (a
+/// worker that crashes on it before reaper can count anything) is
+/// dead-lettered by the quorum queue after `4 × broker.delivery_limit`
+/// deliveries, to the dead queue, with its body, rather than looping forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_work_queue_dead_letters_a_message_returned_unacked_too_often() {
+    use lapin::options::{BasicGetOptions, BasicRejectOptions};
+    let mut t = spawn_app("").await;
+    t.stop().await; // nobody consumes: the test plays the crashing worker
+    t.publish("deletion.requested", &deletion("crashes-every-time", "node/crashy", Utc::now())).await;
+    let ch = t.conn.create_channel().await.unwrap();
+    let limit = 4 * t.app.settings.broker.delivery_limit as usize;
+    let mut deliveries = 0;
+    loop {
+        let got = ch.basic_get(t.app.names.work.as_str().into(), BasicGetOptions { no_ack: false }).await.unwrap();
+        let Some(m) = got else { break };
+        deliveries += 1;
+        assert!(deliveries <= limit + 1, "still delivered after {deliveries} returns");
+        m.delivery.acker.reject(BasicRejectOptions { requeue: true }).await.unwrap();
+    }
+    assert!(deliveries >= limit, "dead-lettered after only {deliveries} deliveries (limit {limit})");
+    let dead = t.dead_wait(1).await;
+    assert!(String::from_utf8_lossy(&dead[0].0).contains("crashes-every-time"), "the dead copy keeps the body");
+}
