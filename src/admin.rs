@@ -3,7 +3,6 @@
 //! (401 without, 403 with a wrong one), compared in constant time.
 //! Owners contain a slash: send them percent-encoded (`node%2Fn1`).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, Request, State};
@@ -46,10 +45,11 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 /// Serves the API on `addr` until `shutdown`.
-pub async fn serve(app: Arc<App>, addr: SocketAddr, shutdown: CancellationToken) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+/// Serves on the socket `App::build` bound (so a port that cannot be had
+/// stopped start-up instead of leaving a worker without `/healthz`).
+pub async fn serve(app: Arc<App>, listener: std::net::TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     let bound = listener.local_addr()?;
-    let _ = app.admin_addr.set(bound);
     tracing::info!(addr = %bound, "admin API listening");
     axum::serve(listener, router(app)).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }

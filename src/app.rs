@@ -45,6 +45,9 @@ pub struct App {
     /// Jobs whose outbox rows are confirmed, cleared in batches by one task.
     confirmed: tokio::sync::mpsc::UnboundedSender<Uuid>,
     confirmed_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Uuid>>>,
+    /// The admin API's socket, bound by `build` so that a port that cannot be
+    /// had stops start-up; `run` serves on it.
+    admin_listener: Mutex<Option<std::net::TcpListener>>,
 }
 
 /// The lease holders of this process. Each delivery registers one for as long
@@ -147,6 +150,11 @@ impl App {
         let ledger = crate::ledger::Ledger::from_settings(&settings).await?;
         ledger.migrate().await?;
         let names = Names::new(&settings.broker.prefix);
+        let admin_listener = bind_admin(&settings)?;
+        let admin_addr = std::sync::OnceLock::new();
+        if let Some(l) = &admin_listener {
+            let _ = admin_addr.set(l.local_addr().map_err(|e| admin_error(&settings, e))?);
+        }
         Ok(App {
             settings,
             catalog,
@@ -158,12 +166,35 @@ impl App {
             holders: Holders::default(),
             metrics: metrics(),
             admin_token,
-            admin_addr: std::sync::OnceLock::new(),
+            admin_addr,
             link: broker::link::SharedLink::default(),
             confirmed,
             confirmed_rx: Mutex::new(Some(confirmed_rx)),
+            admin_listener: Mutex::new(admin_listener),
         })
     }
+
+    /// The admin API's socket, once: `run` takes it.
+    pub(crate) fn take_admin_listener(&self) -> Option<std::net::TcpListener> {
+        self.admin_listener.lock().expect("not poisoned").take()
+    }
+}
+
+/// Binds `admin.listen` (none when it is empty).
+fn bind_admin(settings: &Settings) -> Result<Option<std::net::TcpListener>, ConfigError> {
+    if settings.admin.listen.is_empty() {
+        return Ok(None);
+    }
+    let listener = std::net::TcpListener::bind(&settings.admin.listen).map_err(|e| admin_error(settings, e))?;
+    listener.set_nonblocking(true).map_err(|e| admin_error(settings, e))?;
+    Ok(Some(listener))
+}
+
+fn admin_error(settings: &Settings, e: std::io::Error) -> ConfigError {
+    ConfigError::Invalid(format!(
+        "admin.listen {}: cannot listen there ({e}); choose a free port, or set admin.listen = \"\" for no admin API",
+        settings.admin.listen
+    ))
 }
 
 /// The metrics, with the series alerts ask for from the start: a job outcome,

@@ -152,8 +152,15 @@ pub async fn show(settings: &Settings, owner: &str, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The app of a one-shot command: no admin API (a worker on this host may
+/// hold its port).
+async fn one_shot(mut settings: Settings) -> Result<App, crate::app::AppError> {
+    settings.admin.listen.clear();
+    App::build(settings).await
+}
+
 pub async fn validate(settings: Settings, owner: &str, json: bool) -> ExitCode {
-    let app = match App::build(settings).await {
+    let app = match one_shot(settings).await {
         Ok(a) => a,
         Err(e) => return fail(2, e),
     };
@@ -181,7 +188,7 @@ pub async fn validate(settings: Settings, owner: &str, json: bool) -> ExitCode {
 }
 
 pub async fn plan(settings: Settings, owner: &str, format: PlanFormat) -> ExitCode {
-    let app = match App::build(settings).await {
+    let app = match one_shot(settings).await {
         Ok(a) => a,
         Err(e) => return fail(2, e),
     };

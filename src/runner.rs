@@ -24,17 +24,14 @@ impl App {
         let rx = self.take_confirmed();
         let stop_clearer = CancellationToken::new();
         let clearer = rx.map(|rx| tokio::spawn(crate::outbox::clear(self.ledger.clone(), rx, stop_clearer.clone())));
-        let admin = match self.settings.admin.listen.parse::<std::net::SocketAddr>() {
-            Ok(addr) => {
-                let (app, stop) = (self.clone(), shutdown.clone());
-                Some(tokio::spawn(async move {
-                    if let Err(e) = crate::admin::serve(app, addr, stop).await {
-                        tracing::error!(error = %e, %addr, "the admin API could not start");
-                    }
-                }))
-            }
-            Err(_) => None,
-        };
+        let admin = self.take_admin_listener().map(|listener| {
+            let (app, stop) = (self.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::admin::serve(app, listener, stop).await {
+                    tracing::error!(error = %e, "the admin API stopped");
+                }
+            })
+        });
         let sweeps = tokio::spawn(crate::reconcile::schedule::run(self.clone(), shutdown.clone()));
         crate::consumer::run(self, shutdown).await;
         stop_beat.cancel();

@@ -155,3 +155,25 @@ fn a_missing_config_file_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/reaper.toml does not exist"));
 }
+
+/// An admin port that cannot be bound stops start-up with a message naming
+/// it: a worker running on without `/healthz` would fail an orchestrator's
+/// probes while it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_port_that_cannot_be_bound_stops_start_up() {
+    let t = crate::helpers::spawn_app("").await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let config = t.config_text.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""));
+    assert!(config.contains(&format!("127.0.0.1:{port}")));
+    let file = std::env::temp_dir().join(format!("reaper-port-{port}.toml"));
+    std::fs::write(&file, config).unwrap();
+    let mut cmd = reaper_cmd();
+    cmd.args(["run", "--config"]).arg(&file);
+    let out = run_to_end(&mut cmd, "reaper run", Duration::from_secs(60));
+    let _ = std::fs::remove_file(&file);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("admin.listen 127.0.0.1:{port}")), "names the setting and address: {stderr}");
+    drop(taken);
+}
