@@ -286,6 +286,40 @@ pub enum ProviderSettings {
     Mongodb(MongoProviderSettings),
 }
 
+impl Settings {
+    /// Every URL can be read before anything connects: one that cannot is a
+    /// configuration error naming its setting (never echoing it: it may hold
+    /// a password).
+    fn check_urls(&self) -> Result<(), ConfigError> {
+        let uri: lapin::uri::AMQPUri = self.broker.url.expose().parse().map_err(|e| {
+            ConfigError::Invalid(format!(
+                "broker.url cannot be read as a URL ({e}); it looks like amqps://user:password@host:5671/vhost"
+            ))
+        })?;
+        if uri.vhost.is_empty() {
+            return Err(ConfigError::Invalid(
+                "broker.url names the empty vhost: a URL ending in \"/\" means the vhost \"\"; \
+                 leave the path out (or write %2f) for the default vhost \"/\", or name yours"
+                    .into(),
+            ));
+        }
+        let pg = |setting: &str, url: &str| {
+            url.parse::<sqlx::postgres::PgConnectOptions>().map(|_| ()).map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "{setting} cannot be read as a PostgreSQL URL ({e}); it looks like postgres://user:password@host:5432/database"
+                ))
+            })
+        };
+        pg("database.url", self.database.url.expose())?;
+        for (name, p) in &self.providers {
+            if let ProviderSettings::Postgres(p) = p {
+                pg(&format!("providers.{name}.url"), p.url.expose())?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl ProviderSettings {
     /// What `GET /v1/status` shows of a provider: its type, where it is (the
     /// URL's credentials redacted) and its limits; never a secret.
@@ -548,6 +582,7 @@ impl Settings {
     /// Checks the settings' own values (the kinds and reconcile rules are
     /// checked by `catalog::validate`, which calls this first).
     pub fn check_values(&self) -> Result<(), ConfigError> {
+        self.check_urls()?;
         let prefix_ok = !self.broker.prefix.is_empty()
             && self.broker.prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if !prefix_ok {

@@ -177,3 +177,21 @@ async fn an_admin_port_that_cannot_be_bound_stops_start_up() {
     assert!(stderr.contains(&format!("admin.listen 127.0.0.1:{port}")), "names the setting and address: {stderr}");
     drop(taken);
 }
+
+/// A URL that cannot be read is a configuration error (exit 2) naming its
+/// setting, found before anything connects; so is a broker URL whose path
+/// names the empty vhost (`amqp://host/` is the vhost "", not "/").
+#[test]
+fn urls_that_cannot_be_used_are_configuration_errors_naming_their_setting() {
+    let cases = [
+        ("[broker]\nurl = \"amqps//mq.internal:5671\"\n", "broker.url"),
+        ("[broker]\nurl = \"amqp://guest:guest@127.0.0.1:5672/\"\n", "empty vhost"),
+        ("[database]\nurl = \"postgresql//db.internal/reaper\"\n", "database.url"),
+    ];
+    for (extra, want) in cases {
+        let (code, stderr) = check(&format!("{VPC}\n{extra}"), TOKEN);
+        assert_eq!(code, Some(2), "{extra}: {stderr}");
+        assert!(stderr.contains(want), "{extra}: {stderr}");
+        assert!(!stderr.contains("guest:guest"), "credentials are not printed: {stderr}");
+    }
+}
