@@ -50,6 +50,10 @@ pub enum LedgerError {
     FinisherGone,
     #[error("ledger: job {0} has a corrupt row: {1}")]
     Corrupt(Uuid, String),
+    /// The pool could not open a connection: where, and the server's (or the
+    /// network's) own reason, not only "pool timed out".
+    #[error("ledger: cannot reach PostgreSQL at {at}: {why}; check database.url and that the server is up")]
+    Unreachable { at: String, why: String },
 }
 
 /// SQLSTATE classes that say the server (or its setup) is in trouble, not the
@@ -83,7 +87,7 @@ impl LedgerError {
             }
             LedgerError::Batch { code, .. } => code.clone(),
             LedgerError::Corrupt(..) => return LedgerFailure::Refused,
-            LedgerError::Migrate(_) | LedgerError::FinisherGone => None,
+            LedgerError::Migrate(_) | LedgerError::FinisherGone | LedgerError::Unreachable { .. } => None,
         };
         let class = |classes: &[&str]| code.as_deref().is_some_and(|c| classes.iter().any(|k| c.starts_with(k)));
         if code.is_none() || class(TRANSIENT_CLASSES) {
@@ -244,6 +248,22 @@ fn other_track(stored: &(String, String, String), t: &Tracked) -> Option<String>
 }
 
 /// Stores the track's identity; false when its event_id was taken meanwhile.
+/// Why the ledger's pool could not connect. A pool that timed out hides the
+/// cause; one connection of its own, within the same time, finds it.
+async fn unreachable(opts: &PgConnectOptions, e: sqlx::Error, limit: Duration) -> LedgerError {
+    use sqlx::ConnectOptions;
+    let at = format!("{}:{}/{}", opts.get_host(), opts.get_port(), opts.get_database().unwrap_or(""));
+    let why = match e {
+        sqlx::Error::PoolTimedOut => match tokio::time::timeout(limit, opts.connect()).await {
+            Ok(Err(cause)) => cause.to_string(),
+            Ok(Ok(_)) => "the pool timed out, though a connection opened now".to_string(),
+            Err(_) => format!("no answer within {}", crate::domain::human(limit)),
+        },
+        other => other.to_string(),
+    };
+    LedgerError::Unreachable { at, why }
+}
+
 async fn insert_track(conn: &mut sqlx::PgConnection, t: &Tracked) -> Result<bool, LedgerError> {
     let inserted = sqlx::query(
         "INSERT INTO tracks (event_id, owner, kind, resource_id) VALUES ($1, $2, $3, $4)
@@ -315,12 +335,16 @@ impl Ledger {
 
     pub async fn connect(s: &DatabaseSettings, window: Duration, lease_ttl: Duration) -> Result<Ledger, LedgerError> {
         let opts: PgConnectOptions = s.url.expose().parse().map_err(db("parsing database.url"))?;
-        let pool = PgPoolOptions::new()
+        let acquire = Duration::from_millis(s.acquire_timeout_ms);
+        let pool = match PgPoolOptions::new()
             .max_connections(s.max_connections)
-            .acquire_timeout(Duration::from_millis(s.acquire_timeout_ms))
-            .connect_with(opts)
+            .acquire_timeout(acquire)
+            .connect_with(opts.clone())
             .await
-            .map_err(db("connecting"))?;
+        {
+            Ok(pool) => pool,
+            Err(e) => return Err(unreachable(&opts, e, acquire).await),
+        };
         let batchers = Arc::new(group_commit::spawn(pool.clone(), lease_ttl.as_secs_f64(), window.as_secs_f64()));
         Ok(Ledger { pool, window, lease_ttl, batchers })
     }

@@ -25,8 +25,12 @@ async fn migrate_applies_the_schema_and_is_idempotent() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(String::from_utf8_lossy(&out.stdout).contains("migrations applied"));
     }
-    let out = t.reaper(&["migrate"], &[("REAPER_DATABASE__URL", "postgres://postgres@127.0.0.1:1/nowhere")]);
+    let out = t.reaper(&["migrate"], &[("REAPER_DATABASE__URL", "postgres://postgres:pw-5e3a@127.0.0.1:1/nowhere")]);
     assert_eq!(out.status.code(), Some(3), "an unreachable database is exit code 3");
+    // Once, which server, why, and no password.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("127.0.0.1:1") && stderr.contains("refused"), "names where and why: {stderr}");
+    assert!(stderr.contains("database.url") && !stderr.contains("pw-5e3a"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
