@@ -12,9 +12,9 @@ use crate::config::Settings;
 
 /// Connects, declares the topology and returns a confirm-mode publisher.
 pub async fn open(settings: &Settings, names: &Names) -> Result<(Connection, Publisher), BrokerError> {
-    let conn = Connection::connect(settings.broker.url.expose(), ConnectionProperties::default())
-        .await
-        .map_err(amqp("connecting"))?;
+    let url = settings.broker.url.expose();
+    let conn =
+        Connection::connect(url, ConnectionProperties::default()).await.map_err(|e| super::connect_error(url, e))?;
     let ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
     topology::declare(&ch, names, &settings.broker, &settings.worker.all_delays()).await?;
     let _ = ch.close(200, "declared".into()).await;

@@ -40,6 +40,10 @@ impl Names {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
+    /// The broker could not be reached or turned us away: where, and why in
+    /// plain words (see `connect_error`).
+    #[error("broker: RabbitMQ at {at} {why}")]
+    Connect { at: String, why: String },
     #[error("broker: {op}: {source}")]
     Amqp {
         op: &'static str,
@@ -56,6 +60,31 @@ pub enum BrokerError {
     ConsumerCancelled,
     #[error("broker: {what} is too long for AMQP: {message}")]
     TooLong { what: &'static str, message: String },
+}
+
+/// Why a connection to `url` failed, said for an operator: which broker, and
+/// what to look at. The URL's credentials are never part of it.
+pub(crate) fn connect_error(url: &str, e: lapin::Error) -> BrokerError {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    let uri: Option<lapin::uri::AMQPUri> = url.parse().ok();
+    let at = uri.as_ref().map(|u| format!("{}:{}", u.authority.host, u.authority.port)).unwrap_or_default();
+    let user = uri.as_ref().map(|u| u.authority.userinfo.username.clone()).unwrap_or_default();
+    let vhost = uri.as_ref().map(|u| u.vhost.clone()).unwrap_or_default();
+    let why = match e.kind() {
+        lapin::ErrorKind::IOError(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "refused the connection: is RabbitMQ running there, and are broker.url's host and port right?".to_string()
+        }
+        lapin::ErrorKind::IOError(io) => format!("could not be reached ({io}): check broker.url's host and port"),
+        lapin::ErrorKind::ProtocolError(p) if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)) => {
+            format!("refused user {user:?} (ACCESS_REFUSED): check the user and password in broker.url")
+        }
+        lapin::ErrorKind::ProtocolError(p) if p.get_message().as_str().contains("vhost") => format!(
+            "has no vhost {vhost:?} ({}): broker.url's path names the vhost; the default one is written %2f",
+            p.get_message().as_str()
+        ),
+        _ => format!("could not be connected to ({e}): check broker.url"),
+    };
+    BrokerError::Connect { at, why }
 }
 
 pub(crate) fn amqp(op: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {

@@ -195,3 +195,42 @@ fn urls_that_cannot_be_used_are_configuration_errors_naming_their_setting() {
         assert!(!stderr.contains("guest:guest"), "credentials are not printed: {stderr}");
     }
 }
+
+/// A broker that turns the worker away says which broker, and why, in plain
+/// words (never the password): a wrong password, a vhost that is not there,
+/// a port nobody listens on. The worker keeps trying (the broker may be
+/// fixed without a restart), and each attempt says the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_turns_the_worker_away_says_why_plainly() {
+    let t = crate::helpers::spawn_app("").await;
+    let cases = [
+        ("amqp://guest:wrong-pw-77@127.0.0.1:5672/%2f", "refused user \"guest\""),
+        ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "has no vhost \"no-such-vhost\""),
+        ("amqp://guest:guest@127.0.0.1:1/%2f", "127.0.0.1:1 refused the connection"),
+    ];
+    for (url, want) in cases {
+        let mut worker = crate::helpers::Child::spawn(
+            reaper_cmd()
+                .args(["run", "--config"])
+                .arg(t.config_file())
+                .env("REAPER_BROKER__URL", url)
+                .env("REAPER_ADMIN__LISTEN", "")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped()),
+            "reaper run",
+        );
+        let lines = crate::helpers::lines_of(worker.inner.stderr.take().unwrap());
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let said = loop {
+            let line = lines
+                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                .unwrap_or_else(|_| panic!("{url}: no line saying {want:?}"));
+            assert!(!line.contains("wrong-pw-77"), "the password is never printed: {line}");
+            if line.contains(want) {
+                break line;
+            }
+        };
+        assert!(said.contains("broker.url"), "says which setting to look at: {said}");
+        assert!(worker.terminate(Duration::from_secs(20)).success());
+    }
+}
