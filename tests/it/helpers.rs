@@ -51,7 +51,9 @@ pub struct TestApp {
 struct Cleanup {
     db_name: String,
     names: Names,
-    retry_delays: Vec<Duration>,
+    /// Every retry delay a worker or command of this test declared a queue
+    /// for: the app's, and those of each config file written for the binary.
+    retry_delays: Arc<std::sync::Mutex<Vec<Duration>>>,
     /// Workers of this test (the app and any replicas), stopped before the
     /// topology goes, so none of them redeclares it while reconnecting.
     workers: Vec<(CancellationToken, Arc<App>)>,
@@ -72,7 +74,9 @@ impl Drop for Cleanup {
         let _ = std::fs::remove_file(std::env::temp_dir().join(format!("reaper-{}.toml", self.names.events)));
         let db_name = self.db_name.clone();
         let names = self.names.clone();
-        let delays = self.retry_delays.clone();
+        let mut delays = self.retry_delays.lock().unwrap().clone();
+        delays.sort();
+        delays.dedup();
         let mongo_prefix = self.mongo_prefix.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -127,7 +131,7 @@ pub async fn spawn_app(extra: &str) -> TestApp {
     let mut cleanup = Cleanup {
         db_name: db_name.clone(),
         names: Names::new(&prefix),
-        retry_delays: Vec::new(),
+        retry_delays: Arc::default(),
         workers: Vec::new(),
         mongo_prefix: extra.contains("{mongo_url}").then(|| mongo_prefix.clone()),
     };
@@ -171,7 +175,7 @@ pub async fn spawn_app(extra: &str) -> TestApp {
             h.auth = None;
         }
     }
-    cleanup.retry_delays = settings.worker.all_delays();
+    cleanup.retry_delays.lock().unwrap().extend(settings.worker.all_delays());
     let app = Arc::new(App::build(settings).await.expect("building the app"));
     cleanup.workers.push((shutdown.clone(), app.clone()));
     // The test's own link goes straight to the broker, even when the worker's
@@ -377,6 +381,10 @@ impl TestApp {
     pub fn config_file(&self) -> std::path::PathBuf {
         let path = std::env::temp_dir().join(format!("reaper-{}.toml", self.app.names.events));
         std::fs::write(&path, &self.config_text).unwrap();
+        // The binary declares retry queues for this file's delays: they go too.
+        if let Ok(s) = Settings::from_toml(&self.config_text) {
+            self._cleanup.retry_delays.lock().unwrap().extend(s.worker.all_delays());
+        }
         path
     }
 
