@@ -330,6 +330,13 @@ pub fn dashboard_metrics() -> std::collections::BTreeSet<String> {
     used
 }
 
+/// The sum of a labelled counter's series in what `app` exports.
+pub fn metric_total(app: &App, name: &str) -> f64 {
+    let text = app.metrics.render();
+    let series = text.lines().filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{')));
+    series.filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
 /// The metric families a `/metrics` scrape holds (its `# TYPE` lines).
 pub fn scraped_families(text: &str) -> std::collections::BTreeSet<String> {
     text.lines()

@@ -588,11 +588,7 @@ async fn a_worker_with_run_schedules_false_never_sweeps_on_schedule() {
     assert!(!t.app.settings.reconcile.run_schedules, "the test's own worker has them off");
     let (replica_token, replica, replica_app) = t.spawn_replica_with(|s| s.reconcile.run_schedules = true).await;
     world_at_once(&t, 2, &[]).await;
-    let runs = |app: &reaper::app::App| -> f64 {
-        let text = app.metrics.render();
-        let lines = text.lines().filter(|l| l.starts_with("reaper_reconcile_runs_total{"));
-        lines.filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
-    };
+    let runs = |app: &reaper::app::App| metric_total(app, "reaper_reconcile_runs_total");
     wait_until("the replica swept three times", Duration::from_secs(20), || async { runs(&replica_app) >= 3.0 }).await;
     assert_eq!(runs(&t.app), 0.0, "the worker with run_schedules = false swept");
     replica_token.cancel();

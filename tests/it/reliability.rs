@@ -126,11 +126,7 @@ async fn two_replicas_never_run_one_job_twice_at_once() {
     assert_eq!(stats.delete_not_found, 0, "no delete ran twice: the copies never ran at the same time");
     assert_eq!(stats.refused_for_order, 0);
     // Both workers took deliveries: the copies really met two workers.
-    let handled = |app: &reaper::app::App| -> f64 {
-        let text = app.metrics.render();
-        let lines = text.lines().filter(|l| l.starts_with("reaper_events_consumed_total{"));
-        lines.filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
-    };
+    let handled = |app: &reaper::app::App| metric_total(app, "reaper_events_consumed_total");
     let (main, second) = (handled(&t.app), handled(&replica_app));
     assert!(main > 0.0 && second > 0.0, "deliveries handled by the first worker {main}, by the replica {second}");
     replica.cancel();
@@ -309,6 +305,20 @@ async fn check(t: &TestApp, class: &str, job: bool) {
     assert!(h.contains_key("x-reaper-routing-key"), "{h:?}");
 }
 
+/// A test app whose workers' leases run out a second after a crash, in the
+/// app and in the config file its `reaper run` processes read.
+async fn with_short_leases() -> TestApp {
+    let lease = "lease_ttl_secs = 1\nowner_busy_delay_ms = 200\n";
+    let mut t = spawn_app(&format!("[worker]\n{lease}")).await;
+    // The binary's config file cannot name [worker] twice: one section, merged.
+    t.config_text = t
+        .config_text
+        .replace(&format!("[worker]\n{lease}"), "")
+        .replace("shutdown_grace_secs = 5\n", &format!("shutdown_grace_secs = 5\n{lease}"));
+    assert!(t.config_text.contains(lease));
+    t
+}
+
 /// Starts `reaper run` with the test's config; the worker's stderr goes to a file.
 fn start_worker(t: &TestApp) -> Child {
     let log = std::fs::File::create(std::env::temp_dir().join(format!("{}.worker.log", t.app.names.events))).unwrap();
@@ -325,15 +335,7 @@ fn start_worker(t: &TestApp) -> Child {
 /// "out of retries after 4 attempts" although it had failed once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_worker_crashes_keeps_its_retry_schedule() {
-    // A killed worker's lease on the owner runs out after lease_ttl_secs.
-    let lease = "lease_ttl_secs = 1\nowner_busy_delay_ms = 200\n";
-    let mut t = spawn_app(&format!("[worker]\n{lease}")).await;
-    // The binary's config file cannot name [worker] twice: one section, merged.
-    t.config_text = t
-        .config_text
-        .replace(&format!("[worker]\n{lease}"), "")
-        .replace("shutdown_grace_secs = 5\n", &format!("shutdown_grace_secs = 5\n{lease}"));
-    assert!(t.config_text.contains(lease));
+    let mut t = with_short_leases().await;
     t.stop().await; // the workers here are processes, killed as a crash kills.
     let id = unique("crashy");
     let owner = format!("node/{id}");
@@ -432,14 +434,7 @@ guard = { provider = "cloud", query = "GET /v1/holds/{id}", reason = "held" }
 /// (no second DELETE), what was left is done, and one result is published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_resumed_after_a_crash_does_not_redo_its_recorded_steps() {
-    // A killed worker's lease on the owner runs out after lease_ttl_secs.
-    let lease = "lease_ttl_secs = 1\nowner_busy_delay_ms = 200\n";
-    let mut t = spawn_app(&format!("[worker]\n{lease}")).await;
-    t.config_text = t
-        .config_text
-        .replace(&format!("[worker]\n{lease}"), "")
-        .replace("shutdown_grace_secs = 5\n", &format!("shutdown_grace_secs = 5\n{lease}"));
-    assert!(t.config_text.contains(lease));
+    let mut t = with_short_leases().await;
     let node = VpcNode::new(&unique("node"));
     t.provision(&node).await;
     t.stop().await; // the workers from here on are processes, killed as a crash kills.
