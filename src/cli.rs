@@ -34,7 +34,12 @@ pub enum Command {
     /// Apply the ledger's migrations to the configured database and exit.
     Migrate,
     /// Check the config and print the teardown order of the kinds.
-    CheckConfig,
+    CheckConfig {
+        /// Also connect to the broker, the ledger and every provider (declaring
+        /// and deleting nothing) and say which answer, and why not; exit 3 if any does not.
+        #[arg(long)]
+        connect: bool,
+    },
     /// Serve the simulated cloud (for trying reaper without a real API).
     Sim {
         #[arg(long, default_value_t = 8089)]
@@ -136,7 +141,7 @@ pub async fn main(cli: Cli) -> ExitCode {
             },
             Err(e) => report(e.into()),
         },
-        Command::CheckConfig => crate::ops_cli::check_config(&settings).await,
+        Command::CheckConfig { connect } => crate::ops_cli::check_config(&settings, connect).await,
         Command::Sim { port, null, latency_ms } => crate::devtools::sim::run(port, null, latency_ms).await,
         Command::Demo(args) => crate::devtools::demo::run(settings, args).await,
         Command::Replay(args) => crate::replay::run(settings, args).await,

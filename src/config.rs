@@ -173,6 +173,21 @@ pub struct BrokerSettings {
     pub queue_type: QueueType,
     pub prefetch: u16,
     pub delivery_limit: u32,
+    /// For `amqps://` URLs: a private CA and a client certificate.
+    #[serde(default)]
+    pub tls: BrokerTls,
+}
+
+/// TLS to RabbitMQ beyond the system's roots. Files are read at each
+/// connection, so certificates rotated on disk are used at the next one.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerTls {
+    /// PEM CA certificates trusted besides the system's.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate (chain) for mutual TLS; needs `key_file`.
+    pub cert_file: Option<std::path::PathBuf>,
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -312,11 +327,53 @@ impl Settings {
         };
         pg("database.url", self.database.url.expose())?;
         for (name, p) in &self.providers {
-            if let ProviderSettings::Postgres(p) = p {
-                pg(&format!("providers.{name}.url"), p.url.expose())?;
+            match p {
+                ProviderSettings::Postgres(p) => pg(&format!("providers.{name}.url"), p.url.expose())?,
+                ProviderSettings::Http(h) => {
+                    if let Some(ca) = &h.ca_file {
+                        crate::tls::read_certs(&format!("providers.{name}.ca_file"), ca)
+                            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+                    }
+                }
+                ProviderSettings::Mongodb(_) => {}
             }
         }
-        Ok(())
+        self.broker.tls.check(uri.scheme == lapin::uri::AMQPScheme::AMQPS)
+    }
+}
+
+impl BrokerTls {
+    fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
+
+    fn check(&self, amqps: bool) -> Result<(), ConfigError> {
+        if self.is_set() && !amqps {
+            return Err(ConfigError::Invalid(
+                "broker.tls is set but broker.url is amqp:// (plain TCP): TLS needs amqps:// (port 5671 by default)"
+                    .into(),
+            ));
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "broker.tls.cert_file and broker.tls.key_file go together: a client certificate needs its key".into(),
+            ));
+        }
+        self.read().map(|_| ()).map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    /// What lapin takes: the CA's PEM text and the client identity.
+    pub fn read(&self) -> Result<lapin::tcp::OwnedTLSConfig, crate::tls::FileError> {
+        use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+        let cert_chain = self.ca_file.as_ref().map(|f| crate::tls::read_certs("broker.tls.ca_file", f)).transpose()?;
+        let identity = match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+                pem: crate::tls::read_certs("broker.tls.cert_file", cert)?.into_bytes(),
+                key: crate::tls::read_key("broker.tls.key_file", key)?.into_bytes(),
+            }),
+            _ => None,
+        };
+        Ok(OwnedTLSConfig { identity, cert_chain })
     }
 }
 
@@ -420,6 +477,10 @@ pub struct HttpProviderSettings {
     pub rate_per_sec: Option<f64>,
     #[serde(default)]
     pub auth: Option<AuthSettings>,
+    /// PEM CA certificates trusted besides the system's, for an API behind a
+    /// private CA.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 fn default_timeout_ms() -> u64 {

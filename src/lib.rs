@@ -3,6 +3,7 @@
 //!
 //! # Layout (ARCHITECTURE.md is the map; bottom first)
 //! - [`domain`]: plain types (resources, outcomes, triggers, the event shapes the ledger stores).
+//! - [`tls`]: certificate files and TLS failures in plain words, for every connection.
 //! - [`config`]: settings, plain data; [`catalog`]: the kinds, checked into a `Catalog`.
 //! - [`plan`]: pure ordering of resources into a graph and levels.
 //! - [`providers`]: how one resource is deleted and checked: HTTP APIs, PostgreSQL rows, MongoDB documents.
@@ -44,6 +45,7 @@ pub mod replay;
 pub mod restore;
 pub mod runner;
 pub mod telemetry;
+pub mod tls;
 
 /// The layering rule of ARCHITECTURE.md ("Invariants"), checked on the
 /// source: the modules at the bottom import only what sits below them, so a
@@ -56,13 +58,14 @@ mod layering {
     /// Module (a file or a directory under src/) → the crate modules it may use.
     const RULES: &[(&str, &[&str])] = &[
         ("domain.rs", &[]),
-        ("config.rs", &[]),
+        ("tls.rs", &[]),
+        ("config.rs", &["tls"]),
         ("config", &[]),
         ("plan.rs", &["domain"]),
-        ("providers", &["domain", "config"]),
+        ("providers", &["domain", "config", "tls"]),
         ("catalog.rs", &["config", "domain", "plan", "providers"]),
         ("contract.rs", &["catalog", "config", "domain"]),
-        ("ledger", &["config", "domain"]),
+        ("ledger", &["config", "domain", "tls"]),
         ("execute.rs", &["domain", "config", "catalog", "ledger", "plan", "providers", "metrics"]),
         ("disposition.rs", &["execute", "ledger"]),
     ];

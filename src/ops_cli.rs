@@ -23,9 +23,9 @@ pub enum PlanFormat {
 
 /// `reaper check-config`: the kinds in the order they go, the reconcile
 /// rules and the providers (credentials redacted).
-pub async fn check_config(settings: &Settings) -> ExitCode {
-    let catalog = match App::check(settings).await {
-        Ok(checked) => checked.catalog,
+pub async fn check_config(settings: &Settings, connect: bool) -> ExitCode {
+    let (catalog, providers) = match App::check(settings).await {
+        Ok(checked) => (checked.catalog, checked.providers),
         Err(e @ crate::app::AppError::Ledger(_)) => return fail(3, e),
         Err(e) => return fail(2, e),
     };
@@ -54,7 +54,50 @@ pub async fn check_config(settings: &Settings) -> ExitCode {
         let (url, max) = p.endpoint();
         println!("  provider {name}: {url} (max {max} in flight)");
     }
+    if connect {
+        return check_connections(settings, &providers).await;
+    }
     ExitCode::SUCCESS
+}
+
+/// One line per service reaper talks to: it answers, or why not.
+async fn check_connections(settings: &Settings, providers: &crate::providers::Providers) -> ExitCode {
+    use crate::config::redact_url;
+    use crate::providers::StepError;
+    println!("connections:");
+    let mut failed = 0;
+    let mut say = |what: String, outcome: Result<String, String>| match outcome {
+        Ok(ok) => println!("  {what}: {ok}"),
+        Err(why) => {
+            failed += 1;
+            println!("  {what}: FAILED: {why}");
+        }
+    };
+    let broker = crate::broker::link::reach(settings).await.map(|_| "answers".to_string()).map_err(|e| e.to_string());
+    say(format!("broker {}", redact_url(settings.broker.url.expose())), broker);
+    let ledger = crate::ledger::Ledger::from_settings(settings)
+        .await
+        .map(|l| {
+            tokio::spawn(async move { l.pool().close().await });
+            "answers".to_string()
+        })
+        .map_err(|e| e.to_string());
+    say(format!("ledger {}", redact_url(settings.database.url.expose())), ledger);
+    for name in settings.providers.keys() {
+        let p = providers.get(name).expect("every configured provider is built");
+        let (url, _) = settings.providers[name].endpoint();
+        let reached = p.reach().await.map_err(|e| match e {
+            StepError::Transient(why) | StepError::Permanent(why) => why,
+            other => other.to_string(),
+        });
+        say(format!("provider {name} {url}"), reached);
+    }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("error: {failed} service(s) did not answer (see above)");
+        ExitCode::from(3)
+    }
 }
 
 pub async fn status(settings: &Settings, json: bool) -> ExitCode {

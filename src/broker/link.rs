@@ -12,15 +12,33 @@ use crate::config::Settings;
 
 /// Connects, declares the topology and returns a confirm-mode publisher.
 pub async fn open(settings: &Settings, names: &Names) -> Result<(Connection, Publisher), BrokerError> {
-    let url = settings.broker.url.expose();
-    let conn =
-        Connection::connect(url, ConnectionProperties::default()).await.map_err(|e| super::connect_error(url, e))?;
+    let conn = connect(settings).await?;
     let ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
     topology::declare(&ch, names, &settings.broker, &settings.worker.all_delays()).await?;
     let _ = ch.close(200, "declared".into()).await;
     let pub_ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
     pub_ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp("enabling confirms"))?;
     Ok((conn, Publisher::new(pub_ch)))
+}
+
+/// A connection to the configured broker, over TLS for `amqps://` URLs.
+async fn connect(settings: &Settings) -> Result<Connection, BrokerError> {
+    let url = settings.broker.url.expose();
+    let tls = settings.broker.tls.read().map_err(|e| super::connect_error_of(url, e.to_string()))?;
+    let client_cert = tls.identity.is_some();
+    let runtime = lapin::runtime::default_runtime().map_err(|e| super::connect_error(url, client_cert, e))?;
+    Connection::connect_with_config(url, ConnectionProperties::default(), tls, runtime)
+        .await
+        .map_err(|e| super::connect_error(url, client_cert, e))
+}
+
+/// Connects and closes, declaring nothing: whether the broker lets reaper in.
+pub async fn reach(settings: &Settings) -> Result<(), BrokerError> {
+    let conn = tokio::time::timeout(std::time::Duration::from_secs(10), connect(settings))
+        .await
+        .map_err(|_| BrokerError::Timeout { op: "connecting" })??;
+    let _ = conn.close(200, "reaper check-config".into()).await;
+    Ok(())
 }
 
 /// One connection and confirm-mode publisher shared by a process for what it

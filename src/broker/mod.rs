@@ -64,13 +64,30 @@ pub enum BrokerError {
 
 /// Why a connection to `url` failed, said for an operator: which broker, and
 /// what to look at. The URL's credentials are never part of it.
-pub(crate) fn connect_error(url: &str, e: lapin::Error) -> BrokerError {
+/// `client_cert`: whether reaper offered one (broker.tls.cert_file).
+pub(crate) fn connect_error(url: &str, client_cert: bool, e: lapin::Error) -> BrokerError {
     use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
     let uri: Option<lapin::uri::AMQPUri> = url.parse().ok();
-    let at = uri.as_ref().map(|u| format!("{}:{}", u.authority.host, u.authority.port)).unwrap_or_default();
+    let host = uri.as_ref().map(|u| u.authority.host.clone()).unwrap_or_default();
     let user = uri.as_ref().map(|u| u.authority.userinfo.username.clone()).unwrap_or_default();
     let vhost = uri.as_ref().map(|u| u.vhost.clone()).unwrap_or_default();
+    if let Some(tls) = crate::tls::explain(&e, &host, "broker.tls.ca_file") {
+        return connect_error_of(url, tls);
+    }
+    let amqps = uri.as_ref().is_some_and(|u| u.scheme == lapin::uri::AMQPScheme::AMQPS);
     let why = match e.kind() {
+        // TLS 1.3 ends the client's part of the handshake before the server
+        // checks the client certificate: its refusal often arrives as a reset.
+        lapin::ErrorKind::IOError(io)
+            if amqps
+                && !client_cert
+                && matches!(io.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof) =>
+        {
+            format!(
+                "closed the TLS connection ({io}): a broker that wants a client certificate does this; \
+                 set broker.tls.cert_file and broker.tls.key_file"
+            )
+        }
         lapin::ErrorKind::IOError(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
             "refused the connection: is RabbitMQ running there, and are broker.url's host and port right?".to_string()
         }
@@ -84,6 +101,13 @@ pub(crate) fn connect_error(url: &str, e: lapin::Error) -> BrokerError {
         ),
         _ => format!("could not be connected to ({e}): check broker.url"),
     };
+    connect_error_of(url, why)
+}
+
+/// A connection failure at `url`'s host and port (never its credentials).
+pub(crate) fn connect_error_of(url: &str, why: String) -> BrokerError {
+    let uri: Option<lapin::uri::AMQPUri> = url.parse().ok();
+    let at = uri.as_ref().map(|u| format!("{}:{}", u.authority.host, u.authority.port)).unwrap_or_default();
     BrokerError::Connect { at, why }
 }
 

@@ -253,13 +253,16 @@ fn other_track(stored: &(String, String, String), t: &Tracked) -> Option<String>
 async fn unreachable(opts: &PgConnectOptions, e: sqlx::Error, limit: Duration) -> LedgerError {
     use sqlx::ConnectOptions;
     let at = format!("{}:{}/{}", opts.get_host(), opts.get_port(), opts.get_database().unwrap_or(""));
+    let said = |cause: sqlx::Error| {
+        crate::tls::explain(&cause, opts.get_host(), "sslrootcert in database.url").unwrap_or_else(|| cause.to_string())
+    };
     let why = match e {
         sqlx::Error::PoolTimedOut => match tokio::time::timeout(limit, opts.connect()).await {
-            Ok(Err(cause)) => cause.to_string(),
+            Ok(Err(cause)) => said(cause),
             Ok(Ok(_)) => "the pool timed out, though a connection opened now".to_string(),
             Err(_) => format!("no answer within {}", crate::domain::human(limit)),
         },
-        other => other.to_string(),
+        other => said(other),
     };
     LedgerError::Unreachable { at, why }
 }

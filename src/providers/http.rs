@@ -174,6 +174,8 @@ pub struct HttpProvider {
     name: String,
     client: reqwest::Client,
     base_url: String,
+    /// The base URL's host, the name its certificate must carry.
+    host: String,
     auth: Option<(HeaderName, HeaderValue)>,
     in_flight: Semaphore,
     pacer: Mutex<Pacer>,
@@ -190,7 +192,17 @@ struct Pacer {
 impl HttpProvider {
     pub fn build(name: &str, s: &HttpProviderSettings) -> Result<HttpProvider, ProviderError> {
         let err = |message: String| ProviderError::Build { provider: name.to_string(), message };
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(ca) = &s.ca_file {
+            let pem =
+                crate::tls::read_certs(&format!("providers.{name}.ca_file"), ca).map_err(|e| err(e.to_string()))?;
+            for cert in
+                reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| err(format!("{ca:?}: {e}")))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder
             .timeout(Duration::from_millis(s.timeout_ms))
             .connect_timeout(Duration::from_millis(s.connect_timeout_ms))
             .pool_max_idle_per_host(s.max_concurrency)
@@ -226,6 +238,10 @@ impl HttpProvider {
             name: name.to_string(),
             client,
             base_url: s.base_url.trim_end_matches('/').to_string(),
+            host: reqwest::Url::parse(&s.base_url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_string))
+                .unwrap_or_default(),
             auth,
             in_flight: Semaphore::new(s.max_concurrency),
             pacer: Mutex::new(Pacer {
@@ -269,6 +285,30 @@ impl HttpProvider {
         resp.json().await.map_err(|e| StepError::Transient(format!("the answer is not JSON: {}", without_url(&e))))
     }
 
+    /// Why a request got no answer: TLS said plainly, a network failure
+    /// passes, anything else is the request's fault.
+    fn send_error(&self, method: &Method, path: &str, e: reqwest::Error) -> StepError {
+        if let Some(tls) = crate::tls::explain(&e, &self.host, &format!("providers.{}.ca_file", self.name)) {
+            // Transient: a certificate is rotated or a CA added without a new job.
+            StepError::Transient(format!("{method} {path}: {}: {tls}", self.host))
+        } else if e.is_timeout() || e.is_connect() || e.is_request() {
+            StepError::Transient(format!("{method} {path}: {}", without_url(&e)))
+        } else {
+            StepError::Permanent(format!("{method} {path}: {}", without_url(&e)))
+        }
+    }
+
+    /// Whether the API answers at all (any status counts), for
+    /// `reaper check-config --connect`.
+    pub async fn reach(&self) -> Result<String, StepError> {
+        let mut req = self.client.get(format!("{}/", self.base_url));
+        if let Some((h, v)) = &self.auth {
+            req = req.header(h.clone(), v.clone());
+        }
+        let resp = req.send().await.map_err(|e| self.send_error(&Method::GET, "/", e))?;
+        Ok(format!("answers (HTTP {} to GET /)", resp.status().as_u16()))
+    }
+
     /// Paced and capped; 429 pauses the provider; 2xx, 404 and 410 come back.
     async fn request(&self, method: &Method, path: &str) -> Result<reqwest::Response, StepError> {
         let url = format!("{}{}", self.base_url, path);
@@ -278,13 +318,7 @@ impl HttpProvider {
         if let Some((h, v)) = &self.auth {
             req = req.header(h.clone(), v.clone());
         }
-        let resp = req.send().await.map_err(|e| {
-            if e.is_timeout() || e.is_connect() || e.is_request() {
-                StepError::Transient(format!("{method} {path}: {}", without_url(&e)))
-            } else {
-                StepError::Permanent(format!("{method} {path}: {}", without_url(&e)))
-            }
-        })?;
+        let resp = req.send().await.map_err(|e| self.send_error(method, path, e))?;
         let status = resp.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
             let retry_after =

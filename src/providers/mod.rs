@@ -50,7 +50,7 @@ pub enum Deleted {
 
 pub enum Provider {
     Http(Box<http::HttpProvider>),
-    Postgres(postgres::PostgresProvider),
+    Postgres(Box<postgres::PostgresProvider>),
     Mongo(mongo::MongoProvider),
 }
 
@@ -188,6 +188,16 @@ pub trait Archive: Sync {
 }
 
 impl Provider {
+    /// Whether the service answers, said for an operator (`reaper
+    /// check-config --connect`); deletes nothing.
+    pub async fn reach(&self) -> Result<String, StepError> {
+        match self {
+            Provider::Http(p) => p.reach().await,
+            Provider::Postgres(p) => p.reach().await,
+            Provider::Mongo(p) => p.reach().await,
+        }
+    }
+
     /// Runs a kind's delete for one resource.
     pub async fn delete(
         &self,
@@ -298,7 +308,9 @@ impl Providers {
         for (name, s) in settings {
             let p = match s {
                 ProviderSettings::Http(h) => Provider::Http(Box::new(http::HttpProvider::build(name, h)?)),
-                ProviderSettings::Postgres(pg) => Provider::Postgres(postgres::PostgresProvider::build(name, pg)?),
+                ProviderSettings::Postgres(pg) => {
+                    Provider::Postgres(Box::new(postgres::PostgresProvider::build(name, pg)?))
+                }
                 ProviderSettings::Mongodb(m) => Provider::Mongo(mongo::MongoProvider::build(name, m).await?),
             };
             by_name.insert(name.clone(), Arc::new(p));

@@ -226,6 +226,9 @@ pub struct MongoProvider {
     batch_size: u32,
     /// Longest one operation may take (`timeout_ms`).
     timeout: std::time::Duration,
+    name: String,
+    /// The first host of the URL, the name its certificate must carry.
+    host: String,
 }
 
 impl MongoProvider {
@@ -240,6 +243,7 @@ impl MongoProvider {
         if opts.server_selection_timeout.is_none() {
             opts.server_selection_timeout = Some(std::time::Duration::from_secs(5));
         }
+        let host = opts.hosts.first().map(|h| h.to_string()).unwrap_or_default();
         let client = Client::with_options(opts).map_err(|e| err(e.to_string()))?;
         if s.batch_size == 0 {
             return Err(err("batch_size must be at least 1".into()));
@@ -248,7 +252,30 @@ impl MongoProvider {
             return Err(err("timeout_ms must be at least 1 (0 would mean: wait forever)".into()));
         }
         let timeout = std::time::Duration::from_millis(s.timeout_ms);
-        Ok(MongoProvider { db: client.database(&s.database), batch_size: s.batch_size, timeout })
+        Ok(MongoProvider {
+            name: name.to_string(),
+            host,
+            db: client.database(&s.database),
+            batch_size: s.batch_size,
+            timeout,
+        })
+    }
+
+    /// A `ping`, for `reaper check-config --connect`. The driver hands on a
+    /// TLS failure as text inside its server-selection error.
+    pub async fn reach(&self) -> Result<String, StepError> {
+        let ping = self.db.run_command(mongodb::bson::doc! { "ping": 1 });
+        match tokio::time::timeout(self.timeout + std::time::Duration::from_secs(5), ping).await {
+            Ok(Ok(_)) => Ok("answers (ping)".into()),
+            Ok(Err(e)) => {
+                let ca = format!("tlsCAFile in providers.{}.url", self.name);
+                match crate::tls::explain_text(&e.to_string(), &self.host, &ca) {
+                    Some(tls) => Err(StepError::Transient(tls)),
+                    None => Err(classify(e)),
+                }
+            }
+            Err(_) => Err(StepError::Transient("no answer to ping in time".into())),
+        }
     }
 
     pub fn database(&self) -> &Database {

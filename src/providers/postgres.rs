@@ -168,6 +168,9 @@ pub struct PostgresProvider {
     /// The client's own deadline per call, a little past the server's
     /// statement_timeout: for a server (or network) that stopped answering.
     deadline: Duration,
+    name: String,
+    /// For a connection of its own, outside the pool.
+    opts: PgConnectOptions,
 }
 
 impl PostgresProvider {
@@ -190,9 +193,29 @@ impl PostgresProvider {
         let pool = PgPoolOptions::new()
             .max_connections(s.max_connections)
             .acquire_timeout(Duration::from_millis(s.acquire_timeout_ms))
-            .connect_lazy_with(opts);
+            .connect_lazy_with(opts.clone());
         let deadline = Duration::from_millis(s.timeout_ms + s.acquire_timeout_ms) + Duration::from_secs(5);
-        Ok(PostgresProvider { pool, deadline })
+        Ok(PostgresProvider { name: name.to_string(), opts, pool, deadline })
+    }
+
+    /// One connection of its own (a pool would hide why it failed) and a
+    /// `SELECT 1`, for `reaper check-config --connect`.
+    pub async fn reach(&self) -> Result<String, StepError> {
+        use sqlx::{ConnectOptions, Connection};
+        let explain = |e: sqlx::Error| {
+            let ca = format!("sslrootcert in providers.{}.url", self.name);
+            match crate::tls::explain(&e, self.opts.get_host(), &ca) {
+                Some(tls) => StepError::Transient(tls),
+                None => classify(e),
+            }
+        };
+        let work = async {
+            let mut conn = self.opts.connect().await.map_err(explain)?;
+            sqlx::query("SELECT 1").execute(&mut conn).await.map_err(explain)?;
+            let _ = conn.close().await;
+            Ok("answers (SELECT 1)".to_string())
+        };
+        super::within(self.deadline, "connecting", work).await
     }
 
     pub fn pool(&self) -> &PgPool {

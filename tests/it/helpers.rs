@@ -44,6 +44,8 @@ pub struct TestApp {
     /// Prefix of this test's MongoDB databases ("t_<id>").
     pub mongo_prefix: String,
     worker: Option<tokio::task::JoinHandle<()>>,
+    /// The HTTPS front of the simulated cloud, when `extra` asked for one.
+    _https: Option<HttpsFront>,
     _cleanup: Cleanup,
 }
 
@@ -152,6 +154,12 @@ pub async fn spawn_app(extra: &str) -> TestApp {
             .replace("base_url = \"http://127.0.0.1:8089\"", &format!("base_url = \"http://{addr}\"")),
         overrides.split_once("[broker]").map(|(_, rest)| format!("[broker]{rest}")).unwrap_or_default()
     );
+    // `{sim_https_url}`: the simulated cloud behind HTTPS (see `HttpsFront`).
+    let https = if extra.contains("{sim_https_url}") { Some(HttpsFront::to(addr).await) } else { None };
+    let extra = match &https {
+        Some(front) => extra.replace("{sim_https_url}", &format!("https://localhost:{}", front.port)),
+        None => extra.to_string(),
+    };
     // `{db_url}` in `extra` is this test's own database (an "application" database for SQL kinds).
     let extra = extra
         .replace("{db_url}", &format!("{}/{db_name}", pg_server()))
@@ -186,7 +194,19 @@ pub async fn spawn_app(extra: &str) -> TestApp {
         broker::link::open(&direct, &app.names).await.expect("RabbitMQ must be running on 127.0.0.1:5672");
     let tap = ResultTap::open(&conn, &app.names).await.expect("opening the results tap");
     let worker = Some(tokio::spawn(app.clone().run(shutdown.clone())));
-    TestApp { app, sim, publisher, tap, conn, shutdown, config_text, mongo_prefix, worker, _cleanup: cleanup }
+    TestApp {
+        app,
+        sim,
+        publisher,
+        tap,
+        conn,
+        shutdown,
+        config_text,
+        mongo_prefix,
+        worker,
+        _https: https,
+        _cleanup: cleanup,
+    }
 }
 
 impl TestApp {
@@ -632,5 +652,58 @@ impl Drop for TcpProxy {
         for link in self.links.lock().unwrap().drain(..) {
             link.abort();
         }
+    }
+}
+
+/// Where .ci/tls-endpoints.sh put the throwaway CA and certificates.
+pub fn tls_file(name: &str) -> String {
+    let dir = std::env::var("REAPER_TEST_TLS_DIR").unwrap_or_else(|_| "/var/tmp/reaper-ci-tls".into());
+    let path = std::path::Path::new(&dir).join(name);
+    assert!(path.exists(), "{} is missing: run .ci/tls-endpoints.sh (as .ci/run does) first", path.display());
+    path.display().to_string()
+}
+
+/// HTTPS in front of a plain server (the simulated cloud), with the
+/// certificate .ci/tls-endpoints.sh made for `localhost`.
+pub struct HttpsFront {
+    pub port: u16,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl HttpsFront {
+    pub async fn to(target: std::net::SocketAddr) -> HttpsFront {
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio_rustls::rustls::{crypto::ring, ServerConfig};
+        let certs: Vec<_> =
+            CertificateDer::pem_file_iter(tls_file("server.pem")).unwrap().collect::<Result<_, _>>().unwrap();
+        let key = PrivateKeyDer::from_pem_file(tls_file("server.key")).unwrap();
+        let config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accept = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(inbound).await else { return };
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        HttpsFront { port, accept }
+    }
+}
+
+impl Drop for HttpsFront {
+    fn drop(&mut self) {
+        self.accept.abort();
     }
 }

@@ -20,3 +20,4 @@ mod secrets;
 mod sql_kinds;
 mod startup;
 mod teardown;
+mod tls;
