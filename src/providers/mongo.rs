@@ -237,7 +237,15 @@ impl MongoProvider {
         // The driver's message may quote the URL, password included: keep it out.
         let mut opts = ClientOptions::parse(s.url.expose()).await.map_err(|e| {
             let why = e.kind.to_string().replace(s.url.expose(), "[url]");
-            err(format!("url {}: {why}", crate::config::redact_url(s.url.expose())))
+            let url = crate::config::redact_url(s.url.expose());
+            match e.kind.as_ref() {
+                // mongodb+srv:// (Atlas) asks DNS for the cluster's servers when the client is built.
+                mongodb::error::ErrorKind::DnsResolve { .. } => err(format!(
+                    "url {url}: DNS did not give the cluster's servers (a mongodb+srv:// URL is looked up as \
+                     SRV _mongodb._tcp.HOST and TXT HOST): check the host name and this machine's DNS ({why})"
+                )),
+                _ => err(format!("url {url}: {why}")),
+            }
         })?;
         opts.app_name = Some("reaper".into());
         if opts.server_selection_timeout.is_none() {

@@ -225,3 +225,24 @@ async fn tls_settings_that_cannot_work_are_configuration_errors() {
         assert!(err.contains(says), "{env:?} should say {says:?}: {err}");
     }
 }
+
+/// `mongodb+srv://` (Atlas) is looked up in DNS when the client is built.
+/// No DNS server here can be pointed at one of the test's own (the driver
+/// takes only its three public resolvers or the machine's), so this shows the
+/// lookup is made and said plainly when it finds nothing; the rest of the
+/// path is the TLS one above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mongodb_srv_url_is_looked_up_in_dns_and_a_failed_lookup_is_said_plainly() {
+    let t = spawn_app("").await;
+    let env = [
+        ("REAPER_PROVIDERS__DOCS__TYPE", "mongodb"),
+        ("REAPER_PROVIDERS__DOCS__URL", "mongodb+srv://app:s3cret@cluster0.reaper.invalid/?tls=true"),
+        ("REAPER_PROVIDERS__DOCS__DATABASE", "docs"),
+    ];
+    let out = t.reaper(&["check-config"], &env);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("provider \"docs\"") && err.contains("mongodb+srv://cluster0.reaper.invalid"), "{err}");
+    assert!(err.contains("_mongodb._tcp.cluster0.reaper.invalid"), "the SRV name it asked for: {err}");
+    assert!(!err.contains("s3cret"), "no password: {err}");
+}
