@@ -350,6 +350,10 @@ fn classify(e: sqlx::Error) -> StepError {
             Some("40001" | "40P01" | "55P03" | "57014" | "57P01") => StepError::Transient(db.message().to_string()),
             _ => StepError::Permanent(format!("the database refused the statement: {}", db.message())),
         },
+        // The pool keeps why it could not connect to itself.
+        sqlx::Error::PoolTimedOut => StepError::Transient(
+            "database: no connection within acquire_timeout_ms (`reaper check-config --connect` says why)".into(),
+        ),
         _ => StepError::Transient(format!("database: {e}")),
     }
 }
