@@ -79,6 +79,7 @@ fn section_keys() -> Vec<(&'static str, &'static [&'static str])> {
         ("[providers.NAME] of type \"postgres\"", keys::<PostgresProviderSettings>()),
         ("[providers.NAME] of type \"mongodb\"", keys::<MongoProviderSettings>()),
         ("a provider's auth", keys::<AuthSettings>()),
+        ("a provider's auth.oauth2", keys::<OAuth2Settings>()),
         ("[kinds.NAME]", keys::<KindSettings>()),
         ("a kind's lookup", keys::<LookupSettings>()),
         ("a kind's guard", keys::<GuardSettings>()),
@@ -502,10 +503,56 @@ pub struct AuthSettings {
     /// Put before the token, e.g. "Bearer"; empty for none.
     #[serde(default = "default_auth_scheme")]
     pub scheme: String,
+    /// A token that does not change while reaper runs.
     #[serde(default)]
     pub token_env: Option<String>,
+    /// Read again whenever the file changes (Kubernetes rotates projected tokens).
     #[serde(default)]
     pub token_file: Option<String>,
+    /// A token from an OAuth2 token endpoint, refreshed before it expires.
+    #[serde(default)]
+    pub oauth2: Option<Box<OAuth2Settings>>,
+    /// A command that prints a token (a kubectl credential plugin, `gcloud
+    /// auth print-access-token`), run again after `token_ttl_secs`.
+    #[serde(default)]
+    pub token_command: Option<Vec<String>>,
+    #[serde(default = "default_token_ttl_secs")]
+    pub token_ttl_secs: f64,
+    #[serde(default = "default_command_timeout_secs")]
+    pub command_timeout_secs: f64,
+}
+
+/// A client-credentials grant, or (through `form` and `secret_field`) an
+/// API-key exchange of the IAM kind. The secret comes from the environment
+/// or a file, never the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2Settings {
+    pub token_url: String,
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
+    #[serde(default)]
+    pub client_secret_file: Option<String>,
+    /// The form field the secret is sent in: `client_secret`, or `apikey` for an IAM exchange.
+    #[serde(default = "default_secret_field")]
+    pub secret_field: String,
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// More form fields; `grant_type` defaults to `client_credentials`.
+    #[serde(default)]
+    pub form: BTreeMap<String, String>,
+}
+
+fn default_token_ttl_secs() -> f64 {
+    300.0
+}
+fn default_command_timeout_secs() -> f64 {
+    10.0
+}
+fn default_secret_field() -> String {
+    "client_secret".into()
 }
 
 fn default_auth_header() -> String {

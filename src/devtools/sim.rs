@@ -10,7 +10,15 @@
 //! - `DELETE /any/path`: 204, 404 when missing, 409 while a dependent exists.
 //!
 //! Control API: `GET|POST /_sim/faults`, `GET /_sim/stats`, `GET /_sim/requests`
-//! (every resource request: method and path as sent), `GET /_sim/resources`, `POST /_sim/reset`.
+//! (every resource request: method and path as sent), `GET /_sim/resources`, `POST /_sim/reset`,
+//! `POST /_sim/tokens` (a [`TokenPolicy`]: from then on every resource request
+//! needs `Authorization: Bearer TOKEN` with a token the cloud issued and that
+//! has not expired, or a fixed one; else 401).
+//!
+//! Token endpoint, like a cloud's IAM: `POST /_sim/oauth/token` with a form
+//! (`grant_type=client_credentials` and `client_secret=…`, or
+//! `grant_type=urn:ibm:params:oauth:grant-type:apikey` and `apikey=…`)
+//! answers `{"access_token", "token_type": "Bearer", "expires_in"}`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -76,6 +84,22 @@ pub struct Stats {
     pub with_authorization: u64,
     /// The most resource requests that were being answered at once.
     pub max_in_flight: u64,
+    /// Tokens the token endpoint issued.
+    pub tokens_issued: u64,
+    /// Resource requests answered 401 (no token, an unknown or expired one).
+    pub unauthorized: u64,
+}
+
+/// What the simulated cloud demands of a caller once set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct TokenPolicy {
+    /// The secret (client_secret or apikey) the token endpoint takes.
+    pub client_secret: String,
+    /// How long an issued token is accepted.
+    pub lifetime_secs: f64,
+    /// Tokens accepted without expiry (a token file's or a command's).
+    pub fixed_tokens: Vec<String>,
 }
 
 /// One resource request as the cloud saw it: when it arrived (since the
@@ -114,6 +138,9 @@ struct Inner {
     /// Every answered resource request, in the order the answers went out.
     timeline: Vec<Arrival>,
     in_flight: u64,
+    tokens: Option<TokenPolicy>,
+    /// Issued token → when it stops being accepted.
+    issued: HashMap<String, std::time::Instant>,
 }
 
 /// `reaper sim`: serves the simulated cloud (or, with `null`, an API that
@@ -217,6 +244,25 @@ impl Sim {
         self.inner.lock().unwrap().stats.clone()
     }
 
+    /// Every token the token endpoint issued, for a test to look for in logs.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.inner.lock().unwrap().issued.keys().cloned().collect()
+    }
+
+    /// Issued tokens stop being accepted at once (a revocation, a key rotated
+    /// at the IAM): the next request with one is answered 401.
+    pub fn revoke_tokens(&self) {
+        self.inner.lock().unwrap().issued.retain(|_, until| {
+            *until = std::time::Instant::now();
+            true
+        });
+    }
+
+    /// From now on, resource requests need a token (see [`TokenPolicy`]).
+    pub fn require_tokens(&self, policy: TokenPolicy) {
+        self.inner.lock().unwrap().tokens = Some(policy);
+    }
+
     pub fn set_faults(&self, f: Faults) {
         let mut g = self.inner.lock().unwrap();
         g.rng = Some(f.seed.map(fastrand::Rng::with_seed).unwrap_or_default());
@@ -279,6 +325,43 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Whether the request carries a token the policy accepts (always, without a policy).
+    fn authorized(&self, headers: &axum::http::HeaderMap) -> bool {
+        let Some(policy) = &self.tokens else { return true };
+        let bearer = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let Some(token) = bearer else { return false };
+        policy.fixed_tokens.iter().any(|t| t == token)
+            || self.issued.get(token).is_some_and(|until| std::time::Instant::now() < *until)
+    }
+
+    /// The token endpoint: a form with the right secret gets a new token.
+    fn grant(&mut self, body: &[u8]) -> Response {
+        let Some(policy) = self.tokens.clone() else {
+            return (StatusCode::NOT_FOUND, "no token policy: POST /_sim/tokens first").into_response();
+        };
+        let form = parse_form(body);
+        let secret = match form.get("grant_type").map(String::as_str) {
+            Some("client_credentials") => form.get("client_secret"),
+            Some("urn:ibm:params:oauth:grant-type:apikey") => form.get("apikey"),
+            _ => {
+                return (StatusCode::BAD_REQUEST, Json(serde_json::json!({"error": "unsupported_grant_type"})))
+                    .into_response()
+            }
+        };
+        if secret != Some(&policy.client_secret) || policy.client_secret.is_empty() {
+            return (StatusCode::UNAUTHORIZED, Json(serde_json::json!({"error": "invalid_client"}))).into_response();
+        }
+        let token = format!("sim-{:016x}", fastrand::u64(..));
+        let lifetime = Duration::from_secs_f64(policy.lifetime_secs.clamp(0.001, 86_400.0));
+        self.issued.insert(token.clone(), std::time::Instant::now() + lifetime);
+        self.stats.tokens_issued += 1;
+        Json(serde_json::json!({"access_token": token, "token_type": "Bearer", "expires_in": policy.lifetime_secs}))
+            .into_response()
     }
 
     /// Decides which fault, if any, hits this request.
@@ -381,6 +464,11 @@ async fn resource_request(
             g.stats.with_authorization += 1;
         }
         g.requests.push((method.to_string(), path.clone()));
+        if !g.authorized(headers) {
+            g.stats.unauthorized += 1;
+            let body = serde_json::json!({"error": "invalid_token", "message": "no token, or one that expired"});
+            return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+        }
         if !g.faults.redirect_to.is_empty() {
             let status = StatusCode::from_u16(g.faults.redirect_status).unwrap_or(StatusCode::TEMPORARY_REDIRECT);
             let location = format!("{}{}", g.faults.redirect_to, uri);
@@ -508,10 +596,28 @@ fn control_api(sim: &Sim, method: &Method, what: &str, body: &[u8]) -> Response 
         (Method::GET, "stats") => Json(sim.stats()).into_response(),
         (Method::GET, "requests") => Json(sim.requests()).into_response(),
         (Method::GET, "resources") => Json(sim.paths()).into_response(),
+        (Method::POST, "tokens") => match serde_json::from_slice::<TokenPolicy>(body) {
+            Ok(p) => {
+                sim.require_tokens(p);
+                StatusCode::NO_CONTENT.into_response()
+            }
+            Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        },
+        (Method::POST, "oauth/token") => sim.inner.lock().unwrap().grant(body),
         (Method::POST, "reset") => {
             *sim.inner.lock().unwrap() = Inner::default();
             StatusCode::NO_CONTENT.into_response()
         }
         _ => StatusCode::NOT_FOUND.into_response(),
     }
+}
+
+/// An `application/x-www-form-urlencoded` body as a map (`+` is a space).
+fn parse_form(body: &[u8]) -> HashMap<String, String> {
+    let decode = |s: &str| percent_encoding::percent_decode_str(&s.replace('+', " ")).decode_utf8_lossy().into_owned();
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect()
 }

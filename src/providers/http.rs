@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use reqwest::header::{HeaderName, HeaderValue};
+use reqwest::header::HeaderValue;
 use reqwest::{Method, StatusCode};
 use tokio::sync::{Mutex, Semaphore};
 use tokio::time::Instant;
 
+use super::credentials::Credentials;
 use super::listing::{json_text, Item, Pages};
 use super::{Deleted, ProviderError, StepError};
 use crate::config::reconcile::InventorySettings;
@@ -176,7 +177,7 @@ pub struct HttpProvider {
     base_url: String,
     /// The base URL's host, the name its certificate must carry.
     host: String,
-    auth: Option<(HeaderName, HeaderValue)>,
+    auth: Option<Credentials>,
     in_flight: Semaphore,
     pacer: Mutex<Pacer>,
 }
@@ -212,28 +213,7 @@ impl HttpProvider {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| err(format!("building the HTTP client: {e}")))?;
-        let auth = match &s.auth {
-            None => None,
-            Some(a) => {
-                let token = match (&a.token_env, &a.token_file) {
-                    (Some(var), _) => {
-                        std::env::var(var).map_err(|_| err(format!("auth.token_env names {var}, which is not set")))?
-                    }
-                    (None, Some(file)) => std::fs::read_to_string(file)
-                        .map_err(|e| err(format!("auth.token_file {file}: {e}")))?
-                        .trim()
-                        .to_string(),
-                    (None, None) => return Err(err("auth needs token_env or token_file".into())),
-                };
-                let value = if a.scheme.is_empty() { token } else { format!("{} {token}", a.scheme) };
-                let mut value =
-                    HeaderValue::from_str(&value).map_err(|_| err("the token is not a valid header value".into()))?;
-                value.set_sensitive(true);
-                let header = HeaderName::from_bytes(a.header.as_bytes())
-                    .map_err(|_| err(format!("bad auth header name {:?}", a.header)))?;
-                Some((header, value))
-            }
-        };
+        let auth = s.auth.as_ref().map(|a| Credentials::build(name, a, &client)).transpose().map_err(err)?;
         Ok(HttpProvider {
             name: name.to_string(),
             client,
@@ -298,27 +278,45 @@ impl HttpProvider {
         }
     }
 
+    /// One request with the current credential; the header value sent comes back too.
+    async fn send_once(
+        &self,
+        method: &Method,
+        path: &str,
+    ) -> Result<(reqwest::Response, Option<HeaderValue>), StepError> {
+        let mut req = self.client.request(method.clone(), format!("{}{}", self.base_url, path));
+        let mut sent = None;
+        if let Some(creds) = &self.auth {
+            let (h, v) = creds.header().await?;
+            req = req.header(h, v.clone());
+            sent = Some(v);
+        }
+        let resp = req.send().await.map_err(|e| self.send_error(method, path, e))?;
+        Ok((resp, sent))
+    }
+
     /// Whether the API answers at all (any status counts), for
     /// `reaper check-config --connect`.
     pub async fn reach(&self) -> Result<String, StepError> {
-        let mut req = self.client.get(format!("{}/", self.base_url));
-        if let Some((h, v)) = &self.auth {
-            req = req.header(h.clone(), v.clone());
-        }
-        let resp = req.send().await.map_err(|e| self.send_error(&Method::GET, "/", e))?;
+        let (resp, _) = self.send_once(&Method::GET, "/").await?;
         Ok(format!("answers (HTTP {} to GET /)", resp.status().as_u16()))
     }
 
     /// Paced and capped; 429 pauses the provider; 2xx, 404 and 410 come back.
     async fn request(&self, method: &Method, path: &str) -> Result<reqwest::Response, StepError> {
-        let url = format!("{}{}", self.base_url, path);
         let _permit = self.in_flight.acquire().await.expect("the semaphore is never closed");
         self.wait_for_turn().await;
-        let mut req = self.client.request(method.clone(), &url);
-        if let Some((h, v)) = &self.auth {
-            req = req.header(h.clone(), v.clone());
+        let (mut resp, sent) = self.send_once(method, path).await?;
+        // An expired token: fetched again once (by one step however many got
+        // the 401), and the request made once more before the 401 counts.
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            if let (Some(creds), Some(sent)) = (&self.auth, sent) {
+                if creds.rejected(&sent).await {
+                    self.wait_for_turn().await;
+                    resp = self.send_once(method, path).await?.0;
+                }
+            }
         }
-        let resp = req.send().await.map_err(|e| self.send_error(method, path, e))?;
         let status = resp.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
             let retry_after =

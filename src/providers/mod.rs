@@ -1,6 +1,7 @@
 //! Providers delete one resource and say whether it still exists. Every provider
 //! is idempotent: a resource that is already gone counts as done.
 
+pub mod credentials;
 pub mod http;
 pub mod listing;
 pub mod mongo;

@@ -168,8 +168,11 @@ pub async fn spawn_app(extra: &str) -> TestApp {
         .replace("{mongo_url}", &mongo_url())
         .replace("{mongo_prefix}", &mongo_prefix);
     let config_text = format!("{config_text}\n{}", extra.replace("auth = {", "# auth = {"));
-    let mut settings = Settings::from_toml_layers(&[include_str!("../../config/vpc-node.toml"), &overrides, &extra])
-        .expect("test settings");
+    // A test that gives the cloud an auth table of its own replaces the example's.
+    let own_auth = extra.contains("[providers.cloud.auth]");
+    let vpc = include_str!("../../config/vpc-node.toml");
+    let vpc = if own_auth { vpc.replace("auth = {", "# auth = {") } else { vpc.to_string() };
+    let mut settings = Settings::from_toml_layers(&[&vpc, &overrides, &extra]).expect("test settings");
     // Schedules fire at start on a fresh ledger; a test that wants them says so.
     settings.reconcile.run_schedules = extra.contains("run_schedules = true");
     // The admin token comes from the test (token_file), never from the
@@ -177,8 +180,10 @@ pub async fn spawn_app(extra: &str) -> TestApp {
     if !extra.contains("token_env") {
         settings.admin.token_env = "REAPER_TEST_UNSET_ADMIN_TOKEN".into();
     }
-    // The simulated services take no token (the config file for the binary has its auth lines commented out).
-    for p in settings.providers.values_mut() {
+    // The simulated services take no token (the config file for the binary
+    // has its auth lines commented out), unless the test gives the cloud an
+    // `[providers.cloud.auth]` table of its own.
+    for p in settings.providers.values_mut().filter(|_| !own_auth) {
         if let reaper::config::ProviderSettings::Http(h) = p {
             h.auth = None;
         }

@@ -9,6 +9,7 @@ mod lives_matrix;
 mod admin;
 mod commands;
 mod contract_proto;
+mod credentials;
 mod deploy;
 mod door;
 mod examples;

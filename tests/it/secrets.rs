@@ -36,40 +36,9 @@ async fn tokens_and_passwords_never_appear_in_logs_or_status() {
     assert!(config.contains(DB_PASSWORD) && config.contains(MONGO_PASSWORD));
     assert!(config.contains("token_env = \"REAPER_CLOUD_TOKEN\""));
     std::fs::write(dir.join("reaper.toml"), &config).unwrap();
-    let mut child = Child::spawn(
-        reaper_cmd()
-            .args(["run", "--config"])
-            .arg(dir.join("reaper.toml"))
-            .env("REAPER_CLOUD_TOKEN", CLOUD_TOKEN)
-            .env("RUST_LOG", "debug")
-            .env("REAPER_LOG__FORMAT", "json")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::piped()),
-        "reaper run",
-    );
-    // The admin API listens on a port the system picks; the log says which.
-    let stderr = lines_of(child.inner.stderr.take().unwrap());
-    let mut logs = String::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let addr = loop {
-        let line = stderr
-            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-            .expect("the worker logs where its admin API listens");
-        logs.push_str(&line);
-        logs.push('\n');
-        if line.contains("admin API listening") {
-            let v: serde_json::Value = serde_json::from_str(&line).expect("JSON logs");
-            break v["fields"]["addr"].as_str().expect("the address is logged").to_string();
-        }
-    };
-    let base = format!("http://{addr}");
+    let (mut child, stderr, mut logs, base) =
+        spawn_worker(&dir.join("reaper.toml"), &[("REAPER_CLOUD_TOKEN", CLOUD_TOKEN)]).await;
     let c = reqwest::Client::new();
-    wait_until("the worker is ready", Duration::from_secs(20), || {
-        let c = c.clone();
-        let url = format!("{base}/readyz");
-        async move { c.get(url).send().await.map(|r| r.status() == 200).unwrap_or(false) }
-    })
-    .await;
     let node = VpcNode::new(&unique("node"));
     t.provision(&node).await;
     t.publish("deletion.requested", &deletion("secret-run", &node.owner, Utc::now())).await;
@@ -93,6 +62,107 @@ async fn tokens_and_passwords_never_appear_in_logs_or_status() {
     for secret in [CLOUD_TOKEN, ADMIN_TOKEN, DB_PASSWORD, MONGO_PASSWORD] {
         assert!(!logs.contains(secret), "{secret} leaked into the logs");
         assert!(!status.contains(secret), "{secret} leaked into /v1/status");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `reaper run` with debug JSON logs; once ready: the child, its log lines
+/// to come, those so far and the admin API's base URL.
+async fn spawn_worker(
+    config: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Child, std::sync::mpsc::Receiver<String>, String, String) {
+    let mut cmd = reaper_cmd();
+    cmd.args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "debug")
+        .env("REAPER_LOG__FORMAT", "json")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = Child::spawn(&mut cmd, "reaper run");
+    // The admin API listens on a port the system picks; the log says which.
+    let stderr = lines_of(child.inner.stderr.take().unwrap());
+    let mut logs = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let addr = loop {
+        let line = stderr
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("the worker logs where its admin API listens");
+        logs.push_str(&line);
+        logs.push('\n');
+        if line.contains("admin API listening") {
+            let v: serde_json::Value = serde_json::from_str(&line).expect("JSON logs");
+            break v["fields"]["addr"].as_str().expect("the address is logged").to_string();
+        }
+    };
+    let base = format!("http://{addr}");
+    let c = reqwest::Client::new();
+    wait_until("the worker is ready", Duration::from_secs(20), || {
+        let c = c.clone();
+        let url = format!("{base}/readyz");
+        async move { c.get(url).send().await.map(|r| r.status() == 200).unwrap_or(false) }
+    })
+    .await;
+    (child, stderr, logs, base)
+}
+
+const API_KEY: &str = "iam-apikey-0b1c2d3e";
+
+/// An API key exchanged at an IAM endpoint for tokens that last a second:
+/// neither the key nor any token it bought reaches the logs, /v1/status or
+/// a plan's script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchanged_api_keys_and_their_tokens_never_appear_in_logs_status_or_plans() {
+    use reaper::devtools::sim::TokenPolicy;
+    let dir = std::env::temp_dir().join(format!("reaper-secrets-{:08x}", fastrand::u32(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("apikey"), API_KEY).unwrap();
+    std::fs::write(dir.join("admin-token"), ADMIN_TOKEN).unwrap();
+    let auth = format!(
+        "[providers.cloud.auth]\noauth2 = {{ token_url = \"{{sim_url}}/_sim/oauth/token\", client_secret_file = \"{}\", secret_field = \"apikey\", form = {{ grant_type = \"urn:ibm:params:oauth:grant-type:apikey\" }} }}\n",
+        dir.join("apikey").display()
+    );
+    let mut t = spawn_app(&auth).await;
+    t.stop().await;
+    t.sim.require_tokens(TokenPolicy { client_secret: API_KEY.into(), lifetime_secs: 1.0, fixed_tokens: vec![] });
+    let config = t.config_text.replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"", dir.join("admin-token").display()),
+    );
+    assert!(config.contains("secret_field = \"apikey\""), "{config}");
+    std::fs::write(dir.join("reaper.toml"), &config).unwrap();
+    let (mut child, stderr, mut logs, base) = spawn_worker(&dir.join("reaper.toml"), &[]).await;
+    let c = reqwest::Client::new();
+    for i in 0..3 {
+        let node = VpcNode::new(&unique("iam"));
+        t.provision(&node).await;
+        t.publish("deletion.requested", &deletion(&format!("iam-{i}"), &node.owner, Utc::now())).await;
+        assert_eq!(t.next_result(30).await.result.status, "completed");
+        // The IAM revokes the token: the next teardown exchanges the key again.
+        t.sim.revoke_tokens();
+    }
+    let tokens = t.sim.issued_tokens();
+    assert!(tokens.len() >= 3, "the key was exchanged for each teardown: {tokens:?}");
+    let status =
+        c.get(format!("{base}/v1/status")).bearer_auth(ADMIN_TOKEN).send().await.unwrap().text().await.unwrap();
+    // What is left of a node not deleted, as the fallback script.
+    let left = VpcNode::new(&unique("iam"));
+    t.provision(&left).await;
+    let plan = t.reaper(&["plan", &left.owner, "--format", "sh"], &[]);
+    let script = String::from_utf8_lossy(&plan.stdout).to_string() + &String::from_utf8_lossy(&plan.stderr);
+    assert!(plan.status.success() && script.contains("curl"), "{script}");
+    let mut stdout = child.inner.stdout.take().unwrap();
+    assert!(child.terminate(Duration::from_secs(20)).success());
+    logs.extend(stderr.iter().map(|l| l + "\n"));
+    stdout.read_to_string(&mut logs).unwrap();
+    assert!(logs.contains("job finished"), "debug logs were written");
+    for secret in tokens.iter().map(String::as_str).chain([API_KEY]) {
+        assert!(!logs.contains(secret), "{secret} leaked into the logs");
+        assert!(!status.contains(secret), "{secret} leaked into /v1/status");
+        assert!(!script.contains(secret), "{secret} leaked into a script");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
