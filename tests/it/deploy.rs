@@ -83,3 +83,114 @@ fn every_test_the_contract_names_exists() {
         assert!(source.contains(&format!("fn {test}(")), "docs/contract.md names {n}, which does not exist");
     }
 }
+
+/// deploy/kubernetes, checked offline: every file parses, the probes and the
+/// Service point at the admin API's routes and port, the grace period is
+/// above the worker's, the labels select the pods, the environment names
+/// settings reaper reads, and every secret the config names is in the Secret.
+#[test]
+fn the_kubernetes_manifests_match_the_admin_api_the_grace_and_the_settings() {
+    use serde_norway::Value;
+    let dir = root("deploy/kubernetes");
+    let kustomization: Value =
+        serde_norway::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap()).unwrap();
+    let mut by_kind = std::collections::BTreeMap::new();
+    for file in kustomization["resources"].as_sequence().expect("resources") {
+        let text = std::fs::read_to_string(dir.join(file.as_str().unwrap())).expect("a listed file exists");
+        let doc: Value = serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{file:?}: {e}"));
+        by_kind.insert(doc["kind"].as_str().expect("a kind").to_string(), doc);
+    }
+    for kind in ["ConfigMap", "Secret", "Deployment", "PodDisruptionBudget", "Service", "ServiceMonitor"] {
+        assert!(by_kind.contains_key(kind), "no {kind}");
+    }
+    let deployment = &by_kind["Deployment"];
+    let pod = &deployment["spec"]["template"];
+    let container = &pod["spec"]["containers"][0];
+    assert_eq!(deployment["spec"]["replicas"].as_u64(), Some(2));
+
+    // The config the pods mount is a valid config, and its grace is below the pod's.
+    let toml = by_kind["ConfigMap"]["data"]["reaper.toml"].as_str().expect("reaper.toml");
+    let settings = reaper::config::Settings::from_toml(toml).expect("the ConfigMap's reaper.toml");
+    reaper::catalog::validate(&settings).expect("its kinds");
+    let grace = pod["spec"]["terminationGracePeriodSeconds"].as_u64().expect("a grace period");
+    assert!(grace > settings.worker.shutdown_grace_secs + 5, "{grace} s leaves the worker no time to flush");
+    let args: Vec<&str> = container["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    let mount = container["volumeMounts"][0]["mountPath"].as_str().unwrap();
+    assert_eq!(args, ["run", "--config", &format!("{mount}/reaper.toml")]);
+
+    // Probes and the Service reach the admin API where it listens.
+    let env: Vec<(&str, &str)> = container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), e["value"].as_str().unwrap_or("")))
+        .collect();
+    let listen = env.iter().find(|(k, _)| *k == "REAPER_ADMIN__LISTEN").expect("the admin API listens off loopback").1;
+    let port = &container["ports"][0];
+    assert_eq!(listen.rsplit_once(':').unwrap().1, port["containerPort"].as_u64().unwrap().to_string());
+    let admin = std::fs::read_to_string(root("src/admin.rs")).unwrap();
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(container[probe]["httpGet"]["path"].as_str(), Some(path));
+        assert_eq!(container[probe]["httpGet"]["port"], port["name"], "{probe} uses the admin port");
+        assert!(admin.contains(&format!(".route(\"{path}\"")), "the admin API serves {path}");
+    }
+    let service = &by_kind["Service"];
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], port["name"]);
+    let monitor = &by_kind["ServiceMonitor"]["spec"];
+    assert_eq!(monitor["endpoints"][0]["port"], service["spec"]["ports"][0]["name"]);
+    assert_eq!(monitor["endpoints"][0]["path"].as_str(), Some("/metrics"));
+    let labels = &pod["metadata"]["labels"];
+    for selector in [
+        &deployment["spec"]["selector"]["matchLabels"],
+        &by_kind["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
+        &service["spec"]["selector"],
+        &monitor["selector"]["matchLabels"],
+    ] {
+        for (k, v) in selector.as_mapping().unwrap() {
+            assert_eq!(&labels[k.as_str().unwrap()], v, "a selector that matches no pod");
+        }
+    }
+    assert!(
+        monitor["selector"]["matchLabels"]
+            .as_mapping()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| &service["metadata"]["labels"][k.as_str().unwrap()] == v),
+        "the ServiceMonitor selects the Service"
+    );
+
+    // Hardened, and sized.
+    assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert!(
+        container["resources"]["requests"]["memory"].is_string()
+            && container["resources"]["limits"]["memory"].is_string()
+    );
+
+    // Every REAPER_<SECTION>__<KEY> given is a setting reaper reads (an
+    // unknown one stops start-up), and every secret the config names is given.
+    let secret = by_kind["Secret"]["stringData"].as_mapping().expect("stringData");
+    let given: Vec<(String, String)> = secret
+        .iter()
+        .map(|(k, v)| (k.as_str().unwrap().to_string(), v.as_str().unwrap().to_string()))
+        .chain(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    let mut layer = String::new();
+    for (name, value) in &given {
+        if let Some((section, key)) = name.strip_prefix("REAPER_").and_then(|n| n.split_once("__")) {
+            layer.push_str(&format!("[{}]\n{} = {:?}\n", section.to_lowercase(), key.to_lowercase(), value));
+        }
+    }
+    reaper::config::Settings::from_toml_layers(&[toml, &layer]).expect("the environment names settings");
+    let mut needed = vec![settings.admin.token_env.clone()];
+    for p in settings.providers.values() {
+        if let reaper::config::ProviderSettings::Http(h) = p {
+            let auth = h.auth.as_ref();
+            needed.extend(auth.and_then(|a| a.token_env.clone()));
+            needed.extend(auth.and_then(|a| a.oauth2.as_ref()).and_then(|o| o.client_secret_env.clone()));
+        }
+    }
+    for var in needed {
+        assert!(given.iter().any(|(k, _)| *k == var), "the config reads {var}, which the Secret does not give");
+    }
+}
