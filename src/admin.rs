@@ -41,7 +41,40 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .merge(protected)
+        .fallback(no_route)
+        .layer(middleware::map_response(json_errors))
         .with_state(app)
+}
+
+/// No route: most often an owner whose slash was not encoded.
+async fn no_route(uri: axum::http::Uri) -> Response {
+    let path = uri.path();
+    let hint = match path.strip_prefix("/v1/owners/") {
+        Some(rest) if rest.contains('/') => {
+            let owner = rest.split('/').take(2).collect::<Vec<_>>().join("%2F");
+            format!("; an owner's slash is written %2F: /v1/owners/{owner}")
+        }
+        _ => String::new(),
+    };
+    error(StatusCode::NOT_FOUND, &format!("no route for {path}{hint}"))
+}
+
+/// Every error answers JSON, also those axum writes itself (a body that is
+/// not JSON: 415; a query that does not parse: 400).
+async fn json_errors(resp: Response) -> Response {
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if resp.status().is_success() || is_json || resp.status().is_redirection() {
+        return resp;
+    }
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 64 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
+    let message = if text.trim().is_empty() { status.canonical_reason().unwrap_or("error") } else { text.trim() };
+    error(status, message)
 }
 
 /// Serves the API on `addr` until `shutdown`.
@@ -123,12 +156,12 @@ async fn status(State(app): State<Arc<App>>) -> Response {
     Json(json!({
         "ready": app.is_ready(),
         "counts": counts,
+        "config": {
         "reconcile": s.reconcile.rules.iter().map(|(name, r)| (name.clone(), json!({
             "every_secs": r.every_secs, "execute_on_schedule": r.execute_on_schedule,
             "max_count": r.max_count, "max_fraction": r.max_fraction, "grace_secs": r.grace_secs,
             "quarantine_sweeps": r.quarantine_sweeps,
         }))).collect::<serde_json::Map<_, _>>(),
-        "config": {
             "broker": { "url": redact_url(s.broker.url.expose()), "prefix": s.broker.prefix, "prefetch": s.broker.prefetch,
                         "queue_type": format!("{:?}", s.broker.queue_type).to_lowercase() },
             "database": { "url": redact_url(s.database.url.expose()), "max_connections": s.database.max_connections },

@@ -97,7 +97,9 @@ impl App {
         let catalog = crate::catalog::validate(settings)?;
         if catalog.is_empty() {
             return Err(ConfigError::Invalid(
-                "no kinds are configured: add [kinds.NAME] sections (see config/vpc-node.toml)".into(),
+                "no kinds are configured: give a config file with [kinds.NAME] sections with --config FILE \
+                 (or REAPER_CONFIG); config/vpc-node.toml is an example"
+                    .into(),
             )
             .into());
         }

@@ -203,6 +203,23 @@ impl Catalog {
         self.kinds.keys().map(|s| s.as_str()).collect()
     }
 
+    /// The kinds in the order their resources go: each after every kind it
+    /// waits for (`after`), ties by name. The catalog has no cycle.
+    pub fn teardown_order(&self) -> Vec<&str> {
+        let mut done: Vec<&str> = Vec::with_capacity(self.kinds.len());
+        while done.len() < self.kinds.len() {
+            let next = self
+                .kinds
+                .iter()
+                .find(|(k, spec)| !done.contains(&k.as_str()) && spec.after.iter().all(|a| done.contains(&a.as_str())));
+            match next {
+                Some((k, _)) => done.push(k),
+                None => break, // a cycle: `validate` refuses those
+            }
+        }
+        done
+    }
+
     pub fn is_empty(&self) -> bool {
         self.kinds.is_empty()
     }

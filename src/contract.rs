@@ -92,7 +92,7 @@ struct WireTeardown {
     requested_by: Option<String>,
     #[serde(default)]
     dry_run: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "occurred_at_field")]
     occurred_at: Option<DateTime<Utc>>,
     #[serde(default, deserialize_with = "int64")]
     generation: Option<i64>,
@@ -122,7 +122,7 @@ struct WireResource {
     attributes: BTreeMap<String, String>,
     #[serde(default)]
     parent: Option<WireRef>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "created_at_field")]
     created_at: Option<DateTime<Utc>>,
 }
 
@@ -231,6 +231,25 @@ fn dedupe(resources: Vec<TrackedResource>) -> Result<Vec<TrackedResource>, Malfo
         }
     }
     Ok(out)
+}
+
+/// A time field, refused with its name and value when it is not RFC 3339
+/// (serde's own message names neither).
+fn time_field<'de, D: serde::Deserializer<'de>>(d: D, field: &str) -> Result<Option<DateTime<Utc>>, D::Error> {
+    let Some(text) = Option::<String>::deserialize(d)? else { return Ok(None) };
+    // The same parse serde would do (chrono's FromStr), only with a better error.
+    text.parse::<DateTime<Utc>>().map(Some).map_err(|_| {
+        let shown: String = text.chars().take(64).collect();
+        serde::de::Error::custom(format!("{field} {shown:?} is not an RFC 3339 time (like 2026-12-05T10:00:00Z)"))
+    })
+}
+
+fn occurred_at_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+    time_field(d, "occurred_at")
+}
+
+fn created_at_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+    time_field(d, "created_at")
 }
 
 /// proto3's JSON mapping writes 64-bit integers as strings; accept both.

@@ -29,8 +29,9 @@ pub async fn check_config(settings: &Settings, connect: bool) -> ExitCode {
         Err(e @ crate::app::AppError::Ledger(_)) => return fail(3, e),
         Err(e) => return fail(2, e),
     };
-    println!("config is valid; kinds and what must be gone before each:");
-    for k in catalog.kind_names() {
+    println!("config is valid; kinds in the order they go, and what must be gone before each:");
+    let width = catalog.kind_names().iter().map(|k| k.len()).max().unwrap_or(0).max(4);
+    for k in catalog.teardown_order() {
         let spec = catalog.kind(k).expect("listed");
         let after = if spec.after.is_empty() { "-".to_string() } else { spec.after.join(", ") };
         let mut extras = Vec::new();
@@ -44,7 +45,7 @@ pub async fn check_config(settings: &Settings, connect: bool) -> ExitCode {
             extras.push("archived".into());
         }
         let extras = if extras.is_empty() { String::new() } else { format!("  [{}]", extras.join(", ")) };
-        println!("  {k:<24} provider={:<12} after: {after}{extras}", spec.provider);
+        println!("  {k:<width$}  provider={:<12} after: {after}{extras}", spec.provider);
     }
     for (name, r) in &settings.reconcile.rules {
         let every = r.every_secs.map(|e| format!("every {e}s")).unwrap_or_else(|| "by hand".into());
@@ -111,14 +112,11 @@ pub async fn status(settings: &Settings, json: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(c) => {
-            println!("owners tracked      {}", c.owners_tracked);
-            for (state, n) in &c.resources {
-                println!("resources {state:<12} {n}");
-            }
-            for (status, n) in &c.jobs {
-                println!("jobs {status:<17} {n}");
-            }
-            println!("outbox backlog      {}", c.outbox_backlog);
+            // One column of labels, one of values, whatever the names' lengths.
+            let mut rows: Vec<(String, String)> = vec![("owners tracked".into(), c.owners_tracked.to_string())];
+            rows.extend(c.resources.iter().map(|(state, n)| (format!("resources {state}"), n.to_string())));
+            rows.extend(c.jobs.iter().map(|(status, n)| (format!("jobs {status}"), n.to_string())));
+            rows.push(("outbox backlog".into(), c.outbox_backlog.to_string()));
             for (rule, v) in &c.reconcile {
                 let last = &v["last_report"];
                 let summary = if last.is_null() {
@@ -132,7 +130,11 @@ pub async fn status(settings: &Settings, json: bool) -> ExitCode {
                         last["published"]
                     )
                 };
-                println!("reconcile {rule:<21} {summary}");
+                rows.push((format!("reconcile {rule}"), summary));
+            }
+            let width = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
+            for (label, value) in rows {
+                println!("{label:<width$}  {value}");
             }
             ExitCode::SUCCESS
         }
@@ -239,6 +241,16 @@ pub async fn plan(settings: Settings, owner: &str, format: PlanFormat) -> ExitCo
         Ok(s) => s,
         Err(e) => return fail(3, e),
     };
+    // Nothing to plan for an owner reaper never heard of: a typo, most likely.
+    if steps.is_empty() {
+        match app.ledger.owner_view(owner).await {
+            Ok((r, j)) if r.is_empty() && j.is_empty() => {
+                return fail(1, format!("reaper knows nothing of owner {owner:?}"))
+            }
+            Ok(_) => {}
+            Err(e) => return fail(3, e),
+        }
+    }
     match format {
         PlanFormat::Json => println!("{}", serde_json::to_string_pretty(&steps).expect("serializable")),
         PlanFormat::Sh => print!("{}", ops::script(&app.settings, owner, &steps)),
@@ -246,17 +258,50 @@ pub async fn plan(settings: Settings, owner: &str, format: PlanFormat) -> ExitCo
             if steps.is_empty() {
                 println!("nothing left of {owner}");
             }
+            let width = steps.iter().map(|s| s.id.len()).max().unwrap_or(0).max(2);
             for s in &steps {
-                println!("level {}  {:<20} {:<40} {}", s.level, s.kind, s.id, s.request);
+                println!("level {}  {:<20} {:<width$}  {}", s.level, s.kind, s.id, s.request);
             }
         }
     }
     ExitCode::SUCCESS
 }
 
+/// An owner the ledger knows nothing of, when no kind could find its
+/// resources by a lookup either: a deletion would do nothing, so nothing is
+/// sent (exit 1). `None` when the deletion may go.
+async fn unknown_owner(settings: &Settings, owner: &str) -> Option<ExitCode> {
+    let checked = match App::check(settings).await {
+        Ok(c) => c,
+        Err(e) => return Some(fail(2, e)),
+    };
+    if checked.catalog.lookups().next().is_some() {
+        return None;
+    }
+    let ledger = match crate::ledger::Ledger::from_settings(settings).await {
+        Ok(l) => l,
+        Err(e) => return Some(fail(3, e)),
+    };
+    let known = ledger.owner_view(owner).await;
+    ledger.pool().close().await;
+    match known {
+        Ok((r, j)) if r.is_empty() && j.is_empty() => Some(fail(
+            1,
+            format!(
+                "reaper knows nothing of owner {owner:?} and no kind looks resources up by owner: nothing was sent"
+            ),
+        )),
+        Ok(_) => None,
+        Err(e) => Some(fail(3, e)),
+    }
+}
+
 pub async fn request_deletion(settings: &Settings, owner: &str, dry_run: bool, reason: &str) -> ExitCode {
     if let Err(e) = crate::contract::check_owner(owner) {
         return fail(2, e.0);
+    }
+    if let Some(code) = unknown_owner(settings, owner).await {
+        return code;
     }
     let names = crate::broker::Names::new(&settings.broker.prefix);
     let (conn, publisher) = match crate::broker::link::open(settings, &names).await {

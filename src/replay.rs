@@ -128,7 +128,8 @@ impl Summary {
             println!("{}", serde_json::to_string_pretty(self).expect("serializable"));
         } else {
             let verb = if dry_run { "would replay" } else { "replayed" };
-            println!("{} dead-lettered jobs matched; {verb} {}", self.matched, self.replayed.len());
+            let jobs = if self.matched == 1 { "job" } else { "jobs" };
+            println!("{} dead-lettered {jobs} matched; {verb} {}", self.matched, self.replayed.len());
             if !self.held_back.is_empty() {
                 println!("held back (replayed too often; look at them by hand): {}", self.held_back.len());
                 for j in &self.held_back {

@@ -23,15 +23,22 @@ pub struct DemoArgs {
     /// Sample nodes to create and tear down.
     #[arg(long, default_value_t = 50)]
     pub nodes: usize,
-    /// Fraction of simulated API calls that fail with 503 (retried).
-    #[arg(long, default_value_t = 0.05)]
+    /// Fraction of simulated API calls that fail with 503 (retried), 0 to 1.
+    #[arg(long, default_value_t = 0.05, value_parser = fraction)]
     pub error_rate: f64,
-    /// Fraction answered 429 with Retry-After.
-    #[arg(long, default_value_t = 0.02)]
+    /// Fraction answered 429 with Retry-After, 0 to 1.
+    #[arg(long, default_value_t = 0.02, value_parser = fraction)]
     pub rate_limit_rate: f64,
     /// Give up waiting for results after this many seconds.
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
+}
+
+fn fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{s:?} is not a fraction between 0 and 1")),
+    }
 }
 
 /// One resource of a sample node: its kind, its ID, attributes, and where the
@@ -131,13 +138,67 @@ fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     bar
 }
 
+/// Runs the demo in a database of its own (made beside the configured one
+/// and dropped after), so the real ledger never holds its jobs: a later
+/// `status` or `replay --all` would otherwise find them.
 pub async fn run(mut settings: Settings, args: DemoArgs) -> ExitCode {
-    match demo(&mut settings, args).await {
+    let own = match OwnDatabase::create(&settings).await {
+        Ok(own) => own,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(3);
+        }
+    };
+    settings.database.url = crate::config::Secret::new(own.url.clone());
+    println!("reaper demo: a ledger of its own in database {} (dropped at the end)", own.name);
+    let outcome = demo(&mut settings, args).await;
+    own.drop_it().await;
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(3)
+        }
+    }
+}
+
+/// The demo's database: `reaper_demo_<hex>` on the configured server.
+struct OwnDatabase {
+    server: sqlx::postgres::PgConnectOptions,
+    name: String,
+    url: String,
+}
+
+impl OwnDatabase {
+    async fn create(settings: &Settings) -> anyhow::Result<OwnDatabase> {
+        use sqlx::ConnectOptions;
+        let configured = settings.database.url.expose();
+        let server: sqlx::postgres::PgConnectOptions = configured.parse()?;
+        // Made of hex digits only: safe to put in the statement as a quoted name.
+        let name = format!("reaper_demo_{:08x}", fastrand::u32(..));
+        let mut url = reqwest::Url::parse(configured)?;
+        url.set_path(&format!("/{name}"));
+        let mut conn = server.connect().await.map_err(|e| {
+            anyhow::anyhow!(
+                "the demo makes a database of its own on {}:{}, but cannot connect there: {e}",
+                server.get_host(),
+                server.get_port()
+            )
+        })?;
+        sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut conn).await.map_err(|e| {
+            anyhow::anyhow!("the demo makes a database of its own ({name}) and could not: {e} (it needs CREATEDB)")
+        })?;
+        Ok(OwnDatabase { server, name, url: url.to_string() })
+    }
+
+    async fn drop_it(self) {
+        use sqlx::ConnectOptions;
+        if let Ok(mut conn) = self.server.connect().await {
+            let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+            if let Err(e) = sqlx::query(&drop).execute(&mut conn).await {
+                eprintln!("note: could not drop the demo's database {}: {e}", self.name);
+            }
         }
     }
 }
@@ -264,11 +325,23 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
 
     let _ = broker::delete_topology(&conn, &app.names, &app.settings.worker.all_delays()).await;
     let _ = conn.close(200, "demo done".into()).await;
+    app.ledger.pool().close().await;
     let ok = left.is_empty() && completed == nodes.len();
     if ok {
         println!("\nevery simulated resource is gone");
     } else {
         println!("\nFAILED: {} resources left, {} of {} jobs completed", left.len(), completed, nodes.len());
+        for r in results.iter().filter(|r| r.status != "completed").take(10) {
+            let why = r.reason.as_deref().unwrap_or("no reason given");
+            println!("  {} {} ({}): {why}", r.status, r.owner, r.event_id);
+        }
+        if results.len() < nodes.len() {
+            println!(
+                "  {} jobs had no result within --timeout-secs {}",
+                nodes.len() - results.len(),
+                args.timeout_secs
+            );
+        }
         for p in left.iter().take(10) {
             println!("  left: {p}");
         }

@@ -15,6 +15,33 @@ async fn demo_runs_end_to_end_and_exits_zero_when_everything_is_gone() {
         stdout.contains("every simulated resource is gone") && stdout.contains("deletes refused for order"),
         "{stdout}"
     );
+    // The demo worked in a database of its own and dropped it: the configured
+    // ledger holds none of its jobs (a later `replay --all` must not find them).
+    assert_eq!(t.count("SELECT count(*) FROM jobs").await, 0, "the demo wrote into the real ledger");
+    assert_eq!(t.count("SELECT count(*) FROM tracked_resources").await, 0);
+    let own =
+        stdout.split("in database ").nth(1).and_then(|r| r.split_whitespace().next()).expect("names its database");
+    assert!(own.starts_with("reaper_demo_") && own.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{own}");
+    let left = t.count(&format!("SELECT count(*) FROM pg_database WHERE datname = '{own}'")).await;
+    assert_eq!(left, 0, "the demo's own database {own} is dropped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_demo_names_the_jobs_that_failed_and_bad_rates_are_refused() {
+    let t = spawn_app("").await;
+    for rate in ["1.5", "-0.1", "NaN"] {
+        let rate = &format!("--error-rate={rate}");
+        let out = t.reaper(&["demo", "--nodes", "1", rate], &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{rate}: {stderr}");
+        assert!(stderr.contains("between 0 and 1"), "{rate}: {stderr}");
+    }
+    // Every API call fails: the job retries, then dead-letters; the summary says which and why.
+    let out = t.reaper(&["demo", "--nodes", "1", "--error-rate", "1", "--timeout-secs", "60"], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("dead_lettered") && stdout.contains("node/demo-"), "names the failed job: {stdout}");
+    assert!(stdout.contains("503"), "and why: {stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

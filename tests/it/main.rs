@@ -13,6 +13,7 @@ mod credentials;
 mod deploy;
 mod door;
 mod examples;
+mod first_hour;
 mod malformed;
 mod owner_lives;
 mod reconcile;

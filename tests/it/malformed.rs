@@ -25,7 +25,7 @@ async fn each_kind_of_malformed_message_is_dead_lettered_with_a_reason_and_the_w
         (
             "deletion.requested",
             serde_json::to_vec(&json!({"event_id":"m5","owner":"a/b","occurred_at":"yesterday"})).unwrap(),
-            "invalid fields",
+            "occurred_at \"yesterday\" is not an RFC 3339 time",
         ),
         (
             "deletion.requested",

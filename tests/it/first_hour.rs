@@ -1,0 +1,84 @@
+//! Small things that cost a newcomer time, tried as one would: each answer
+//! says what happened and exits the way `show` does.
+
+use crate::helpers::*;
+
+fn text(out: &std::process::Output) -> (String, String) {
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_says_plainly_what_it_did_and_did_not_do() {
+    let t = spawn_app("").await;
+    // `plan` of an owner reaper knows nothing of fails as `show` does.
+    let out = t.reaper(&["plan", "node/never-seen"], &[]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("knows nothing of owner"), "{stderr}");
+
+    // `request-deletion` of such an owner sends nothing (no kind has a lookup
+    // that could find its resources) and says so.
+    let out = t.reaper(&["request-deletion", "node/never-seen"], &[]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("nothing was sent"), "{stderr}");
+
+    // check-config lists the kinds in the order they go, in columns.
+    let out = t.reaper(&["check-config"], &[]);
+    let (stdout, _) = text(&out);
+    let kinds: Vec<&str> =
+        stdout.lines().filter(|l| l.contains("provider=cloud")).map(|l| l.split_whitespace().next().unwrap()).collect();
+    let at = |k: &str| kinds.iter().position(|x| *x == k).unwrap_or_else(|| panic!("{k} missing: {stdout}"));
+    assert!(at("vni") < at("bare_metal_server") && at("dns_record") < at("bare_metal_server"), "{stdout}");
+    assert!(at("dns_record") < at("ip_reservation"), "teardown order: {stdout}");
+    let columns: Vec<usize> =
+        stdout.lines().filter(|l| l.contains("provider=cloud")).map(|l| l.find("provider=").unwrap()).collect();
+    assert!(columns.windows(2).all(|w| w[0] == w[1]), "aligned: {stdout}");
+
+    // A command run without a config file says how to give one.
+    let mut cmd = reaper_cmd();
+    let out = run_to_end(cmd.args(["plan", "node/x"]), "reaper plan without -c", std::time::Duration::from_secs(60));
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--config"), "says how to give a config: {stderr}");
+
+    // Pretty logs written to a pipe carry no colour codes.
+    let out = t.reaper(&["status"], &[("RUST_LOG", "debug")]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains('\u{1b}') && !stdout.contains('\u{1b}'), "escape codes in a pipe: {stderr:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_errors_are_json_and_an_unencoded_owner_is_explained() {
+    let token = "first-hour-admin-token";
+    let file = std::env::temp_dir().join(format!("reaper-admin-token-{:08x}", fastrand::u32(..)));
+    std::fs::write(&file, token).unwrap();
+    let t = spawn_app(&format!("[admin]\ntoken_file = \"{}\"\n", file.display())).await;
+    let base = format!("http://{}", t.app.admin_addr.get().expect("the admin API listens"));
+    let c = reqwest::Client::new();
+    // A body that is not JSON: 415, said in JSON like every other error.
+    let r = c
+        .post(format!("{base}/v1/dead/replay"))
+        .bearer_auth(token)
+        .header("content-type", "text/plain")
+        .body("owner=node/n1&all=true")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    let body: serde_json::Value = r.json().await.expect("a JSON error body");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("application/json")), "{body}");
+    // An owner with its slash not encoded: a 404 that says how to write it.
+    let r = c.get(format!("{base}/v1/owners/node/n1")).bearer_auth(token).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let body: serde_json::Value = r.json().await.expect("a JSON error body");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("node%2Fn1")), "{body}");
+    // `reconcile` appears once in /v1/status: the rules' state under counts,
+    // their settings under config.
+    let status: serde_json::Value =
+        c.get(format!("{base}/v1/status")).bearer_auth(token).send().await.unwrap().json().await.unwrap();
+    assert!(status.get("reconcile").is_none(), "{status}");
+    assert!(status["counts"].get("reconcile").is_some() && status["config"].get("reconcile").is_some(), "{status}");
+    let _ = std::fs::remove_file(&file);
+}
