@@ -41,6 +41,24 @@ pub enum Command {
         connect: bool,
     },
     /// Serve the simulated cloud (for trying reaper without a real API).
+    ///
+    /// Resources live at any path: `PUT /v1/vnis/v1` with
+    /// `{"depends_on": ["/v1/servers/s1"], "attributes": {...}}` creates one;
+    /// `GET` answers 200 or 404 (on a collection, a page of its children:
+    /// `?start=ID&limit=N`); `DELETE` answers 204, 404 when missing, 409 while
+    /// something that depends on it exists.
+    ///
+    /// Control API under /_sim: `POST /_sim/faults` with
+    /// `{"error_rate": 0.1, "rate_limit_rate": 0.05, "retry_after_secs": 1,
+    /// "latency_ms": 20, "hang_rate": 0, "hang_ms": 0, "fail_next": 3,
+    /// "fail_status": 403, "only_method": "DELETE", "seed": 7}` injects faults
+    /// (all optional; `{}` clears them; `GET` shows them); `GET /_sim/stats`,
+    /// `/_sim/requests`, `/_sim/resources`; `POST /_sim/reset`. `POST
+    /// /_sim/tokens` with `{"client_secret": "s", "lifetime_secs": 60,
+    /// "fixed_tokens": ["t"]}` makes every request need a bearer token, which
+    /// `POST /_sim/oauth/token` issues (grant_type=client_credentials and
+    /// client_secret, or an IAM apikey exchange). docs/first-run.md walks
+    /// through a first run against it.
     Sim {
         #[arg(long, default_value_t = 8089)]
         port: u16,
@@ -73,6 +91,19 @@ pub enum Command {
         owner: String,
         #[arg(long, value_enum, default_value = "table")]
         format: PlanFormat,
+    },
+    /// Publish a resource.tracked for one resource, as a provisioner would;
+    /// prints its event_id.
+    Track {
+        /// The owner, "type/id" (node/n1).
+        owner: String,
+        /// One of the configured kinds.
+        kind: String,
+        /// The resource's id at its provider.
+        id: String,
+        /// An attribute the kind's templates use, NAME=VALUE; repeat for more.
+        #[arg(long = "attr", value_parser = attribute)]
+        attrs: Vec<(String, String)>,
     },
     /// Publish a deletion.requested for an owner, as a producer would.
     RequestDeletion {
@@ -153,9 +184,19 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Show { owner, json } => crate::ops_cli::show(&settings, &owner, json).await,
         Command::Validate { owner, json } => crate::ops_cli::validate(settings, &owner, json).await,
         Command::Plan { owner, format } => crate::ops_cli::plan(settings, &owner, format).await,
+        Command::Track { owner, kind, id, attrs } => {
+            crate::ops_cli::track(&settings, &owner, &kind, &id, &attrs.into_iter().collect()).await
+        }
         Command::RequestDeletion { owner, dry_run, reason } => {
             crate::ops_cli::request_deletion(&settings, &owner, dry_run, &reason).await
         }
+    }
+}
+
+fn attribute(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not NAME=VALUE")),
     }
 }
 

@@ -444,6 +444,23 @@ impl OutgoingTeardown<'_> {
     }
 }
 
+/// A `resource.tracked` reaper publishes itself (`reaper track`).
+#[derive(Debug, Clone, Serialize)]
+pub struct OutgoingTrack<'a> {
+    pub event_id: &'a str,
+    pub owner: &'a str,
+    #[serde(flatten)]
+    pub resource: OutgoingResource<'a>,
+    #[serde(with = "rfc3339")]
+    pub occurred_at: DateTime<Utc>,
+}
+
+impl OutgoingTrack<'_> {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an outgoing event serializes")
+    }
+}
+
 /// Timestamps leave as RFC 3339 in UTC with `Z`, in the protobuf JSON form
 /// (0, 3, 6 or 9 fractional digits), so the two encodings agree byte for byte.
 pub mod rfc3339 {

@@ -147,6 +147,41 @@ fn shell_comment(s: &str) -> String {
 }
 
 /// Publishes a `deletion.requested` for `owner`, as a producer would.
+/// Publishes a `resource.tracked` for one resource, as a provisioner would;
+/// returns its event_id. The kind must be one the catalog knows.
+pub async fn track(
+    publisher: &crate::broker::publisher::Publisher,
+    names: &Names,
+    catalog: &crate::catalog::Catalog,
+    owner: &str,
+    kind: &str,
+    id: &str,
+    attributes: &std::collections::BTreeMap<String, String>,
+) -> Result<String, OpsError> {
+    contract::check_owner(owner).map_err(|e| OpsError::Invalid(e.0))?;
+    let Some(spec) = catalog.kind(kind) else {
+        let known = catalog.kind_names().join(", ");
+        return Err(OpsError::Invalid(format!("no kind {kind:?} is configured; the kinds are: {known}")));
+    };
+    // Said now, rather than by a dead letter after it was sent.
+    if let Some(missing) = spec.missing_attribute(attributes) {
+        return Err(OpsError::Invalid(format!("kind {kind} needs --attr {missing}=VALUE (its requests use it)")));
+    }
+    if id.is_empty() {
+        return Err(OpsError::Invalid("a resource id cannot be empty".into()));
+    }
+    let event_id = uuid::Uuid::new_v4().to_string();
+    let body = contract::OutgoingTrack {
+        event_id: &event_id,
+        owner,
+        resource: contract::OutgoingResource { kind, id, attributes },
+        occurred_at: chrono::Utc::now(),
+    }
+    .to_bytes();
+    publisher.publish(&names.events, contract::RESOURCE_TRACKED, &body, &event_id, &[]).await?;
+    Ok(event_id)
+}
+
 pub async fn request_deletion(
     publisher: &crate::broker::publisher::Publisher,
     names: &Names,

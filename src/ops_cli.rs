@@ -267,6 +267,36 @@ pub async fn plan(settings: Settings, owner: &str, format: PlanFormat) -> ExitCo
     ExitCode::SUCCESS
 }
 
+/// `reaper track`: one resource.tracked, confirmed by the broker.
+pub async fn track(
+    settings: &Settings,
+    owner: &str,
+    kind: &str,
+    id: &str,
+    attributes: &std::collections::BTreeMap<String, String>,
+) -> ExitCode {
+    let catalog = match App::check(settings).await {
+        Ok(c) => c.catalog,
+        Err(e) => return fail(2, e),
+    };
+    let names = crate::broker::Names::new(&settings.broker.prefix);
+    let (conn, publisher) = match crate::broker::link::open(settings, &names).await {
+        Ok(link) => link,
+        Err(e) => return fail(3, e),
+    };
+    let sent = ops::track(&publisher, &names, &catalog, owner, kind, id, attributes).await;
+    publisher.close().await;
+    let _ = conn.close(200, "sent".into()).await;
+    match sent {
+        Ok(event_id) => {
+            println!("{event_id}");
+            ExitCode::SUCCESS
+        }
+        Err(ops::OpsError::Invalid(m)) => fail(2, m),
+        Err(e) => fail(3, e),
+    }
+}
+
 /// An owner the ledger knows nothing of, when no kind could find its
 /// resources by a lookup either: a deletion would do nothing, so nothing is
 /// sent (exit 1). `None` when the deletion may go.

@@ -1,6 +1,8 @@
 //! Small things that cost a newcomer time, tried as one would: each answer
 //! says what happened and exits the way `show` does.
 
+use reaper::config::ProviderSettings;
+
 use crate::helpers::*;
 
 fn text(out: &std::process::Output) -> (String, String) {
@@ -81,4 +83,61 @@ async fn admin_errors_are_json_and_an_unencoded_owner_is_explained() {
     assert!(status.get("reconcile").is_none(), "{status}");
     assert!(status["counts"].get("reconcile").is_some() && status["config"].get("reconcile").is_some(), "{status}");
     let _ = std::fs::remove_file(&file);
+}
+
+/// docs/first-run.md, step by step, through the binary and the simulated
+/// cloud's HTTP API (the test's own database and broker prefix).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_run_walkthrough_works_as_written() {
+    let mut t = spawn_app("").await;
+    let ProviderSettings::Http(cloud) = &t.app.settings.providers["cloud"] else { panic!("cloud is HTTP") };
+    let sim = cloud.base_url.clone();
+    let c = reqwest::Client::new();
+    let put = |path: &str, body: &'static str| c.put(format!("{sim}{path}")).body(body).send();
+    assert_eq!(put("/v1/bare_metal_servers/bm-1", "").await.unwrap().status(), 201);
+    let deps = r#"{"depends_on": ["/v1/bare_metal_servers/bm-1"]}"#;
+    assert_eq!(put("/v1/virtual_network_interfaces/vni-1", deps).await.unwrap().status(), 201);
+    assert_eq!(put("/v1/dns_zones/zone-1/resource_records/dns-1", deps).await.unwrap().status(), 201);
+
+    let owner = format!("node/{}", unique("n1"));
+    // `reaper track` refuses what the worker would refuse, before sending it.
+    let out = t.reaper(&["track", &owner, "dns_record", "dns-1"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("--attr zone_id=VALUE"), "{}", text(&out).1);
+    ok(&t, &["track", &owner, "bare_metal_server", "bm-1"]);
+    ok(&t, &["track", &owner, "vni", "vni-1"]);
+    ok(&t, &["track", &owner, "dns_record", "dns-1", "--attr", "zone_id=zone-1"]);
+    let owners = vec![owner.clone()];
+    wait_until("3 tracked", std::time::Duration::from_secs(20), || async {
+        t.app.ledger.count_tracked(&owners).await.unwrap() >= 3
+    })
+    .await;
+    assert!(ok(&t, &["show", &owner]).contains("bm-1"));
+    let plan = ok(&t, &["plan", &owner]);
+    assert!(plan.find("vni-1").unwrap() < plan.find("bm-1").unwrap(), "the interface goes first: {plan}");
+
+    let faults = r#"{"fail_next": 100, "fail_status": 403, "only_method": "DELETE"}"#;
+    assert_eq!(c.post(format!("{sim}/_sim/faults")).body(faults).send().await.unwrap().status(), 204);
+    ok(&t, &["request-deletion", &owner]);
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "dead_lettered", "{r:?}");
+    assert!(ok(&t, &["show", &owner]).contains("dead_lettered"));
+    assert!(t.sim.exists("/v1/bare_metal_servers/bm-1"), "the server was never asked before its dependents");
+
+    assert_eq!(c.post(format!("{sim}/_sim/faults")).body("{}").send().await.unwrap().status(), 204);
+    ok(&t, &["replay", "--owner", &owner, "--dry-run"]);
+    ok(&t, &["replay", "--owner", &owner]);
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "completed", "{r:?}");
+    let left: Vec<String> = c.get(format!("{sim}/_sim/resources")).send().await.unwrap().json().await.unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    t.stop().await;
+}
+
+/// Runs the binary with the test's config; it must succeed; its stdout.
+fn ok(t: &TestApp, args: &[&str]) -> String {
+    let out = t.reaper(args, &[]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "reaper {args:?}: {stdout}{stderr}");
+    stdout
 }
