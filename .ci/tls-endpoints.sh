@@ -49,21 +49,27 @@ else
 fi
 
 # --- RabbitMQ: a TLS listener beside the plain one (needs a node restart). ---
+# The block between the markers is written anew each run, so it always names
+# this run's directory.
 RCONF=/etc/rabbitmq/rabbitmq.conf
-if ! grep -q "^listeners.ssl.default" "$RCONF" 2>/dev/null; then
-    cat >>"$RCONF" <<EOF
+BLOCK="# reaper-tls begin
 listeners.ssl.default = 127.0.0.1:5671
 ssl_options.cacertfile = $DIR/ca.pem
 ssl_options.certfile = $DIR/server.pem
 ssl_options.keyfile = $DIR/server.key
 ssl_options.verify = verify_peer
 ssl_options.fail_if_no_peer_cert = true
-EOF
+# reaper-tls end"
+OLD_BLOCK="$(sed -n '/^# reaper-tls begin$/,/^# reaper-tls end$/p' "$RCONF" 2>/dev/null || true)"
+if [ "$OLD_BLOCK" != "$BLOCK" ]; then
+    sed -i -e '/^# reaper-tls begin$/,/^# reaper-tls end$/d' -e '/^listeners\.ssl\./d' -e '/^ssl_options\./d' "$RCONF" 2>/dev/null || true
+    printf '%s\n' "$BLOCK" >>"$RCONF"
     FRESH=1
 fi
 tls_up() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 if [ "$FRESH" = 1 ] || ! tls_up 5671; then
-    rabbitmqctl -q stop >/dev/null 2>&1 || true
+    # With the pid file, stop waits until the node is gone.
+    rabbitmqctl -q stop "${RABBITMQ_PID_FILE:-/var/lib/rabbitmq/mnesia/rabbit@localhost.pid}" >/dev/null 2>&1 || true
     rabbitmq-server -detached
     rabbitmqctl -q await_startup --timeout 120 >/dev/null 2>&1 || true
     for _ in $(seq 1 100); do tls_up 5671 && break; sleep 0.2; done
@@ -81,9 +87,10 @@ ssl_cert_file = '$PGETC/reaper-tls/server.pem'
 ssl_key_file = '$PGETC/reaper-tls/server.key'
 ssl_ca_file = '$PGETC/reaper-tls/ca.pem'
 EOF
-if ! grep -q "reaper_cert" "$PGETC/pg_hba.conf"; then
+if ! grep -q "reaper_cert ::1/128 reject" "$PGETC/pg_hba.conf"; then
+    sed -i '/reaper_cert/d' "$PGETC/pg_hba.conf"
     # First match wins: the certificate role never gets the trust lines below.
-    sed -i '1i hostssl all reaper_cert 127.0.0.1/32 cert\nhost all reaper_cert 127.0.0.1/32 reject' "$PGETC/pg_hba.conf"
+    sed -i '1i hostssl all reaper_cert 127.0.0.1/32 cert\nhostssl all reaper_cert ::1/128 cert\nhost all reaper_cert 127.0.0.1/32 reject\nhost all reaper_cert ::1/128 reject' "$PGETC/pg_hba.conf"
 fi
 psql -h 127.0.0.1 -U postgres -qAtc "SELECT pg_reload_conf()" >/dev/null
 psql -h 127.0.0.1 -U postgres -qAt <<'EOF' >/dev/null
@@ -98,6 +105,7 @@ EOF
 if [ "$FRESH" = 1 ] && tls_up 27019; then
     pkill -f "secantusd-rs .*--port 27019" || true
     for _ in $(seq 1 50); do tls_up 27019 || break; sleep 0.2; done
+    pkill -9 -f "secantusd-rs .*--port 27019" || true
 fi
 if ! tls_up 27019; then
     MDB_DIR="${TMPDIR:-/tmp}/reaper-ci-mongodb-tls"
@@ -108,4 +116,11 @@ if ! tls_up 27019; then
     for _ in $(seq 1 50); do tls_up 27019 && break; sleep 0.2; done
 fi
 tls_up 27019 || { echo "secantusd-rs over TLS did not start; see ${MDB_DIR:-}.log" >&2; exit 1; }
+# Each endpoint serves this run's certificate (a reload that failed would
+# leave the old one): checked by a handshake, not only a port.
+handshake() { openssl s_client -verify_return_error -CAfile "$DIR/ca.pem" -verify_hostname localhost \
+    -cert "$DIR/client.pem" -key "$DIR/client.key" "$@" </dev/null >/dev/null 2>&1; }
+handshake -connect 127.0.0.1:5671 || { echo "RabbitMQ on 5671 does not serve this CA's certificate" >&2; exit 1; }
+handshake -connect 127.0.0.1:27019 || { echo "secantusd-rs on 27019 does not serve this CA's certificate" >&2; exit 1; }
+handshake -starttls postgres -connect 127.0.0.1:5432 || { echo "PostgreSQL does not serve this CA's certificate" >&2; exit 1; }
 echo "TLS endpoints ready; certificates in $DIR"

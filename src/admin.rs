@@ -49,12 +49,9 @@ pub fn router(app: Arc<App>) -> Router {
 /// No route: most often an owner whose slash was not encoded.
 async fn no_route(uri: axum::http::Uri) -> Response {
     let path = uri.path();
-    let hint = match path.strip_prefix("/v1/owners/") {
-        Some(rest) if rest.contains('/') => {
-            let owner = rest.split('/').take(2).collect::<Vec<_>>().join("%2F");
-            format!("; an owner's slash is written %2F: /v1/owners/{owner}")
-        }
-        _ => String::new(),
+    let hint = match path.strip_prefix("/v1/owners/").and_then(|rest| rest.split_once('/')) {
+        Some((kind, rest)) => format!("; an owner's slash is written %2F: /v1/owners/{kind}%2F{rest}"),
+        None => String::new(),
     };
     error(StatusCode::NOT_FOUND, &format!("no route for {path}{hint}"))
 }
@@ -70,11 +67,18 @@ async fn json_errors(resp: Response) -> Response {
     if resp.status().is_success() || is_json || resp.status().is_redirection() {
         return resp;
     }
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 64 * 1024).await.unwrap_or_default();
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
     let text = String::from_utf8_lossy(&bytes);
-    let message = if text.trim().is_empty() { status.canonical_reason().unwrap_or("error") } else { text.trim() };
-    error(status, message)
+    let message = if text.trim().is_empty() { parts.status.canonical_reason().unwrap_or("error") } else { text.trim() };
+    let mut json = error(parts.status, message);
+    // Allow (405), Retry-After (503) and the like stay; the body's own go.
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            json.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    json
 }
 
 /// Serves the API on `addr` until `shutdown`.

@@ -319,13 +319,7 @@ impl Settings {
                     .into(),
             ));
         }
-        let pg = |setting: &str, url: &str| {
-            url.parse::<sqlx::postgres::PgConnectOptions>().map(|_| ()).map_err(|e| {
-                ConfigError::Invalid(format!(
-                    "{setting} cannot be read as a PostgreSQL URL ({e}); it looks like postgres://user:password@host:5432/database"
-                ))
-            })
-        };
+        let pg = |setting: &str, url: &str| pg_options(setting, url).map(|_| ());
         pg("database.url", self.database.url.expose())?;
         for (name, p) in &self.providers {
             match p {
@@ -758,16 +752,55 @@ impl Settings {
     }
 }
 
-/// `scheme://user:password@host/...` → `scheme://host/...`, for log lines.
+/// A PostgreSQL URL as the ledger and `postgres` providers connect with it.
+/// libpq's rule is kept where sqlx differs: `sslrootcert` with
+/// `sslmode=require` verifies the server's certificate against that CA
+/// (sqlx alone would accept any). The certificate and key files the URL names
+/// must be readable PEM: a configuration error naming `setting` otherwise.
+pub fn pg_options(setting: &str, url: &str) -> Result<sqlx::postgres::PgConnectOptions, ConfigError> {
+    use sqlx::postgres::{PgConnectOptions, PgSslMode};
+    let opts: PgConnectOptions = url.parse().map_err(|e| {
+        ConfigError::Invalid(format!(
+            "{setting} cannot be read as a PostgreSQL URL ({e}); it looks like postgres://user:password@host:5432/database"
+        ))
+    })?;
+    let query: BTreeMap<String, String> = url
+        .split_once('?')
+        .map(|(_, q)| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let param = |k: &str| query.get(k).or_else(|| query.get(&k.replace("ssl", "ssl-")));
+    let file_error = |e: crate::tls::FileError| ConfigError::Invalid(format!("{setting}: {e}"));
+    if let Some(ca) = param("sslrootcert") {
+        crate::tls::read_certs("sslrootcert", std::path::Path::new(ca)).map_err(file_error)?;
+    }
+    if let Some(cert) = param("sslcert") {
+        crate::tls::read_certs("sslcert", std::path::Path::new(cert)).map_err(file_error)?;
+    }
+    if let Some(key) = param("sslkey") {
+        crate::tls::read_key("sslkey", std::path::Path::new(key)).map_err(file_error)?;
+    }
+    let require = param("sslmode").is_some_and(|m| m == "require");
+    Ok(if require && param("sslrootcert").is_some() { opts.ssl_mode(PgSslMode::VerifyCa) } else { opts })
+}
+
+/// `scheme://user:password@host/...?query` → `scheme://host/...`, for log
+/// lines. The credentials end at the *last* `@` (a password may hold `/`,
+/// `?` or `@` unencoded, as drivers accept), and the query goes too (it may
+/// carry a password or a key).
 pub fn redact_url(url: &str) -> String {
     match url.split_once("://") {
         Some((scheme, rest)) => {
-            let (authority, path) = rest.split_once('/').map(|(a, p)| (a, Some(p))).unwrap_or((rest, None));
-            let host = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
-            match path {
-                Some(p) => format!("{scheme}://{host}/{}", p.split('?').next().unwrap_or("")),
-                None => format!("{scheme}://{host}"),
-            }
+            let rest = match rest.rsplit_once('@') {
+                Some((_, after)) => after,
+                None => rest,
+            };
+            let rest = rest.split(['?', '#']).next().unwrap_or("");
+            format!("{scheme}://{rest}")
         }
         None => "[unparseable url]".into(),
     }
@@ -776,6 +809,24 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redacted_urls_never_hold_any_part_of_a_password() {
+        for (url, shown) in [
+            ("mongodb://u:pa/ss@h:27017/db?tls=true", "mongodb://h:27017/db"),
+            (
+                "postgres://u:p@ss?w/rd@db.internal:5432/reaper?sslmode=verify-full",
+                "postgres://db.internal:5432/reaper",
+            ),
+            ("amqps://u:p%2Fw@mq:5671/%2f", "amqps://mq:5671/%2f"),
+            ("https://api.example.com/v1?apikey=k", "https://api.example.com/v1"),
+            ("http://127.0.0.1:8089", "http://127.0.0.1:8089"),
+            ("https://iam.example.com?apikey=K", "https://iam.example.com"),
+            ("postgres://h?password=p", "postgres://h"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
 
     fn kinds(toml: &str) -> Result<crate::catalog::Catalog, ConfigError> {
         crate::catalog::validate(&Settings::from_toml(toml).unwrap())

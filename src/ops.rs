@@ -146,7 +146,6 @@ fn shell_comment(s: &str) -> String {
     s.replace(['\n', '\r'], " ")
 }
 
-/// Publishes a `deletion.requested` for `owner`, as a producer would.
 /// Publishes a `resource.tracked` for one resource, as a provisioner would;
 /// returns its event_id. The kind must be one the catalog knows.
 pub async fn track(
@@ -167,6 +166,9 @@ pub async fn track(
     if let Some(missing) = spec.missing_attribute(attributes) {
         return Err(OpsError::Invalid(format!("kind {kind} needs --attr {missing}=VALUE (its requests use it)")));
     }
+    if let Some(why) = spec.path_values_refused(id, attributes) {
+        return Err(OpsError::Invalid(format!("{kind}/{id}: {why}")));
+    }
     if id.is_empty() {
         return Err(OpsError::Invalid("a resource id cannot be empty".into()));
     }
@@ -182,6 +184,7 @@ pub async fn track(
     Ok(event_id)
 }
 
+/// Publishes a `deletion.requested` for `owner`, as a producer would.
 pub async fn request_deletion(
     publisher: &crate::broker::publisher::Publisher,
     names: &Names,

@@ -275,8 +275,9 @@ pub async fn track(
     id: &str,
     attributes: &std::collections::BTreeMap<String, String>,
 ) -> ExitCode {
-    let catalog = match App::check(settings).await {
-        Ok(c) => c.catalog,
+    // The kinds only: no provider is built (its secrets need not be here).
+    let catalog = match crate::catalog::validate(settings) {
+        Ok(c) => c,
         Err(e) => return fail(2, e),
     };
     let names = crate::broker::Names::new(&settings.broker.prefix);
@@ -297,32 +298,22 @@ pub async fn track(
     }
 }
 
-/// An owner the ledger knows nothing of, when no kind could find its
-/// resources by a lookup either: a deletion would do nothing, so nothing is
-/// sent (exit 1). `None` when the deletion may go.
-async fn unknown_owner(settings: &Settings, owner: &str) -> Option<ExitCode> {
-    let checked = match App::check(settings).await {
-        Ok(c) => c,
-        Err(e) => return Some(fail(2, e)),
-    };
-    if checked.catalog.lookups().next().is_some() {
-        return None;
-    }
-    let ledger = match crate::ledger::Ledger::from_settings(settings).await {
-        Ok(l) => l,
-        Err(e) => return Some(fail(3, e)),
-    };
+/// Says so when the ledger knows nothing of the owner yet: most often a
+/// typo. The deletion is sent all the same: its tracks may still be queued
+/// (the ledger would record them late and the deletion tears them down), and
+/// a kind with a lookup may find resources by owner. Never stops the send:
+/// an unreachable ledger only skips the note.
+async fn note_unknown_owner(settings: &Settings, owner: &str) {
+    let Ok(ledger) = crate::ledger::Ledger::from_settings(settings).await else { return };
     let known = ledger.owner_view(owner).await;
     ledger.pool().close().await;
-    match known {
-        Ok((r, j)) if r.is_empty() && j.is_empty() => Some(fail(
-            1,
-            format!(
-                "reaper knows nothing of owner {owner:?} and no kind looks resources up by owner: nothing was sent"
-            ),
-        )),
-        Ok(_) => None,
-        Err(e) => Some(fail(3, e)),
+    if let Ok((r, j)) = known {
+        if r.is_empty() && j.is_empty() {
+            eprintln!(
+                "note: reaper knows nothing of owner {owner:?} yet (nothing tracked, no job); the deletion is \
+                 sent, and tears down what is tracked for it by the time it runs or comes in late"
+            );
+        }
     }
 }
 
@@ -330,9 +321,7 @@ pub async fn request_deletion(settings: &Settings, owner: &str, dry_run: bool, r
     if let Err(e) = crate::contract::check_owner(owner) {
         return fail(2, e.0);
     }
-    if let Some(code) = unknown_owner(settings, owner).await {
-        return code;
-    }
+    note_unknown_owner(settings, owner).await;
     let names = crate::broker::Names::new(&settings.broker.prefix);
     let (conn, publisher) = match crate::broker::link::open(settings, &names).await {
         Ok(link) => link,

@@ -61,12 +61,15 @@ pub fn explain(err: &(dyn StdError + 'static), host: &str, ca_setting: &str) -> 
             other => Reason::Other(format!("the server's certificate was refused ({other:?})")),
         },
         rustls::Error::AlertReceived(alert) => match alert {
-            AlertDescription::CertificateRequired | AlertDescription::HandshakeFailure => {
-                Reason::WantsClientCert(format!("{alert:?}"))
-            }
+            AlertDescription::CertificateRequired => Reason::WantsClientCert(format!("{alert:?}")),
             AlertDescription::UnknownCA | AlertDescription::BadCertificate | AlertDescription::CertificateUnknown => {
                 Reason::ClientCertRefused(format!("{alert:?}"))
             }
+            AlertDescription::HandshakeFailure => Reason::Other(
+                "the server ended the handshake (HandshakeFailure): no TLS version or cipher in common, \
+                 or it wants a client certificate"
+                    .into(),
+            ),
             other => Reason::Other(format!("the server ended the handshake ({other:?})")),
         },
         rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => Reason::NotTls,
@@ -116,7 +119,9 @@ impl Reason {
                 "TLS: the server's certificate is not valid for the name {host:?} (name mismatch): \
                  connect by a name the certificate lists"
             ),
-            Reason::Expired => "TLS: the server's certificate has expired".into(),
+            Reason::Expired => "TLS: the server's certificate has expired: the server must be given a new one \
+                 (or this machine's clock is wrong)"
+                .into(),
             Reason::NotValidYet => {
                 "TLS: the server's certificate is not valid yet (is this machine's clock right?)".into()
             }

@@ -151,7 +151,11 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> ExitCode {
     };
     settings.database.url = crate::config::Secret::new(own.url.clone());
     println!("reaper demo: a ledger of its own in database {} (dropped at the end)", own.name);
-    let outcome = demo(&mut settings, args).await;
+    // Ctrl-C ends the demo early, and its database still goes.
+    let outcome = tokio::select! {
+        outcome = demo(&mut settings, args) => outcome,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
     own.drop_it().await;
     match outcome {
         Ok(true) => ExitCode::SUCCESS,
@@ -179,6 +183,13 @@ impl OwnDatabase {
         let name = format!("reaper_demo_{:08x}", fastrand::u32(..));
         let mut url = reqwest::Url::parse(configured)?;
         url.set_path(&format!("/{name}"));
+        // `dbname=` in the query would win over the path (sqlx reads both).
+        let kept: Vec<(String, String)> =
+            url.query_pairs().filter(|(k, _)| k != "dbname").map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+        url.set_query(None);
+        if !kept.is_empty() {
+            url.query_pairs_mut().extend_pairs(kept);
+        }
         let mut conn = server.connect().await.map_err(|e| {
             anyhow::anyhow!(
                 "the demo makes a database of its own on {}:{}, but cannot connect there: {e}",
@@ -195,9 +206,13 @@ impl OwnDatabase {
     async fn drop_it(self) {
         use sqlx::ConnectOptions;
         if let Ok(mut conn) = self.server.connect().await {
-            let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
-            if let Err(e) = sqlx::query(&drop).execute(&mut conn).await {
-                eprintln!("note: could not drop the demo's database {}: {e}", self.name);
+            // WITH (FORCE) needs PostgreSQL 13; older servers get the plain form.
+            let force = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+            let plain = format!("DROP DATABASE IF EXISTS \"{}\"", self.name);
+            if sqlx::query(&force).execute(&mut conn).await.is_err() {
+                if let Err(e) = sqlx::query(&plain).execute(&mut conn).await {
+                    eprintln!("note: could not drop the demo's database {}: {e}", self.name);
+                }
             }
         }
     }

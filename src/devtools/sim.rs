@@ -91,7 +91,7 @@ pub struct Stats {
 }
 
 /// What the simulated cloud demands of a caller once set.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct TokenPolicy {
     /// The secret (client_secret or apikey) the token endpoint takes.
@@ -100,6 +100,13 @@ pub struct TokenPolicy {
     pub lifetime_secs: f64,
     /// Tokens accepted without expiry (a token file's or a command's).
     pub fixed_tokens: Vec<String>,
+}
+
+impl Default for TokenPolicy {
+    /// An hour, as clouds commonly give.
+    fn default() -> TokenPolicy {
+        TokenPolicy { client_secret: String::new(), lifetime_secs: 3600.0, fixed_tokens: Vec::new() }
+    }
 }
 
 /// One resource request as the cloud saw it: when it arrived (since the

@@ -337,7 +337,8 @@ impl Ledger {
     }
 
     pub async fn connect(s: &DatabaseSettings, window: Duration, lease_ttl: Duration) -> Result<Ledger, LedgerError> {
-        let opts: PgConnectOptions = s.url.expose().parse().map_err(db("parsing database.url"))?;
+        let opts: PgConnectOptions = crate::config::pg_options("database.url", s.url.expose())
+            .map_err(|e| LedgerError::Unreachable { at: "database.url".into(), why: e.to_string() })?;
         let acquire = Duration::from_millis(s.acquire_timeout_ms);
         let pool = match PgPoolOptions::new()
             .max_connections(s.max_connections)

@@ -21,7 +21,20 @@ pub struct Credentials {
     header: HeaderName,
     scheme: String,
     source: Source,
-    cache: tokio::sync::Mutex<Option<Cached>>,
+    cache: tokio::sync::Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    token: Option<Cached>,
+    /// The last fetch failed (when, why): steps that waited on the lock for
+    /// it get the same answer for [`FAILURE_HOLD`] instead of each waiting
+    /// out the endpoint's timeout again, one after the other.
+    failed: Option<(Instant, StepError)>,
+    /// The last token a 401 made us drop. A 401 to it again means the fresh
+    /// fetch gave the same token back (a cached helper, an unchanged file):
+    /// fetching once more would not help, so the 401 counts.
+    refused: Option<HeaderValue>,
 }
 
 enum Source {
@@ -51,13 +64,20 @@ struct Cached {
     value: HeaderValue,
     /// Past this the token is fetched again before use.
     fresh_until: Option<Instant>,
-    /// The file's modification time when it was read.
-    file_stamp: Option<SystemTime>,
+    /// What told the file apart when it was read (see [`file_stamp`]).
+    file_stamp: Option<FileStamp>,
 }
 
 /// The longest an OAuth2 token is used before being refreshed, when the
 /// endpoint does not say (`expires_in` missing).
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
+
+/// How long a failed fetch answers for the next ones.
+const FAILURE_HOLD: Duration = Duration::from_secs(5);
+
+/// The longest a token request or command may take, whatever the provider's
+/// own timeout: every step waits on it.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Credentials {
     /// Checks the settings and reads what is read once; nothing is fetched yet.
@@ -75,7 +95,7 @@ impl Credentials {
             header,
             scheme: a.scheme.clone(),
             source,
-            cache: tokio::sync::Mutex::new(None),
+            cache: tokio::sync::Mutex::new(State::default()),
         };
         // What can be read now is checked now: a bad token stops start-up.
         match &creds.source {
@@ -92,18 +112,32 @@ impl Credentials {
 
     /// The header to send now, fetched first when the cached token is stale.
     pub async fn header(&self) -> Result<(HeaderName, HeaderValue), StepError> {
-        let mut cache = self.cache.lock().await;
+        let mut state = self.cache.lock().await;
         let stamp = match &self.source {
             Source::File(path) => Some(file_stamp(path).map_err(|e| self.fail(&e))?),
             _ => None,
         };
-        let fresh = cache.as_ref().is_some_and(|c| {
+        let fresh = state.token.as_ref().is_some_and(|c| {
             c.fresh_until.is_none_or(|t| Instant::now() < t) && (stamp.is_none() || c.file_stamp == stamp)
         });
         if !fresh {
-            *cache = Some(self.fetch(stamp).await?);
+            if let Some((at, e)) = &state.failed {
+                if at.elapsed() < FAILURE_HOLD {
+                    return Err(e.clone());
+                }
+            }
+            match self.fetch(stamp).await {
+                Ok(token) => {
+                    state.token = Some(token);
+                    state.failed = None;
+                }
+                Err(e) => {
+                    state.failed = Some((Instant::now(), e.clone()));
+                    return Err(e);
+                }
+            }
         }
-        Ok((self.header.clone(), cache.as_ref().expect("filled above").value.clone()))
+        Ok((self.header.clone(), state.token.as_ref().expect("filled above").value.clone()))
     }
 
     /// The API answered 401 to `sent`: forget that token, if it is still the
@@ -112,14 +146,19 @@ impl Credentials {
         if matches!(self.source, Source::Fixed(_)) {
             return false;
         }
-        let mut cache = self.cache.lock().await;
-        if cache.as_ref().is_some_and(|c| c.value == *sent) {
-            *cache = None;
+        let mut state = self.cache.lock().await;
+        if state.refused.as_ref() == Some(sent) {
+            return false;
         }
+        if state.token.as_ref().is_some_and(|c| c.value == *sent) {
+            state.token = None;
+            state.refused = Some(sent.clone());
+        }
+        // Else another step refreshed it already: retry with the new one.
         true
     }
 
-    async fn fetch(&self, file_stamp: Option<SystemTime>) -> Result<Cached, StepError> {
+    async fn fetch(&self, file_stamp: Option<FileStamp>) -> Result<Cached, StepError> {
         let (token, fresh_for) = match &self.source {
             Source::Fixed(token) => (token.clone(), None),
             Source::File(path) => {
@@ -179,6 +218,7 @@ impl Credentials {
         let url = crate::config::redact_url(&s.token_url);
         let resp = client
             .post(&s.token_url)
+            .timeout(FETCH_TIMEOUT)
             .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(reqwest::header::ACCEPT, "application/json")
             .body(body)
@@ -191,7 +231,7 @@ impl Credentials {
         if !status.is_success() {
             // The body is not quoted: some endpoints echo what they were sent.
             let why = format!("token endpoint {url} answered {status}");
-            return Err(if status.is_client_error() && status.as_u16() != 429 {
+            return Err(if status.is_client_error() && ![408, 429].contains(&status.as_u16()) {
                 StepError::Permanent(format!(
                     "provider {}: {why}: check oauth2's client_id, secret and form fields",
                     self.provider
@@ -200,10 +240,17 @@ impl Credentials {
                 StepError::Transient(format!("provider {}: {why}", self.provider))
             });
         }
+        /// Some endpoints (Azure AD v1) send `expires_in` as a string.
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Seconds {
+            N(f64),
+            S(String),
+        }
         #[derive(serde::Deserialize)]
         struct Grant {
             access_token: String,
-            expires_in: Option<f64>,
+            expires_in: Option<Seconds>,
         }
         let grant: Grant = resp
             .json()
@@ -211,7 +258,11 @@ impl Credentials {
             .map_err(|_| self.fail(&format!("token endpoint {url} answered {status} without a JSON access_token")))?;
         let lifetime = grant
             .expires_in
-            .filter(|s| s.is_finite() && *s > 0.0)
+            .and_then(|s| match s {
+                Seconds::N(n) => Some(n),
+                Seconds::S(t) => t.trim().parse().ok(),
+            })
+            .filter(|s: &f64| s.is_finite() && *s > 0.0)
             .map(|s| Duration::from_secs_f64(s.min(86_400.0)))
             .unwrap_or(DEFAULT_LIFETIME);
         // Refreshed a little early: a fifth of its life, at most a minute.
@@ -223,6 +274,13 @@ impl Credentials {
     async fn command(&self, argv: &[String], timeout: Duration) -> Result<String, StepError> {
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..]).stdin(std::process::Stdio::null()).kill_on_drop(true);
+        // reaper's own settings (the broker's and database's URLs, the admin
+        // token) are none of the helper's business.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("REAPER_") {
+                cmd.env_remove(name);
+            }
+        }
         let out = tokio::time::timeout(timeout, cmd.output())
             .await
             .map_err(|_| self.fail(&format!("token_command {:?} did not finish within {timeout:?}", argv[0])))?
@@ -284,8 +342,15 @@ fn source(a: &AuthSettings, client: &reqwest::Client) -> Result<Source, String> 
     })
 }
 
-fn file_stamp(path: &std::path::Path) -> Result<SystemTime, String> {
-    std::fs::metadata(path).and_then(|m| m.modified()).map_err(|e| format!("token_file {}: {e}", path.display()))
+/// What tells a changed file: its inode (a swapped file, as Kubernetes
+/// does), its change and modification times to the nanosecond, and its length.
+type FileStamp = (u64, i64, i64, SystemTime, u64);
+
+fn file_stamp(path: &std::path::Path) -> Result<FileStamp, String> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .and_then(|m| Ok((m.ino(), m.ctime(), m.ctime_nsec(), m.modified()?, m.len())))
+        .map_err(|e| format!("token_file {}: {e}", path.display()))
 }
 
 /// `application/x-www-form-urlencoded`, every byte outside the unreserved set encoded.

@@ -251,7 +251,18 @@ impl MongoProvider {
         if opts.server_selection_timeout.is_none() {
             opts.server_selection_timeout = Some(std::time::Duration::from_secs(5));
         }
-        let host = opts.hosts.first().map(|h| h.to_string()).unwrap_or_default();
+        let host = match opts.hosts.first() {
+            Some(mongodb::options::ServerAddress::Tcp { host, .. }) => host.clone(),
+            Some(other) => other.to_string(),
+            None => String::new(),
+        };
+        // A CA file the driver would read later, empty, into an empty trust
+        // store (then every server is "unknown issuer"): checked now.
+        if let Some(mongodb::options::Tls::Enabled(tls)) = &opts.tls {
+            if let Some(ca) = &tls.ca_file_path {
+                crate::tls::read_certs("tlsCAFile", ca).map_err(|e| err(e.to_string()))?;
+            }
+        }
         let client = Client::with_options(opts).map_err(|e| err(e.to_string()))?;
         if s.batch_size == 0 {
             return Err(err("batch_size must be at least 1".into()));

@@ -175,11 +175,8 @@ pub struct PostgresProvider {
 
 impl PostgresProvider {
     pub fn build(name: &str, s: &PostgresProviderSettings) -> Result<PostgresProvider, ProviderError> {
-        let opts: PgConnectOptions = s
-            .url
-            .expose()
-            .parse()
-            .map_err(|e| ProviderError::Build { provider: name.to_string(), message: format!("url: {e}") })?;
+        let opts: PgConnectOptions = crate::config::pg_options(&format!("providers.{name}.url"), s.url.expose())
+            .map_err(|e| ProviderError::Build { provider: name.to_string(), message: e.to_string() })?;
         if s.timeout_ms == 0 || s.lock_timeout_ms == 0 {
             let message = "timeout_ms and lock_timeout_ms must be at least 1 (0 would mean: wait forever)".into();
             return Err(ProviderError::Build { provider: name.to_string(), message });

@@ -180,3 +180,64 @@ async fn a_refused_secret_or_a_failing_command_says_so_without_the_secret() {
     assert_eq!(n.resources.len(), t.sim.paths().len(), "nothing was deleted");
     t.stop().await;
 }
+
+/// A token endpoint that never answers: the step that asked waits out the
+/// provider's timeout, and the steps that queued behind it get the same
+/// answer at once instead of each waiting it out again, one after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_that_hangs_is_waited_out_once_not_once_per_step() {
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_addr = hole.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let black_hole = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hole.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(socket); // never answered
+        }
+    });
+    let secret = TempFile::new("oauth-secret", SECRET);
+    let mut t = spawn_app(&format!(
+        "[providers.cloud]\ntimeout_ms = 500\n[providers.cloud.auth]\noauth2 = {{ token_url = \"http://{hole_addr}/token\", client_secret_file = \"{}\" }}\n",
+        secret.path()
+    ))
+    .await;
+    // Twenty interfaces of one node: twenty steps at once.
+    let vnis: Vec<serde_json::Value> =
+        (0..20).map(|i| serde_json::json!({"kind": "vni", "id": format!("hang-vni-{i}")})).collect();
+    let event = serde_json::json!({"event_id": "hang-1", "owner": format!("node/{}", unique("hang")), "occurred_at": Utc::now().to_rfc3339(), "resources": vnis});
+    t.publish("provisioning.failed", &event).await;
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "dead_lettered", "{r:?}");
+    assert!(r.reason.as_deref().is_some_and(|why| why.contains("token endpoint")), "{r:?}");
+    let asked = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    // 20 steps × 4 tries × 3 runs would be 240 waits of 0.5 s; held failures keep it to a few.
+    assert!(asked <= 12, "the token endpoint was asked {asked} times");
+    black_hole.abort();
+    t.stop().await;
+}
+
+/// A 401 to a token that a fresh fetch gives back unchanged (a helper with
+/// its own cache) counts at once: the command is not run again per step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_that_comes_back_unchanged_is_fetched_again_once_not_per_step() {
+    let token = TempFile::new("token", "stale-token-cc33\n");
+    let runs = TempFile::new("runs", "");
+    let mut t = spawn_app(&format!(
+        "[providers.cloud.auth]\ntoken_command = [\"sh\", \"-c\", \"echo run >> '{}'; cat '{}'\"]\n",
+        runs.path(),
+        token.path()
+    ))
+    .await;
+    t.sim.require_tokens(TokenPolicy { fixed_tokens: vec!["fresh-token-dd44".into()], ..Default::default() });
+    let vnis: Vec<serde_json::Value> =
+        (0..20).map(|i| serde_json::json!({"kind": "vni", "id": format!("stale-vni-{i}")})).collect();
+    let event = serde_json::json!({"event_id": "stale-1", "owner": format!("node/{}", unique("stale")), "occurred_at": Utc::now().to_rfc3339(), "resources": vnis});
+    t.publish("provisioning.failed", &event).await;
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "dead_lettered", "a 401 that a new token does not fix is permanent: {r:?}");
+    let ran = std::fs::read_to_string(&runs.0).unwrap().lines().count();
+    assert!(ran <= 2, "the command ran {ran} times for 20 steps");
+    t.stop().await;
+}

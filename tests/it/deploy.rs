@@ -100,7 +100,7 @@ fn the_kubernetes_manifests_match_the_admin_api_the_grace_and_the_settings() {
         let doc: Value = serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{file:?}: {e}"));
         by_kind.insert(doc["kind"].as_str().expect("a kind").to_string(), doc);
     }
-    for kind in ["ConfigMap", "Secret", "Deployment", "PodDisruptionBudget", "Service", "ServiceMonitor"] {
+    for kind in ["Namespace", "ConfigMap", "Secret", "Deployment", "PodDisruptionBudget", "Service", "ServiceMonitor"] {
         assert!(by_kind.contains_key(kind), "no {kind}");
     }
     let deployment = &by_kind["Deployment"];
@@ -129,7 +129,7 @@ fn the_kubernetes_manifests_match_the_admin_api_the_grace_and_the_settings() {
     let port = &container["ports"][0];
     assert_eq!(listen.rsplit_once(':').unwrap().1, port["containerPort"].as_u64().unwrap().to_string());
     let admin = std::fs::read_to_string(root("src/admin.rs")).unwrap();
-    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+    for (probe, path) in [("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
         assert_eq!(container[probe]["httpGet"]["path"].as_str(), Some(path));
         assert_eq!(container[probe]["httpGet"]["port"], port["name"], "{probe} uses the admin port");
         assert!(admin.contains(&format!(".route(\"{path}\"")), "the admin API serves {path}");

@@ -18,12 +18,19 @@ async fn the_cli_says_plainly_what_it_did_and_did_not_do() {
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
     assert!(stderr.contains("knows nothing of owner"), "{stderr}");
 
-    // `request-deletion` of such an owner sends nothing (no kind has a lookup
-    // that could find its resources) and says so.
+    // `request-deletion` of such an owner says so, and sends it all the same
+    // (its tracks may still be on their way): never a silent success.
     let out = t.reaper(&["request-deletion", "node/never-seen"], &[]);
     let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
-    assert!(stderr.contains("nothing was sent"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stderr.contains("knows nothing of owner \"node/never-seen\" yet"), "{stderr}");
+    assert!(!stdout.trim().is_empty(), "the event id is printed: {stdout}");
+    // Its provider's token need not be where the deletion is requested from.
+    let out = t.reaper(
+        &["request-deletion", "node/never-seen"],
+        &[("REAPER_PROVIDERS__CLOUD__AUTH__TOKEN_ENV", "REAPER_TEST_NOT_SET")],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
 
     // check-config lists the kinds in the order they go, in columns.
     let out = t.reaper(&["check-config"], &[]);
@@ -76,6 +83,13 @@ async fn admin_errors_are_json_and_an_unencoded_owner_is_explained() {
     assert_eq!(r.status(), 404);
     let body: serde_json::Value = r.json().await.expect("a JSON error body");
     assert!(body["error"].as_str().is_some_and(|e| e.contains("node%2Fn1")), "{body}");
+    let r = c.post(format!("{base}/v1/owners/node/n1/teardown")).bearer_auth(token).send().await.unwrap();
+    let body: serde_json::Value = r.json().await.expect("a JSON error body");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("/v1/owners/node%2Fn1/teardown")), "{body}");
+    // A wrong method keeps its Allow header under the JSON body.
+    let r = c.delete(format!("{base}/v1/status")).bearer_auth(token).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert!(r.headers().contains_key("allow"), "{:?}", r.headers());
     // `reconcile` appears once in /v1/status: the rules' state under counts,
     // their settings under config.
     let status: serde_json::Value =

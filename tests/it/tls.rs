@@ -13,11 +13,13 @@ use serde_json::json;
 use crate::helpers::*;
 
 const AMQPS: &str = "amqps://guest:guest@localhost:5671/%2f";
+/// Never asked for (reaper_cert logs in by certificate): there to be looked for in the output.
+const PG_PASSWORD: &str = "pg-s3cret-77e1";
 
 /// PostgreSQL over TLS as reaper_cert, verify-full against `ca`.
 fn pg_tls(host: &str, db: &str, ca: &str) -> String {
     format!(
-        "postgres://reaper_cert@{host}:5432/{db}?sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}",
+        "postgres://reaper_cert:{PG_PASSWORD}@{host}:5432/{db}?sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}",
         tls_file(ca),
         tls_file("client.pem"),
         tls_file("client.key")
@@ -70,15 +72,17 @@ delete = '{{"owner": "{{id}}"}}'
     );
     let mut t = spawn_app(&extra).await;
     // The ledger's own connections are TLS, as reaper_cert by its certificate.
-    let (ssl, user): (bool, String) =
-        sqlx::query_as("SELECT ssl, current_user::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+    let (ssl, user, dn): (bool, String, Option<String>) =
+        sqlx::query_as("SELECT ssl, current_user::text, client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
             .fetch_one(t.app.ledger.pool())
             .await
             .unwrap();
     assert!(ssl && user == "reaper_cert", "ledger connection: ssl={ssl} user={user}");
+    assert_eq!(dn.as_deref(), Some("/CN=reaper_cert"), "logged in by its client certificate");
     t.sql("CREATE TABLE tls_rows (id text PRIMARY KEY)").await;
     t.sql("INSERT INTO tls_rows VALUES ('r1'), ('r2')").await;
     let mongo = mongodb::Client::with_uri_str(mongo_tls("ca.pem")).await.unwrap();
+    let _dropped = DropOnExit(mongo.database(&format!("{}_docs", t.mongo_prefix)));
     let notes = mongo.database(&format!("{}_docs", t.mongo_prefix)).collection::<mongodb::bson::Document>("notes");
     notes.insert_many([mongodb::bson::doc! { "owner": "n1" }, mongodb::bson::doc! { "owner": "n2" }]).await.unwrap();
 
@@ -108,7 +112,23 @@ delete = '{{"owner": "{{id}}"}}'
         .collect();
     assert_eq!(left, vec!["n2".to_string()], "only the tracked note goes");
     t.stop().await;
-    let _ = mongo.database(&format!("{}_docs", t.mongo_prefix)).drop().await;
+}
+
+/// Drops a database of the TLS MongoDB-wire server (which the shared cleanup
+/// does not know) when the test ends, passed or not.
+struct DropOnExit(mongodb::Database);
+
+impl Drop for DropOnExit {
+    fn drop(&mut self) {
+        let db = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), db.drop()).await;
+            })
+        })
+        .join();
+    }
 }
 
 /// `reaper check-config --connect` against every TLS endpoint: with the
@@ -175,7 +195,7 @@ async fn check_config_connect_says_which_server_failed_tls_and_why() {
     assert!(appdb.contains(unknown) && appdb.contains("sslrootcert in providers.appdb.url"), "{appdb}");
     let docs = line("provider docs");
     assert!(docs.contains("localhost:27019") && docs.contains(unknown), "{docs}");
-    assert!(!out.contains("guest:guest"), "no password: {out}");
+    assert!(!out.contains("guest:guest") && !out.contains(PG_PASSWORD), "no password: {out}");
 
     // The broker asks for a client certificate; without one it says so.
     let no_client = run(&[
@@ -245,4 +265,30 @@ async fn a_mongodb_srv_url_is_looked_up_in_dns_and_a_failed_lookup_is_said_plain
     assert!(err.contains("provider \"docs\"") && err.contains("mongodb+srv://cluster0.reaper.invalid"), "{err}");
     assert!(err.contains("_mongodb._tcp.cluster0.reaper.invalid"), "the SRV name it asked for: {err}");
     assert!(!err.contains("s3cret"), "no password: {err}");
+}
+
+/// libpq's rule: `sslrootcert` with `sslmode=require` checks the CA (sqlx
+/// alone would take any certificate, so a URL copied from libpq would be open
+/// to a man in the middle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslrootcert_with_sslmode_require_checks_the_ca_as_libpq_does() {
+    let url = |ca: &str| {
+        format!(
+            "postgres://reaper_cert@localhost:5432/postgres?sslmode=require&sslrootcert={}&sslcert={}&sslkey={}",
+            tls_file(ca),
+            tls_file("client.pem"),
+            tls_file("client.key")
+        )
+    };
+    let wrong = reaper::config::pg_options("database.url", &url("other-ca.pem")).unwrap();
+    let err = sqlx::ConnectOptions::connect(&wrong).await.expect_err("a server the CA did not sign is refused");
+    let said = reaper::tls::explain(&err, "localhost", "sslrootcert").unwrap_or_else(|| err.to_string());
+    assert!(said.contains("unknown issuer"), "{said}");
+    let right = reaper::config::pg_options("database.url", &url("ca.pem")).unwrap();
+    let conn = sqlx::ConnectOptions::connect(&right).await.expect("the right CA connects");
+    drop(conn);
+    // A file the URL names that is not there is a configuration error naming it.
+    let missing = url("ca.pem").replace("sslkey=", "sslkey=/nonexistent");
+    let err = reaper::config::pg_options("providers.appdb.url", &missing).unwrap_err().to_string();
+    assert!(err.contains("providers.appdb.url") && err.contains("sslkey"), "{err}");
 }
