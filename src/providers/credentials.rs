@@ -147,14 +147,18 @@ impl Credentials {
             return false;
         }
         let mut state = self.cache.lock().await;
+        let cached_is_sent = state.token.as_ref().is_some_and(|c| c.value == *sent);
+        if !cached_is_sent {
+            // Another step's 401 dropped it already (a new one is or will be
+            // fetched): retry with that.
+            return true;
+        }
         if state.refused.as_ref() == Some(sent) {
+            // Dropped once for a 401 and fetched back unchanged.
             return false;
         }
-        if state.token.as_ref().is_some_and(|c| c.value == *sent) {
-            state.token = None;
-            state.refused = Some(sent.clone());
-        }
-        // Else another step refreshed it already: retry with the new one.
+        state.token = None;
+        state.refused = Some(sent.clone());
         true
     }
 

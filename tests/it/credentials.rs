@@ -97,7 +97,8 @@ fn failed_event(event_id: &str, n: &VpcNode) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_401_fetches_one_new_token_and_retries_without_counting_a_failed_attempt() {
     let secret = TempFile::new("oauth-secret", SECRET);
-    let mut t = spawn_app(&oauth2_auth(&secret)).await;
+    // Unpaced, so the twenty requests below are in flight together.
+    let mut t = spawn_app(&format!("[providers.cloud]\nrate_per_sec = 1000000\n{}", oauth2_auth(&secret))).await;
     t.sim.require_tokens(TokenPolicy { client_secret: SECRET.into(), lifetime_secs: 3600.0, fixed_tokens: vec![] });
     let first = VpcNode::new(&unique("rev"));
     first.create_in(&t.sim);
@@ -105,11 +106,20 @@ async fn a_401_fetches_one_new_token_and_retries_without_counting_a_failed_attem
     assert_eq!(t.next_result(30).await.result.status, "completed");
     assert_eq!(t.sim.stats().tokens_issued, 1, "one token for the whole first teardown");
 
-    // The IAM revokes it: every request in flight gets a 401.
+    // The IAM revokes it: twenty steps at once (each answer takes 50 ms, so
+    // they overlap) get a 401 for the same token.
     t.sim.revoke_tokens();
-    let second = VpcNode::new(&unique("rev"));
-    second.create_in(&t.sim);
-    t.publish("provisioning.failed", &failed_event("rev-2", &second)).await;
+    t.sim.set_faults(reaper::devtools::sim::Faults { latency_ms: 50, ..Default::default() });
+    let owner = format!("node/{}", unique("rev"));
+    let vnis: Vec<serde_json::Value> = (0..20)
+        .map(|i| {
+            let id = format!("{owner}-vni-{i}").replace('/', "-");
+            t.sim.create(&format!("/v1/virtual_network_interfaces/{id}"), &[]);
+            serde_json::json!({"kind": "vni", "id": id})
+        })
+        .collect();
+    let event = serde_json::json!({"event_id": "rev-2", "owner": owner, "occurred_at": Utc::now().to_rfc3339(), "resources": vnis});
+    t.publish("provisioning.failed", &event).await;
     let r = t.next_result(30).await.result;
     assert_eq!(r.status, "completed", "{r:?}");
     let stats = t.sim.stats();
@@ -120,6 +130,7 @@ async fn a_401_fetches_one_new_token_and_retries_without_counting_a_failed_attem
         "a 401 answered by a refresh is not a failed try: {:?}",
         r.resources
     );
+    assert!(t.sim.paths().is_empty(), "{:?}", t.sim.paths());
     t.stop().await;
 }
 
