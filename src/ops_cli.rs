@@ -280,12 +280,25 @@ pub async fn track(
         Ok(c) => c,
         Err(e) => return fail(2, e),
     };
+    send_one(settings, |publisher, names| async move {
+        ops::track(&publisher, &names, &catalog, owner, kind, id, attributes).await
+    })
+    .await
+}
+
+/// Opens a link, sends one event, closes, and prints the event's id: exit 2
+/// for an event that cannot be sent as asked, 3 for a broker that failed.
+async fn send_one<F, Fut>(settings: &Settings, send: F) -> ExitCode
+where
+    F: FnOnce(crate::broker::publisher::Publisher, crate::broker::Names) -> Fut,
+    Fut: std::future::Future<Output = Result<String, ops::OpsError>>,
+{
     let names = crate::broker::Names::new(&settings.broker.prefix);
     let (conn, publisher) = match crate::broker::link::open(settings, &names).await {
         Ok(link) => link,
         Err(e) => return fail(3, e),
     };
-    let sent = ops::track(&publisher, &names, &catalog, owner, kind, id, attributes).await;
+    let sent = send(publisher.clone(), names).await;
     publisher.close().await;
     let _ = conn.close(200, "sent".into()).await;
     match sent {
@@ -322,20 +335,8 @@ pub async fn request_deletion(settings: &Settings, owner: &str, dry_run: bool, r
         return fail(2, e.0);
     }
     note_unknown_owner(settings, owner).await;
-    let names = crate::broker::Names::new(&settings.broker.prefix);
-    let (conn, publisher) = match crate::broker::link::open(settings, &names).await {
-        Ok(link) => link,
-        Err(e) => return fail(3, e),
-    };
-    let sent = ops::request_deletion(&publisher, &names, owner, dry_run, reason, "reaper-cli").await;
-    publisher.close().await;
-    let _ = conn.close(200, "sent".into()).await;
-    match sent {
-        Ok(event_id) => {
-            println!("{event_id}");
-            ExitCode::SUCCESS
-        }
-        Err(ops::OpsError::Invalid(m)) => fail(2, m),
-        Err(e) => fail(3, e),
-    }
+    send_one(settings, |publisher, names| async move {
+        ops::request_deletion(&publisher, &names, owner, dry_run, reason, "reaper-cli").await
+    })
+    .await
 }
