@@ -105,6 +105,22 @@ pub enum Command {
         #[arg(long = "attr", value_parser = attribute)]
         attrs: Vec<(String, String)>,
     },
+    /// Publish a provisioning.failed for an owner, as a provisioner's failure
+    /// hook would; prints its event_id. What was tracked for the owner is torn
+    /// down, plus the resources named here.
+    ProvisioningFailed {
+        /// The owner, "type/id" (node/n1).
+        owner: String,
+        /// What failed, in words.
+        #[arg(long)]
+        error: String,
+        /// The step that failed (install_os).
+        #[arg(long)]
+        step: Option<String>,
+        /// A resource it created but did not track, KIND/ID; repeat for more.
+        #[arg(long = "resource", value_parser = kind_and_id)]
+        resources: Vec<(String, String)>,
+    },
     /// Publish a deletion.requested for an owner, as a producer would.
     RequestDeletion {
         owner: String,
@@ -187,6 +203,9 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Track { owner, kind, id, attrs } => {
             crate::ops_cli::track(&settings, &owner, &kind, &id, &attrs.into_iter().collect()).await
         }
+        Command::ProvisioningFailed { owner, error, step, resources } => {
+            crate::ops_cli::provisioning_failed(&settings, &owner, &error, step.as_deref(), &resources).await
+        }
         Command::RequestDeletion { owner, dry_run, reason } => {
             crate::ops_cli::request_deletion(&settings, &owner, dry_run, &reason).await
         }
@@ -197,6 +216,13 @@ fn attribute(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("{s:?} is not NAME=VALUE")),
+    }
+}
+
+fn kind_and_id(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((k, id)) if !k.is_empty() && !id.is_empty() => Ok((k.to_string(), id.to_string())),
+        _ => Err(format!("{s:?} is not KIND/ID")),
     }
 }
 

@@ -184,6 +184,54 @@ pub async fn track(
     Ok(event_id)
 }
 
+/// Publishes a `provisioning.failed` for `owner`, as a provisioner's failure
+/// hook would: what failed, at which step, and resources it knows of beyond
+/// those tracked. Returns its event_id.
+pub async fn provisioning_failed(
+    publisher: &crate::broker::publisher::Publisher,
+    names: &Names,
+    catalog: &crate::catalog::Catalog,
+    owner: &str,
+    error: &str,
+    failed_step: Option<&str>,
+    resources: &[(String, String)],
+) -> Result<String, OpsError> {
+    contract::check_owner(owner).map_err(|e| OpsError::Invalid(e.0))?;
+    let none = std::collections::BTreeMap::new();
+    for (kind, id) in resources {
+        let Some(spec) = catalog.kind(kind) else {
+            let known = catalog.kind_names().join(", ");
+            return Err(OpsError::Invalid(format!("no kind {kind:?} is configured; the kinds are: {known}")));
+        };
+        if let Some(missing) = spec.missing_attribute(&none) {
+            return Err(OpsError::Invalid(format!(
+                "{kind}/{id}: kind {kind} needs attribute {missing}, which only `reaper track --attr` can give"
+            )));
+        }
+        if let Some(why) = spec.path_values_refused(id, &none) {
+            return Err(OpsError::Invalid(format!("{kind}/{id}: {why}")));
+        }
+    }
+    let event_id = uuid::Uuid::new_v4().to_string();
+    let body = contract::OutgoingTeardown {
+        event_id: &event_id,
+        owner,
+        reason: error,
+        requested_by: None,
+        dry_run: false,
+        occurred_at: chrono::Utc::now(),
+        error: Some(error),
+        failed_step,
+        resources: resources
+            .iter()
+            .map(|(kind, id)| contract::OutgoingResource { kind, id, attributes: &none })
+            .collect(),
+    }
+    .to_bytes();
+    publisher.publish(&names.events, contract::PROVISIONING_FAILED, &body, &event_id, &[]).await?;
+    Ok(event_id)
+}
+
 /// Publishes a `deletion.requested` for `owner`, as a producer would.
 pub async fn request_deletion(
     publisher: &crate::broker::publisher::Publisher,

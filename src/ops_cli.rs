@@ -286,6 +286,24 @@ pub async fn track(
     .await
 }
 
+/// `reaper provisioning-failed`: one provisioning.failed, confirmed by the broker.
+pub async fn provisioning_failed(
+    settings: &Settings,
+    owner: &str,
+    error: &str,
+    step: Option<&str>,
+    resources: &[(String, String)],
+) -> ExitCode {
+    let catalog = match crate::catalog::validate(settings) {
+        Ok(c) => c,
+        Err(e) => return fail(2, e),
+    };
+    send_one(settings, |publisher, names| async move {
+        ops::provisioning_failed(&publisher, &names, &catalog, owner, error, step, resources).await
+    })
+    .await
+}
+
 /// Opens a link, sends one event, closes, and prints the event's id: exit 2
 /// for an event that cannot be sent as asked, 3 for a broker that failed.
 async fn send_one<F, Fut>(settings: &Settings, send: F) -> ExitCode

@@ -155,3 +155,43 @@ fn ok(t: &TestApp, args: &[&str]) -> String {
     assert!(out.status.success(), "reaper {args:?}: {stdout}{stderr}");
     stdout
 }
+
+/// `reaper provisioning-failed`, as a playbook's rescue block would call it:
+/// what was tracked goes, and the resources it names besides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_failed_from_the_cli_tears_down_what_was_tracked_and_what_it_names() {
+    let mut t = spawn_app("").await;
+    let owner = format!("node/{}", unique("pf"));
+    t.sim.create("/v1/bare_metal_servers/pf-bm", &[]);
+    t.sim.create("/v1/virtual_network_interfaces/pf-vni", &["/v1/bare_metal_servers/pf-bm"]);
+    ok(&t, &["track", &owner, "bare_metal_server", "pf-bm"]);
+    let owners = vec![owner.clone()];
+    wait_until("tracked", std::time::Duration::from_secs(20), || async {
+        t.app.ledger.count_tracked(&owners).await.unwrap() >= 1
+    })
+    .await;
+    // Refused before sending: an unknown kind, a kind whose requests need an
+    // attribute the command line cannot give, a resource not KIND/ID.
+    for bad in ["spaceship/s1", "dns_record/d1", "just-an-id"] {
+        let out = t.reaper(&["provisioning-failed", &owner, "--error", "x", "--resource", bad], &[]);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", text(&out).1);
+    }
+    let event_id = ok(
+        &t,
+        &[
+            "provisioning-failed",
+            &owner,
+            "--error",
+            "timeout waiting for the server",
+            "--step",
+            "install_os",
+            "--resource",
+            "vni/pf-vni",
+        ],
+    );
+    let r = t.next_result(30).await.result;
+    assert_eq!((r.event_id.as_str(), r.trigger.as_str()), (event_id.trim(), "provisioning.failed"), "{r:?}");
+    assert_eq!(r.status, "completed", "{r:?}");
+    assert!(t.sim.paths().is_empty(), "the tracked server and the named interface are gone: {:?}", t.sim.paths());
+    t.stop().await;
+}
