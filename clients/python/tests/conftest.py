@@ -112,7 +112,12 @@ listen = "127.0.0.1:0"
 [log]
 format = "json"
 [worker]
-retry_delays_secs = [0.2, 0.5]
+# A failure hook publishes provisioning.failed right behind its tracks, and
+# the worker takes them in parallel: a track recorded after the failure's job
+# began is a late track with a job of its own, and the failure's job, blocked
+# by it (409), succeeds on its next run. The delays give that next run time,
+# as production's (10 s and up) do; sub-second ones ran out of retries first.
+retry_delays_secs = [1, 3]
 step_min_backoff_ms = 10
 step_max_backoff_ms = 100
 """

@@ -18,7 +18,7 @@ def results_until(results, event_id: str, seconds: float = 30) -> dict:
     while True:
         method, _, body = results.next(max(0.1, deadline - time.monotonic()))
         result = json.loads(body)
-        assert method.routing_key == "teardown.completed", result
+        assert method.routing_key == "teardown.completed", json.dumps(result)
         if result["event_id"] == event_id:
             return result
 
