@@ -146,6 +146,29 @@ fn shell_comment(s: &str) -> String {
     s.replace(['\n', '\r'], " ")
 }
 
+/// What the worker would refuse of a resource sent by hand, said before it
+/// is sent rather than by a dead letter after: an unknown kind, a missing
+/// attribute its requests use (`missing` words it), a value a path cannot hold.
+fn check_resource(
+    catalog: &crate::catalog::Catalog,
+    kind: &str,
+    id: &str,
+    attributes: &std::collections::BTreeMap<String, String>,
+    missing: impl FnOnce(&str) -> String,
+) -> Result<(), OpsError> {
+    let Some(spec) = catalog.kind(kind) else {
+        let known = catalog.kind_names().join(", ");
+        return Err(OpsError::Invalid(format!("no kind {kind:?} is configured; the kinds are: {known}")));
+    };
+    if let Some(name) = spec.missing_attribute(attributes) {
+        return Err(OpsError::Invalid(missing(name)));
+    }
+    match spec.path_values_refused(id, attributes) {
+        Some(why) => Err(OpsError::Invalid(format!("{kind}/{id}: {why}"))),
+        None => Ok(()),
+    }
+}
+
 /// Publishes a `resource.tracked` for one resource, as a provisioner would;
 /// returns its event_id. The kind must be one the catalog knows.
 pub async fn track(
@@ -158,17 +181,9 @@ pub async fn track(
     attributes: &std::collections::BTreeMap<String, String>,
 ) -> Result<String, OpsError> {
     contract::check_owner(owner).map_err(|e| OpsError::Invalid(e.0))?;
-    let Some(spec) = catalog.kind(kind) else {
-        let known = catalog.kind_names().join(", ");
-        return Err(OpsError::Invalid(format!("no kind {kind:?} is configured; the kinds are: {known}")));
-    };
-    // Said now, rather than by a dead letter after it was sent.
-    if let Some(missing) = spec.missing_attribute(attributes) {
-        return Err(OpsError::Invalid(format!("kind {kind} needs --attr {missing}=VALUE (its requests use it)")));
-    }
-    if let Some(why) = spec.path_values_refused(id, attributes) {
-        return Err(OpsError::Invalid(format!("{kind}/{id}: {why}")));
-    }
+    check_resource(catalog, kind, id, attributes, |missing| {
+        format!("kind {kind} needs --attr {missing}=VALUE (its requests use it)")
+    })?;
     if id.is_empty() {
         return Err(OpsError::Invalid("a resource id cannot be empty".into()));
     }
@@ -199,18 +214,9 @@ pub async fn provisioning_failed(
     contract::check_owner(owner).map_err(|e| OpsError::Invalid(e.0))?;
     let none = std::collections::BTreeMap::new();
     for (kind, id) in resources {
-        let Some(spec) = catalog.kind(kind) else {
-            let known = catalog.kind_names().join(", ");
-            return Err(OpsError::Invalid(format!("no kind {kind:?} is configured; the kinds are: {known}")));
-        };
-        if let Some(missing) = spec.missing_attribute(&none) {
-            return Err(OpsError::Invalid(format!(
-                "{kind}/{id}: kind {kind} needs attribute {missing}, which only `reaper track --attr` can give"
-            )));
-        }
-        if let Some(why) = spec.path_values_refused(id, &none) {
-            return Err(OpsError::Invalid(format!("{kind}/{id}: {why}")));
-        }
+        check_resource(catalog, kind, id, &none, |missing| {
+            format!("{kind}/{id}: kind {kind} needs attribute {missing}, which only `reaper track --attr` can give")
+        })?;
     }
     let event_id = uuid::Uuid::new_v4().to_string();
     let body = contract::OutgoingTeardown {

@@ -105,18 +105,12 @@ class AsyncReaper:
                           f"{events.describe(last) if last else 'unknown'}") from last
 
 
-class AsyncProvisioning:
+class AsyncProvisioning(events.HookState):
     """`async with reaper.provisioning(owner) as p:` — see :class:`reaper_client.Provisioning`."""
 
     def __init__(self, reaper: AsyncReaper, owner: str) -> None:
+        events.HookState.__init__(self, owner)
         self.reaper = reaper
-        self.owner = owner
-        self.current_step: Optional[str] = None
-        self.tracked: list[tuple[str, str]] = []
-        self.failure_event_id: Optional[str] = None
-
-    def step(self, name: str) -> None:
-        self.current_step = name
 
     async def track(self, kind: str, id: str, attributes: Optional[Mapping[str, str]] = None,
                     parent: Optional[tuple[str, str]] = None) -> str:

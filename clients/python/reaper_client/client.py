@@ -126,7 +126,7 @@ class Reaper:
                           f"{events.describe(last) if last else 'unknown'}") from last
 
 
-class Provisioning:
+class Provisioning(events.HookState):
     """The failure hook for one owner: each resource is tracked as soon as it
     is created, and when the block raises, a `provisioning.failed` naming the
     step and the error is published before the exception goes on. reaper then
@@ -139,15 +139,8 @@ class Provisioning:
     """
 
     def __init__(self, reaper: Reaper, owner: str) -> None:
+        events.HookState.__init__(self, owner)
         self.reaper = reaper
-        self.owner = owner
-        self.current_step: Optional[str] = None
-        self.tracked: list[tuple[str, str]] = []
-        self.failure_event_id: Optional[str] = None
-
-    def step(self, name: str) -> None:
-        """Names what runs now; a failure reports it as `failed_step`."""
-        self.current_step = name
 
     def track(self, kind: str, id: str, attributes: Optional[Mapping[str, str]] = None,
               parent: Optional[tuple[str, str]] = None) -> str:

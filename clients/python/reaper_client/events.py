@@ -86,6 +86,21 @@ def failed(owner: str, error: str, failed_step: Optional[str] = None,
     return body
 
 
+class HookState:
+    """What a failure hook keeps, sync or async: the owner, the step running
+    now (reported as `failed_step`), what it tracked, and the failure's id."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.current_step: Optional[str] = None
+        self.tracked: list[tuple[str, str]] = []
+        self.failure_event_id: Optional[str] = None
+
+    def step(self, name: str) -> None:
+        """Names what runs now; a failure reports it as `failed_step`."""
+        self.current_step = name
+
+
 def encode(body: Mapping[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
