@@ -104,14 +104,61 @@ struct WireTeardown {
     resources: Vec<WireResource>,
 }
 
+/// A track names one resource at the top level (kind, id, ...) or lists
+/// several in `resources`; the fields are all optional here so that `decode`
+/// can say which form is missing or mixed.
 #[derive(Deserialize)]
 struct WireTracked {
     event_id: String,
     owner: String,
-    #[serde(flatten)]
-    resource: WireResource,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    attributes: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    parent: Option<WireRef>,
+    #[serde(default, deserialize_with = "created_at_field")]
+    created_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    resources: Option<Vec<WireResource>>,
     #[serde(default, deserialize_with = "int64")]
     generation: Option<i64>,
+}
+
+impl WireTracked {
+    /// The resources it names, in either form.
+    fn into_resources(self, limits: &Limits) -> Result<Vec<WireResource>, Malformed> {
+        // An empty map is what some protobuf JSON writers print for "unset".
+        let top_level = self.kind.is_some()
+            || self.id.is_some()
+            || self.attributes.as_ref().is_some_and(|a| !a.is_empty())
+            || self.parent.is_some()
+            || self.created_at.is_some();
+        match self.resources {
+            Some(_) if top_level => Err(Malformed(
+                "a resource.tracked names either kind and id, or resources (a list); this one has both".into(),
+            )),
+            Some(list) if list.is_empty() => Err(Malformed("resources is empty; list at least one".into())),
+            Some(list) if list.len() > limits.max_resources => Err(Malformed(format!(
+                "the event lists {} resources, the limit is {} (worker.max_resources_per_event); split it into several tracks",
+                list.len(),
+                limits.max_resources
+            ))),
+            Some(list) => Ok(list),
+            None => {
+                let missing = |field: &str| Malformed(format!("invalid fields: missing field `{field}` (or list resources)"));
+                Ok(vec![WireResource {
+                    kind: self.kind.ok_or_else(|| missing("kind"))?,
+                    id: self.id.ok_or_else(|| missing("id"))?,
+                    attributes: self.attributes.unwrap_or_default(),
+                    parent: self.parent,
+                    created_at: self.created_at,
+                }])
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -179,15 +226,16 @@ pub fn decode(env: &Envelope, catalog: &Catalog, limits: &Limits) -> Result<Even
             }))
         }
         RESOURCE_TRACKED => {
-            let wire: WireTracked = parse_json(body)?;
+            let mut wire: WireTracked = parse_json(body)?;
             check_event_id(&wire.event_id)?;
             check_owner(&wire.owner)?;
-            Ok(Event::Tracked(Tracked {
-                event_id: wire.event_id,
-                owner: wire.owner,
-                generation: wire.generation,
-                resource: wire.resource.validate(catalog)?,
-            }))
+            let (event_id, owner, generation) =
+                (std::mem::take(&mut wire.event_id), std::mem::take(&mut wire.owner), wire.generation);
+            let resources = wire.into_resources(limits)?;
+            let resources = resources.into_iter().map(|r| r.validate(catalog)).collect::<Result<Vec<_>, _>>()?;
+            let mut resources = dedupe(resources)?;
+            resources.sort_by(|a, b| (&a.resource.kind, &a.resource.id).cmp(&(&b.resource.kind, &b.resource.id)));
+            Ok(Event::Tracked(Tracked { event_id, owner, generation, resources }))
         }
         other => Err(Malformed(format!(
             "unknown routing key {other:?}; expected {DELETION_REQUESTED}, {PROVISIONING_FAILED} or {RESOURCE_TRACKED}"

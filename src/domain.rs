@@ -183,13 +183,26 @@ pub struct Asked {
     pub error: Option<String>,
 }
 
-/// A `resource.tracked` event.
+/// A `resource.tracked` event: one resource, or a list of one owner's.
 #[derive(Debug, Clone)]
 pub struct Tracked {
     pub event_id: String,
     pub owner: String,
     pub generation: Option<i64>,
-    pub resource: TrackedResource,
+    /// Never empty; sorted by kind, then id, so that one list has one identity
+    /// however the producer ordered it (see `Ledger::track`).
+    pub resources: Vec<TrackedResource>,
+}
+
+impl Tracked {
+    /// "vni/v-1", or "vni/v-1 and 4 more": how logs and refusals name it.
+    pub fn describe(&self) -> String {
+        let first = self.resources[0].resource.reference().to_string();
+        match self.resources.len() {
+            1 => first,
+            n => format!("{first} and {} more", n - 1),
+        }
+    }
 }
 
 /// A resource with the facts that decide which life of its owner it belongs to.

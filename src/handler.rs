@@ -38,11 +38,11 @@ pub async fn handle(app: &App, env: &Envelope<'_>, ledger_refusals: u32) -> Disp
     match event {
         Event::Tracked(t) => match app.ledger.track(&t, env.body, env.routing_key, holder.id).await {
             Ok(TrackOutcome::Recorded) => {
-                tracing::debug!(owner = %t.owner, resource = %t.resource.resource.reference(), "tracked");
+                tracing::debug!(owner = %t.owner, resources = %t.describe(), "tracked");
                 Disposition::Ack
             }
             Ok(TrackOutcome::Late(start)) => {
-                tracing::info!(owner = %t.owner, resource = %t.resource.resource.reference(), "late track: the owner's teardown already started");
+                tracing::info!(owner = %t.owner, resources = %t.describe(), "late track: the owner's teardown already started");
                 run_job(&ctx, *start, holder.id).await
             }
             Ok(TrackOutcome::Busy) => busy(),

@@ -15,6 +15,8 @@ pub use group_commit::BatchCounts;
 mod leases;
 pub mod outbox;
 pub mod replay;
+mod tracks;
+pub use tracks::TrackOutcome;
 pub mod views;
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,7 +30,7 @@ use uuid::Uuid;
 
 use crate::config::DatabaseSettings;
 use crate::domain::{JobStatus, Outcome, Resource, ResourceRef, Trigger};
-use crate::domain::{TeardownRequest, Tracked, TrackedResource};
+use crate::domain::{TeardownRequest, TrackedResource};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -176,12 +178,6 @@ pub struct StepRecord {
     pub error: Option<String>,
 }
 
-/// The teardown a late track belongs to: the life it ended.
-struct EndedLife {
-    occurred_at: DateTime<Utc>,
-    generation: Option<i64>,
-}
-
 /// A dead-lettered job's event on its way to the dead queue: (queue, body,
 /// headers from `broker::dead_letter_headers`).
 pub type DeadCopy<'a> = (&'a str, &'a [u8], Vec<(&'static str, String)>);
@@ -196,20 +192,6 @@ pub struct JobEnd<'a> {
     pub result_key: &'a str,
     /// (dead queue, event body, headers) when the job is dead-lettered.
     pub dead: Option<DeadCopy<'a>>,
-}
-
-/// What recording a `resource.tracked` led to.
-#[derive(Debug)]
-pub enum TrackOutcome {
-    /// Remembered for its owner's future teardown (or already in a running one).
-    Recorded,
-    /// The owner's teardown had started: this job tears the late resource down.
-    Late(Box<JobStart>),
-    /// Another delivery holds the owner: try again shortly.
-    Busy,
-    /// The track's event_id already names another track or a job: refused,
-    /// with the reason.
-    Conflict(String),
 }
 
 /// What opening a teardown job led to.
@@ -239,15 +221,6 @@ fn other_event(job: &JobRow, req: &TeardownRequest) -> Option<String> {
     })
 }
 
-/// Why a track with this event_id is not the track stored under it.
-fn other_track(stored: &(String, String, String), t: &Tracked) -> Option<String> {
-    let (owner, kind, id) = stored;
-    let r = &t.resource.resource;
-    (owner != &t.owner || kind != &r.kind || id != &r.id)
-        .then(|| format!("event_id already names a track of {owner} ({kind}/{id})"))
-}
-
-/// Stores the track's identity; false when its event_id was taken meanwhile.
 /// Why the ledger's pool could not connect. A pool that timed out hides the
 /// cause; one connection of its own, within the same time, finds it.
 async fn unreachable(opts: &PgConnectOptions, e: sqlx::Error, limit: Duration) -> LedgerError {
@@ -265,49 +238,6 @@ async fn unreachable(opts: &PgConnectOptions, e: sqlx::Error, limit: Duration) -
         other => said(other),
     };
     LedgerError::Unreachable { at, why }
-}
-
-async fn insert_track(conn: &mut sqlx::PgConnection, t: &Tracked) -> Result<bool, LedgerError> {
-    let inserted = sqlx::query(
-        "INSERT INTO tracks (event_id, owner, kind, resource_id) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(&t.event_id)
-    .bind(&t.owner)
-    .bind(&t.resource.resource.kind)
-    .bind(&t.resource.resource.id)
-    .execute(&mut *conn)
-    .await
-    .map_err(db("recording the track"))?
-    .rows_affected();
-    Ok(inserted == 1)
-}
-
-/// Whether a late-track job's stored event names the resource `t` tracks.
-async fn job_body_names(conn: &mut sqlx::PgConnection, job: &JobRow, t: &Tracked) -> Result<bool, LedgerError> {
-    let body: Vec<u8> = sqlx::query_scalar("SELECT event_body FROM jobs WHERE job_id = $1")
-        .bind(job.job_id)
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db("reading a job's event"))?;
-    let named = serde_json::from_slice::<serde_json::Value>(&body).ok().is_some_and(|v| {
-        v["kind"].as_str() == Some(t.resource.resource.kind.as_str())
-            && v["id"].as_str() == Some(t.resource.resource.id.as_str())
-    });
-    Ok(named)
-}
-
-/// The track stored under `event_id`: (owner, kind, resource_id).
-async fn track_by_event(
-    conn: &mut sqlx::PgConnection,
-    event_id: &str,
-) -> Result<Option<(String, String, String)>, LedgerError> {
-    let row = sqlx::query("SELECT owner, kind, resource_id FROM tracks WHERE event_id = $1")
-        .bind(event_id)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(db("reading a track"))?;
-    Ok(row.map(|r| (r.get("owner"), r.get("kind"), r.get("resource_id"))))
 }
 
 /// The outcome of making a job terminal.
@@ -366,220 +296,6 @@ impl Ledger {
         self.window.as_secs_f64()
     }
 
-    /// Records a tracked resource; if its owner's life already ended, opens the
-    /// late-track job (keyed by the track's own event_id) that tears it down.
-    pub async fn track(
-        &self,
-        t: &Tracked,
-        body: &[u8],
-        routing_key: &str,
-        holder: Uuid,
-    ) -> Result<TrackOutcome, LedgerError> {
-        let mut tx = self.pool.begin().await.map_err(db("begin"))?;
-        lock_owner(&mut tx, &t.owner).await?;
-        if let Some(stored) = track_by_event(&mut tx, &t.event_id).await? {
-            return self.track_again(tx, &stored, t, holder).await;
-        }
-        if let Some(job) = job_by_event(&mut tx, &t.event_id).await? {
-            // A late track opened by a replica from before the `tracks` table
-            // (a rolling upgrade) has a job but no row: recognise it by its body.
-            if job.trigger == Trigger::LateTrack && job.owner == t.owner && job_body_names(&mut tx, &job, t).await? {
-                insert_track(&mut tx, t).await?;
-                tx.commit().await.map_err(db("commit"))?;
-                return Box::pin(self.track(t, body, routing_key, holder)).await;
-            }
-            return Ok(TrackOutcome::Conflict(format!(
-                "event_id already names a job of {} ({})",
-                job.owner,
-                job.trigger.as_str()
-            )));
-        }
-        if !insert_track(&mut tx, t).await? {
-            // Another owner's track took this event_id a moment ago.
-            return Ok(TrackOutcome::Conflict("event_id already names another track".into()));
-        }
-        if !self.detach_from_an_ended_life(&mut tx, t).await? {
-            return Ok(TrackOutcome::Busy);
-        }
-        upsert_resources(&mut tx, &t.owner, t.generation, std::slice::from_ref(&t.resource), None).await?;
-        match self.teardown_it_is_late_for(&mut tx, t).await? {
-            None => {
-                tx.commit().await.map_err(db("commit"))?;
-                Ok(TrackOutcome::Recorded)
-            }
-            Some(ended) => self.open_late_job(tx, t, &ended, body, routing_key, holder).await,
-        }
-    }
-
-    /// This very track again. Recorded on its first delivery; if it turned
-    /// out late, resume (or republish) its job.
-    async fn track_again(
-        &self,
-        mut tx: Transaction<'_, Postgres>,
-        stored: &(String, String, String),
-        t: &Tracked,
-        holder: Uuid,
-    ) -> Result<TrackOutcome, LedgerError> {
-        if let Some(why) = other_track(stored, t) {
-            return Ok(TrackOutcome::Conflict(why));
-        }
-        let Some(job) = job_by_event(&mut tx, &t.event_id).await? else {
-            tx.commit().await.map_err(db("commit"))?;
-            return Ok(TrackOutcome::Recorded);
-        };
-        if job.trigger != Trigger::LateTrack || job.owner != t.owner {
-            return Ok(TrackOutcome::Conflict(format!("event_id already names a job of {}", job.owner)));
-        }
-        if job.status == JobStatus::Running {
-            if !self.acquire_lease(&mut tx, &t.owner, holder).await? {
-                return Ok(TrackOutcome::Busy);
-            }
-            bump_attempts(&mut tx, job.job_id).await?;
-        }
-        let job = job_by_event(&mut tx, &t.event_id).await?.expect("read above");
-        let start = load_start(&mut tx, job, None).await?;
-        tx.commit().await.map_err(db("commit"))?;
-        Ok(TrackOutcome::Late(Box::new(start)))
-    }
-
-    /// The earliest real teardown of the owner whose life the just-tracked
-    /// resource belongs to: `None` when there is none (the usual case) or a
-    /// job already claimed the resource.
-    async fn teardown_it_is_late_for(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-        t: &Tracked,
-    ) -> Result<Option<EndedLife>, LedgerError> {
-        let r = &t.resource.resource;
-        let row = sqlx::query(
-            "SELECT job_id, tracked_at FROM tracked_resources WHERE owner = $1 AND kind = $2 AND resource_id = $3",
-        )
-        .bind(&t.owner)
-        .bind(&r.kind)
-        .bind(&r.id)
-        .fetch_one(&mut **tx)
-        .await
-        .map_err(db("reading the tracked resource"))?;
-        let claimed: Option<Uuid> = row.get("job_id");
-        let tracked_at: DateTime<Utc> = row.get("tracked_at");
-        if claimed.is_some() {
-            return Ok(None);
-        }
-        let ended = sqlx::query(
-            "SELECT j.occurred_at, j.generation FROM jobs j
-             WHERE j.owner = $1 AND NOT j.dry_run AND j.trigger IN ('deletion.requested', 'provisioning.failed')
-               AND reaper_belongs($2::bigint, $3::timestamptz, $4::timestamptz, j.occurred_at, j.generation, $5::double precision)
-             ORDER BY j.occurred_at LIMIT 1",
-        )
-        .bind(&t.owner)
-        .bind(t.generation)
-        .bind(t.resource.created_at)
-        .bind(tracked_at)
-        .bind(self.window_secs())
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(db("finding the teardown a late track belongs to"))?;
-        Ok(ended.map(|e| EndedLife { occurred_at: e.get("occurred_at"), generation: e.get("generation") }))
-    }
-
-    /// Opens the late-track job that deletes a resource tracked after its
-    /// life's teardown began, and claims the resource for it.
-    async fn open_late_job(
-        &self,
-        mut tx: Transaction<'_, Postgres>,
-        t: &Tracked,
-        ended: &EndedLife,
-        body: &[u8],
-        routing_key: &str,
-        holder: Uuid,
-    ) -> Result<TrackOutcome, LedgerError> {
-        if !self.acquire_lease(&mut tx, &t.owner, holder).await? {
-            return Ok(TrackOutcome::Busy);
-        }
-        let r = &t.resource.resource;
-        let job_id = Uuid::new_v4();
-        sqlx::query(
-            "INSERT INTO jobs (job_id, event_id, owner, trigger, dry_run, generation, occurred_at, event_body, routing_key)
-             VALUES ($1, $2, $3, 'late_track', false, $4, $5, $6, $7)",
-        )
-        .bind(job_id)
-        .bind(&t.event_id)
-        .bind(&t.owner)
-        .bind(ended.generation)
-        .bind(ended.occurred_at)
-        .bind(body)
-        .bind(routing_key)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("opening a late-track job"))?;
-        sqlx::query("UPDATE tracked_resources SET job_id = $1 WHERE owner = $2 AND kind = $3 AND resource_id = $4")
-            .bind(job_id)
-            .bind(&t.owner)
-            .bind(&r.kind)
-            .bind(&r.id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("claiming a late-tracked resource"))?;
-        let job = job_by_event(&mut tx, &t.event_id).await?.expect("inserted above");
-        let start = load_start(&mut tx, job, None).await?;
-        tx.commit().await.map_err(db("commit"))?;
-        Ok(TrackOutcome::Late(Box::new(start)))
-    }
-
-    /// A track of a resource that a job claimed, for a life that job does not
-    /// end (the name came back: `node_record/n1`, a reused container id),
-    /// detaches it from that job, so the job's retry or replay never deletes
-    /// the new life's resource. While that job is running right now (its owner
-    /// is leased), the track waits instead: `false`.
-    async fn detach_from_an_ended_life(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-        t: &Tracked,
-    ) -> Result<bool, LedgerError> {
-        // Only on evidence that it is another life: a track without
-        // generation or created_at proves nothing, and detaching it could
-        // leak the old life's resource.
-        if t.generation.is_none() && t.resource.created_at.is_none() {
-            return Ok(true);
-        }
-        let r = &t.resource.resource;
-        let held = sqlx::query(
-            "SELECT reaper_belongs($4::bigint, $5::timestamptz, now(), j.occurred_at, j.generation, $6::double precision)
-                    AS same_life,
-                    j.status = 'running' AND EXISTS (SELECT 1 FROM owner_leases l WHERE l.owner = r.owner AND l.until > now())
-                    AS in_hand
-             FROM tracked_resources r JOIN jobs j ON j.job_id = r.job_id
-             WHERE r.owner = $1 AND r.kind = $2 AND r.resource_id = $3 AND r.state = 'live'",
-        )
-        .bind(&t.owner)
-        .bind(&r.kind)
-        .bind(&r.id)
-        .bind(t.generation)
-        .bind(t.resource.created_at)
-        .bind(self.window_secs())
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(db("reading who holds a re-tracked resource"))?;
-        let Some(held) = held else { return Ok(true) };
-        if held.get::<bool, _>("same_life") {
-            return Ok(true);
-        }
-        if held.get::<bool, _>("in_hand") {
-            return Ok(false);
-        }
-        sqlx::query(
-            "UPDATE tracked_resources SET job_id = NULL, tracked_at = now()
-             WHERE owner = $1 AND kind = $2 AND resource_id = $3",
-        )
-        .bind(&t.owner)
-        .bind(&r.kind)
-        .bind(&r.id)
-        .execute(&mut **tx)
-        .await
-        .map_err(db("detaching a re-tracked resource from an ended life"))?;
-        Ok(true)
-    }
-
     /// Opens the job for a teardown event, or finds it again on redelivery.
     /// A new real teardown claims the owner's resources of the life it ends.
     pub async fn begin_job(
@@ -596,8 +312,8 @@ impl Ledger {
         }
         let mut tx = self.pool.begin().await.map_err(db("begin"))?;
         lock_owner(&mut tx, &req.owner).await?;
-        if let Some((owner, kind, id)) = track_by_event(&mut tx, &req.event_id).await? {
-            return Ok(Begin::Conflict(format!("event_id already names a track of {owner} ({kind}/{id})")));
+        if let Some(stored) = tracks::track_by_event(&mut tx, &req.event_id).await? {
+            return Ok(Begin::Conflict(format!("event_id already names {}", stored.describe())));
         }
         if let Some(job) = job_by_event(&mut tx, &req.event_id).await? {
             if let Some(why) = other_event(&job, req) {

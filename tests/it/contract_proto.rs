@@ -74,6 +74,17 @@ fn examples() -> Vec<(&'static str, &'static str, Value)> {
             "resource.tracked",
             json!({"event_id": "e3", "owner": "node/n1", "kind": "ip_reservation", "id": "ip1", "attributes": {"subnet_id": "s"}, "created_at": t, "generation": 3}),
         ),
+        (
+            "ResourceTracked",
+            "resource.tracked",
+            json!({
+                "event_id": "e4", "owner": "node/n1", "generation": 3,
+                "resources": [
+                    {"kind": "ip_reservation", "id": "ip1", "attributes": {"subnet_id": "s"}, "created_at": t},
+                    {"kind": "vni", "id": "v1", "parent": {"kind": "bare_metal_server", "id": "s1"}}
+                ]
+            }),
+        ),
     ]
 }
 

@@ -12,10 +12,10 @@ created, what a service deleted, and what failed half-way.
             cloud.install_os(server)          # raises: provisioning.failed is published, then the error goes on
 """
 
-from .events import ReaperError, check_owner
+from .events import ReaperError, Resource, check_owner
 from .client import Provisioning, Reaper
 
-__all__ = ["Reaper", "Provisioning", "ReaperError", "check_owner"]
+__all__ = ["Reaper", "Provisioning", "ReaperError", "Resource", "check_owner"]
 
 try:  # the asyncio client needs the `asyncio` extra (aio-pika)
     from .aio import AsyncProvisioning, AsyncReaper  # noqa: F401

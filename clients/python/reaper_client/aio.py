@@ -39,6 +39,10 @@ class AsyncReaper:
         return await self._publish(events.TRACKED,
                                    events.tracked(owner, kind, id, attributes, parent, created_at, event_id))
 
+    async def track_many(self, owner: str, resources: Iterable[events.Resource],
+                         generation: Optional[int] = None, event_id: Optional[str] = None) -> str:
+        return await self._publish(events.TRACKED, events.tracked_many(owner, resources, generation, event_id))
+
     async def request_deletion(self, owner: str, reason: str = "", requested_by: Optional[str] = None,
                                dry_run: bool = False, occurred_at: Optional[_dt.datetime] = None,
                                event_id: Optional[str] = None) -> str:

@@ -51,6 +51,12 @@ class Reaper:
         """`resource.tracked`: `owner` ("type/id") created resource `kind`/`id`."""
         return self._publish(events.TRACKED, events.tracked(owner, kind, id, attributes, parent, created_at, event_id))
 
+    def track_many(self, owner: str, resources: Iterable[events.Resource], generation: Optional[int] = None,
+                   event_id: Optional[str] = None) -> str:
+        """One `resource.tracked` listing several of `owner`'s resources, recorded together.
+        reaper refuses a list longer than its `worker.max_resources_per_event` (default 5,000)."""
+        return self._publish(events.TRACKED, events.tracked_many(owner, resources, generation, event_id))
+
     def request_deletion(self, owner: str, reason: str = "", requested_by: Optional[str] = None,
                          dry_run: bool = False, occurred_at: Optional[_dt.datetime] = None,
                          event_id: Optional[str] = None) -> str:

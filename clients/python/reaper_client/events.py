@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import uuid
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
 TRACKED = "resource.tracked"
@@ -57,6 +58,33 @@ def tracked(owner: str, kind: str, ident: str, attributes: Optional[Mapping[str,
     check_owner(owner)
     body = {"event_id": event_id or str(uuid.uuid4()), "owner": owner, **_resource(kind, ident, attributes, parent)}
     body["created_at"] = _time(created_at)
+    return body
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One resource of a bulk track (:meth:`Reaper.track_many`)."""
+
+    kind: str
+    id: str
+    attributes: Optional[Mapping[str, str]] = None
+    parent: Optional[tuple[str, str]] = None
+    created_at: Optional[_dt.datetime] = None
+
+
+def tracked_many(owner: str, resources: Iterable[Resource], generation: Optional[int] = None,
+                 event_id: Optional[str] = None) -> dict[str, Any]:
+    check_owner(owner)
+    listed = []
+    for r in resources:
+        one = _resource(r.kind, r.id, r.attributes, r.parent)
+        one["created_at"] = _time(r.created_at)
+        listed.append(one)
+    if not listed:
+        raise ValueError("track_many needs at least one resource")
+    body: dict[str, Any] = {"event_id": event_id or str(uuid.uuid4()), "owner": owner, "resources": listed}
+    if generation is not None:
+        body["generation"] = int(generation)
     return body
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from reaper_client import AsyncReaper, Reaper, ReaperError
+from reaper_client import AsyncReaper, Reaper, ReaperError, Resource
 
 from conftest import gone, node, owner
 
@@ -68,6 +68,24 @@ def test_events_are_persistent_confirmed_and_carry_their_id_and_time(amqp_url, s
     assert event["created_at"].endswith("Z")
     result = results_until(results, deletion_id)
     assert (result["trigger"], result["status"]) == ("deletion.requested", "completed"), result
+    gone(sim, (bm, vni, dns))
+
+
+def test_track_many_sends_one_message_and_reaper_tears_down_all_it_lists(amqp_url, sim, published, results):
+    bm, vni, dns = node(sim, "many")
+    who = owner("many")
+    with Reaper(amqp_url) as reaper:
+        track_id = reaper.track_many(who, [Resource("bare_metal_server", bm), Resource("vni", vni),
+                                           Resource("dns_record", dns, {"zone_id": "zone-1"})])
+        deletion_id = reaper.request_deletion(who, reason="done")
+        with pytest.raises(ValueError, match="at least one"):
+            reaper.track_many(who, [])
+    method, props, body = published.next()
+    event = json.loads(body)
+    assert (method.routing_key, props.message_id) == ("resource.tracked", track_id)
+    assert [r["kind"] for r in event["resources"]] == ["bare_metal_server", "vni", "dns_record"]
+    result = results_until(results, deletion_id)
+    assert (result["status"], len(result["resources"])) == ("completed", 3), result
     gone(sim, (bm, vni, dns))
 
 
