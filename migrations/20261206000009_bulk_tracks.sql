@@ -18,7 +18,7 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- The common case of a track in one statement (Ledger::track): a first
--- delivery, for an owner no real teardown has ever ended, of resources no job
+-- delivery, for an owner no real teardown was ever opened for, of resources no job
 -- holds. Then nothing can be late and nothing needs detaching: record the
 -- track and its resources. Anything else writes nothing and answers
 -- 'general', and Ledger::track's general path decides (it takes the same

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -125,18 +126,43 @@ struct WireTracked {
     resources: Option<Vec<WireResource>>,
     #[serde(default, deserialize_with = "int64")]
     generation: Option<i64>,
+    /// A teardown's fields: a track that carries one was most likely meant
+    /// as a teardown, and is refused rather than quietly recorded.
+    #[serde(default)]
+    occurred_at: Option<IgnoredAny>,
+    #[serde(default)]
+    failed_step: Option<IgnoredAny>,
+    #[serde(default)]
+    error: Option<IgnoredAny>,
+    #[serde(default)]
+    reason: Option<IgnoredAny>,
+    #[serde(default)]
+    dry_run: Option<IgnoredAny>,
 }
 
 impl WireTracked {
     /// The resources it names, in either form.
     fn into_resources(self, limits: &Limits) -> Result<Vec<WireResource>, Malformed> {
-        // An empty map is what some protobuf JSON writers print for "unset".
+        let teardown_fields = [
+            ("occurred_at", self.occurred_at.is_some()),
+            ("failed_step", self.failed_step.is_some()),
+            ("error", self.error.is_some()),
+            ("reason", self.reason.is_some()),
+            ("dry_run", self.dry_run.is_some()),
+        ];
+        if let Some((field, _)) = teardown_fields.iter().find(|(_, present)| *present) {
+            return Err(Malformed(format!(
+                "a resource.tracked has no {field} (a teardown's field); send deletion.requested or provisioning.failed to tear down"
+            )));
+        }
+        // An empty map or list is what some protobuf JSON writers print for "unset".
+        let resources = self.resources.filter(|list| !list.is_empty() || self.kind.is_none());
         let top_level = self.kind.is_some()
             || self.id.is_some()
             || self.attributes.as_ref().is_some_and(|a| !a.is_empty())
             || self.parent.is_some()
             || self.created_at.is_some();
-        match self.resources {
+        match resources {
             Some(_) if top_level => Err(Malformed(
                 "a resource.tracked names either kind and id, or resources (a list); this one has both".into(),
             )),
@@ -155,6 +181,9 @@ impl WireTracked {
                     attributes: self.attributes.unwrap_or_default(),
                     parent: self.parent,
                     created_at: self.created_at,
+                    owner: None,
+                    generation: None,
+                    event_id: None,
                 }])
             }
         }
@@ -171,6 +200,14 @@ struct WireResource {
     parent: Option<WireRef>,
     #[serde(default, deserialize_with = "created_at_field")]
     created_at: Option<DateTime<Utc>>,
+    /// An event's own fields, which a listed resource cannot carry: a list
+    /// holds the event's owner's resources, of the event's generation.
+    #[serde(default)]
+    owner: Option<IgnoredAny>,
+    #[serde(default)]
+    generation: Option<IgnoredAny>,
+    #[serde(default)]
+    event_id: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
@@ -265,10 +302,10 @@ fn dedupe(resources: Vec<TrackedResource>) -> Result<Vec<TrackedResource>, Malfo
     for r in resources {
         let key = (r.resource.kind.clone(), r.resource.id.clone());
         match seen.get(&key) {
-            Some(&i) if out[i].resource == r.resource => {}
+            Some(&i) if out[i].resource == r.resource && out[i].created_at == r.created_at => {}
             Some(_) => {
                 return Err(Malformed(format!(
-                    "{}/{} is listed twice with different attributes or parents",
+                    "{}/{} is listed twice with different attributes, parents or created_at",
                     key.0, key.1
                 )))
             }
@@ -369,6 +406,19 @@ pub fn check_owner(owner: &str) -> Result<(), Malformed> {
 impl WireResource {
     fn validate(self, catalog: &Catalog) -> Result<TrackedResource, Malformed> {
         check_no_nul([("kind", self.kind.as_str()), ("id", self.id.as_str())])?;
+        for (field, present) in [
+            ("owner", self.owner.is_some()),
+            ("generation", self.generation.is_some()),
+            ("event_id", self.event_id.is_some()),
+        ] {
+            if present {
+                return Err(Malformed(format!(
+                    "{}/{} in resources has its own {field}; a list holds resources of the event's owner, \
+                     with the event's generation (send one event per owner)",
+                    self.kind, self.id
+                )));
+            }
+        }
         check_no_nul(
             self.attributes
                 .iter()

@@ -150,7 +150,7 @@ async fn run_job(ctx: &Ctx<'_>, mut start: JobStart, holder: Uuid) -> Dispositio
 /// inventory that failed to load stops the job (it is retried later): acting on
 /// half a list would look like success while leaking the rest.
 async fn look_up(app: &App, start: &mut JobStart) -> Result<(), String> {
-    // A late track's job is its one resource; a job looked up before works
+    // A late track's job is the resources it tracked; a job looked up before works
     // from what that found (its next delivery may be days later, when the
     // owner's name may hold its next life).
     if start.job.trigger == crate::domain::Trigger::LateTrack || start.job.looked_up {

@@ -65,6 +65,10 @@ pub struct BenchArgs {
     /// and walk it; time and peak memory. Needs no services.
     #[arg(long)]
     pub plan_resources: Option<usize>,
+    /// Internal: run the baseline worker (devtools::baseline) against this API
+    /// until killed; the bench starts it as its own process.
+    #[arg(long, hide = true)]
+    pub serve_baseline: Option<String>,
     /// The MongoDB server for --reconcile-copy mongodb.
     #[arg(long, default_value = "mongodb://127.0.0.1:27018/?directConnection=true")]
     pub mongo_url: String,
@@ -78,8 +82,15 @@ struct Report {
     prefetch: u16,
     jobs: usize,
     ceiling_msgs_per_sec: f64,
+    /// Single-resource tracks (5 per owner), preloaded.
+    tracks: Option<Run>,
     e2e: Option<Run>,
     ratio_to_ceiling: f64,
+    /// The minimal worker (devtools::baseline) on the same job.
+    baseline: Option<Run>,
+    ratio_to_baseline: f64,
+    /// 5 tracks then 1 deletion per owner, all preloaded: owners/s.
+    lifecycle: Option<Run>,
     latency_offered_per_sec: f64,
     latency_p50_ms: f64,
     latency_p99_ms: f64,
@@ -94,11 +105,22 @@ struct Run {
     secs: f64,
     jobs_per_sec: f64,
     worker_cpu_ms_per_job: f64,
+    /// CPU of every postgres process per job (or track).
+    database_cpu_ms_per_job: f64,
     worker_peak_rss_mib: f64,
     cpu_share: HashMap<String, f64>,
 }
 
 pub async fn run(settings: Settings, args: BenchArgs) -> ExitCode {
+    if let Some(api) = &args.serve_baseline {
+        return match crate::devtools::baseline::serve(&settings, api).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(n) = args.plan_resources {
         return plan_bench(n, args.json);
     }
@@ -202,11 +224,19 @@ async fn bench(mut settings: Settings, args: &BenchArgs) -> anyhow::Result<Repor
             db_url: db_url.clone(),
             names: names.clone(),
         };
+        eprintln!("bench: tracks ({} owners of 5 resources, one track each)", args.jobs);
+        report.tracks = Some(ctx.tracks("t", args.jobs).await?);
         eprintln!("bench: reaper end to end ({} jobs, API at 0 ms)", args.jobs);
-        let e2e = ctx.end_to_end("a", args.jobs, 0).await?;
+        let e2e = ctx.end_to_end("a", args.jobs, 0, Worker::Reaper).await?;
         report.ratio_to_ceiling = e2e.jobs_per_sec / report.ceiling_msgs_per_sec;
         let max_rate = e2e.jobs_per_sec;
+        eprintln!("bench: the baseline worker end to end ({} jobs, API at 0 ms)", args.jobs);
+        let baseline = ctx.end_to_end("base", args.jobs, 0, Worker::Baseline).await?;
+        report.ratio_to_baseline = e2e.jobs_per_sec / baseline.jobs_per_sec;
         report.e2e = Some(e2e);
+        report.baseline = Some(baseline);
+        eprintln!("bench: lifecycle ({} owners: 5 tracks, then a deletion)", args.jobs);
+        report.lifecycle = Some(ctx.lifecycle("l", args.jobs).await?);
         if !args.only_e2e {
             eprintln!("bench: latency at half the rate ({:.0}/s for {} s)", max_rate / 2.0, args.steady_secs);
             let (p50, p99) = ctx.latency("b", max_rate / 2.0, args.steady_secs).await?;
@@ -214,7 +244,7 @@ async fn bench(mut settings: Settings, args: &BenchArgs) -> anyhow::Result<Repor
             report.latency_p50_ms = p50;
             report.latency_p99_ms = p99;
             eprintln!("bench: reaper end to end ({} jobs, API at {} ms)", args.jobs, args.api_latency_ms);
-            let slow = ctx.end_to_end("c", args.jobs, args.api_latency_ms).await?;
+            let slow = ctx.end_to_end("c", args.jobs, args.api_latency_ms, Worker::Reaper).await?;
             report.api_latency_ratio = slow.jobs_per_sec / max_rate;
             report.e2e_api_latency = Some(slow);
         }
@@ -234,6 +264,13 @@ async fn bench(mut settings: Settings, args: &BenchArgs) -> anyhow::Result<Repor
     Ok(report)
 }
 
+/// Which worker an end-to-end run measures.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Worker {
+    Reaper,
+    Baseline,
+}
+
 struct Ctx {
     exe: PathBuf,
     dir: PathBuf,
@@ -244,7 +281,7 @@ struct Ctx {
 
 impl Ctx {
     /// Starts the null API and a worker configured for it.
-    fn start(&self, tag: &str, api_latency_ms: u64) -> anyhow::Result<(Proc, Proc)> {
+    fn start(&self, tag: &str, api_latency_ms: u64, which: Worker) -> anyhow::Result<(Proc, Proc)> {
         let port = free_port()?;
         let api = Proc::spawn(Command::new(&self.exe).args([
             "sim",
@@ -256,8 +293,15 @@ impl Ctx {
         ]))?;
         let config = self.dir.join(format!("{tag}.toml"));
         std::fs::write(&config, self.config(port))?;
-        let worker =
-            Proc::spawn(Command::new(&self.exe).args(["run", "--config"]).arg(&config).env("RUST_LOG", "warn"))?;
+        let mut cmd = Command::new(&self.exe);
+        match which {
+            Worker::Reaper => cmd.args(["run", "--config"]).arg(&config),
+            Worker::Baseline => cmd
+                .args(["bench", "--config"])
+                .arg(&config)
+                .args(["--serve-baseline", &format!("http://127.0.0.1:{port}")]),
+        };
+        let worker = Proc::spawn(cmd.env("RUST_LOG", "warn"))?;
         Ok((api, worker))
     }
 
@@ -306,13 +350,21 @@ impl Ctx {
         Ok((0..n).map(|i| format!("bench/{tag}-{i}")).collect())
     }
 
-    async fn end_to_end(&self, tag: &str, n: usize, api_latency_ms: u64) -> anyhow::Result<Run> {
-        let owners = self.preload_ledger(tag, n).await?;
+    async fn end_to_end(&self, tag: &str, n: usize, api_latency_ms: u64, which: Worker) -> anyhow::Result<Run> {
+        let owners = match which {
+            Worker::Reaper => self.preload_ledger(tag, n).await?,
+            Worker::Baseline => {
+                let pool = sqlx::PgPool::connect(&self.db_url).await?;
+                crate::devtools::baseline::preload(&pool, tag, n).await?;
+                pool.close().await;
+                (0..n).map(|i| format!("bench/{tag}-{i}")).collect()
+            }
+        };
         let (conn, publisher) = broker::link::open(&self.settings, &self.names).await?;
         let mut tap = ResultTap::open(&conn, &self.names).await?;
         publish_all(&publisher, &self.names, &owners, tag).await?;
         let before = Cpu::sample(None);
-        let (mut api, mut worker) = self.start(tag, api_latency_ms)?;
+        let (mut api, mut worker) = self.start(tag, api_latency_ms, which)?;
         let first = tap
             .next(Duration::from_secs(60))
             .await
@@ -331,19 +383,70 @@ impl Ctx {
         let secs = t0.elapsed().as_secs_f64();
         let after = Cpu::sample(Some((&worker, &api)));
         let rss = worker.peak_rss_kib() as f64 / 1024.0;
-        let worker_cpu = after.worker;
         worker.stop();
         api.stop();
         let _ = conn.close(200, "bench".into()).await;
-        let shares = after.shares(&before);
-        Ok(Run {
-            jobs: n,
-            secs,
-            jobs_per_sec: (n - 1) as f64 / secs,
-            worker_cpu_ms_per_job: worker_cpu * 1000.0 / n as f64,
-            worker_peak_rss_mib: rss,
-            cpu_share: shares,
-        })
+        Ok(Run::new(n, secs, &before, &after, rss))
+    }
+
+    /// `n` owners' 5 single-resource tracks, preloaded; from the first
+    /// recorded to the last.
+    async fn tracks(&self, tag: &str, n: usize) -> anyhow::Result<Run> {
+        let pool = self.ledger_pool().await?;
+        let (conn, publisher) = broker::link::open(&self.settings, &self.names).await?;
+        publish_tracks(&publisher, &self.names, tag, n).await?;
+        let before = Cpu::sample(None);
+        let (mut api, mut worker) = self.start(tag, 0, Worker::Reaper)?;
+        let want = 5 * n as i64;
+        let t0 = wait_for_tracks(&pool, 1, Duration::from_secs(60)).await?;
+        wait_for_tracks(&pool, want, Duration::from_secs(600)).await?;
+        let secs = t0.elapsed().as_secs_f64();
+        let after = Cpu::sample(Some((&worker, &api)));
+        let rss = worker.peak_rss_kib() as f64 / 1024.0;
+        worker.stop();
+        api.stop();
+        sqlx::query("TRUNCATE tracks").execute(&pool).await?;
+        pool.close().await;
+        let _ = conn.close(200, "bench".into()).await;
+        Ok(Run::new(want as usize, secs, &before, &after, rss))
+    }
+
+    /// `n` owners' lifecycles: 5 tracks each, then a deletion each, all
+    /// preloaded in that order; from the first track recorded to the last
+    /// result. Owners per second.
+    async fn lifecycle(&self, tag: &str, n: usize) -> anyhow::Result<Run> {
+        let pool = self.ledger_pool().await?;
+        let (conn, publisher) = broker::link::open(&self.settings, &self.names).await?;
+        let mut tap = ResultTap::open(&conn, &self.names).await?;
+        publish_tracks(&publisher, &self.names, tag, n).await?;
+        let owners: Vec<String> = (0..n).map(|i| format!("bench/{tag}-{i}")).collect();
+        publish_all(&publisher, &self.names, &owners, tag).await?;
+        let before = Cpu::sample(None);
+        let (mut api, mut worker) = self.start(tag, 0, Worker::Reaper)?;
+        let t0 = wait_for_tracks(&pool, 1, Duration::from_secs(60)).await?;
+        for got in 0..n {
+            let r = tap
+                .next(Duration::from_secs(60))
+                .await
+                .ok_or_else(|| anyhow::anyhow!("stalled after {got} of {n} results"))?;
+            anyhow::ensure!(r.result.status == "completed", "a bench job did not complete: {:?}", r.result);
+            anyhow::ensure!(r.result.resources.len() == 5, "a lifecycle job missed tracks: {:?}", r.result);
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let after = Cpu::sample(Some((&worker, &api)));
+        let rss = worker.peak_rss_kib() as f64 / 1024.0;
+        worker.stop();
+        api.stop();
+        pool.close().await;
+        let _ = conn.close(200, "bench".into()).await;
+        Ok(Run::new(n, secs, &before, &after, rss))
+    }
+
+    /// The bench database, migrated.
+    async fn ledger_pool(&self) -> anyhow::Result<sqlx::PgPool> {
+        let pool = sqlx::PgPool::connect(&self.db_url).await?;
+        crate::ledger::MIGRATOR.run(&pool).await?;
+        Ok(pool)
     }
 
     /// Publishes at `rate`/s for `secs` and returns (p50, p99) publish-to-result in ms.
@@ -352,7 +455,7 @@ impl Ctx {
         let owners = self.preload_ledger(tag, n).await?;
         let (conn, publisher) = broker::link::open(&self.settings, &self.names).await?;
         let mut tap = ResultTap::open(&conn, &self.names).await?;
-        let (mut api, mut worker) = self.start(tag, 0)?;
+        let (mut api, mut worker) = self.start(tag, 0, Worker::Reaper)?;
         // Wait for the worker: one warm-up event.
         let warm = self.preload_ledger(&format!("{tag}w"), 1).await?;
         publish_all(&publisher, &self.names, &warm, &format!("{tag}w")).await?;
@@ -412,6 +515,66 @@ impl Ctx {
         let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
         Ok((pct(0.50), pct(0.99)))
     }
+}
+
+impl Run {
+    /// `n` jobs (or tracks, or owners) in `secs`, the first not timed.
+    fn new(n: usize, secs: f64, before: &Cpu, after: &Cpu, rss_mib: f64) -> Run {
+        Run {
+            jobs: n,
+            secs,
+            jobs_per_sec: (n - 1) as f64 / secs,
+            worker_cpu_ms_per_job: (after.worker - before.worker) * 1000.0 / n as f64,
+            database_cpu_ms_per_job: (after.database - before.database) * 1000.0 / n as f64,
+            worker_peak_rss_mib: rss_mib,
+            cpu_share: after.shares(before),
+        }
+    }
+}
+
+/// When the ledger first holds at least `want` tracks.
+async fn wait_for_tracks(pool: &sqlx::PgPool, want: i64, limit: Duration) -> anyhow::Result<Instant> {
+    let start = Instant::now();
+    loop {
+        let have: i64 = sqlx::query_scalar("SELECT count(*) FROM tracks").fetch_one(pool).await?;
+        if have >= want {
+            return Ok(Instant::now());
+        }
+        anyhow::ensure!(start.elapsed() < limit, "only {have} of {want} tracks recorded after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The 5 resources of each of `n` owners, one resource.tracked each, as the
+/// end-to-end runs' preloaded ledger holds them.
+async fn publish_tracks(p: &Publisher, names: &Names, tag: &str, n: usize) -> anyhow::Result<()> {
+    let kinds = [
+        ("vni", "", serde_json::json!({})),
+        ("dns_record", "", serde_json::json!({"zone_id": "z1"})),
+        ("bare_metal_server", "", serde_json::json!({})),
+        ("ip_reservation", "-1", serde_json::json!({"subnet_id": "s1"})),
+        ("ip_reservation", "-2", serde_json::json!({"subnet_id": "s1"})),
+    ];
+    let created = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    let all: Vec<(String, Vec<u8>)> = (0..n)
+        .flat_map(|i| {
+            let created = &created;
+            kinds.iter().map(move |(kind, suffix, attrs)| {
+                let id = format!("{kind}-{tag}-{i}{suffix}");
+                let event_id = format!("{tag}-track-{id}");
+                let body = serde_json::json!({"event_id": event_id, "owner": format!("bench/{tag}-{i}"),
+                    "kind": kind, "id": id, "attributes": attrs, "created_at": created});
+                (event_id, serde_json::to_vec(&body).expect("serializable"))
+            })
+        })
+        .collect();
+    for chunk in all.chunks(1000) {
+        let sends = chunk.iter().map(|(e, body)| p.publish(&names.events, "resource.tracked", body, e, &[]));
+        for r in join_all(sends).await {
+            r?;
+        }
+    }
+    Ok(())
 }
 
 fn sample_event(owner: &str, event_id: &str) -> Vec<u8> {
@@ -586,10 +749,14 @@ fn print_table(r: &Report) {
         "  {:<46} {:>10.0} msg/s",
         "ceiling: bare broker loop (consume, publish+confirm, ack)", r.ceiling_msgs_per_sec
     );
-    let show = |name: &str, run: &Option<Run>| {
+    let show_as = |name: &str, run: &Option<Run>, unit: &str| {
         if let Some(e) = run {
-            println!("  {:<46} {:>10.0} jobs/s   ({} jobs in {:.1}s)", name, e.jobs_per_sec, e.jobs, e.secs);
-            println!("  {:<46} {:>10.3} ms/job", "    worker CPU", e.worker_cpu_ms_per_job);
+            println!("  {:<46} {:>10.0} {unit}s/s   ({} {unit}s in {:.1}s)", name, e.jobs_per_sec, e.jobs, e.secs);
+            println!("  {:<46} {:>10.3} ms/{unit}", "    worker CPU", e.worker_cpu_ms_per_job);
+            println!(
+                "  {:<46} {:>10.3} ms/{unit}",
+                "    PostgreSQL CPU (all its processes)", e.database_cpu_ms_per_job
+            );
             println!("  {:<46} {:>10.1} MiB", "    worker peak RSS", e.worker_peak_rss_mib);
             let mut shares: Vec<_> = e.cpu_share.iter().collect();
             shares.sort_by(|a, b| b.1.total_cmp(a.1));
@@ -597,8 +764,13 @@ fn print_table(r: &Report) {
             println!("  {:<46} {}", "    CPU split", line.join(", "));
         }
     };
+    let show = |name: &str, run: &Option<Run>| show_as(name, run, "job");
+    show_as("tracks (one resource each)", &r.tracks, "track");
     show("reaper end to end, API 0 ms", &r.e2e);
     println!("  {:<46} {:>10.2}", "    ratio to the ceiling", r.ratio_to_ceiling);
+    show("baseline worker end to end, API 0 ms", &r.baseline);
+    println!("  {:<46} {:>10.2}", "    reaper's ratio to the baseline", r.ratio_to_baseline);
+    show_as("lifecycle (5 tracks + 1 deletion per owner)", &r.lifecycle, "owner");
     if r.latency_offered_per_sec > 0.0 {
         println!(
             "  {:<46} {:>10.1} ms p50, {:.1} ms p99",

@@ -3,6 +3,7 @@
 //! reconcile benchmark), and the simulated cloud the tests and the demo run
 //! against. The worker's modules do not import anything from here.
 
+pub mod baseline;
 pub mod bench;
 pub mod ceiling;
 pub mod demo;

@@ -53,14 +53,26 @@ pub(super) struct BeginReq {
     pub reply: oneshot::Sender<Result<serde_json::Value, LedgerError>>,
 }
 
-/// The three group-commit queues.
+/// A track in the usual case (see reaper_track); answered `true` when
+/// recorded, `false` when it needs the general path.
+pub(super) struct TrackReq {
+    /// Only to tell requests apart in a batch.
+    pub key: Uuid,
+    pub tracked: crate::domain::Tracked,
+    pub reply: oneshot::Sender<Result<bool, LedgerError>>,
+}
+
+/// The four group-commit queues.
 pub(super) struct Batchers {
     pub finish: mpsc::UnboundedSender<FinishReq>,
     pub steps: mpsc::UnboundedSender<StepsReq>,
     pub begin: mpsc::UnboundedSender<BeginReq>,
+    pub track: mpsc::UnboundedSender<TrackReq>,
     /// What the finish queue did: how often it wrote, how much at once, how
     /// often a refused batch was split.
     pub finish_counts: Arc<Counts>,
+    /// The same for the track queue.
+    pub track_counts: Arc<Counts>,
 }
 
 /// What one group-commit queue has done so far.
@@ -96,7 +108,8 @@ pub(super) fn spawn(pool: PgPool, lease_secs: f64, window_secs: f64) -> Batchers
     let (finish, finish_rx) = mpsc::unbounded_channel();
     let (steps, steps_rx) = mpsc::unbounded_channel();
     let (begin, begin_rx) = mpsc::unbounded_channel();
-    let (p1, p2) = (pool.clone(), pool.clone());
+    let (track, track_rx) = mpsc::unbounded_channel();
+    let (p1, p2, p3) = (pool.clone(), pool.clone(), pool.clone());
     let finish_counts = Arc::new(Counts::default());
     let counts = finish_counts.clone();
     tokio::spawn(batches(finish_rx, |r: &FinishReq| r.job_id, counts, async move |b| write(&p1, b).await));
@@ -108,7 +121,57 @@ pub(super) fn spawn(pool: PgPool, lease_secs: f64, window_secs: f64) -> Batchers
         Arc::new(Counts::default()),
         async move |b| write_begins(&pool, b, lease_secs, window_secs).await,
     ));
-    Batchers { finish, steps, begin, finish_counts }
+    let track_counts = Arc::new(Counts::default());
+    let counts = track_counts.clone();
+    tokio::spawn(batches(track_rx, |r: &TrackReq| r.key, counts, async move |b| write_tracks(&p3, b).await));
+    Batchers { finish, steps, begin, track, finish_counts, track_counts }
+}
+
+async fn write_tracks(pool: &PgPool, batch: Vec<TrackReq>) -> Result<(), Failed<TrackReq>> {
+    // Track i's resources are the slice starts[i] .. starts[i] + counts[i] - 1 (1-based).
+    let (mut starts, mut counts, mut next) = (Vec::with_capacity(batch.len()), Vec::with_capacity(batch.len()), 1);
+    for r in &batch {
+        let n = r.tracked.resources.len() as i32;
+        starts.push(next);
+        counts.push(n);
+        next += n;
+    }
+    let resources: Vec<&crate::domain::TrackedResource> =
+        batch.iter().flat_map(|r| r.tracked.resources.iter()).collect();
+    let attrs: Vec<serde_json::Value> =
+        resources.iter().map(|r| serde_json::to_value(&r.resource.attributes).expect("a string map")).collect();
+    let answer: Result<Vec<String>, sqlx::Error> =
+        sqlx::query_scalar("SELECT reaper_tracks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
+            .bind(batch.iter().map(|r| r.tracked.event_id.as_str()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|r| r.tracked.owner.as_str()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|r| r.tracked.generation).collect::<Vec<_>>())
+            .bind(&starts)
+            .bind(&counts)
+            .bind(resources.iter().map(|r| r.resource.kind.as_str()).collect::<Vec<_>>())
+            .bind(resources.iter().map(|r| r.resource.id.as_str()).collect::<Vec<_>>())
+            .bind(&attrs)
+            .bind(resources.iter().map(|r| r.resource.parent.as_ref().map(|p| p.kind.as_str())).collect::<Vec<_>>())
+            .bind(resources.iter().map(|r| r.resource.parent.as_ref().map(|p| p.id.as_str())).collect::<Vec<_>>())
+            .bind(resources.iter().map(|r| r.created_at).collect::<Vec<_>>())
+            .fetch_one(pool)
+            .await;
+    match answer {
+        Ok(outcomes) if outcomes.len() == batch.len() => {
+            for (r, outcome) in batch.into_iter().zip(outcomes) {
+                let _ = r.reply.send(Ok(outcome == "recorded"));
+            }
+        }
+        Ok(other) => {
+            for r in batch {
+                let _ = r.reply.send(Err(LedgerError::Batch {
+                    message: format!("reaper_tracks answered {} outcomes", other.len()),
+                    code: None,
+                }));
+            }
+        }
+        Err(e) => return Err(Failed::new(batch, e)),
+    }
+    Ok(())
 }
 
 async fn write_begins(
@@ -229,6 +292,12 @@ impl Answer for FinishReq {
 }
 
 impl Answer for StepsReq {
+    fn fail(self, e: LedgerError) {
+        let _ = self.reply.send(Err(e));
+    }
+}
+
+impl Answer for TrackReq {
     fn fail(self, e: LedgerError) {
         let _ = self.reply.send(Err(e));
     }

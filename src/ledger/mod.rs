@@ -527,6 +527,11 @@ impl Ledger {
         self.batchers.finish_counts.read()
     }
 
+    /// What the track queue's group commit has done so far.
+    pub fn track_batches(&self) -> group_commit::BatchCounts {
+        self.batchers.track_counts.read()
+    }
+
     /// Remembers finished steps so a redelivered job does not redo them.
     pub async fn record_steps(&self, job: &JobRow, steps: &[StepRecord]) -> Result<(), LedgerError> {
         if steps.is_empty() || job.dry_run {

@@ -2,8 +2,8 @@
 //! one identity (the event_id), and the late-track job when the owner's life
 //! they belong to has already been torn down.
 //!
-//! The usual track (a first delivery, for an owner no teardown has ended yet)
-//! is one statement, `reaper_track` (migrations/*_bulk_tracks.sql). Everything
+//! The usual track (a first delivery, for an owner no real teardown was ever
+//! opened for) is one statement, `reaper_track` (migrations/*_bulk_tracks.sql). Everything
 //! else takes the general path here, under the same owner lock.
 
 use chrono::{DateTime, Utc};
@@ -172,29 +172,13 @@ impl Ledger {
         self.track_general(t, body, routing_key, holder).await
     }
 
-    /// The usual track in one statement; false when it needs the general path.
+    /// The usual track, in one statement shared with the tracks of concurrent
+    /// deliveries (group commit); false when it needs the general path.
     async fn track_new(&self, t: &Tracked) -> Result<bool, LedgerError> {
-        let c = columns(t.resources.iter());
-        let attrs: Vec<serde_json::Value> =
-            t.resources.iter().map(|r| serde_json::to_value(&r.resource.attributes).expect("a string map")).collect();
-        let pkinds: Vec<Option<&str>> =
-            t.resources.iter().map(|r| r.resource.parent.as_ref().map(|p| p.kind.as_str())).collect();
-        let pids: Vec<Option<&str>> =
-            t.resources.iter().map(|r| r.resource.parent.as_ref().map(|p| p.id.as_str())).collect();
-        let outcome: String = sqlx::query_scalar("SELECT reaper_track($1, $2, $3, $4, $5, $6, $7, $8, $9)")
-            .bind(&t.event_id)
-            .bind(&t.owner)
-            .bind(t.generation)
-            .bind(&c.kinds)
-            .bind(&c.ids)
-            .bind(&attrs)
-            .bind(&pkinds)
-            .bind(&pids)
-            .bind(&c.created)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db("recording the track"))?;
-        Ok(outcome == "recorded")
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let ask = super::group_commit::TrackReq { key: Uuid::new_v4(), tracked: t.clone(), reply };
+        self.batchers.track.send(ask).map_err(|_| LedgerError::FinisherGone)?;
+        answer.await.map_err(|_| LedgerError::FinisherGone)?
     }
 
     async fn track_general(
@@ -301,11 +285,22 @@ impl Ledger {
         .await
         .map_err(db("finding the teardown a late track belongs to"))?;
         let Some(first) = rows.first() else { return Ok(None) };
-        // One job per track: the earliest ended life names it. (Resources of
-        // one list that belong to different ended lives are rare; all of them
-        // are torn down, since each belongs to a life that ended.)
+        // One job per track, holding the facts of one life: the earliest
+        // ended life names it and it claims that life's resources only. A
+        // job's facts decide whether a resource tracked again later is still
+        // its life (`detach_from_ended_lives`); with another life's facts, a
+        // next life's resource could stay claimed and be deleted on a retry.
+        // Late resources of a later ended life in the same list stay
+        // unclaimed, for the owner's next teardown or a reconcile sweep.
         let ended = EndedLife { occurred_at: first.get("occurred_at"), generation: first.get("generation") };
-        let late = rows.iter().map(|r| (r.get("kind"), r.get("id"))).collect();
+        let late = rows
+            .iter()
+            .filter(|r| {
+                r.get::<DateTime<Utc>, _>("occurred_at") == ended.occurred_at
+                    && r.get::<Option<i64>, _>("generation") == ended.generation
+            })
+            .map(|r| (r.get("kind"), r.get("id")))
+            .collect();
         Ok(Some((late, ended)))
     }
 

@@ -85,9 +85,20 @@ async fn a_bulk_track_over_the_cap_or_reusing_an_event_id_is_refused_whole() {
     t.publish("resource.tracked", &both).await;
     let empty = json!({"event_id": unique("empty"), "owner": node.owner, "resources": []});
     t.publish("resource.tracked", &empty).await;
-    let dead = t.dead_wait(4).await;
-    assert_eq!(dead.len(), 4, "{dead:?}");
+    // The same resource twice with two creation times: which life is it?
+    let twice = json!({"event_id": unique("twice"), "owner": node.owner,
+                       "resources": [ip("e", now), ip("e", now - Ch::days(1))]});
+    t.publish("resource.tracked", &twice).await;
+    // A listed resource of another owner would be torn down with this one.
+    let mut foreign = ip("f", now);
+    foreign["owner"] = json!("node/someone-else");
+    t.publish("resource.tracked", &json!({"event_id": unique("foreign"), "owner": node.owner, "resources": [foreign]}))
+        .await;
+    let dead = t.dead_wait(6).await;
+    assert_eq!(dead.len(), 6, "{dead:?}");
     let reasons: Vec<&str> = dead.iter().map(|(_, r)| r.as_str()).collect();
+    assert!(reasons.iter().any(|r| r.contains("ip_reservation/e is listed twice with different")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("ip_reservation/f in resources has its own owner")), "{reasons:?}");
     let named = format!("event_id already names a track of {} (ip_reservation/a and 1 more)", node.owner);
     assert_eq!(reasons.iter().filter(|r| r.contains(&named)).count(), 2, "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("either kind and id, or resources")), "{reasons:?}");
@@ -95,6 +106,15 @@ async fn a_bulk_track_over_the_cap_or_reusing_an_event_id_is_refused_whole() {
     let tracked: Vec<String> =
         t.app.ledger.owner_resources(&node.owner).await.unwrap().into_iter().map(|(r, _, _)| r.id).collect();
     assert_eq!(tracked.len(), 2, "only the first list is recorded: {tracked:?}");
+
+    // What some protobuf writers print for a one-resource track: an empty list beside it.
+    let proto_style = json!({"event_id": unique("proto"), "owner": node.owner, "kind": "ip_reservation", "id": "g",
+                             "attributes": {"subnet_id": "subnet-mgmt"}, "resources": []});
+    t.publish("resource.tracked", &proto_style).await;
+    wait_until("the proto-style track is recorded", Duration::from_secs(20), || async {
+        t.app.ledger.count_tracked(&owners).await.unwrap() >= 3
+    })
+    .await;
     assert!(t.tap.next(Duration::from_millis(300)).await.is_none(), "no result for any of them");
     t.stop().await;
 }
@@ -138,5 +158,33 @@ async fn a_bulk_track_after_the_teardown_deletes_only_what_belonged_to_the_ended
     let again = t.next_result(30).await.result;
     assert_eq!(again.job_id, r.job_id);
     assert!(t.sim.exists("/v1/subnets/subnet-mgmt/reserved_ips/new-1"));
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_track_late_for_two_ended_lives_claims_only_the_earliest_lifes() {
+    let mut t = spawn_app("").await;
+    let owner = format!("node/{}", unique("twice-dead"));
+    let now = Utc::now();
+    let (end1, end2) = (now - Ch::seconds(60), now - Ch::seconds(30));
+    for (i, at) in [end1, end2].into_iter().enumerate() {
+        t.publish("deletion.requested", &deletion(&unique(&format!("end{i}")), &owner, at)).await;
+        assert_eq!(t.next_result(30).await.result.status, "completed");
+    }
+    for id in ["life1-ip", "life2-ip"] {
+        t.sim.create(&format!("/v1/subnets/subnet-mgmt/reserved_ips/{id}"), &[]);
+    }
+    // life1-ip was made before the first end, life2-ip between the two.
+    let event = json!({"event_id": unique("late"), "owner": owner,
+                       "resources": [ip("life1-ip", end1 - Ch::seconds(5)), ip("life2-ip", end1 + Ch::seconds(5))]});
+    t.publish("resource.tracked", &event).await;
+    let r = t.next_result(30).await.result;
+    assert_eq!((r.trigger.as_str(), r.status.as_str()), ("late_track", "completed"), "{r:?}");
+    let torn: Vec<&str> = r.resources.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(torn, ["life1-ip"], "one job holds one life's resources: {r:?}");
+    assert!(t.sim.exists("/v1/subnets/subnet-mgmt/reserved_ips/life2-ip"));
+    let states = t.app.ledger.owner_resources(&owner).await.unwrap();
+    let (_, state, job) = states.iter().find(|(r, _, _)| r.id == "life2-ip").unwrap();
+    assert_eq!((state.as_str(), job), ("live", &None), "recorded, claimed by no job");
     t.stop().await;
 }

@@ -75,3 +75,63 @@ async fn a_refused_finish_fails_alone_and_its_batch_mates_are_written() {
         .unwrap();
     assert_eq!(done, 7);
 }
+
+fn track(event_id: &str, owner: &str, ids: &[&str], zone: &str) -> reaper::contract::Tracked {
+    reaper::contract::Tracked {
+        event_id: event_id.into(),
+        owner: owner.into(),
+        generation: None,
+        resources: ids
+            .iter()
+            .map(|id| reaper::contract::TrackedResource {
+                resource: reaper::domain::Resource {
+                    kind: "dns_record".into(),
+                    id: id.to_string(),
+                    attributes: [("zone_id".to_string(), zone.to_string())].into(),
+                    parent: None,
+                },
+                created_at: Some(Utc::now()),
+            })
+            .collect(),
+    }
+}
+
+// Tracks of concurrent deliveries share one statement: two of one owner, a
+// list, the same event twice, and one the database refuses (a NUL), which
+// fails alone while its batch-mates are recorded.
+#[tokio::test(flavor = "current_thread")]
+async fn tracks_share_a_statement_and_a_refused_one_fails_alone() {
+    let mut t = spawn_app("").await;
+    t.stop().await; // drive the ledger directly
+    let ledger = t.app.ledger.clone();
+    let tracks = [
+        track("gt-1", "node/gt-a", &["a1"], "z"),
+        track("gt-2", "node/gt-a", &["a2"], "z"),
+        track("gt-3", "node/gt-b", &["b1", "b2", "b3"], "z"),
+        track("gt-4", "node/gt-c", &["c1"], "bad\u{0}zone"),
+        track("gt-5", "node/gt-d", &["d1"], "z"),
+        track("gt-5", "node/gt-d", &["d1"], "z"),
+    ];
+    let before = ledger.track_batches();
+    let answers = futures_util::future::join_all(
+        tracks.iter().map(|tr| ledger.track(tr, b"{}", "resource.tracked", Uuid::new_v4())),
+    )
+    .await;
+    let counts = ledger.track_batches();
+    assert_eq!(counts.statements - before.statements, 1, "one statement for the six: {before:?} -> {counts:?}");
+    assert_eq!(counts.splits - before.splits, 1, "{before:?} -> {counts:?}");
+    for (i, a) in answers.iter().enumerate() {
+        match (i, a) {
+            (3, Err(_)) => {}
+            (3, Ok(o)) => panic!("the refused track was {o:?}"),
+            (_, Ok(reaper::ledger::TrackOutcome::Recorded)) => {}
+            (_, other) => panic!("track {i}: {other:?}"),
+        }
+    }
+    let resources: Vec<String> = sqlx::query_scalar("SELECT resource_id FROM tracked_resources ORDER BY resource_id")
+        .fetch_all(ledger.pool())
+        .await
+        .unwrap();
+    assert_eq!(resources, ["a1", "a2", "b1", "b2", "b3", "d1"]);
+    assert_eq!(t.count("SELECT count(*) FROM tracks").await, 4, "one identity per recorded event");
+}

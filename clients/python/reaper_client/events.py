@@ -78,7 +78,10 @@ def tracked_many(owner: str, resources: Iterable[Resource], generation: Optional
     listed = []
     for r in resources:
         one = _resource(r.kind, r.id, r.attributes, r.parent)
-        one["created_at"] = _time(r.created_at)
+        # Only when known: a list sent long after its resources were made
+        # would otherwise date them to the send (see "owner lives" in docs/contract.md).
+        if r.created_at is not None:
+            one["created_at"] = _time(r.created_at)
         listed.append(one)
     if not listed:
         raise ValueError("track_many needs at least one resource")
