@@ -126,35 +126,11 @@ struct WireTracked {
     resources: Option<Vec<WireResource>>,
     #[serde(default, deserialize_with = "int64")]
     generation: Option<i64>,
-    /// A teardown's fields: a track that carries one was most likely meant
-    /// as a teardown, and is refused rather than quietly recorded.
-    #[serde(default)]
-    occurred_at: Option<IgnoredAny>,
-    #[serde(default)]
-    failed_step: Option<IgnoredAny>,
-    #[serde(default)]
-    error: Option<IgnoredAny>,
-    #[serde(default)]
-    reason: Option<IgnoredAny>,
-    #[serde(default)]
-    dry_run: Option<IgnoredAny>,
 }
 
 impl WireTracked {
     /// The resources it names, in either form.
     fn into_resources(self, limits: &Limits) -> Result<Vec<WireResource>, Malformed> {
-        let teardown_fields = [
-            ("occurred_at", self.occurred_at.is_some()),
-            ("failed_step", self.failed_step.is_some()),
-            ("error", self.error.is_some()),
-            ("reason", self.reason.is_some()),
-            ("dry_run", self.dry_run.is_some()),
-        ];
-        if let Some((field, _)) = teardown_fields.iter().find(|(_, present)| *present) {
-            return Err(Malformed(format!(
-                "a resource.tracked has no {field} (a teardown's field); send deletion.requested or provisioning.failed to tear down"
-            )));
-        }
         // An empty map or list is what some protobuf JSON writers print for "unset".
         let resources = self.resources.filter(|list| !list.is_empty() || self.kind.is_none());
         let top_level = self.kind.is_some()
@@ -200,8 +176,7 @@ struct WireResource {
     parent: Option<WireRef>,
     #[serde(default, deserialize_with = "created_at_field")]
     created_at: Option<DateTime<Utc>>,
-    /// An event's own fields, which a listed resource cannot carry: a list
-    /// holds the event's owner's resources, of the event's generation.
+    /// An event's own fields: a track's list refuses them (`validate_tracked`).
     #[serde(default)]
     owner: Option<IgnoredAny>,
     #[serde(default)]
@@ -269,7 +244,8 @@ pub fn decode(env: &Envelope, catalog: &Catalog, limits: &Limits) -> Result<Even
             let (event_id, owner, generation) =
                 (std::mem::take(&mut wire.event_id), std::mem::take(&mut wire.owner), wire.generation);
             let resources = wire.into_resources(limits)?;
-            let resources = resources.into_iter().map(|r| r.validate(catalog)).collect::<Result<Vec<_>, _>>()?;
+            let resources =
+                resources.into_iter().map(|r| r.validate_tracked(catalog)).collect::<Result<Vec<_>, _>>()?;
             let mut resources = dedupe(resources)?;
             resources.sort_by(|a, b| (&a.resource.kind, &a.resource.id).cmp(&(&b.resource.kind, &b.resource.id)));
             Ok(Event::Tracked(Tracked { event_id, owner, generation, resources }))
@@ -404,8 +380,12 @@ pub fn check_owner(owner: &str) -> Result<(), Malformed> {
 }
 
 impl WireResource {
-    fn validate(self, catalog: &Catalog) -> Result<TrackedResource, Malformed> {
-        check_no_nul([("kind", self.kind.as_str()), ("id", self.id.as_str())])?;
+    /// A resource of a track's list: as `validate`, and without fields of
+    /// its own that a track takes for the whole list. A per-resource owner
+    /// would be recorded (and torn down) under the event's owner; a
+    /// per-resource generation would be dropped, and another rule would
+    /// decide which life the resource belongs to.
+    fn validate_tracked(self, catalog: &Catalog) -> Result<TrackedResource, Malformed> {
         for (field, present) in [
             ("owner", self.owner.is_some()),
             ("generation", self.generation.is_some()),
@@ -413,12 +393,17 @@ impl WireResource {
         ] {
             if present {
                 return Err(Malformed(format!(
-                    "{}/{} in resources has its own {field}; a list holds resources of the event's owner, \
-                     with the event's generation (send one event per owner)",
+                    "{}/{} in resources has its own {field}; a track lists resources of its owner, \
+                     of its generation (send one track per owner and generation)",
                     self.kind, self.id
                 )));
             }
         }
+        self.validate(catalog)
+    }
+
+    fn validate(self, catalog: &Catalog) -> Result<TrackedResource, Malformed> {
+        check_no_nul([("kind", self.kind.as_str()), ("id", self.id.as_str())])?;
         check_no_nul(
             self.attributes
                 .iter()

@@ -287,15 +287,17 @@ async fn a_producer_cannot_choose_how_its_message_is_read() {
         )
         .await
         .unwrap();
-    // Read as the resource.tracked it was published as, which has no
-    // occurred_at: refused (not quietly recorded), and nothing deleted.
-    let dead = t.dead_wait(1).await;
-    assert!(
-        dead[0].1.contains("a resource.tracked has no occurred_at"),
-        "read as the resource.tracked it was published as: {:?}",
-        dead[0].1
-    );
-    assert_eq!(t.app.ledger.owner_resources(&node.owner).await.unwrap().len(), 0, "nothing recorded");
+    // Read as the resource.tracked it was published as: a bulk track of the
+    // VNI, recorded for the owner's teardown, and nothing deleted.
+    let owners = vec![node.owner.clone()];
+    wait_until("the VNI is tracked", Duration::from_secs(20), || async {
+        t.app.ledger.count_tracked(&owners).await.unwrap() >= 1
+    })
+    .await;
+    let tracked = t.app.ledger.owner_resources(&node.owner).await.unwrap();
+    assert_eq!(tracked.len(), 1, "{tracked:?}");
+    assert_eq!((tracked[0].1.as_str(), &tracked[0].2), ("live", &None), "tracked, claimed by no job");
+    assert_eq!(t.count("SELECT count(*) FROM jobs").await, 0, "no job was opened");
     assert!(t.sim.exists(&vni.path), "the VNI is still there");
     assert!(t.sim.requests().is_empty(), "{:?}", t.sim.requests());
     t.stop().await;
