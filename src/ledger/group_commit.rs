@@ -53,7 +53,7 @@ pub(super) struct BeginReq {
     pub reply: oneshot::Sender<Result<serde_json::Value, LedgerError>>,
 }
 
-/// A track in the usual case (see reaper_track); answered `true` when
+/// A track in the usual case (see reaper_tracks); answered `true` when
 /// recorded, `false` when it needs the general path.
 pub(super) struct TrackReq {
     /// Only to tell requests apart in a batch.
@@ -128,25 +128,22 @@ pub(super) fn spawn(pool: PgPool, lease_secs: f64, window_secs: f64) -> Batchers
 }
 
 async fn write_tracks(pool: &PgPool, batch: Vec<TrackReq>) -> Result<(), Failed<TrackReq>> {
-    // Track i's resources are the slice starts[i] .. starts[i] + counts[i] - 1 (1-based).
-    let (mut starts, mut counts, mut next) = (Vec::with_capacity(batch.len()), Vec::with_capacity(batch.len()), 1);
-    for r in &batch {
-        let n = r.tracked.resources.len() as i32;
-        starts.push(next);
-        counts.push(n);
-        next += n;
-    }
+    // Resource n belongs to track track_of[n] (1-based, as SQL arrays are).
+    let track_of: Vec<i32> = batch
+        .iter()
+        .enumerate()
+        .flat_map(|(i, r)| std::iter::repeat_n(i as i32 + 1, r.tracked.resources.len()))
+        .collect();
     let resources: Vec<&crate::domain::TrackedResource> =
         batch.iter().flat_map(|r| r.tracked.resources.iter()).collect();
     let attrs: Vec<serde_json::Value> =
         resources.iter().map(|r| serde_json::to_value(&r.resource.attributes).expect("a string map")).collect();
     let answer: Result<Vec<String>, sqlx::Error> =
-        sqlx::query_scalar("SELECT reaper_tracks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
+        sqlx::query_scalar("SELECT reaper_tracks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
             .bind(batch.iter().map(|r| r.tracked.event_id.as_str()).collect::<Vec<_>>())
             .bind(batch.iter().map(|r| r.tracked.owner.as_str()).collect::<Vec<_>>())
             .bind(batch.iter().map(|r| r.tracked.generation).collect::<Vec<_>>())
-            .bind(&starts)
-            .bind(&counts)
+            .bind(&track_of)
             .bind(resources.iter().map(|r| r.resource.kind.as_str()).collect::<Vec<_>>())
             .bind(resources.iter().map(|r| r.resource.id.as_str()).collect::<Vec<_>>())
             .bind(&attrs)

@@ -3,8 +3,9 @@
 //! they belong to has already been torn down.
 //!
 //! The usual track (a first delivery, for an owner no real teardown was ever
-//! opened for) is one statement, `reaper_track` (migrations/*_bulk_tracks.sql). Everything
-//! else takes the general path here, under the same owner lock.
+//! opened for) is recorded by `reaper_tracks` (migrations/*_track_batches.sql):
+//! one statement for the tracks of many concurrent deliveries (group commit).
+//! Everything else takes the general path here, under the same owner lock.
 
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Row, Transaction};

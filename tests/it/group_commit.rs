@@ -96,9 +96,17 @@ fn track(event_id: &str, owner: &str, ids: &[&str], zone: &str) -> reaper::contr
     }
 }
 
+async fn track_all(
+    ledger: &reaper::ledger::Ledger,
+    tracks: &[reaper::contract::Tracked],
+) -> Vec<Result<reaper::ledger::TrackOutcome, reaper::ledger::LedgerError>> {
+    futures_util::future::join_all(tracks.iter().map(|tr| ledger.track(tr, b"{}", "resource.tracked", Uuid::new_v4())))
+        .await
+}
+
 // Tracks of concurrent deliveries share one statement: two of one owner, a
-// list, the same event twice, and one the database refuses (a NUL), which
-// fails alone while its batch-mates are recorded.
+// list, the same event twice, two events of one resource. Then one the
+// database refuses (a NUL) fails alone while its batch-mate is recorded.
 #[tokio::test(flavor = "current_thread")]
 async fn tracks_share_a_statement_and_a_refused_one_fails_alone() {
     let mut t = spawn_app("").await;
@@ -108,30 +116,33 @@ async fn tracks_share_a_statement_and_a_refused_one_fails_alone() {
         track("gt-1", "node/gt-a", &["a1"], "z"),
         track("gt-2", "node/gt-a", &["a2"], "z"),
         track("gt-3", "node/gt-b", &["b1", "b2", "b3"], "z"),
-        track("gt-4", "node/gt-c", &["c1"], "bad\u{0}zone"),
         track("gt-5", "node/gt-d", &["d1"], "z"),
         track("gt-5", "node/gt-d", &["d1"], "z"),
+        // Another event naming the same resource (a producer's retry under a new id).
+        track("gt-6", "node/gt-d", &["d1"], "z"),
     ];
     let before = ledger.track_batches();
-    let answers = futures_util::future::join_all(
-        tracks.iter().map(|tr| ledger.track(tr, b"{}", "resource.tracked", Uuid::new_v4())),
-    )
-    .await;
+    let answers = track_all(&ledger, &tracks).await;
     let counts = ledger.track_batches();
     assert_eq!(counts.statements - before.statements, 1, "one statement for the six: {before:?} -> {counts:?}");
-    assert_eq!(counts.splits - before.splits, 1, "{before:?} -> {counts:?}");
+    assert_eq!(counts.splits, before.splits, "{before:?} -> {counts:?}");
     for (i, a) in answers.iter().enumerate() {
-        match (i, a) {
-            (3, Err(_)) => {}
-            (3, Ok(o)) => panic!("the refused track was {o:?}"),
-            (_, Ok(reaper::ledger::TrackOutcome::Recorded)) => {}
-            (_, other) => panic!("track {i}: {other:?}"),
-        }
+        assert!(matches!(a, Ok(reaper::ledger::TrackOutcome::Recorded)), "track {i}: {a:?}");
     }
+
+    let refused = [track("gt-4", "node/gt-c", &["c1"], "bad\u{0}zone"), track("gt-7", "node/gt-e", &["e1"], "z")];
+    let before = ledger.track_batches();
+    let answers = track_all(&ledger, &refused).await;
+    let counts = ledger.track_batches();
+    assert_eq!(counts.statements - before.statements, 1, "{before:?} -> {counts:?}");
+    assert_eq!(counts.splits - before.splits, 1, "{before:?} -> {counts:?}");
+    assert!(answers[0].is_err(), "the refused track reports the failure: {:?}", answers[0]);
+    assert!(matches!(answers[1], Ok(reaper::ledger::TrackOutcome::Recorded)), "{:?}", answers[1]);
+
     let resources: Vec<String> = sqlx::query_scalar("SELECT resource_id FROM tracked_resources ORDER BY resource_id")
         .fetch_all(ledger.pool())
         .await
         .unwrap();
-    assert_eq!(resources, ["a1", "a2", "b1", "b2", "b3", "d1"]);
-    assert_eq!(t.count("SELECT count(*) FROM tracks").await, 4, "one identity per recorded event");
+    assert_eq!(resources, ["a1", "a2", "b1", "b2", "b3", "d1", "e1"]);
+    assert_eq!(t.count("SELECT count(*) FROM tracks").await, 6, "one identity per recorded event");
 }
