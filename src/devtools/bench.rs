@@ -301,6 +301,11 @@ impl Ctx {
                 .arg(&config)
                 .args(["--serve-baseline", &format!("http://127.0.0.1:{port}")]),
         };
+        // The config file says everything: REAPER_* variables that set the
+        // bench up (REAPER_DATABASE__URL) would override it in the worker.
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("REAPER_")) {
+            cmd.env_remove(k);
+        }
         let worker = Proc::spawn(cmd.env("RUST_LOG", "warn"))?;
         Ok((api, worker))
     }

@@ -510,9 +510,13 @@ impl Ledger {
             .execute(&mut *tx)
             .await
             .map_err(db("marking a job looked up"))?;
+        // By owner first: the primary key finds the owner's rows (there is
+        // no index on job_id; see migrations/*_hot_claims.sql).
         let rows = sqlx::query(
-            "SELECT kind, resource_id, attributes, parent_kind, parent_id FROM tracked_resources WHERE job_id = $1",
+            "SELECT kind, resource_id, attributes, parent_kind, parent_id FROM tracked_resources
+             WHERE owner = $1 AND job_id = $2",
         )
+        .bind(&job.owner)
         .bind(job.job_id)
         .fetch_all(&mut *tx)
         .await
@@ -768,8 +772,10 @@ async fn load_start(
         .await
         .map_err(db("reading what a dry run would claim"))?,
         None => sqlx::query(
-            "SELECT kind, resource_id, attributes, parent_kind, parent_id FROM tracked_resources WHERE job_id = $1",
+            "SELECT kind, resource_id, attributes, parent_kind, parent_id FROM tracked_resources
+             WHERE owner = $1 AND job_id = $2",
         )
+        .bind(&job.owner)
         .bind(job.job_id)
         .fetch_all(&mut **tx)
         .await
