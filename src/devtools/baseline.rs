@@ -286,14 +286,12 @@ pub async fn preload(pool: &PgPool, tag: &str, n: usize) -> anyhow::Result<()> {
     for stmt in SCHEMA {
         sqlx::query(stmt).execute(pool).await?;
     }
-    sqlx::query(
+    sqlx::query(&format!(
         "INSERT INTO baseline_resources (owner, kind, resource_id, attributes)
-         SELECT 'bench/' || $1 || '-' || i, k.kind, k.kind || '-' || $1 || '-' || i || k.suffix, k.attrs
-         FROM generate_series(0, $2 - 1) AS i
-         CROSS JOIN (VALUES ('vni', '', '{}'::jsonb), ('dns_record', '', '{\"zone_id\": \"z1\"}'::jsonb),
-                            ('bare_metal_server', '', '{}'::jsonb), ('ip_reservation', '-1', '{\"subnet_id\": \"s1\"}'::jsonb),
-                            ('ip_reservation', '-2', '{\"subnet_id\": \"s1\"}'::jsonb)) AS k(kind, suffix, attrs)",
-    )
+             SELECT 'bench/' || $1 || '-' || i, k.kind, k.kind || '-' || $1 || '-' || i || k.suffix, k.attrs
+             FROM generate_series(0, $2 - 1) AS i CROSS JOIN {}",
+        crate::devtools::bench::NODE_ROWS
+    ))
     .bind(tag)
     .bind(n as i64)
     .execute(pool)

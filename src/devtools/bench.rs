@@ -264,6 +264,14 @@ async fn bench(mut settings: Settings, args: &BenchArgs) -> anyhow::Result<Repor
     Ok(report)
 }
 
+/// The VPC node's 5 resources (the kinds of `Ctx::config`), as SQL rows
+/// `k(kind, suffix, attrs)`: a resource's id is its kind, the owner's tag and
+/// number, and the suffix. `publish_tracks` sends the same as events.
+pub(crate) const NODE_ROWS: &str =
+    "(VALUES ('vni', '', '{}'::jsonb), ('dns_record', '', '{\"zone_id\": \"z1\"}'::jsonb),
+        ('bare_metal_server', '', '{}'::jsonb), ('ip_reservation', '-1', '{\"subnet_id\": \"s1\"}'::jsonb),
+        ('ip_reservation', '-2', '{\"subnet_id\": \"s1\"}'::jsonb)) AS k(kind, suffix, attrs)";
+
 /// Which worker an end-to-end run measures.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Worker {
@@ -339,14 +347,12 @@ impl Ctx {
         s.database.url = crate::config::Secret::new(self.db_url.clone());
         let ledger = crate::ledger::Ledger::from_settings(&s).await?;
         ledger.migrate().await?;
-        sqlx::query(
+        sqlx::query(&format!(
             "INSERT INTO tracked_resources (owner, kind, resource_id, attributes, created_at)
-             SELECT 'bench/' || $1 || '-' || i, k.kind, k.kind || '-' || $1 || '-' || i || k.suffix, k.attrs, now() - interval '1 hour'
-             FROM generate_series(0, $2 - 1) AS i
-             CROSS JOIN (VALUES ('vni', '', '{}'::jsonb), ('dns_record', '', '{\"zone_id\": \"z1\"}'::jsonb),
-                                ('bare_metal_server', '', '{}'::jsonb), ('ip_reservation', '-1', '{\"subnet_id\": \"s1\"}'::jsonb),
-                                ('ip_reservation', '-2', '{\"subnet_id\": \"s1\"}'::jsonb)) AS k(kind, suffix, attrs)",
-        )
+                 SELECT 'bench/' || $1 || '-' || i, k.kind, k.kind || '-' || $1 || '-' || i || k.suffix, k.attrs,
+                        now() - interval '1 hour'
+                 FROM generate_series(0, $2 - 1) AS i CROSS JOIN {NODE_ROWS}"
+        ))
         .bind(tag)
         .bind(n as i64)
         .execute(ledger.pool())

@@ -156,6 +156,15 @@ async fn job_body_names(conn: &mut sqlx::PgConnection, job: &JobRow, t: &Tracked
     Ok(named)
 }
 
+/// The late-track job under `event_id`, read back and handed to the caller
+/// to run once this transaction commits.
+async fn late_job(mut tx: Transaction<'_, Postgres>, event_id: &str) -> Result<TrackOutcome, LedgerError> {
+    let job = job_by_event(&mut tx, event_id).await?.expect("opened or found in this transaction");
+    let start = load_start(&mut tx, job, None).await?;
+    tx.commit().await.map_err(db("commit"))?;
+    Ok(TrackOutcome::Late(Box::new(start)))
+}
+
 impl Ledger {
     /// Records a track; if its owner's life already ended, opens the
     /// late-track job (keyed by the track's own event_id) that tears down
@@ -250,10 +259,7 @@ impl Ledger {
             }
             bump_attempts(&mut tx, job.job_id).await?;
         }
-        let job = job_by_event(&mut tx, &t.event_id).await?.expect("read above");
-        let start = load_start(&mut tx, job, None).await?;
-        tx.commit().await.map_err(db("commit"))?;
-        Ok(TrackOutcome::Late(Box::new(start)))
+        late_job(tx, &t.event_id).await
     }
 
     /// The just-tracked resources that belong to a life a real teardown
@@ -349,10 +355,7 @@ impl Ledger {
         .execute(&mut *tx)
         .await
         .map_err(db("claiming late-tracked resources"))?;
-        let job = job_by_event(&mut tx, &t.event_id).await?.expect("inserted above");
-        let start = load_start(&mut tx, job, None).await?;
-        tx.commit().await.map_err(db("commit"))?;
-        Ok(TrackOutcome::Late(Box::new(start)))
+        late_job(tx, &t.event_id).await
     }
 
     /// Resources a job claimed, tracked again for a life that job does not
