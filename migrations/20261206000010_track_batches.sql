@@ -26,11 +26,15 @@ BEGIN
     FOR v_lock IN SELECT DISTINCT hashtextextended(o, 0) FROM unnest(p_owners) AS o ORDER BY 1 LOOP
         PERFORM pg_advisory_xact_lock(v_lock);
     END LOOP;
+    -- first_i, first_track: the earliest track of the batch with the same
+    -- event_id, or naming the same resource (window functions, so a batch
+    -- costs n log n, not n squared).
     WITH t AS MATERIALIZED (
-        SELECT u.i::integer AS i, u.e, u.o, u.g
+        SELECT u.i::integer AS i, u.e, u.o, u.g, min(u.i::integer) OVER (PARTITION BY u.e) AS first_i
         FROM unnest(p_event_ids, p_owners, p_generations) WITH ORDINALITY AS u(e, o, g, i)
     ), r AS MATERIALIZED (
-        SELECT u.n::integer AS n, u.track, t.o, t.g, u.k, u.id, u.a, u.pk, u.pid, u.cr
+        SELECT u.n::integer AS n, u.track, t.o, t.g, u.k, u.id, u.a, u.pk, u.pid, u.cr,
+               min(u.track) OVER (PARTITION BY t.o, u.k, u.id) AS first_track
         FROM unnest(p_track_of, p_kinds, p_ids, p_attrs, p_pkinds, p_pids, p_created)
              WITH ORDINALITY AS u(track, k, id, a, pk, pid, cr, n)
         JOIN t ON t.i = u.track
@@ -38,19 +42,20 @@ BEGIN
         -- Scalar subqueries, not EXISTS: PostgreSQL may run an EXISTS as one
         -- hashed scan of the whole table, which a plan cached while the table
         -- was small keeps doing as it grows (a batch took 5 times longer at
-        -- 130,000 tracks). A scalar subquery is always an index probe per row.
+        -- 130,000 tracks). A scalar subquery on an indexed column is an index
+        -- probe per row.
         SELECT t.i FROM t
         WHERE (SELECT true FROM tracks x WHERE x.event_id = t.e LIMIT 1)
            OR (SELECT true FROM jobs j WHERE j.event_id = t.e LIMIT 1)
            OR (SELECT true FROM jobs j WHERE j.owner = t.o AND NOT j.dry_run
                                           AND j.trigger IN ('deletion.requested', 'provisioning.failed') LIMIT 1)
-           OR (SELECT true FROM t t2 WHERE t2.e = t.e AND t2.i < t.i LIMIT 1)
+           OR t.first_i < t.i
         UNION
         SELECT r.track FROM r
         WHERE (SELECT true FROM tracked_resources x
                WHERE x.owner = r.o AND x.kind = r.k AND x.resource_id = r.id
                  AND x.job_id IS NOT NULL AND x.state = 'live' LIMIT 1)
-           OR (SELECT true FROM r r2 WHERE r2.o = r.o AND r2.k = r.k AND r2.id = r.id AND r2.track < r.track LIMIT 1)
+           OR r.first_track < r.track
     ), identity AS (
         SELECT r.track, (array_agg(r.k ORDER BY r.n))[1] AS k1, (array_agg(r.id ORDER BY r.n))[1] AS id1,
                count(*)::integer AS c, reaper_track_digest(array_agg(r.k ORDER BY r.n), array_agg(r.id ORDER BY r.n)) AS d

@@ -8,5 +8,8 @@
 -- the job_id index goes, and pages keep room for the updated versions, which
 -- then touch no index at all. Existing pages get the room as they are
 -- rewritten (VACUUM FULL or pg_repack if you want it at once).
+-- (tracked_resources.job_id references jobs: deleting a job, which nothing
+-- does today, would scan tracked_resources for references without that
+-- index. A retention purge must delete by owner, or bring an index back.)
 DROP INDEX IF EXISTS tracked_resources_job_idx;
 ALTER TABLE tracked_resources SET (fillfactor = 70);

@@ -5,11 +5,13 @@
 //! Per deletion event: consume; one SELECT of the owner's rows, grouped
 //! across concurrent jobs; the 4 children's DELETEs in parallel, then the
 //! server's; one statement that inserts the job row and the outbox row and
-//! marks the rows deleted, grouped across jobs; publish the result with a
+//! marks the rows it deleted, grouped across jobs; publish the result with a
 //! confirm; ack; outbox rows deleted in batches. One job per event id (the
 //! job row's key; a duplicate republishes the stored result), and no result
 //! before the commit that holds it. What it does not do, and reaper does:
-//! owner leases, per-step progress, lookups, retries, late tracks.
+//! serialise an owner's jobs (lease) and claim its rows before deleting (a
+//! track landing meanwhile), record the event before acting (replay) and
+//! per-step progress (resume), lookups, retries, late tracks.
 //!
 //! It runs as its own process (`reaper bench --serve-baseline URL`) so its
 //! CPU is measured like the worker's.
@@ -51,6 +53,8 @@ struct Finish {
     job_id: Uuid,
     owner: String,
     body: Vec<u8>,
+    /// (kind, resource_id) of the rows it deleted: only these are marked.
+    deleted: Vec<(String, String)>,
 }
 
 struct Ctx {
@@ -179,7 +183,9 @@ async fn job(ctx: &Ctx, body: &[u8]) -> anyhow::Result<()> {
     };
     let mut body = serde_json::to_vec(&result)?;
     let (tx, rx) = oneshot::channel();
-    let fin = Finish { event_id: ev.event_id.clone(), job_id: result.job_id, owner: ev.owner, body: body.clone() };
+    let deleted = rows.iter().map(|(kind, id, _)| (kind.clone(), id.clone())).collect();
+    let fin =
+        Finish { event_id: ev.event_id.clone(), job_id: result.job_id, owner: ev.owner, body: body.clone(), deleted };
     ctx.finishes.send((fin, tx))?;
     let outbox_id = rx.await?;
     if outbox_id.is_none() {
@@ -259,13 +265,18 @@ async fn finish(pool: PgPool, batch: Vec<(Finish, oneshot::Sender<Option<i64>>)>
              ON CONFLICT (event_id) DO NOTHING
              RETURNING job_id, owner, result),
          o AS (INSERT INTO baseline_outbox (job_id, body) SELECT job_id, result FROM j RETURNING id, job_id),
-         m AS (UPDATE baseline_resources r SET state = 'deleted' FROM j WHERE r.owner = j.owner AND r.state = 'live')
+         d AS (SELECT * FROM UNNEST($5::uuid[], $6::text[], $7::text[]) AS d(job_id, kind, resource_id)),
+         m AS (UPDATE baseline_resources r SET state = 'deleted' FROM j JOIN d ON d.job_id = j.job_id
+               WHERE r.owner = j.owner AND r.kind = d.kind AND r.resource_id = d.resource_id)
          SELECT id, job_id FROM o",
     )
     .bind(batch.iter().map(|(f, _)| f.event_id.as_str()).collect::<Vec<_>>())
     .bind(batch.iter().map(|(f, _)| f.job_id).collect::<Vec<_>>())
     .bind(batch.iter().map(|(f, _)| f.owner.as_str()).collect::<Vec<_>>())
     .bind(batch.iter().map(|(f, _)| f.body.as_slice()).collect::<Vec<_>>())
+    .bind(batch.iter().flat_map(|(f, _)| f.deleted.iter().map(|_| f.job_id)).collect::<Vec<_>>())
+    .bind(batch.iter().flat_map(|(f, _)| f.deleted.iter().map(|(k, _)| k.as_str())).collect::<Vec<_>>())
+    .bind(batch.iter().flat_map(|(f, _)| f.deleted.iter().map(|(_, i)| i.as_str())).collect::<Vec<_>>())
     .fetch_all(&pool)
     .await;
     let Ok(rows) = rows.inspect_err(|e| eprintln!("baseline finish: {e}")) else { return };

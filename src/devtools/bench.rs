@@ -1,15 +1,21 @@
 //! `reaper bench`: the numbers in docs/performance.md.
 //!
 //! 1. ceiling: the bare broker loop (`devtools::ceiling`), same queue type and prefetch;
-//! 2. reaper end to end: N owners of 5 tracked resources (the VPC node, two
+//! 2. tracks: 5 single-resource tracks per owner preloaded on the queue,
+//!    `reaper run`; time from the first track recorded to the last;
+//! 3. reaper end to end: N owners of 5 tracked resources (the VPC node, two
 //!    levels) preloaded in the ledger, N deletion events preloaded on the queue,
 //!    `reaper run` as its own process against a null API (`reaper sim --null`)
 //!    that answers 204 at once; time from the first result to the last;
-//! 3. latency: p50/p99 from publish to result at half the measured rate;
-//! 4. the end-to-end run again with 20 ms of API latency.
+//! 4. baseline: the same with the minimal worker of `devtools::baseline`;
+//! 5. lifecycle: 5 tracks then a deletion per owner, all preloaded; owners/s;
+//! 6. latency: p50/p99 from publish to result at half the measured rate;
+//! 7. the end-to-end run again with 20 ms of API latency.
 //!
-//! CPU is read from /proc for each process (worker, null API, RabbitMQ's
-//! beam.smp, every postgres process); peak RSS is the worker's VmHWM.
+//! Before each measured phase the bench database is vacuumed, analysed and
+//! checkpointed, so no phase pays for the one before. CPU is read from /proc
+//! for each process (worker, null API, RabbitMQ's beam.smp, every postgres
+//! process); peak RSS is the worker's VmHWM.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -374,6 +380,7 @@ impl Ctx {
         let (conn, publisher) = broker::link::open(&self.settings, &self.names).await?;
         let mut tap = ResultTap::open(&conn, &self.names).await?;
         publish_all(&publisher, &self.names, &owners, tag).await?;
+        self.settle().await?;
         let before = Cpu::sample(None);
         let (mut api, mut worker) = self.start(tag, api_latency_ms, which)?;
         let first = tap
@@ -406,11 +413,13 @@ impl Ctx {
         let pool = self.ledger_pool().await?;
         let (conn, publisher) = broker::link::open(&self.settings, &self.names).await?;
         publish_tracks(&publisher, &self.names, tag, n).await?;
+        self.settle().await?;
         let before = Cpu::sample(None);
         let (mut api, mut worker) = self.start(tag, 0, Worker::Reaper)?;
         let want = 5 * n as i64;
-        let t0 = wait_for_tracks(&pool, 1, Duration::from_secs(60)).await?;
-        wait_for_tracks(&pool, want, Duration::from_secs(600)).await?;
+        let t0 = wait_for_track(&pool, &track_event_id(tag, "vni", 0, ""), Duration::from_secs(60)).await?;
+        wait_for_track(&pool, &track_event_id(tag, "ip_reservation", n - 1, "-2"), Duration::from_secs(600)).await?;
+        wait_for_all_tracks(&pool, want, Duration::from_secs(60)).await?;
         let secs = t0.elapsed().as_secs_f64();
         let after = Cpu::sample(Some((&worker, &api)));
         let rss = worker.peak_rss_kib() as f64 / 1024.0;
@@ -432,9 +441,10 @@ impl Ctx {
         publish_tracks(&publisher, &self.names, tag, n).await?;
         let owners: Vec<String> = (0..n).map(|i| format!("bench/{tag}-{i}")).collect();
         publish_all(&publisher, &self.names, &owners, tag).await?;
+        self.settle().await?;
         let before = Cpu::sample(None);
         let (mut api, mut worker) = self.start(tag, 0, Worker::Reaper)?;
-        let t0 = wait_for_tracks(&pool, 1, Duration::from_secs(60)).await?;
+        let t0 = wait_for_track(&pool, &track_event_id(tag, "vni", 0, ""), Duration::from_secs(60)).await?;
         for got in 0..n {
             let r = tap
                 .next(Duration::from_secs(60))
@@ -451,6 +461,17 @@ impl Ctx {
         pool.close().await;
         let _ = conn.close(200, "bench".into()).await;
         Ok(Run::new(n, secs, &before, &after, rss))
+    }
+
+    /// Vacuums, analyses and checkpoints the bench database, so that a phase
+    /// does not pay for the dead rows and dirty pages of the one before.
+    /// (CHECKPOINT needs a superuser or pg_checkpoint; without, it is skipped.)
+    async fn settle(&self) -> anyhow::Result<()> {
+        let mut conn = sqlx::PgConnection::connect(&self.db_url).await?;
+        sqlx::query("VACUUM ANALYZE").execute(&mut conn).await?;
+        let _ = sqlx::query("CHECKPOINT").execute(&mut conn).await;
+        let _ = conn.close().await;
+        Ok(())
     }
 
     /// The bench database, migrated.
@@ -543,8 +564,26 @@ impl Run {
     }
 }
 
-/// When the ledger first holds at least `want` tracks.
-async fn wait_for_tracks(pool: &sqlx::PgPool, want: i64, limit: Duration) -> anyhow::Result<Instant> {
+/// When the track stored under `event_id` is in the ledger: one index probe
+/// per poll, so that polling costs the database next to nothing.
+async fn wait_for_track(pool: &sqlx::PgPool, event_id: &str, limit: Duration) -> anyhow::Result<Instant> {
+    let start = Instant::now();
+    loop {
+        let found: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tracks WHERE event_id = $1)")
+            .bind(event_id)
+            .fetch_one(pool)
+            .await?;
+        if found {
+            return Ok(Instant::now());
+        }
+        anyhow::ensure!(start.elapsed() < limit, "track {event_id} not recorded after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Every preloaded track in the ledger, once the last published is: the few
+/// still in flight beside it are waited for.
+async fn wait_for_all_tracks(pool: &sqlx::PgPool, want: i64, limit: Duration) -> anyhow::Result<Instant> {
     let start = Instant::now();
     loop {
         let have: i64 = sqlx::query_scalar("SELECT count(*) FROM tracks").fetch_one(pool).await?;
@@ -552,8 +591,13 @@ async fn wait_for_tracks(pool: &sqlx::PgPool, want: i64, limit: Duration) -> any
             return Ok(Instant::now());
         }
         anyhow::ensure!(start.elapsed() < limit, "only {have} of {want} tracks recorded after {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The event id `publish_tracks` gives owner `i`'s resource of `kind` + `suffix`.
+fn track_event_id(tag: &str, kind: &str, i: usize, suffix: &str) -> String {
+    format!("{tag}-track-{kind}-{tag}-{i}{suffix}")
 }
 
 /// The 5 resources of each of `n` owners, one resource.tracked each, as the
@@ -572,7 +616,7 @@ async fn publish_tracks(p: &Publisher, names: &Names, tag: &str, n: usize) -> an
             let created = &created;
             kinds.iter().map(move |(kind, suffix, attrs)| {
                 let id = format!("{kind}-{tag}-{i}{suffix}");
-                let event_id = format!("{tag}-track-{id}");
+                let event_id = track_event_id(tag, kind, i, suffix);
                 let body = serde_json::json!({"event_id": event_id, "owner": format!("bench/{tag}-{i}"),
                     "kind": kind, "id": id, "attributes": attrs, "created_at": created});
                 (event_id, serde_json::to_vec(&body).expect("serializable"))

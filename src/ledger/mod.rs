@@ -46,7 +46,7 @@ pub enum LedgerError {
     },
     #[error("ledger: migrating: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("ledger: writing a batch of jobs: {message}")]
+    #[error("ledger: writing a group-commit batch: {message}")]
     Batch { message: String, code: Option<String> },
     #[error("ledger: the group-commit task is gone")]
     FinisherGone,

@@ -15,6 +15,11 @@ use super::{bump_attempts, db, job_by_event, load_start, lock_owner, upsert_reso
 use super::{JobRow, JobStart, Ledger, LedgerError};
 use crate::domain::{Tracked, TrackedResource, Trigger};
 
+/// A list longer than this is recorded in a transaction of its own (the
+/// general path), so that one group-commit batch, which holds the locks of
+/// all its owners, stays small.
+const MAX_GROUPED_RESOURCES: usize = 64;
+
 /// What recording a `resource.tracked` led to.
 #[derive(Debug)]
 pub enum TrackOutcome {
@@ -176,7 +181,7 @@ impl Ledger {
         routing_key: &str,
         holder: Uuid,
     ) -> Result<TrackOutcome, LedgerError> {
-        if self.track_new(t).await? {
+        if t.resources.len() <= MAX_GROUPED_RESOURCES && self.track_new(t).await? {
             return Ok(TrackOutcome::Recorded);
         }
         self.track_general(t, body, routing_key, holder).await

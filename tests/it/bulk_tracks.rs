@@ -188,3 +188,26 @@ async fn a_bulk_track_late_for_two_ended_lives_claims_only_the_earliest_lifes() 
     assert_eq!((state.as_str(), job), ("live", &None), "recorded, claimed by no job");
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_list_is_recorded_on_its_own_and_torn_down_whole() {
+    let mut t = spawn_app("").await;
+    let owner = format!("node/{}", unique("long"));
+    // More than a group-commit batch takes from one track (the general path).
+    let ids: Vec<String> = (0..100).map(|i| format!("{owner}-ip{i}").replace('/', "-")).collect();
+    for id in &ids {
+        t.sim.create(&format!("/v1/subnets/subnet-mgmt/reserved_ips/{id}"), &[]);
+    }
+    let resources: Vec<Value> = ids.iter().map(|id| ip(id, Utc::now())).collect();
+    t.publish("resource.tracked", &json!({"event_id": unique("long"), "owner": owner, "resources": resources})).await;
+    let owners = vec![owner.clone()];
+    wait_until("the 100 IPs are tracked", Duration::from_secs(20), || async {
+        t.app.ledger.count_tracked(&owners).await.unwrap() >= 100
+    })
+    .await;
+    t.publish("deletion.requested", &deletion(&unique("del"), &owner, Utc::now())).await;
+    let r = t.next_result(30).await.result;
+    assert_eq!((r.status.as_str(), r.resources.len()), ("completed", 100), "{r:?}");
+    assert!(t.sim.paths().is_empty(), "left: {:?}", t.sim.paths());
+    t.stop().await;
+}
