@@ -480,9 +480,8 @@ impl Ctx {
         .fetch_all(&mut conn)
         .await?;
         for table in tables {
-            let rows: bool = sqlx::query_scalar(&format!("SELECT EXISTS (SELECT 1 FROM {table})"))
-                .fetch_one(&mut conn)
-                .await?;
+            let rows: bool =
+                sqlx::query_scalar(&format!("SELECT EXISTS (SELECT 1 FROM {table})")).fetch_one(&mut conn).await?;
             if rows {
                 sqlx::query(&format!("VACUUM ANALYZE {table}")).execute(&mut conn).await?;
             }
