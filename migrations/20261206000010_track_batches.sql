@@ -74,6 +74,8 @@ BEGIN
         INSERT INTO tracked_resources AS x (owner, kind, resource_id, attributes, parent_kind, parent_id, generation, created_at)
         SELECT r.o, r.k, r.id, r.a, r.pk, r.pid, r.g, r.cr
         FROM r JOIN recorded ON recorded.i = r.track
+        -- As upsert_resources in src/ledger/mod.rs, for rows no job holds
+        -- (the checks above): change both together.
         ON CONFLICT (owner, kind, resource_id) DO UPDATE SET
             attributes = EXCLUDED.attributes,
             parent_kind = COALESCE(EXCLUDED.parent_kind, x.parent_kind),

@@ -683,6 +683,8 @@ fn job_row(r: &sqlx::postgres::PgRow) -> Result<JobRow, LedgerError> {
 /// Inserts or refreshes tracked resources. `claim_for` claims them for a job
 /// (the resources a provisioning.failed event lists belong to that teardown).
 /// A resource already proven gone that is tracked again is live again.
+/// `reaper_tracks` (migrations/*_track_batches.sql) repeats this SET list for
+/// the rows it may write (never a claimed live one): change both together.
 async fn upsert_resources(
     tx: &mut Transaction<'_, Postgres>,
     owner: &str,

@@ -75,6 +75,18 @@ fn columns<'a>(resources: impl Iterator<Item = &'a TrackedResource>) -> Columns<
     c
 }
 
+/// A query over a track's resources and the lives of its owner, bound the
+/// same way for each: $1 the owner; $2, $3, $4 the resources' kinds, ids and
+/// creation times; $5 the track's generation; $6 the late-track window.
+fn lives_query<'q>(
+    t: &'q Tracked,
+    c: &'q Columns<'q>,
+    window_secs: f64,
+    sql: &'q str,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(sql).bind(&t.owner).bind(&c.kinds).bind(&c.ids).bind(&c.created).bind(t.generation).bind(window_secs)
+}
+
 /// The track stored under `t`'s event_id, compared with `t`'s list.
 async fn stored_track(conn: &mut sqlx::PgConnection, t: &Tracked) -> Result<Option<StoredTrack>, LedgerError> {
     let c = columns(t.resources.iter());
@@ -276,7 +288,10 @@ impl Ledger {
         t: &Tracked,
     ) -> Result<Option<(Vec<(String, String)>, EndedLife)>, LedgerError> {
         let c = columns(t.resources.iter());
-        let rows = sqlx::query(
+        let rows = lives_query(
+            t,
+            &c,
+            self.window_secs(),
             "SELECT u.kind, u.id, e.occurred_at, e.generation
              FROM UNNEST($2::text[], $3::text[], $4::timestamptz[]) AS u(kind, id, created)
              JOIN tracked_resources r ON r.owner = $1 AND r.kind = u.kind AND r.resource_id = u.id AND r.job_id IS NULL
@@ -287,12 +302,6 @@ impl Ledger {
                  ORDER BY j.occurred_at LIMIT 1) e
              ORDER BY e.occurred_at",
         )
-        .bind(&t.owner)
-        .bind(&c.kinds)
-        .bind(&c.ids)
-        .bind(&c.created)
-        .bind(t.generation)
-        .bind(self.window_secs())
         .fetch_all(&mut **tx)
         .await
         .map_err(db("finding the teardown a late track belongs to"))?;
@@ -380,7 +389,10 @@ impl Ledger {
         if c.kinds.is_empty() {
             return Ok(true);
         }
-        let held = sqlx::query(
+        let held = lives_query(
+            t,
+            &c,
+            self.window_secs(),
             "SELECT u.kind, u.id,
                     reaper_belongs($5::bigint, u.created, now(), j.occurred_at, j.generation, $6::double precision)
                     AS same_life,
@@ -390,12 +402,6 @@ impl Ledger {
              JOIN tracked_resources r ON r.owner = $1 AND r.kind = u.kind AND r.resource_id = u.id AND r.state = 'live'
              JOIN jobs j ON j.job_id = r.job_id",
         )
-        .bind(&t.owner)
-        .bind(&c.kinds)
-        .bind(&c.ids)
-        .bind(&c.created)
-        .bind(t.generation)
-        .bind(self.window_secs())
         .fetch_all(&mut **tx)
         .await
         .map_err(db("reading who holds a re-tracked resource"))?;
