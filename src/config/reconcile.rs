@@ -112,6 +112,27 @@ pub struct InventorySettings {
     /// HTTP: query parameter the token is sent back in.
     #[serde(default = "default_next_param")]
     pub next_param: String,
+    /// HTTP: JSON pointer to the next page's URL (IBM VPC's "/next/href"), a
+    /// whole URL or a path; followed only under `base_url`. Absent or null ends the list.
+    #[serde(default)]
+    pub next_url: Option<String>,
+    /// HTTP: offset paging, the query parameter the offset goes in ("offset").
+    /// Pages are asked for until one comes back empty.
+    #[serde(default)]
+    pub offset_param: Option<String>,
+    /// HTTP, offset paging: the query parameter of the page size, and the size asked for.
+    #[serde(default = "default_limit_param")]
+    pub limit_param: String,
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
+    /// HTTP, offset paging: JSON pointer to the list's total count, if the
+    /// API gives one; a total that changes between pages fails the load.
+    #[serde(default)]
+    pub total: Option<String>,
+    /// HTTP: the key is the last '/'-separated segment of the value at `key`
+    /// (a resource name such as "projects/p/locations/l/models/123" → "123").
+    #[serde(default)]
+    pub key_last_segment: bool,
     /// Where the creation time is (pointer, field or column); RFC 3339, a
     /// UNIX time in seconds, or a timestamp column. Times without a zone are UTC.
     #[serde(default)]
@@ -134,4 +155,10 @@ pub struct InventorySettings {
 
 fn default_next_param() -> String {
     "start".into()
+}
+fn default_limit_param() -> String {
+    "limit".into()
+}
+fn default_page_size() -> u32 {
+    100
 }

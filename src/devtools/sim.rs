@@ -8,12 +8,16 @@
 //!   (`GET /v1/servers?start=ID&limit=N`) it lists children one segment down,
 //!   a page at a time: `{"items": [{"id", "path", "attributes"}], "next": ID|null}`.
 //! - `DELETE /any/path`: 204, 404 when missing, 409 while a dependent exists.
+//! - A collection can list in a real API's shape instead (LiteLLM, Proxmox,
+//!   Vertex AI, IBM VPC, offset paging: [`ListShape`]), set with
+//!   `POST /_sim/shapes` `{"collection": "/model/info", "shape": "data", "max_page": 100}`.
 //!
 //! Control API: `GET|POST /_sim/faults`, `GET /_sim/stats`, `GET /_sim/requests`
 //! (every resource request: method and path as sent), `GET /_sim/resources`, `POST /_sim/reset`,
 //! `POST /_sim/tokens` (a [`TokenPolicy`]: from then on every resource request
 //! needs `Authorization: Bearer TOKEN` with a token the cloud issued and that
-//! has not expired, or a fixed one; else 401).
+//! has not expired, or a fixed one, which may also be the header's whole
+//! value, as Proxmox's `PVEAPIToken=...`; else 401).
 //!
 //! Token endpoint, like a cloud's IAM: `POST /_sim/oauth/token` with a form
 //! (`grant_type=client_credentials` and `client_secret=…`, or
@@ -109,6 +113,27 @@ impl Default for TokenPolicy {
     }
 }
 
+/// How a collection answers a list: the simulated cloud's own shape, or a
+/// real API's, so an example's config is tested against what it will read.
+/// In a real API's shape, each item is the resource's attributes as created.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ListShape {
+    /// `{"items": [{"id", "path", "attributes"}], "next": ID|null}`, `?start=ID&limit=N`.
+    #[default]
+    Sim,
+    /// LiteLLM's `/model/info`, Proxmox's `/api2/json/...`: `{"data": [...]}`, one page.
+    Data,
+    /// Vertex AI: `{"models": [...], "nextPageToken": "..."}` (the array is
+    /// named after the collection), `?pageSize=N&pageToken=T`.
+    PageToken,
+    /// IBM VPC: `{"bare_metal_servers": [...], "limit", "first": {"href"},
+    /// "next": {"href"}}` with whole URLs, `?start=T&limit=N`; `?version=` is required.
+    NextHref,
+    /// `{"items": [...], "total": N}`, `?offset=N&limit=M`.
+    Offset,
+}
+
 /// One resource request as the cloud saw it: when it arrived (since the
 /// simulated cloud was made), what it was and how it was answered.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -148,6 +173,8 @@ struct Inner {
     tokens: Option<TokenPolicy>,
     /// Issued token → when it stops being accepted.
     issued: HashMap<String, std::time::Instant>,
+    /// Collection path → how it lists, and the most items a page holds.
+    shapes: HashMap<String, (ListShape, usize)>,
 }
 
 /// `reaper sim`: serves the simulated cloud (or, with `null`, an API that
@@ -270,6 +297,15 @@ impl Sim {
         self.inner.lock().unwrap().tokens = Some(policy);
     }
 
+    /// From now on `collection` lists in `shape`, at most `max_page` items a
+    /// page whatever the caller asks for (as APIs cap their page sizes).
+    pub fn set_list_shape(&self, collection: &str, shape: ListShape, max_page: usize) {
+        let path = collection.trim_end_matches('/').to_string();
+        let mut g = self.inner.lock().unwrap();
+        g.collections.insert(path.clone());
+        g.shapes.insert(path, (shape, max_page.max(1)));
+    }
+
     pub fn set_faults(&self, f: Faults) {
         let mut g = self.inner.lock().unwrap();
         g.rng = Some(f.seed.map(fastrand::Rng::with_seed).unwrap_or_default());
@@ -337,13 +373,15 @@ impl Inner {
     /// Whether the request carries a token the policy accepts (always, without a policy).
     fn authorized(&self, headers: &axum::http::HeaderMap) -> bool {
         let Some(policy) = &self.tokens else { return true };
-        let bearer = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let Some(token) = bearer else { return false };
-        policy.fixed_tokens.iter().any(|t| t == token)
-            || self.issued.get(token).is_some_and(|until| std::time::Instant::now() < *until)
+        let Some(value) = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        // A fixed token is the whole value (Proxmox's `PVEAPIToken=USER@REALM!ID=SECRET`) or a bearer's.
+        if policy.fixed_tokens.iter().any(|t| t == value || value.strip_prefix("Bearer ") == Some(t.as_str())) {
+            return true;
+        }
+        let Some(token) = value.strip_prefix("Bearer ") else { return false };
+        self.issued.get(token).is_some_and(|until| std::time::Instant::now() < *until)
     }
 
     /// The token endpoint: a form with the right secret gets a new token.
@@ -415,12 +453,6 @@ enum Injected {
     Status(StatusCode),
     RateLimited(f64),
     Hang(Duration),
-}
-
-#[derive(Deserialize)]
-struct ListQuery {
-    start: Option<String>,
-    limit: Option<usize>,
 }
 
 async fn handle(
@@ -522,9 +554,8 @@ async fn resource_request(
             if let Some(r) = g.resources.get(&path) {
                 return Json(r.clone()).into_response();
             }
-            let q: ListQuery =
-                serde_json::from_value(query_json(uri.query())).unwrap_or(ListQuery { start: None, limit: None });
-            list(&g, &path, q)
+            let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+            list(&g, &path, &query_map(uri.query()), host)
         }
         Method::DELETE => {
             g.stats.deletes += 1;
@@ -546,48 +577,126 @@ async fn resource_request(
     }
 }
 
-/// Children one segment below `path`, ordered, from `start` (exclusive).
-fn list(g: &Inner, path: &str, q: ListQuery) -> Response {
+/// Up to `limit` children one segment below `path`, in order, after the
+/// child `after` or from the `skip`th; and whether more follow. None: no such collection.
+fn children<'a>(
+    g: &'a Inner,
+    path: &str,
+    after: Option<&str>,
+    skip: usize,
+    limit: usize,
+) -> Option<(Vec<(String, &'a SimResource)>, bool)> {
     let prefix = format!("{}/", path.trim_end_matches('/'));
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let from = match &q.start {
+    let from = match after {
         Some(s) => format!("{prefix}{s}\u{0}"),
         None => prefix.clone(),
     };
-    let mut items = Vec::new();
-    let mut next = None;
-    for (p, r) in g.resources.range(from..) {
-        let Some(id) = p.strip_prefix(&prefix) else {
-            break;
-        };
-        if id.contains('/') {
-            continue;
-        }
-        if items.len() == limit {
-            next = items.last().map(|i: &serde_json::Value| i["id"].clone());
-            break;
-        }
-        items.push(serde_json::json!({ "id": id, "path": p, "attributes": r.attributes }));
-    }
+    let mut all = g
+        .resources
+        .range(from..)
+        .map_while(|(p, r)| p.strip_prefix(&prefix).map(|id| (id.to_string(), r)))
+        .filter(|(id, _)| !id.contains('/'))
+        .skip(skip);
+    let items: Vec<_> = all.by_ref().take(limit).collect();
+    let more = all.next().is_some();
     let known = g.collections.contains(path.trim_end_matches('/'));
-    if items.is_empty() && q.start.is_none() && !known && !g.resources.keys().any(|k| k.starts_with(&prefix)) {
-        return StatusCode::NOT_FOUND.into_response();
+    if items.is_empty() && after.is_none() && skip == 0 && !known && !g.resources.keys().any(|k| k.starts_with(&prefix))
+    {
+        return None;
     }
-    Json(serde_json::json!({ "items": items, "next": next })).into_response()
+    Some((items, more))
 }
 
-fn query_json(q: Option<&str>) -> serde_json::Value {
-    let mut m = serde_json::Map::new();
-    for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy().to_string();
-        let v = match v.parse::<usize>() {
-            Ok(n) if k == "limit" => serde_json::Value::from(n),
-            _ => serde_json::Value::from(v),
-        };
-        m.insert(k.to_string(), v);
+/// A list, in the collection's shape (see [`ListShape`]).
+fn list(g: &Inner, path: &str, q: &HashMap<String, String>, host: &str) -> Response {
+    let (shape, cap) = g.shapes.get(path.trim_end_matches('/')).copied().unwrap_or((ListShape::Sim, 1000));
+    let num = |k: &str, default: usize| q.get(k).and_then(|v| v.parse::<usize>().ok()).unwrap_or(default);
+    let attrs =
+        |items: Vec<(String, &SimResource)>| items.into_iter().map(|(_, r)| r.attributes.clone()).collect::<Vec<_>>();
+    let not_found = || StatusCode::NOT_FOUND.into_response();
+    let name = path.trim_end_matches('/').rsplit('/').next().unwrap_or("items").to_string();
+    match shape {
+        ListShape::Sim => {
+            let limit = num("limit", 100).clamp(1, cap);
+            let Some((items, more)) = children(g, path, q.get("start").map(String::as_str), 0, limit) else {
+                return not_found();
+            };
+            let next = more.then(|| items.last().map(|(id, _)| id.clone())).flatten();
+            let items: Vec<_> = items
+                .into_iter()
+                .map(|(id, r)| serde_json::json!({ "id": id, "path": format!("{}/{id}", path.trim_end_matches('/')), "attributes": r.attributes }))
+                .collect();
+            Json(serde_json::json!({ "items": items, "next": next })).into_response()
+        }
+        ListShape::Data => match children(g, path, None, 0, usize::MAX) {
+            Some((items, _)) => Json(serde_json::json!({ "data": attrs(items) })).into_response(),
+            None => not_found(),
+        },
+        ListShape::PageToken => {
+            // The token is opaque to the caller: the last id, hex-encoded.
+            let after = match q.get("pageToken").map(|t| hex_decode(t)) {
+                Some(Some(id)) => Some(id),
+                Some(None) => return (StatusCode::BAD_REQUEST, "invalid page token").into_response(),
+                None => None,
+            };
+            let Some((items, more)) = children(g, path, after.as_deref(), 0, num("pageSize", 100).clamp(1, cap)) else {
+                return not_found();
+            };
+            let token = more.then(|| items.last().map(|(id, _)| hex_encode(id))).flatten();
+            let mut body = serde_json::json!({ name: attrs(items) });
+            if let Some(t) = token {
+                body["nextPageToken"] = t.into();
+            }
+            Json(body).into_response()
+        }
+        ListShape::NextHref => {
+            let Some(version) = q.get("version") else {
+                let e = serde_json::json!({"errors": [{"code": "bad_request", "message": "version query parameter is required"}]});
+                return (StatusCode::BAD_REQUEST, Json(e)).into_response();
+            };
+            let limit = num("limit", 50).clamp(1, cap);
+            let Some((items, more)) = children(g, path, q.get("start").map(String::as_str), 0, limit) else {
+                return not_found();
+            };
+            let href = |start: Option<&str>| {
+                let start = start.map(|s| format!("&start={s}")).unwrap_or_default();
+                format!("http://{host}{path}?limit={limit}{start}&version={version}")
+            };
+            let next = more.then(|| items.last().map(|(id, _)| href(Some(id)))).flatten();
+            let mut body = serde_json::json!({ name: attrs(items), "limit": limit, "first": { "href": href(None) } });
+            if let Some(n) = next {
+                body["next"] = serde_json::json!({ "href": n });
+            }
+            Json(body).into_response()
+        }
+        ListShape::Offset => {
+            let total = children(g, path, None, 0, usize::MAX).map(|(all, _)| all.len());
+            let Some((items, _)) = children(g, path, None, num("offset", 0), num("limit", 100).clamp(1, cap)) else {
+                return not_found();
+            };
+            Json(serde_json::json!({ "items": attrs(items), "total": total })).into_response()
+        }
     }
-    serde_json::Value::Object(m)
+}
+
+fn hex_encode(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_decode(s: &str) -> Option<String> {
+    let bytes: Option<Vec<u8>> =
+        (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect();
+    String::from_utf8(bytes?).ok()
+}
+
+/// The query string's parameters, decoded.
+fn query_map(q: Option<&str>) -> HashMap<String, String> {
+    q.unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+        .map(|(k, v)| (k.to_string(), percent_encoding::percent_decode_str(v).decode_utf8_lossy().to_string()))
+        .collect()
 }
 
 fn control_api(sim: &Sim, method: &Method, what: &str, body: &[u8]) -> Response {
@@ -610,6 +719,25 @@ fn control_api(sim: &Sim, method: &Method, what: &str, body: &[u8]) -> Response 
             }
             Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
         },
+        (Method::POST, "shapes") => {
+            #[derive(Deserialize)]
+            struct Shape {
+                collection: String,
+                shape: ListShape,
+                #[serde(default = "hundred")]
+                max_page: usize,
+            }
+            fn hundred() -> usize {
+                100
+            }
+            match serde_json::from_slice::<Shape>(body) {
+                Ok(s) => {
+                    sim.set_list_shape(&s.collection, s.shape, s.max_page);
+                    StatusCode::NO_CONTENT.into_response()
+                }
+                Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+            }
+        }
         (Method::POST, "oauth/token") => sim.inner.lock().unwrap().grant(body),
         (Method::POST, "reset") => {
             *sim.inner.lock().unwrap() = Inner::default();

@@ -431,7 +431,8 @@ fn has_userinfo(url: &str) -> bool {
 
 // ---- Listing, for reconcile ----
 
-/// What an HTTP inventory needs: a GET without placeholders, a key, and JSON pointers.
+/// What an HTTP inventory needs: a GET without placeholders, a key, JSON
+/// pointers, and at most one way of finding the next page.
 pub fn check_inventory(inv: &InventorySettings) -> Result<(), String> {
     let r = inv.request.as_deref().ok_or("an HTTP inventory needs `request` (\"GET /path\")")?;
     let t = RequestTemplate::parse(r)?;
@@ -441,8 +442,9 @@ pub fn check_inventory(inv: &InventorySettings) -> Result<(), String> {
     if inv.key.is_none() {
         return Err("an HTTP inventory needs `key` (a JSON pointer such as \"/name\")".into());
     }
-    for p in [Some(&inv.items), inv.key.as_ref(), inv.next.as_ref(), inv.created_at.as_ref()]
+    for p in [Some(&inv.items), inv.key.as_ref(), inv.next.as_ref(), inv.next_url.as_ref(), inv.created_at.as_ref()]
         .into_iter()
+        .chain([inv.total.as_ref()])
         .flatten()
         .chain(inv.attributes.values())
     {
@@ -450,65 +452,195 @@ pub fn check_inventory(inv: &InventorySettings) -> Result<(), String> {
             return Err(format!("{p:?} is not a JSON pointer (they start with '/')"));
         }
     }
+    let ways = [inv.next.is_some(), inv.next_url.is_some(), inv.offset_param.is_some()];
+    if ways.iter().filter(|w| **w).count() > 1 {
+        return Err(
+            "an HTTP inventory pages by one of `next` (a token), `next_url` or `offset_param`, not several".into()
+        );
+    }
+    if inv.offset_param.is_some() && inv.page_size == 0 {
+        return Err("page_size must be at least 1".into());
+    }
+    if inv.total.is_some() && inv.offset_param.is_none() {
+        return Err("`total` is read with offset paging (`offset_param`) only".into());
+    }
     Ok(())
 }
 
+/// How a list says where its next page is.
+enum NextPage {
+    /// One page is the whole list.
+    None,
+    /// A token, sent back in a query parameter (`?start=TOKEN`, Vertex's `pageToken`).
+    Token,
+    /// A URL (IBM VPC's `next.href`), followed only under `base_url`.
+    Url,
+    /// `?offset=N&limit=M`, until a page comes back empty.
+    Offset { param: String },
+}
+
+impl NextPage {
+    fn of(inv: &InventorySettings) -> NextPage {
+        match (&inv.next, &inv.next_url, &inv.offset_param) {
+            (Some(_), _, _) => NextPage::Token,
+            (_, Some(_), _) => NextPage::Url,
+            (_, _, Some(p)) => NextPage::Offset { param: p.clone() },
+            _ => NextPage::None,
+        }
+    }
+}
+
+/// `path` with `name=value` added to its query.
+fn with_param(path: &str, name: &str, value: &str) -> String {
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let value = percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC);
+    format!("{path}{sep}{name}={value}")
+}
+
 impl HttpProvider {
+    /// The path (under `base_url`) of a next page an API gave as a URL,
+    /// whole or relative. Anything else — another scheme, host or port, a
+    /// path outside `base_url`, credentials in the URL — is refused: the
+    /// list request carries our token, and a page from elsewhere would be
+    /// taken for part of the inventory.
+    fn page_path(&self, href: &str) -> Result<String, String> {
+        let base = reqwest::Url::parse(&format!("{}/", self.base_url)).map_err(|e| format!("base_url: {e}"))?;
+        let next = base.join(href).map_err(|e| format!("the next page {href:?} is not a URL: {e}"))?;
+        let same_origin = next.scheme() == base.scheme()
+            && next.host_str() == base.host_str()
+            && next.port_or_known_default() == base.port_or_known_default();
+        let shown = redact_url(href.split(['?', '#']).next().unwrap_or(""));
+        if !same_origin || !next.username().is_empty() || next.password().is_some() {
+            return Err(format!(
+                "the next page {shown:?} is not on {}; reaper follows pages on base_url's origin only",
+                redact_url(&self.base_url)
+            ));
+        }
+        let Some(rest) = next.path().strip_prefix(base.path()) else {
+            return Err(format!("the next page {shown:?} is outside base_url's path {:?}", base.path()));
+        };
+        Ok(match next.query() {
+            Some(q) => format!("/{rest}?{q}"),
+            None => format!("/{rest}"),
+        })
+    }
+
     pub async fn list(&self, inv: &InventorySettings, strict: bool, mut pages: Pages) {
         let request = inv.request.clone().unwrap_or_default();
-        let path = request.split_once(' ').map(|(_, p)| p.trim().to_string()).unwrap_or_default();
-        let key = inv.key.clone().unwrap_or_default();
-        let mut token: Option<String> = None;
-        let mut seen_tokens = std::collections::HashSet::new();
+        let first = request.split_once(' ').map(|(_, p)| p.trim().to_string()).unwrap_or_default();
+        let paging = NextPage::of(inv);
+        let mut url = match &paging {
+            NextPage::Offset { param } => {
+                with_param(&with_param(&first, param, "0"), &inv.limit_param, &inv.page_size.to_string())
+            }
+            _ => first.clone(),
+        };
+        let mut seen = std::collections::HashSet::new();
+        let (mut offset, mut total, mut first_keys) = (0_u64, None::<u64>, None::<String>);
         loop {
-            let url = match &token {
-                None => path.clone(),
-                Some(t) => {
-                    let sep = if path.contains('?') { '&' } else { '?' };
-                    let t = percent_encoding::utf8_percent_encode(t, percent_encoding::NON_ALPHANUMERIC);
-                    format!("{path}{sep}{}={t}", inv.next_param)
-                }
-            };
             let page = match self.get_json(&url).await {
                 Ok(p) => p,
                 Err(e) => return pages.fail(format!("GET {url}: {e}")).await,
             };
-            let Some(items) = page.pointer(&inv.items).and_then(|v| v.as_array()) else {
-                return pages.fail(format!("GET {url}: no array at {:?} in the answer", inv.items)).await;
+            let out = match self.items_of(inv, &page, strict) {
+                Ok(out) => out,
+                Err(e) => return pages.fail(format!("GET {url}: {e}")).await,
             };
-            let mut out = Vec::with_capacity(items.len());
-            for it in items {
-                let Some(k) = it.pointer(&key).and_then(json_text) else {
-                    if strict {
-                        return pages
-                            .fail(format!("GET {url}: an item has nothing at {key:?}: it could not be matched"))
-                            .await;
-                    }
-                    continue;
-                };
-                let created_at = inv.created_at.as_deref().and_then(|p| it.pointer(p)).and_then(|v| match v {
-                    serde_json::Value::Number(n) => n.as_f64().and_then(|s| DateTime::from_timestamp(s as i64, 0)),
-                    other => json_text(other).and_then(|s| parse_time(&s)),
-                });
-                let attributes = inv
-                    .attributes
-                    .iter()
-                    .filter_map(|(name, p)| it.pointer(p).and_then(json_text).map(|v| (name.clone(), v)))
-                    .collect();
-                out.push(Item { key: k, created_at, attributes });
+            let got = out.len() as u64;
+            // Offset paging: an API that ignores the offset sends page one
+            // again and again; one whose total moves has shifted items under
+            // our offsets, skipping some.
+            if let NextPage::Offset { .. } = paging {
+                let total_now = inv.total.as_deref().and_then(|p| page.pointer(p)).and_then(|v| v.as_u64());
+                if inv.total.is_some() && total_now.is_none() {
+                    return pages.fail(format!("GET {url}: no count at {:?} in the answer", inv.total)).await;
+                }
+                if total.is_some() && total_now != total {
+                    return pages
+                        .fail(format!(
+                            "GET {url}: the list changed while it was read (total {} then {}): offset paging would skip items",
+                            total.unwrap_or(0),
+                            total_now.unwrap_or(0)
+                        ))
+                        .await;
+                }
+                total = total_now;
+                let keys = out.iter().map(|i| i.key.as_str()).collect::<Vec<_>>().join("\n");
+                if got > 0 && first_keys.as_ref() == Some(&keys) {
+                    return pages
+                        .fail(format!("GET {url}: the API sent the same page again (does it ignore {:?}?)", url))
+                        .await;
+                }
+                first_keys = Some(keys);
             }
             if !pages.push_page(out).await {
                 return;
             }
-            token = inv.next.as_deref().and_then(|p| page.pointer(p)).and_then(json_text).filter(|t| !t.is_empty());
-            match &token {
-                None => return pages.finish().await,
-                Some(t) if !seen_tokens.insert(t.clone()) => {
-                    return pages.fail(format!("GET {url}: the API sent page token {t:?} twice")).await;
+            let next = match &paging {
+                NextPage::None => None,
+                NextPage::Token => {
+                    let token = inv.next.as_deref().and_then(|p| page.pointer(p)).and_then(json_text);
+                    token.filter(|t| !t.is_empty()).map(|t| Ok(with_param(&first, &inv.next_param, &t)))
                 }
-                Some(_) => {}
-            }
+                NextPage::Url => {
+                    let href = inv.next_url.as_deref().and_then(|p| page.pointer(p)).and_then(json_text);
+                    href.filter(|h| !h.is_empty()).map(|h| self.page_path(&h))
+                }
+                NextPage::Offset { param } => {
+                    offset += got;
+                    (got > 0).then(|| {
+                        let p = with_param(&first, param, &offset.to_string());
+                        Ok(with_param(&p, &inv.limit_param, &inv.page_size.to_string()))
+                    })
+                }
+            };
+            url = match next {
+                None => break,
+                Some(Err(e)) => return pages.fail(format!("GET {url}: {e}")).await,
+                Some(Ok(u)) if !seen.insert(u.clone()) => {
+                    return pages.fail(format!("GET {url}: the API sent the next page {u:?} twice")).await;
+                }
+                Some(Ok(u)) => u,
+            };
         }
+        if let Some(t) = total.filter(|t| *t != offset) {
+            return pages.fail(format!("the API counted {t} items and listed {offset}")).await;
+        }
+        pages.finish().await
+    }
+
+    /// The items of one page. A truth item without a key fails the load
+    /// (`strict`): skipping it would make its counterpart look orphaned.
+    fn items_of(&self, inv: &InventorySettings, page: &serde_json::Value, strict: bool) -> Result<Vec<Item>, String> {
+        let Some(items) = page.pointer(&inv.items).and_then(|v| v.as_array()) else {
+            return Err(format!("no array at {:?} in the answer", inv.items));
+        };
+        let key = inv.key.clone().unwrap_or_default();
+        let mut out = Vec::with_capacity(items.len());
+        for it in items {
+            let k = it.pointer(&key).and_then(json_text);
+            let k = match inv.key_last_segment {
+                true => k.and_then(|k| k.rsplit('/').next().map(str::to_string)),
+                false => k,
+            };
+            let Some(k) = k.filter(|k| !k.is_empty()) else {
+                if strict {
+                    return Err(format!("an item has nothing at {key:?}: it could not be matched"));
+                }
+                continue;
+            };
+            let created_at = inv.created_at.as_deref().and_then(|p| it.pointer(p)).and_then(|v| match v {
+                serde_json::Value::Number(n) => n.as_f64().and_then(|s| DateTime::from_timestamp(s as i64, 0)),
+                other => json_text(other).and_then(|s| parse_time(&s)),
+            });
+            let attributes = inv
+                .attributes
+                .iter()
+                .filter_map(|(name, p)| it.pointer(p).and_then(json_text).map(|v| (name.clone(), v)))
+                .collect();
+            out.push(Item { key: k, created_at, attributes });
+        }
+        Ok(out)
     }
 }
 
@@ -575,6 +707,143 @@ mod tests {
         let limited = timeline.iter().find(|a| a.status == 429).expect("one 429").at;
         let next = timeline.iter().filter(|a| a.at > limited).map(|a| a.at).min().expect("the later deletes");
         assert!(next - limited >= Duration::from_millis(350), "a request came {:?} after the 429", next - limited);
+    }
+
+    /// Lists `collection` with `inv` (TOML of the inventory) to the end.
+    async fn list_all(p: &HttpProvider, inv: &str) -> Result<Vec<Item>, String> {
+        use figment::providers::Format;
+        let toml = figment::providers::Toml::string(&format!("provider = \"cloud\"\n{inv}"));
+        let inv: InventorySettings = figment::Figment::from(toml).extract().expect("inventory");
+        check_inventory(&inv)?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let read = async {
+            let mut out = Vec::new();
+            loop {
+                match rx.recv().await {
+                    Some(crate::providers::listing::Chunk::Page(items)) => out.extend(items),
+                    Some(crate::providers::listing::Chunk::End) => return Ok(out),
+                    Some(crate::providers::listing::Chunk::Failed(why)) => return Err(why),
+                    None => return Err("the lister stopped without saying the list ended".into()),
+                }
+            }
+        };
+        let ((), out) = tokio::join!(p.list(&inv, true, Pages::new(tx)), read);
+        out
+    }
+
+    fn keys(items: &[Item]) -> Vec<&str> {
+        items.iter().map(|i| i.key.as_str()).collect()
+    }
+
+    /// Five resources under `collection`, listed in `shape`, two a page.
+    async fn five(
+        shape: crate::devtools::sim::ListShape,
+        collection: &str,
+        item: impl Fn(u32) -> serde_json::Value,
+    ) -> (HttpProvider, Sim, CancellationToken) {
+        let (p, sim, stop) = provider("").await;
+        sim.set_list_shape(collection, shape, 2);
+        for i in 1..=5 {
+            sim.create_with(&format!("{collection}/{i}"), item(i));
+        }
+        (p, sim, stop)
+    }
+
+    #[tokio::test]
+    async fn a_list_in_one_page_under_data_with_numeric_keys() {
+        let (p, _sim, _stop) = five(
+            crate::devtools::sim::ListShape::Data,
+            "/api2/json/nodes/pve/lxc",
+            |i| serde_json::json!({"vmid": 100 + i}),
+        )
+        .await;
+        let items =
+            list_all(&p, "request = \"GET /api2/json/nodes/pve/lxc\"\nitems = \"/data\"\nkey = \"/vmid\"").await;
+        assert_eq!(keys(&items.unwrap()), ["101", "102", "103", "104", "105"]);
+    }
+
+    #[tokio::test]
+    async fn a_page_token_is_sent_back_and_a_resource_name_keyed_by_its_last_segment() {
+        let base = "/v1/projects/p/locations/l/models";
+        let (p, sim, _stop) = five(crate::devtools::sim::ListShape::PageToken, base, |i| {
+            serde_json::json!({"name": format!("projects/p/locations/l/models/{i}"), "displayName": format!("m{i}")})
+        })
+        .await;
+        let inv = format!(
+            "request = \"GET {base}?pageSize=100\"\nitems = \"/models\"\nkey = \"/name\"\nkey_last_segment = true\n\
+             next = \"/nextPageToken\"\nnext_param = \"pageToken\"\nattributes = {{ display_name = \"/displayName\" }}"
+        );
+        let items = list_all(&p, &inv).await.unwrap();
+        assert_eq!(keys(&items), ["1", "2", "3", "4", "5"]);
+        assert_eq!(items[4].attributes["display_name"], "m5");
+        assert_eq!(sim.requests().len(), 3, "three pages of at most two");
+    }
+
+    #[tokio::test]
+    async fn a_next_page_given_as_a_whole_url_is_followed() {
+        let base = "/v1/bare_metal_servers";
+        let (p, sim, _stop) =
+            five(crate::devtools::sim::ListShape::NextHref, base, |i| serde_json::json!({"id": format!("0717-{i}")}))
+                .await;
+        let inv = format!(
+            "request = \"GET {base}?version=2024-11-12&limit=50\"\nitems = \"/bare_metal_servers\"\nkey = \"/id\"\nnext_url = \"/next/href\""
+        );
+        let items = list_all(&p, &inv).await.unwrap();
+        assert_eq!(keys(&items), ["0717-1", "0717-2", "0717-3", "0717-4", "0717-5"]);
+        assert_eq!(sim.requests().len(), 3);
+        // Without the version IBM requires, the list fails: it is not empty.
+        let bad = format!(
+            "request = \"GET {base}\"\nitems = \"/bare_metal_servers\"\nkey = \"/id\"\nnext_url = \"/next/href\""
+        );
+        assert!(list_all(&p, &bad).await.unwrap_err().contains("400"));
+    }
+
+    #[tokio::test]
+    async fn offset_paging_reads_until_an_empty_page_whatever_size_the_api_caps_pages_at() {
+        let (p, sim, _stop) = five(
+            crate::devtools::sim::ListShape::Offset,
+            "/v2/things",
+            |i| serde_json::json!({"uid": format!("t{i}")}),
+        )
+        .await;
+        // Asked for 100 a page, the API gives 2: a short page is not the end.
+        let inv = "request = \"GET /v2/things\"\nitems = \"/items\"\nkey = \"/uid\"\noffset_param = \"offset\"\ntotal = \"/total\"";
+        let items = list_all(&p, inv).await.unwrap();
+        assert_eq!(keys(&items), ["t1", "t2", "t3", "t4", "t5"]);
+        assert_eq!(sim.requests().len(), 4, "three pages and the empty one that ends the list");
+        // An API that ignores the offset would list page one forever.
+        let stuck =
+            "request = \"GET /v2/things?offset=0\"\nitems = \"/items\"\nkey = \"/uid\"\noffset_param = \"skip\"";
+        assert!(list_all(&p, stuck).await.unwrap_err().contains("the same page again"));
+    }
+
+    #[tokio::test]
+    async fn a_next_page_elsewhere_than_base_url_is_refused() {
+        let (p, _sim, _stop) = provider("").await;
+        let origin = p.base_url.clone();
+        assert_eq!(p.page_path(&format!("{origin}/v1/x?start=2&version=1")).unwrap(), "/v1/x?start=2&version=1");
+        assert_eq!(p.page_path("/v1/x?start=2").unwrap(), "/v1/x?start=2");
+        for bad in [
+            "https://evil.example/v1/x?start=2".to_string(),
+            origin.replace("http://", "https://"),
+            origin.replace("http://", "http://user:pw@"),
+            format!("{}1/v1/x", origin),
+            "//evil.example/v1/x".to_string(),
+        ] {
+            assert!(p.page_path(&bad).is_err(), "{bad} was followed");
+        }
+        // Under a base path, a page outside it is refused too.
+        let (sub, _sim2, _stop2) = provider("").await;
+        let sub = HttpProvider { base_url: format!("{}/api", sub.base_url), ..sub };
+        assert_eq!(sub.page_path(&format!("{}/v1/x", sub.base_url)).unwrap(), "/v1/x");
+        assert!(sub.page_path(&format!("{}/v1/x", origin)).is_err());
+    }
+
+    #[tokio::test]
+    async fn one_way_of_paging_at_a_time() {
+        let (p, _sim, _stop) = provider("").await;
+        let both = "request = \"GET /v1/x\"\nkey = \"/id\"\nnext = \"/next\"\nnext_url = \"/next/href\"";
+        assert!(list_all(&p, both).await.unwrap_err().contains("not several"));
     }
 
     #[test]

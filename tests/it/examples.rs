@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 
 use chrono::Utc;
 use mongodb::bson::{doc, oid::ObjectId, Document};
+use reaper::devtools::sim::ListShape;
 use serde_json::json;
 
 use crate::helpers::*;
@@ -31,9 +32,13 @@ async fn results(t: &mut TestApp, n: usize) -> Vec<reaper::contract::TeardownRes
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_registry_sync() {
     let mut t = setup("model-registry-sync").await;
-    t.sim.create_collection("/model/info");
+    // LiteLLM's own shape: {"data": [...]}, keyed by model_info.id.
+    t.sim.set_list_shape("/model/info", ListShape::Data, 1000);
     for m in ["granite-8b-code-instruct", "mistral-7b-instruct", "llama-13b"] {
-        t.sim.create_with(&format!("/model/info/{m}"), json!({ "model_name": m, "litellm_params": { "model": m } }));
+        t.sim.create_with(
+            &format!("/model/info/{m}"),
+            json!({ "model_name": format!("openai/{m}"), "litellm_params": { "model": m }, "model_info": { "id": m, "db_model": true } }),
+        );
     }
 
     // Found 3 models in LiteLLM, 5 in the backend: 2 orphaned.
@@ -87,6 +92,8 @@ async fn model_registry_sync() {
 async fn ml_model_registry() {
     let mut t = setup("ml-model-registry").await;
     let base = "/v1/projects/b2b-recs/locations/europe-central2/models";
+    // Vertex AI's shape, two models a page so the page token goes back and forth.
+    t.sim.set_list_shape(base, ListShape::PageToken, 2);
     for (id, name, bucket) in [
         ("5241525861236080640", "chern_retriv_v2", "training"),
         ("8920403806844354560", "chern_retriv_v5", "training"),
@@ -100,7 +107,12 @@ async fn ml_model_registry() {
     ] {
         t.sim.create_with(
             &format!("{base}/{id}"),
-            json!({ "display_name": name, "artifact_uri": format!("gs://b2b-recs-{bucket}-artifacts/{name}/pushed_model") }),
+            json!({
+                "name": format!("projects/b2b-recs/locations/europe-central2/models/{id}"),
+                "displayName": name,
+                "artifactUri": format!("gs://b2b-recs-{bucket}-artifacts/{name}/pushed_model"),
+                "versionId": "1",
+            }),
         );
     }
 
@@ -271,6 +283,8 @@ async fn cross_db_mongodb() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ghost_containers() {
     let mut t = setup("ghost-containers").await;
+    // Proxmox's shape: {"data": [{"vmid": 101, ...}]}, vmid a number.
+    t.sim.set_list_shape("/api2/json/nodes/pve/lxc", ListShape::Data, 1000);
     for vmid in 101..=107 {
         t.sim.create_with(&format!("/api2/json/nodes/pve/lxc/{vmid}"), json!({ "vmid": vmid, "status": "running" }));
     }
