@@ -336,6 +336,9 @@ struct ReconcileQuery {
     execute: bool,
     #[serde(default)]
     force: bool,
+    /// This run's age for "old enough", in seconds (the CLI's --older-than).
+    #[serde(default)]
+    older_than_secs: Option<f64>,
 }
 
 /// A dry run unless `?execute=true`. 200 with the report when the sweep ran,
@@ -346,7 +349,7 @@ async fn reconcile(State(app): State<Arc<App>>, Path(rule): Path<String>, Query(
     // On a task of its own: a client that hangs up must not drop the sweep
     // half-way (its transaction would end only when the pool reused the
     // connection, holding the rule's lock until then).
-    let mode = Mode { execute: q.execute, force: q.force };
+    let mode = Mode { execute: q.execute, force: q.force, older_than: q.older_than_secs };
     let (sweeper_app, name) = (app.clone(), rule.clone());
     let swept = tokio::spawn(async move { sweeper_app.sweeper().sweep(&name, mode).await }).await;
     let Ok(swept) = swept else { return error(StatusCode::INTERNAL_SERVER_ERROR, "the sweep panicked") };
@@ -356,6 +359,7 @@ async fn reconcile(State(app): State<Arc<App>>, Path(rule): Path<String>, Query(
         }
         Ok(r) => Json(r).into_response(),
         Err(e @ ReconcileError::UnknownRule(_)) => error(StatusCode::NOT_FOUND, &e.to_string()),
+        Err(e @ ReconcileError::Refused { .. }) => error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(e @ ReconcileError::Busy { .. }) => error(StatusCode::CONFLICT, &e.to_string()),
         Err(e @ ReconcileError::Inventory { .. }) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
         Err(e) => internal(e),

@@ -80,9 +80,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Ask each provider whether the owner's resources are really gone (PASS/FAIL).
+    /// Ask each provider whether the owner's resources are really gone
+    /// (PASS/FAIL): those reaper tracks and those the kinds' lookups find.
     Validate {
-        owner: String,
+        #[arg(required_unless_present = "owners_from")]
+        owner: Option<String>,
+        /// Owners in a file, one per line (`#` comments; `-` reads stdin):
+        /// a line per owner and a summary, N gone, M still there.
+        #[arg(long, value_name = "FILE", conflicts_with = "owner")]
+        owners_from: Option<std::path::PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -123,7 +129,12 @@ pub enum Command {
     },
     /// Publish a deletion.requested for an owner, as a producer would.
     RequestDeletion {
-        owner: String,
+        #[arg(required_unless_present = "owners_from")]
+        owner: Option<String>,
+        /// Owners in a file, one per line (`#` comments; `-` reads stdin).
+        /// Every line is checked before anything is sent.
+        #[arg(long, value_name = "FILE", conflicts_with = "owner")]
+        owners_from: Option<std::path::PathBuf>,
         /// Plan and report only; delete nothing.
         #[arg(long)]
         dry_run: bool,
@@ -198,7 +209,10 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Completions { .. } => ExitCode::SUCCESS,
         Command::Status { json } => crate::ops_cli::status(&settings, json).await,
         Command::Show { owner, json } => crate::ops_cli::show(&settings, &owner, json).await,
-        Command::Validate { owner, json } => crate::ops_cli::validate(settings, &owner, json).await,
+        Command::Validate { owner: Some(owner), json, .. } => crate::ops_cli::validate(settings, &owner, json).await,
+        Command::Validate { owners_from: Some(file), json, .. } => {
+            crate::ops_cli::validate_many(settings, &file, json).await
+        }
         Command::Plan { owner, format } => crate::ops_cli::plan(settings, &owner, format).await,
         Command::Track { owner, kind, id, attrs } => {
             crate::ops_cli::track(&settings, &owner, &kind, &id, &attrs.into_iter().collect()).await
@@ -206,8 +220,16 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::ProvisioningFailed { owner, error, step, resources } => {
             crate::ops_cli::provisioning_failed(&settings, &owner, &error, step.as_deref(), &resources).await
         }
-        Command::RequestDeletion { owner, dry_run, reason } => {
+        Command::RequestDeletion { owner: Some(owner), dry_run, reason, .. } => {
             crate::ops_cli::request_deletion(&settings, &owner, dry_run, &reason).await
+        }
+        Command::RequestDeletion { owners_from: Some(file), dry_run, reason, .. } => {
+            crate::ops_cli::request_deletions(&settings, &file, dry_run, &reason).await
+        }
+        // clap requires one of the two.
+        Command::Validate { .. } | Command::RequestDeletion { .. } => {
+            eprintln!("error: give an owner or --owners-from FILE");
+            ExitCode::from(2)
         }
     }
 }

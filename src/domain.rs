@@ -153,6 +153,37 @@ pub fn human(d: std::time::Duration) -> String {
     }
 }
 
+/// An age as people write it on a command line, in seconds: "48h", "90m",
+/// "7d", "1h30m", "3600s", or a bare number of seconds.
+pub fn parse_age(s: &str) -> Result<f64, String> {
+    let bad = || format!("{s:?} is not an age: write 48h, 90m, 7d, 1h30m or a number of seconds");
+    let t = s.trim();
+    if let Ok(secs) = t.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then_some(secs).ok_or_else(bad);
+    }
+    let (mut total, mut number) = (0.0, String::new());
+    for c in t.chars() {
+        match c {
+            '0'..='9' | '.' => number.push(c),
+            's' | 'm' | 'h' | 'd' if !number.is_empty() => {
+                let n: f64 = number.parse().map_err(|_| bad())?;
+                total += n * match c {
+                    's' => 1.0,
+                    'm' => 60.0,
+                    'h' => 3600.0,
+                    _ => 86400.0,
+                };
+                number.clear();
+            }
+            _ => return Err(bad()),
+        }
+    }
+    if !number.is_empty() || t.is_empty() {
+        return Err(bad());
+    }
+    Ok(total)
+}
+
 /// A `deletion.requested` or `provisioning.failed` event.
 #[derive(Debug, Clone)]
 pub struct TeardownRequest {
@@ -227,4 +258,21 @@ pub fn parse_time(s: &str) -> Option<chrono::DateTime<chrono::Utc>> {
         }
     }
     s.parse::<f64>().ok().and_then(|secs| chrono::DateTime::from_timestamp(secs as i64, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_age;
+
+    #[test]
+    fn ages_read_as_people_write_them() {
+        assert_eq!(parse_age("48h"), Ok(172_800.0));
+        assert_eq!(parse_age("1h30m"), Ok(5_400.0));
+        assert_eq!(parse_age("7d"), Ok(604_800.0));
+        assert_eq!(parse_age("90"), Ok(90.0));
+        assert_eq!(parse_age("2.5m"), Ok(150.0));
+        for bad in ["", "h", "48x", "-1", "48h5", "1e400", "NaN"] {
+            assert!(parse_age(bad).is_err(), "{bad:?}");
+        }
+    }
 }

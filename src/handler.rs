@@ -156,23 +156,7 @@ async fn look_up(app: &App, start: &mut JobStart) -> Result<(), String> {
     if start.job.trigger == crate::domain::Trigger::LateTrack || start.job.looked_up {
         return Ok(());
     }
-    let mut found = Vec::new();
-    let mut applies = false;
-    for kind in app.catalog.lookups() {
-        let Some(l) = kind.lookup.as_ref().filter(|l| l.applies_to(&start.job.owner)) else { continue };
-        applies = true;
-        let Some(provider) = app.providers.get(&l.provider) else {
-            return Err(format!("lookup for {}: provider {} is not configured", kind.name, l.provider));
-        };
-        let rows = provider.lookup(&kind.name, &l.query, &start.job.owner).await;
-        found.extend(rows.map_err(|e| format!("lookup for {} failed: {e}", kind.name))?);
-    }
-    // Two lookups (or one, twice) may name the same resource: it is one resource.
-    let mut seen = std::collections::HashSet::new();
-    found.retain(|r| seen.insert(r.reference()));
-    if !applies {
-        return Ok(());
-    }
+    let Some(found) = find_by_lookups(app, &start.job.owner).await? else { return Ok(()) };
     tracing::info!(found = found.len(), "resources found by lookups");
     if start.job.dry_run {
         for r in found {
@@ -193,6 +177,29 @@ async fn look_up(app: &App, start: &mut JobStart) -> Result<(), String> {
         start.resources = app.ledger.adopt(&start.job, &found, strict).await.map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// What the kinds' lookups find for `owner` now, that is for its current
+/// life; `None` when no lookup applies to the owner's type. One failed lookup
+/// fails the answer: half a list would read as "nothing left". `plan` and
+/// `validate` ask the same, so a node known only through the provisioner's
+/// tables is not "nothing tracked" there.
+pub(crate) async fn find_by_lookups(app: &App, owner: &str) -> Result<Option<Vec<crate::domain::Resource>>, String> {
+    let mut found = Vec::new();
+    let mut applies = false;
+    for kind in app.catalog.lookups() {
+        let Some(l) = kind.lookup.as_ref().filter(|l| l.applies_to(owner)) else { continue };
+        applies = true;
+        let Some(provider) = app.providers.get(&l.provider) else {
+            return Err(format!("lookup for {}: provider {} is not configured", kind.name, l.provider));
+        };
+        let rows = provider.lookup(&kind.name, &l.query, owner).await;
+        found.extend(rows.map_err(|e| format!("lookup for {} failed: {e}", kind.name))?);
+    }
+    // Two lookups (or one, twice) may name the same resource: it is one resource.
+    let mut seen = std::collections::HashSet::new();
+    found.retain(|r| seen.insert(r.reference()));
+    Ok(applies.then_some(found))
 }
 
 /// A found resource with the creation time its lookup returned (column or

@@ -31,12 +31,37 @@ pub enum OpsError {
     Plan(#[from] plan::PlanError),
     #[error("{0}")]
     Invalid(String),
+    /// A kind's lookup could not be asked: the answer would be partial.
+    #[error("{0}; nothing is reported rather than half of it")]
+    Lookup(String),
 }
 
-/// What is left of `owner`, in the order reaper would delete it.
+/// What is left of `owner`, in the order reaper would delete it: what the
+/// ledger holds live, and what the kinds' lookups find now that the ledger
+/// does not already know as gone.
 pub async fn plan(app: &App, owner: &str) -> Result<Vec<PlanStep>, OpsError> {
-    let resources = app.ledger.remaining(owner).await?;
-    plan_of(&app.settings, &app.catalog, &resources)
+    let resources =
+        known_and_found(app, owner).await?.into_iter().filter(|(_, state)| state == "live" || state == "looked_up");
+    plan_of(&app.settings, &app.catalog, &resources.map(|(r, _)| r).collect::<Vec<_>>())
+}
+
+/// The owner's resources with their state: the ledger's (live, deleted,
+/// already_gone), then those only the lookups find ("looked_up"). A found
+/// resource the ledger records as gone is left out (a provisioner's table
+/// keeps its rows after a teardown), unless its kind's ids come back
+/// (`reused_ids`): then the row found is taken for the current life's.
+async fn known_and_found(app: &App, owner: &str) -> Result<Vec<(Resource, String)>, OpsError> {
+    let mut all = app.ledger.resources_with_state(owner).await?;
+    let found = crate::handler::find_by_lookups(app, owner).await.map_err(OpsError::Lookup)?.unwrap_or_default();
+    for r in found {
+        let reused = app.catalog.kind(&r.kind).is_some_and(|k| k.reused_ids);
+        match all.iter().find(|(k, _)| k.kind == r.kind && k.id == r.id) {
+            Some((_, state)) if state == "live" => {}
+            Some(_) if !reused => {}
+            _ => all.push((r, "looked_up".into())),
+        }
+    }
+    Ok(all)
 }
 
 pub fn plan_of(
@@ -78,7 +103,7 @@ pub struct Verdict {
 /// Asks each provider whether each of the owner's resources still exists.
 pub async fn validate(app: &App, owner: &str) -> Result<Vec<Verdict>, OpsError> {
     let mut out = Vec::new();
-    for (resource, state) in app.ledger.resources_with_state(owner).await? {
+    for (resource, state) in known_and_found(app, owner).await? {
         let r = &resource;
         let (verdict, detail) =
             match (app.catalog.kind(&r.kind), app.catalog.kind(&r.kind).and_then(|k| app.providers.get(&k.provider))) {

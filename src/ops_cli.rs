@@ -214,7 +214,7 @@ pub async fn validate(settings: Settings, owner: &str, json: bool) -> ExitCode {
         Err(e) => return fail(3, e),
     };
     if verdicts.is_empty() {
-        return fail(1, format!("reaper tracks nothing for owner {owner:?}"));
+        return fail(1, format!("reaper tracks nothing for owner {owner:?} and no lookup finds anything"));
     }
     let pass = verdicts.iter().all(|v| v.verdict == "PASS");
     if json {
@@ -229,6 +229,99 @@ pub async fn validate(settings: Settings, owner: &str, json: bool) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// The owners a batch command reads: one per line, blank lines and `#`
+/// comments skipped, each once. Every line is checked first, so a typo on
+/// line 900 stops the batch before its first owner, not half-way.
+pub fn read_owners(path: &std::path::Path) -> Result<Vec<String>, String> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).map_err(|e| format!("reading owners from stdin: {e}"))?
+    } else {
+        std::fs::read_to_string(path).map_err(|e| format!("reading owners from {}: {e}", path.display()))?
+    };
+    let mut owners: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let owner = line.split('#').next().unwrap_or_default().trim();
+        if owner.is_empty() {
+            continue;
+        }
+        crate::contract::check_owner(owner).map_err(|e| format!("{} line {}: {}", path.display(), n + 1, e.0))?;
+        if seen.insert(owner.to_string()) {
+            owners.push(owner.to_string());
+        }
+    }
+    if owners.is_empty() {
+        return Err(format!("{} lists no owners", path.display()));
+    }
+    Ok(owners)
+}
+
+/// `reaper validate --owners-from FILE`: one line per owner and a summary.
+/// Exit 0 when every owner is gone, 1 when one is still there or reaper
+/// knows nothing of it, 3 when an owner could not be asked about.
+pub async fn validate_many(settings: Settings, file: &std::path::Path, json: bool) -> ExitCode {
+    let owners = match read_owners(file) {
+        Ok(o) => o,
+        Err(e) => return fail(2, e),
+    };
+    let app = match one_shot(settings).await {
+        Ok(a) => a,
+        Err(e) => return fail(2, e),
+    };
+    let (mut gone, mut there, mut unknown, mut nothing, mut errors) = (0, 0, 0, 0, 0);
+    let mut rows = Vec::new();
+    for owner in &owners {
+        let (result, detail, resources) = match ops::validate(&app, owner).await {
+            Err(e) => {
+                errors += 1;
+                ("ERROR", e.to_string(), Vec::new())
+            }
+            Ok(v) if v.is_empty() => {
+                nothing += 1;
+                ("NOTHING", "reaper tracks nothing for it and no lookup finds anything".to_string(), v)
+            }
+            Ok(v) => {
+                let left: Vec<String> =
+                    v.iter().filter(|x| x.verdict == "FAIL").map(|x| format!("{}/{}", x.kind, x.id)).collect();
+                let unsure = v.iter().filter(|x| x.verdict == "UNKNOWN").count();
+                if !left.is_empty() {
+                    there += 1;
+                    ("FAIL", format!("{} of {} still there: {}", left.len(), v.len(), left.join(", ")), v)
+                } else if unsure > 0 {
+                    unknown += 1;
+                    ("UNKNOWN", format!("{unsure} of {} could not be checked", v.len()), v)
+                } else {
+                    gone += 1;
+                    ("PASS", format!("{} resource(s) gone", v.len()), v)
+                }
+            }
+        };
+        if !json {
+            println!("{result:<8} {owner:<40} {detail}");
+        }
+        rows.push(serde_json::json!({ "owner": owner, "result": result, "detail": detail, "resources": resources }));
+    }
+    let summary = format!(
+        "{} owner(s): {gone} gone, {there} still there, {unknown} unknown, {nothing} nothing known, {errors} not asked",
+        owners.len()
+    );
+    if json {
+        let counts = serde_json::json!({ "gone": gone, "still_there": there, "unknown": unknown, "nothing_known": nothing, "errors": errors });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "owners": rows, "summary": counts }))
+                .expect("serializable")
+        );
+    } else {
+        println!("{summary}");
+    }
+    match (errors, there + unknown + nothing) {
+        (0, 0) => ExitCode::SUCCESS,
+        (0, _) => ExitCode::FAILURE,
+        _ => ExitCode::from(3),
     }
 }
 
@@ -357,4 +450,55 @@ pub async fn request_deletion(settings: &Settings, owner: &str, dry_run: bool, r
         ops::request_deletion(&publisher, &names, owner, dry_run, reason, "reaper-cli").await
     })
     .await
+}
+
+/// `reaper request-deletion --owners-from FILE`: every owner checked, then
+/// one deletion each over one link, each printed with its event id as the
+/// broker confirms it. A broker that fails half-way stops the batch and says
+/// which owners were not sent: sending the file again is harmless (an
+/// owner already torn down completes with nothing left).
+pub async fn request_deletions(settings: &Settings, file: &std::path::Path, dry_run: bool, reason: &str) -> ExitCode {
+    let owners = match read_owners(file) {
+        Ok(o) => o,
+        Err(e) => return fail(2, e),
+    };
+    let mut unknown = 0;
+    if let Ok(ledger) = crate::ledger::Ledger::from_settings(settings).await {
+        for owner in &owners {
+            if matches!(ledger.owner_view(owner).await, Ok((r, j)) if r.is_empty() && j.is_empty()) {
+                unknown += 1;
+            }
+        }
+        ledger.pool().close().await;
+    }
+    let names = crate::broker::Names::new(&settings.broker.prefix);
+    let (conn, publisher) = match crate::broker::link::open(settings, &names).await {
+        Ok(link) => link,
+        Err(e) => return fail(3, format!("{e}; nothing was sent")),
+    };
+    let mut sent = 0;
+    let mut failure = None;
+    for owner in &owners {
+        match ops::request_deletion(&publisher, &names, owner, dry_run, reason, "reaper-cli").await {
+            Ok(event_id) => {
+                println!("{owner}\t{event_id}");
+                sent += 1;
+            }
+            Err(e) => {
+                failure = Some(format!("sending the deletion of {owner} failed: {e}"));
+                break;
+            }
+        }
+    }
+    publisher.close().await;
+    let _ = conn.close(200, "sent".into()).await;
+    let what = if dry_run { "dry-run deletion request(s)" } else { "deletion request(s)" };
+    eprintln!("sent {sent} of {} {what}; {unknown} for owners reaper knows nothing of yet", owners.len());
+    match failure {
+        None => ExitCode::SUCCESS,
+        Some(e) => {
+            let rest = owners[sent..].join(" ");
+            fail(3, format!("{e}; not sent: {rest}"))
+        }
+    }
 }

@@ -166,7 +166,7 @@ async fn execute_and_clean(s: Settings, keep: i64) -> anyhow::Result<(f64, f64)>
     let worker = tokio::spawn(app.clone().run(token.clone()));
     let started = Instant::now();
     let result = async {
-        let report = app.sweeper().sweep("bench", Mode { execute: true, force: false }).await?;
+        let report = app.sweeper().sweep("bench", Mode { execute: true, force: false, older_than: None }).await?;
         let swept = started.elapsed().as_secs_f64();
         anyhow::ensure!(report.published > 0, "the executed sweep published nothing: {report:?}");
         let deadline = Instant::now() + std::time::Duration::from_secs(600);

@@ -598,7 +598,11 @@ impl HttpProvider {
                 None => break,
                 Some(Err(e)) => return pages.fail(format!("GET {url}: {e}")).await,
                 Some(Ok(u)) if !seen.insert(u.clone()) => {
-                    return pages.fail(format!("GET {url}: the API sent the next page {u:?} twice")).await;
+                    let what = match paging {
+                        NextPage::Token => "page token leading to",
+                        _ => "the next page",
+                    };
+                    return pages.fail(format!("GET {url}: the API sent {what} {u:?} twice")).await;
                 }
                 Some(Ok(u)) => u,
             };

@@ -15,6 +15,10 @@ pub struct ReconcileArgs {
     /// Go past the max_count / max_fraction brakes (never past a failed or empty inventory).
     #[arg(long)]
     pub force: bool,
+    /// This run's age for "old enough" (48h, 90m, 7d) instead of the rule's
+    /// grace_secs. Executing with a shorter one needs --force.
+    #[arg(long, value_name = "AGE", value_parser = crate::domain::parse_age)]
+    pub older_than: Option<f64>,
     #[arg(long)]
     pub json: bool,
 }
@@ -46,7 +50,7 @@ pub async fn run(settings: Settings, args: ReconcileArgs) -> ExitCode {
         Err(e) => return fail(2, e),
     };
     let sweeper = Sweeper { settings: &settings, ledger: &ledger, providers: &providers, metrics: None };
-    match sweeper.sweep(&rule, Mode { execute: args.execute, force: args.force }).await {
+    match sweeper.sweep(&rule, Mode { execute: args.execute, force: args.force, older_than: args.older_than }).await {
         Ok(r) => {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&r).expect("serializable"));
@@ -59,7 +63,7 @@ pub async fn run(settings: Settings, args: ReconcileArgs) -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
-        Err(e @ ReconcileError::UnknownRule(_)) => fail(2, e),
+        Err(e @ (ReconcileError::UnknownRule(_) | ReconcileError::Refused { .. })) => fail(2, e),
         Err(e) => fail(3, e),
     }
 }
@@ -78,7 +82,11 @@ pub fn print_report(r: &Report) {
     }
     println!("  copy items:      {} (+{} excluded by filters)", r.copy, r.excluded);
     println!("  orphans:         {}", r.orphans);
-    println!("    too young:     {}", r.too_young);
+    println!(
+        "    too young:     {} (younger than {})",
+        r.too_young,
+        crate::domain::human(std::time::Duration::from_secs_f64(r.grace_secs))
+    );
     println!("    in quarantine: {}", r.in_quarantine);
     println!("    actionable:    {}", r.actionable);
     if r.already_requested > 0 {

@@ -43,6 +43,9 @@ pub enum ReconcileError {
     Inventory { rule: String, side: &'static str, message: String },
     #[error("rule {rule}: {message}")]
     Sweep { rule: String, message: String },
+    /// Asked in a way the rule does not allow: nothing was read or touched.
+    #[error("rule {rule}: {message}")]
+    Refused { rule: String, message: String },
     #[error(transparent)]
     Ledger(#[from] LedgerError),
     #[error(transparent)]
@@ -56,6 +59,11 @@ pub struct Mode {
     pub execute: bool,
     /// Go past the max_count / max_fraction brakes.
     pub force: bool,
+    /// This run's age for "old enough", in seconds, instead of the rule's
+    /// `grace_secs` (`--older-than 48h`). Shorter than the rule's needs
+    /// `force` to execute: the grace is what keeps a sweep off things being
+    /// created right now.
+    pub older_than: Option<f64>,
 }
 
 /// How a sweep ended (the JSON report and the metric label spell it in snake_case).
@@ -119,6 +127,10 @@ pub struct Report {
     /// path (empty, `.`, `..`): never requested, reported here.
     #[serde(default)]
     pub unusable_values: u64,
+    /// The age an orphan needed to be actionable in this sweep: the rule's
+    /// grace, or the run's `--older-than`.
+    #[serde(default)]
+    pub grace_secs: f64,
     pub sample_actionable: Vec<String>,
     pub sample_waiting: Vec<String>,
     #[serde(with = "crate::contract::rfc3339")]
@@ -148,9 +160,34 @@ impl crate::app::App {
     }
 }
 
+/// The rule as this run applies it: its grace replaced by `--older-than`.
+fn with_age(name: &str, rule: &RuleSettings, mode: Mode) -> Result<RuleSettings, ReconcileError> {
+    let Some(age) = mode.older_than else { return Ok(rule.clone()) };
+    if !age.is_finite() || age < 0.0 {
+        return Err(ReconcileError::Refused {
+            rule: name.into(),
+            message: format!("--older-than {age}s is not an age"),
+        });
+    }
+    if age < rule.grace_secs && mode.execute && !mode.force {
+        return Err(ReconcileError::Refused {
+            rule: name.into(),
+            message: format!(
+                "--older-than {} is shorter than the rule's grace of {}, which keeps sweeps off what is being \
+                 created right now; add --force to execute with it (a dry run needs nothing)",
+                crate::domain::human(std::time::Duration::from_secs_f64(age)),
+                crate::domain::human(std::time::Duration::from_secs_f64(rule.grace_secs))
+            ),
+        });
+    }
+    Ok(RuleSettings { grace_secs: age, ..rule.clone() })
+}
+
 impl Sweeper<'_> {
     pub async fn sweep(&self, name: &str, mode: Mode) -> Result<Report, ReconcileError> {
-        let rule = self.settings.reconcile.rules.get(name).ok_or_else(|| ReconcileError::UnknownRule(name.into()))?;
+        let configured =
+            self.settings.reconcile.rules.get(name).ok_or_else(|| ReconcileError::UnknownRule(name.into()))?;
+        let rule = &with_age(name, configured, mode)?;
         let started = std::time::Instant::now();
         let result = self.sweep_inner(name, rule, mode).await;
         if let Some(m) = self.metrics {
@@ -252,6 +289,7 @@ impl Sweeper<'_> {
             published: 0,
             already_requested: 0,
             unusable_values: 0,
+            grace_secs: rule.grace_secs,
             sample_actionable: Vec::new(),
             sample_waiting: Vec::new(),
             started_at,

@@ -42,7 +42,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
                     // The outcome is logged and counted by the sweep itself. A
                     // shutdown drops the sweep, which rolls its transaction back.
                     tokio::select! {
-                        _ = sweeper.sweep(name, Mode { execute: *execute, force: false }) => {}
+                        _ = sweeper.sweep(name, Mode { execute: *execute, force: false, older_than: None }) => {}
                         _ = shutdown.cancelled() => return,
                     }
                 }

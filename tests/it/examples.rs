@@ -3,6 +3,7 @@
 //! simulated services, in the shapes the field reports describe.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use chrono::Utc;
 use mongodb::bson::{doc, oid::ObjectId, Document};
@@ -12,11 +13,7 @@ use serde_json::json;
 use crate::helpers::*;
 
 async fn setup(name: &str) -> TestApp {
-    let t = spawn_app(&example(name)).await;
-    if let Some(sql) = example_sql(name) {
-        t.sql(&sql).await;
-    }
-    t
+    spawn_example(name).await
 }
 
 /// Results until `n` arrived, by owner.
@@ -180,9 +177,16 @@ async fn cross_db_mongodb() {
     let contents: Vec<ObjectId> = (0..5).map(|_| ObjectId::new()).collect();
     let deleted_content = contents[0].to_hex();
     let never_announced = ObjectId::new().to_hex();
+    // Content soft-deleted in Bayit+ (deleted_at set): it counts as gone.
+    let soft_deleted = ObjectId::new();
     bayit
         .collection::<Document>("contents")
-        .insert_many(contents.iter().map(|id| doc! { "_id": id, "title": "x", "deleted_at": null }))
+        .insert_many(
+            contents
+                .iter()
+                .map(|id| doc! { "_id": id, "title": "x", "deleted_at": null })
+                .chain([doc! { "_id": soft_deleted, "title": "gone", "deleted_at": mongodb::bson::DateTime::now() }]),
+        )
         .await
         .unwrap();
     bayit.collection::<Document>("live_channels").insert_one(doc! { "_id": "ch-1" }).await.unwrap();
@@ -202,6 +206,7 @@ async fn cross_db_mongodb() {
         docs.extend((0..10).map(|i| doc! { "content_id": c.to_hex(), "n": i }));
     }
     docs.extend((0..30).map(|i| doc! { "content_id": &never_announced, "n": i }));
+    docs.extend((0..3).map(|i| doc! { "content_id": soft_deleted.to_hex(), "n": i }));
     emb.insert_many(docs).await.unwrap();
     olorin
         .collection::<Document>("recap_sessions")
@@ -221,7 +226,7 @@ async fn cross_db_mongodb() {
     assert_eq!(r.status, "completed", "{r:?}");
     assert_eq!(r.resources.len(), 1, "one resource per content id, however many documents: {r:?}");
     assert_eq!(emb.count_documents(doc! { "content_id": &deleted_content }).await.unwrap(), 0);
-    assert_eq!(emb.count_documents(doc! {}).await.unwrap(), 40 + 30, "the others are untouched");
+    assert_eq!(emb.count_documents(doc! {}).await.unwrap(), 40 + 30 + 3, "the others are untouched");
     let archived = t.count("SELECT count(*) FROM archived_records").await;
     assert_eq!(archived, 2500, "every document archived before it was deleted");
 
@@ -230,13 +235,15 @@ async fn cross_db_mongodb() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         (rep["truth"].as_u64(), rep["copy"].as_u64(), rep["actionable"].as_u64()),
-        (Some(5), Some(5), Some(1)),
+        (Some(5), Some(6), Some(2)),
         "{rep}"
     );
-    assert_eq!(rep["sample_actionable"], json!([never_announced]));
+    let mut want = vec![never_announced.clone(), soft_deleted.to_hex()];
+    want.sort();
+    assert_eq!(rep["sample_actionable"], json!(want));
     let (_, rep, _) = t.reconcile("orphan_embeddings", &["--execute"]);
-    assert_eq!(rep["published"], json!(1));
-    assert_eq!(t.next_result(60).await.result.status, "completed");
+    assert_eq!(rep["published"], json!(2));
+    assert!(results(&mut t, 2).await.iter().all(|r| r.status == "completed"));
     assert_eq!(emb.count_documents(doc! {}).await.unwrap(), 40);
 
     let (_, rep, _) = t.reconcile("orphan_recaps", &["--execute"]);
@@ -321,14 +328,43 @@ async fn ghost_containers() {
         .collect();
     assert_eq!(left, (101..=107).chain([190]).collect(), "the deploying row is inside its grace period");
 
-    // The ghost's id, hostname and ports are free again.
-    t.sql("INSERT INTO apps (lxc_id, hostname, public_port, internal_port, status) VALUES (140, 'app-140', 20140, 30140, 'running')")
+    // The ghost's id, hostname and ports are free again: a deployment takes them.
+    t.sql("INSERT INTO apps (lxc_id, hostname, public_port, internal_port, status, created_at, updated_at) VALUES (140, 'app-140', 20140, 30140, 'deploying', now(), now())")
         .await;
 
-    // Error rows past the 24 h retention go too.
-    let (code, r, _) = t.reconcile("stale_errors", &["--execute"]);
-    assert_eq!((code, r["published"].as_u64()), (0, Some(1)), "{r}");
-    assert_eq!(t.next_result(60).await.result.owner, "app/107");
+    // `reaper run` with the example's schedules: both rules sweep at start-up
+    // and execute. Row 107 is in `error` for two days, but its container
+    // runs: removing the row would free an id and hostname in use, so the
+    // guard blocks it.
+    const GHOST_SWEEPS: &str = "SELECT sweeps FROM reconcile_rules WHERE rule = 'ghost_apps'";
+    let before = t.count(GHOST_SWEEPS).await;
+    let (stop, replica, _) = t.spawn_replica_with(|s| s.reconcile.run_schedules = true).await;
+    let r = t.next_result(60).await.result;
+    assert_eq!(
+        (r.owner.as_str(), r.status.as_str(), r.resources[0].outcome.as_str()),
+        ("app/107", "dead_lettered", "blocked"),
+        "{r:?}"
+    );
+    assert!(r.reason.as_deref().unwrap_or_default().contains("its container still exists in Proxmox"), "{r:?}");
+    wait_until("the schedule's ghost_apps sweep", Duration::from_secs(30), || async {
+        t.count(GHOST_SWEEPS).await > before
+    })
+    .await;
+    stop.cancel();
+    let _ = replica.await;
+    assert_eq!(t.count("SELECT count(*) FROM apps WHERE lxc_id IN (107, 140, 190)").await, 3, "all in use");
+    // Results go out at least once: the replica's shutdown flush may send
+    // 107's again (the same job), but no other teardown ran.
+    while let Some(o) = t.tap.next(Duration::from_millis(300)).await {
+        assert_eq!(o.result.job_id, r.job_id, "nothing else was torn down: {:?}", o.result);
+    }
+    assert_eq!(t.sim.stats().unauthorized, 0, "every request carried the PVEAPIToken header");
+
+    // Once the container is destroyed, the replay removes the row.
+    t.sim.remove("/api2/json/nodes/pve/lxc/107");
+    let out = t.reaper(&["replay", "--job", &r.job_id.to_string()], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(t.next_result(60).await.result.status, "completed");
     assert_eq!(t.count("SELECT count(*) FROM apps WHERE lxc_id = 107").await, 0);
 }
 
@@ -424,4 +460,117 @@ async fn vpc_node() {
     );
     assert_eq!(text.matches("deleted through an API").count(), 5, "{text}");
     assert!(text.contains("node_record/") && text.contains("without `archive = true`"), "{text}");
+}
+
+/// The VPC example's README, in its order: sample rows and cloud resources,
+/// a plan, `reaper run` whose first scheduled sweep only reports, the dry
+/// run, the execute, validate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vpc_node_as_its_readme_runs_it() {
+    let mut t = setup("vpc-node").await;
+    t.sql(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/vpc-node/sample.sql")).unwrap())
+        .await;
+    let reaper::config::ProviderSettings::Http(cloud) = &t.app.settings.providers["cloud"] else {
+        panic!("cloud is HTTP")
+    };
+    let out = run_to_end(
+        std::process::Command::new("sh")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/vpc-node/sample-cloud.sh"))
+            .env("SIM", &cloud.base_url)
+            .env("REAPER_CLOUD_TOKEN", example_token("REAPER_CLOUD_TOKEN")),
+        "sample-cloud.sh",
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(t.sim.paths().len(), 5, "{:?}", t.sim.paths());
+
+    let out = t.reaper(&["plan", "node/node01"], &[]);
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{plan}{}", String::from_utf8_lossy(&out.stderr));
+    for id in ["node01-vni", "node01-dns", "node01-bm", "node01-ip1", "node01-ip2"] {
+        assert!(plan.contains(id), "the plan finds {id} through the lookups: {plan}");
+    }
+
+    // `reaper run`: the schedule's first sweep runs at start-up, as a dry run.
+    let (stop, replica, replica_app) = t.spawn_replica_with(|s| s.reconcile.run_schedules = true).await;
+    wait_until("the schedule's first sweep", Duration::from_secs(30), || async {
+        replica_app.metrics.render().lines().any(|l| {
+            l.starts_with("reaper_reconcile_runs_total{")
+                && l.contains("outcome=\"dry_run\"")
+                && l.contains("rule=\"failed_nodes\"")
+        })
+    })
+    .await;
+    stop.cancel();
+    let _ = replica.await;
+    assert!(t.tap.next(Duration::from_millis(300)).await.is_none(), "the scheduled sweep published nothing");
+    assert_eq!(t.sim.paths().len(), 5);
+
+    // Known only through the provisioner's tables, node01 is not "nothing tracked".
+    let out = t.reaper(&["validate", "node/node01"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.matches("FAIL ").count(), 6, "five cloud resources and the row still there: {text}");
+    let out = t.reaper(&["plan", "node/node01", "--format", "sh"], &[]);
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(script.contains("/v1/virtual_network_interfaces/node01-vni"), "{script}");
+
+    let (code, rep, err) = t.reconcile("failed_nodes", &[]);
+    assert_eq!((code, rep["actionable"].as_u64(), rep["too_young"].as_u64()), (0, Some(1), Some(1)), "{rep} {err}");
+    assert_eq!(rep["sample_actionable"], json!(["node01"]));
+    // The age is the rule's unless a run says otherwise; executing with a
+    // shorter one than the rule's needs --force.
+    let (code, rep, _) = t.reconcile("failed_nodes", &["--older-than", "1h"]);
+    assert_eq!((code, rep["actionable"].as_u64(), rep["grace_secs"].as_f64()), (0, Some(2), Some(3600.0)), "{rep}");
+    let (code, _, err) = t.reconcile("failed_nodes", &["--older-than", "1h", "--execute"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("shorter than the rule's grace of 24h"), "{err}");
+    let (code, rep, _) = t.reconcile("failed_nodes", &["--older-than", "48h", "--execute"]);
+    assert_eq!((code, rep["actionable"].as_u64(), rep["too_young"].as_u64()), (0, Some(0), Some(2)), "{rep}");
+    let (code, _, err) = t.reconcile("failed_nodes", &["--older-than", "48x"]);
+    assert!(code == 2 && err.contains("is not an age"), "{err}");
+    assert!(t.tap.next(Duration::from_millis(200)).await.is_none(), "nothing was published");
+
+    let (code, rep, _) = t.reconcile("failed_nodes", &["--execute"]);
+    assert_eq!((code, rep["published"].as_u64()), (0, Some(1)), "{rep}");
+    let r = t.next_result(60).await.result;
+    assert_eq!((r.owner.as_str(), r.status.as_str(), r.resources.len()), ("node/node01", "completed", 6), "{r:?}");
+    assert!(t.sim.paths().is_empty(), "{:?}", t.sim.paths());
+    assert_eq!(t.count("SELECT count(*) FROM nodes WHERE status = 'cleanup_completed'").await, 1);
+    let out = t.reaper(&["validate", "node/node01"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+
+    // Batches: validate and request deletion for the owners in a file.
+    let dir = std::env::temp_dir();
+    let list = dir.join(format!("reaper-owners-{}.txt", unique("l")));
+    std::fs::write(&list, "# nodes to check\nnode/node01\nnode/node02   # failed 2 h ago\n\nnode/node01\n").unwrap();
+    let list = list.to_str().unwrap();
+    let out = t.reaper(&["validate", "--owners-from", list], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("2 owner(s): 1 gone, 1 still there"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("PASS") && l.contains("node/node01")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("FAIL") && l.contains("node/node02")), "{text}");
+
+    let bad = dir.join(format!("reaper-owners-{}.txt", unique("b")));
+    std::fs::write(&bad, "node/node02\nnode02\n").unwrap();
+    let out = t.reaper(&["request-deletion", "--owners-from", bad.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("line 2"), "says which line: {err}");
+    assert!(t.tap.next(Duration::from_millis(300)).await.is_none(), "a bad line sends nothing, not even line 1");
+
+    let out = t.reaper(&["request-deletion", "--owners-from", list], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("sent 2 of 2 deletion request(s)"), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    let done = results(&mut t, 2).await;
+    assert!(done.iter().all(|d| d.status == "completed"), "{done:?}");
+    let out = t.reaper(&["validate", "--owners-from", list, "--json"], &[]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(report["summary"]["gone"], json!(2), "{report}");
+    assert!(out.status.success(), "{report}");
+    assert_eq!(t.count("SELECT count(*) FROM nodes WHERE status = 'cleanup_completed'").await, 2);
+    assert_eq!(t.sim.stats().unauthorized, 0, "every request carried the cloud token");
 }

@@ -107,8 +107,54 @@ impl Drop for Cleanup {
     }
 }
 
-/// The VPC example's kinds pointed at a fresh simulated cloud, plus `extra` TOML.
+/// The VPC example's kinds pointed at a fresh simulated cloud, plus `extra`
+/// TOML; HTTP providers send no token and the simulated cloud asks for none.
 pub async fn spawn_app(extra: &str) -> TestApp {
+    spawn(extra, false).await
+}
+
+/// An example as its README runs it: its config (see [`example`]) with its
+/// `auth` kept, each `token_env` read from a file instead (a test cannot set
+/// the process environment safely), and the simulated services answering 401
+/// to any request without that token. Its schema.sql is loaded.
+pub async fn spawn_example(name: &str) -> TestApp {
+    let mut extra = example(name);
+    let mut tokens = Vec::new();
+    while let Some(start) = extra.find("token_env = \"") {
+        let rest = &extra[start + "token_env = \"".len()..];
+        let var = rest[..rest.find('"').expect("a quoted variable name")].to_string();
+        let token = example_token(&var);
+        let file = std::env::temp_dir().join(format!("reaper-example-{var}.token"));
+        let part = file.with_extension(format!("{}.part", fastrand::u64(..)));
+        std::fs::write(&part, &token).unwrap();
+        std::fs::rename(&part, &file).unwrap();
+        extra = extra.replacen(
+            &format!("token_env = \"{var}\""),
+            &format!("token_file = {:?}", file.display().to_string()),
+            1,
+        );
+        tokens.push(token);
+    }
+    let t = spawn(&extra, true).await;
+    if !tokens.is_empty() {
+        t.sim.require_tokens(reaper::devtools::sim::TokenPolicy { fixed_tokens: tokens, ..Default::default() });
+    }
+    if let Some(sql) = example_sql(name) {
+        t.sql(&sql).await;
+    }
+    t
+}
+
+/// The token an example's `token_env` variable holds in the tests.
+pub fn example_token(var: &str) -> String {
+    match var {
+        // Proxmox's token is the Authorization header's whole value.
+        "PROXMOX_TOKEN" => "PVEAPIToken=reaper@pve!reaper=0b5e2c1d-test".to_string(),
+        _ => format!("{}-test-secret", var.to_lowercase()),
+    }
+}
+
+async fn spawn(extra: &str, keep_auth: bool) -> TestApp {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
@@ -167,9 +213,10 @@ pub async fn spawn_app(extra: &str) -> TestApp {
         .replace("{sim_url}", &format!("http://{addr}"))
         .replace("{mongo_url}", &mongo_url())
         .replace("{mongo_prefix}", &mongo_prefix);
-    let config_text = format!("{config_text}\n{}", extra.replace("auth = {", "# auth = {"));
+    let extra_text = if keep_auth { extra.clone() } else { extra.replace("auth = {", "# auth = {") };
+    let config_text = format!("{config_text}\n{extra_text}");
     // A test that gives the cloud an auth table of its own replaces the example's.
-    let own_auth = extra.contains("[providers.cloud.auth]");
+    let own_auth = keep_auth || extra.contains("[providers.cloud.auth]");
     let vpc = include_str!("../../config/vpc-node.toml");
     let vpc = if own_auth { vpc.replace("auth = {", "# auth = {") } else { vpc.to_string() };
     let mut settings = Settings::from_toml_layers(&[&vpc, &overrides, &extra]).expect("test settings");

@@ -448,6 +448,7 @@ async fn lists_that_are_missing_looping_or_empty_on_one_side_touch_nothing() {
     let (code, r, err) = t.reconcile("models", &["--execute", "--force"]);
     assert_eq!(code, 3, "{r} {err}");
     assert!(err.contains("sent page token") && err.contains("twice"), "{err}");
+    assert!(err.contains("cursor=live%2D0099"), "{err}");
     assert_eq!(models(&t).await, 151);
     drop(t);
 
