@@ -65,6 +65,22 @@ async fn model_registry_sync() {
         "{status}"
     );
 
+    // An admin removes llama-13b from LiteLLM: `reaper run`'s hourly
+    // schedule sweeps at start-up and removes its backend row.
+    t.sim.remove("/model/info/llama-13b");
+    let (stop, replica, _) = t.spawn_replica_with(|s| s.reconcile.run_schedules = true).await;
+    let r = t.next_result(60).await.result;
+    assert_eq!((r.owner.as_str(), r.status.as_str()), ("model/llama-13b", "completed"), "{r:?}");
+    stop.cancel();
+    let _ = replica.await;
+    assert_eq!(t.count("SELECT count(*) FROM models").await, 2);
+    assert_eq!(t.sim.stats().unauthorized, 0, "every request carried the master key");
+    t.sim.create_with(
+        "/model/info/llama-13b",
+        json!({ "model_name": "openai/llama-13b", "model_info": { "id": "llama-13b", "db_model": true } }),
+    );
+    t.sql("INSERT INTO models (id, provider) VALUES ('llama-13b', 'vllm')").await;
+
     // An admin deleted a model by mistake: its row comes back from the archive.
     let out = t.reaper(&["restore", &done[0].job_id.to_string()], &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -74,7 +90,7 @@ async fn model_registry_sync() {
     t.sql("UPDATE archived_records SET archived_at = now() - interval '31 days' WHERE resource_id = 'old-model-2'")
         .await;
     assert_eq!(t.app.ledger.purge_archive(t.app.settings.archive.retention_days).await.unwrap(), 1);
-    assert_eq!(t.count("SELECT count(*) FROM archived_records").await, 1);
+    assert_eq!(t.count("SELECT count(*) FROM archived_records WHERE resource_id LIKE 'old-model-%'").await, 1);
 
     // The gateway answers an empty list: nothing is deleted.
     for m in ["granite-8b-code-instruct", "mistral-7b-instruct", "llama-13b"] {
@@ -167,6 +183,19 @@ async fn ml_model_registry() {
     let again = t.next_result(60).await.result;
     assert_eq!((again.job_id, again.status.as_str()), (blocked.job_id, "completed"), "{again:?}");
     assert_eq!(t.count("SELECT count(*) FROM registered_model WHERE id = 12").await, 0);
+
+    // `reaper run`: the daily schedule sweeps at start-up and executes, as
+    // the example says. A record abandoned eight days ago goes; 11 is young.
+    t.sql("INSERT INTO registered_model VALUES (13, 'chern_rank_v6', '', now() - interval '8 days')").await;
+    let (stop, replica, _) = t.spawn_replica_with(|s| s.reconcile.run_schedules = true).await;
+    let r = t.next_result(60).await.result;
+    assert_eq!((r.owner.as_str(), r.status.as_str()), ("registered_model/13", "completed"), "{r:?}");
+    stop.cancel();
+    let _ = replica.await;
+    let ids: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM registered_model ORDER BY id").fetch_all(t.app.ledger.pool()).await.unwrap();
+    assert_eq!(ids, [1, 2, 4, 6, 8, 9, 10, 11]);
+    assert_eq!(t.sim.stats().unauthorized, 0, "every request carried the registry token");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,9 +270,16 @@ async fn cross_db_mongodb() {
     let mut want = vec![never_announced.clone(), soft_deleted.to_hex()];
     want.sort();
     assert_eq!(rep["sample_actionable"], json!(want));
-    let (_, rep, _) = t.reconcile("orphan_embeddings", &["--execute"]);
-    assert_eq!(rep["published"], json!(2));
-    assert!(results(&mut t, 2).await.iter().all(|r| r.status == "completed"));
+    // `reaper run`: the daily schedule sweeps at start-up and executes.
+    let (stop, replica, _) = t.spawn_replica_with(|s| s.reconcile.run_schedules = true).await;
+    let done = results(&mut t, 2).await;
+    stop.cancel();
+    let _ = replica.await;
+    assert!(done.iter().all(|r| r.status == "completed"), "{done:?}");
+    let owners: Vec<&str> = done.iter().map(|r| r.owner.as_str()).collect();
+    let mut want_owners = vec![format!("content/{never_announced}"), format!("content/{}", soft_deleted.to_hex())];
+    want_owners.sort();
+    assert_eq!(owners, want_owners);
     assert_eq!(emb.count_documents(doc! {}).await.unwrap(), 40);
 
     let (_, rep, _) = t.reconcile("orphan_recaps", &["--execute"]);
