@@ -518,7 +518,25 @@ async fn vpc_node_as_its_readme_runs_it() {
         Duration::from_secs(30),
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(t.sim.paths().len(), 5, "{:?}", t.sim.paths());
+    assert_eq!(t.sim.paths().len(), 6, "{:?}", t.sim.paths());
+    // IBM VPC's list shape, one server a page: two pages linked by next.href.
+    t.sim.set_list_shape("/v1/bare_metal_servers", ListShape::NextHref, 1);
+
+    // A server no node names: reported, then torn down once two executed sweeps agree.
+    let (code, rep, err) = t.reconcile("unnamed_servers", &[]);
+    assert_eq!(
+        (code, rep["truth"].as_u64(), rep["copy"].as_u64(), rep["orphans"].as_u64(), rep["actionable"].as_u64()),
+        (0, Some(2), Some(2), Some(1), Some(0)),
+        "in quarantine until two sweeps agree: {rep} {err}"
+    );
+    let (_, rep, _) = t.reconcile("unnamed_servers", &["--execute"]);
+    assert_eq!((rep["in_quarantine"].as_u64(), rep["published"].as_u64()), (Some(1), Some(0)), "{rep}");
+    let (_, rep, _) = t.reconcile("unnamed_servers", &["--execute"]);
+    assert_eq!(rep["published"].as_u64(), Some(1), "{rep}");
+    let r = t.next_result(60).await.result;
+    assert_eq!((r.owner.as_str(), r.status.as_str()), ("server/stray-bm", "completed"), "{r:?}");
+    assert!(!t.sim.exists("/v1/bare_metal_servers/stray-bm"));
+    assert_eq!(t.sim.paths().len(), 5, "node01's five stay: {:?}", t.sim.paths());
 
     let out = t.reaper(&["plan", "node/node01"], &[]);
     let plan = String::from_utf8_lossy(&out.stdout);
