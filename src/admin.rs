@@ -162,7 +162,8 @@ async fn status(State(app): State<Arc<App>>) -> Response {
         "counts": counts,
         "config": {
         "reconcile": s.reconcile.rules.iter().map(|(name, r)| (name.clone(), json!({
-            "every_secs": r.every_secs, "execute_on_schedule": r.execute_on_schedule,
+            "every_secs": r.every_secs, "schedule": r.schedule, "enabled": r.enabled,
+            "execute_on_schedule": r.execute_on_schedule,
             "max_count": r.max_count, "max_fraction": r.max_fraction, "grace_secs": r.grace_secs,
             "quarantine_sweeps": r.quarantine_sweeps,
         }))).collect::<serde_json::Map<_, _>>(),

@@ -890,6 +890,15 @@ mod tests {
         let e = kinds(&rule("action = { kind = \"a\" }\nmax_fraction = 2.0")).unwrap_err().to_string();
         assert!(e.contains("max_fraction must be in (0, 1]"), "{e}");
         assert!(kinds(&rule("action = { kind = \"a\" }")).is_ok());
+        let e = kinds(&rule("action = { kind = \"a\" }\nschedule = \"0 4 * *\"")).unwrap_err().to_string();
+        assert!(e.contains("is not a cron pattern"), "{e}");
+        let e = kinds(&rule("action = { kind = \"a\" }\nschedule = \"*/10 * * * * *\"")).unwrap_err().to_string();
+        assert!(e.contains("runs 10s apart, below reconcile.min_interval_secs 60"), "{e}");
+        let e = kinds(&rule("action = { kind = \"a\" }\nschedule = \"0 4 * * *\"\nevery_secs = 3600"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("give every_secs or schedule, not both"), "{e}");
+        assert!(kinds(&rule("action = { kind = \"a\" }\nschedule = \"0 4 * * *\"\nenabled = false")).is_ok());
         let pg = "[providers.db]\ntype=\"postgres\"\nurl=\"postgres://h/d\"\n";
         let lookup = |extra: &str| {
             format!("{PROVIDER}{pg}[kinds.a]\nprovider=\"p\"\ndelete=\"DELETE /a/{{id}}\"\nlookup = {{ provider = \"db\", sql = \"SELECT x AS id FROM t WHERE n = $1\"{extra} }}\n")

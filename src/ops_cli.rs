@@ -48,7 +48,7 @@ pub async fn check_config(settings: &Settings, connect: bool) -> ExitCode {
         println!("  {k:<width$}  provider={:<12} after: {after}{extras}", spec.provider);
     }
     for (name, r) in &settings.reconcile.rules {
-        let every = r.every_secs.map(|e| format!("every {e}s")).unwrap_or_else(|| "by hand".into());
+        let every = r.when();
         println!("  reconcile rule {name}: {every}");
     }
     for (name, p) in &settings.providers {

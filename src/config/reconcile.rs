@@ -47,9 +47,37 @@ pub struct RuleSettings {
     /// Run inside `reaper run` this often; unset: by hand only.
     #[serde(default)]
     pub every_secs: Option<f64>,
+    /// Or at these times: a cron pattern in UTC ("0 4 * * *"; six fields
+    /// put seconds first). One of the two.
+    #[serde(default)]
+    pub schedule: Option<String>,
     /// Scheduled sweeps act (true) or only report (false, the default).
     #[serde(default)]
     pub execute_on_schedule: bool,
+    /// false keeps the rule configured, and runnable by hand, with its schedule off.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl RuleSettings {
+    /// When it runs, as listings say it: "every 3600s", "cron 0 4 * * * (UTC)",
+    /// "by hand"; "(disabled)" when its schedule is off.
+    pub fn when(&self) -> String {
+        let when = match (self.every_secs, &self.schedule) {
+            (Some(e), _) => format!("every {e}s"),
+            (None, Some(c)) => format!("cron {c} (UTC)"),
+            (None, None) => return "by hand".into(),
+        };
+        let act = if self.execute_on_schedule { "executes" } else { "reports only" };
+        match self.enabled {
+            true => format!("{when}, {act}"),
+            false => format!("{when} (disabled: by hand only)"),
+        }
+    }
 }
 
 fn one() -> u32 {

@@ -29,7 +29,7 @@ pub async fn run(settings: Settings, args: ReconcileArgs) -> ExitCode {
             println!("no reconcile rules are configured");
         }
         for (name, r) in &settings.reconcile.rules {
-            let every = r.every_secs.map(|e| format!("every {e}s")).unwrap_or_else(|| "by hand".into());
+            let every = r.when();
             println!("{name:<28} {every}");
         }
         return ExitCode::SUCCESS;

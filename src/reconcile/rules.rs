@@ -93,9 +93,37 @@ impl ReconcileSettings {
                     )));
                 }
             }
+            if let Some(pattern) = &r.schedule {
+                if r.every_secs.is_some() {
+                    return Err(err("give every_secs or schedule, not both".into()));
+                }
+                let gap = cron(pattern).and_then(|c| shortest_gap(&c)).map_err(err)?;
+                if gap < self.min_interval_secs {
+                    return Err(err(format!(
+                        "schedule {pattern:?} runs {gap}s apart, below reconcile.min_interval_secs {}",
+                        self.min_interval_secs
+                    )));
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// A rule's `schedule`, parsed: five fields (minute first) or six (second first), UTC.
+pub fn cron(pattern: &str) -> Result<croner::Cron, String> {
+    croner::parser::CronParser::new()
+        .parse(pattern)
+        .map_err(|e| format!("schedule {pattern:?} is not a cron pattern: {e}"))
+}
+
+/// The shortest time between two of the next hundred slots, in seconds.
+fn shortest_gap(c: &croner::Cron) -> Result<f64, String> {
+    let slots: Vec<_> = c.iter_after(chrono::Utc::now()).take(100).collect();
+    if slots.len() < 2 {
+        return Err(format!("schedule {:?} never runs again", c.pattern.to_string()));
+    }
+    Ok(slots.windows(2).map(|w| (w[1] - w[0]).num_milliseconds() as f64 / 1000.0).fold(f64::INFINITY, f64::min))
 }
 
 #[cfg(test)]

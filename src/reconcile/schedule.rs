@@ -11,16 +11,41 @@ use tokio_util::sync::CancellationToken;
 use super::Mode;
 use crate::app::App;
 
+/// When a rule runs.
+enum Timing {
+    Every(f64),
+    Cron(Box<croner::Cron>),
+}
+
+/// A cron slot is run when a replica sees it no later than this after its
+/// time: a worker that was down at 04:00 catches up at 04:05, but a worker
+/// first started at 10:00 does not run the 04:00 sweep.
+const LATE: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
+
 pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
-    let rules: Vec<(String, f64, bool)> = app
+    let rules: Vec<(String, Timing, bool)> = app
         .settings
         .reconcile
         .rules
         .iter()
-        .filter(|_| app.settings.reconcile.run_schedules)
-        .filter_map(|(name, r)| r.every_secs.map(|e| (name.clone(), e, r.execute_on_schedule)))
+        .filter(|(_, r)| app.settings.reconcile.run_schedules && r.enabled)
+        .filter_map(|(name, r)| {
+            let timing = match (r.every_secs, &r.schedule) {
+                (Some(e), _) => Timing::Every(e),
+                // Checked at start-up (`rules.rs`).
+                (None, Some(p)) => Timing::Cron(Box::new(super::rules::cron(p).ok()?)),
+                (None, None) => return None,
+            };
+            Some((name.clone(), timing, r.execute_on_schedule))
+        })
         .collect();
-    let shortest = rules.iter().map(|r| r.1).fold(3_600.0_f64, f64::min);
+    let shortest = rules
+        .iter()
+        .filter_map(|r| match r.1 {
+            Timing::Every(e) => Some(e),
+            Timing::Cron(_) => None,
+        })
+        .fold(3_600.0_f64, f64::min);
     let tick = Duration::from_secs_f64((shortest / 4.0).clamp(0.2, 60.0));
     let mut last_purge: Option<std::time::Instant> = None;
     loop {
@@ -32,11 +57,18 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
                 Err(e) => tracing::warn!(error = %e, "could not purge old archives"),
             }
         }
-        for (name, every, execute) in &rules {
+        for (name, timing, execute) in &rules {
             if shutdown.is_cancelled() {
                 return;
             }
-            match claim(&app, name, *every).await {
+            let claimed = match timing {
+                Timing::Every(every) => claim(&app, name, *every).await,
+                Timing::Cron(c) => match due_slot(c, chrono::Utc::now()) {
+                    Some(slot) => claim_slot(&app, name, slot).await,
+                    None => Ok(false),
+                },
+            };
+            match claimed {
                 Ok(true) => {
                     let sweeper = app.sweeper();
                     // The outcome is logged and counted by the sweep itself. A
@@ -50,11 +82,32 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
                 Err(e) => tracing::warn!(rule = %name, error = %e, "could not claim the scheduled sweep"),
             }
         }
+        // Until the next tick, or the next cron slot if that comes first.
+        let now = chrono::Utc::now();
+        let next_slot = rules
+            .iter()
+            .filter_map(|r| match &r.1 {
+                Timing::Cron(c) => c.find_next_occurrence(&now, false).ok(),
+                Timing::Every(_) => None,
+            })
+            .min()
+            .and_then(|t| (t - now).to_std().ok());
+        let wait = next_slot.map_or(tick, |n| n.min(tick));
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(tick) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// The slot a cron rule owes a sweep at `now`: its latest time, if that is
+/// not more than [`LATE`] ago.
+fn due_slot(c: &croner::Cron, now: chrono::DateTime<chrono::Utc>) -> Option<chrono::DateTime<chrono::Utc>> {
+    // The search keeps the start's fraction of a second: two replicas would
+    // each see "their" 04:00:00.3 and 04:00:00.4, and both win.
+    let slot = c.find_previous_occurrence(&now, true).ok()?;
+    let slot = chrono::DurationRound::duration_trunc(slot, chrono::TimeDelta::seconds(1)).ok()?;
+    (now - slot <= LATE).then_some(slot)
 }
 
 /// True when this replica won the rule's run for the current interval.
@@ -71,4 +124,40 @@ async fn claim(app: &App, rule: &str, every_secs: f64) -> Result<bool, sqlx::Err
     .fetch_optional(app.ledger.pool())
     .await?;
     Ok(won.is_some())
+}
+
+/// True when this replica won `slot` of a cron rule: each slot is claimed
+/// once, whatever the replicas' clocks and ticks.
+async fn claim_slot(app: &App, rule: &str, slot: chrono::DateTime<chrono::Utc>) -> Result<bool, sqlx::Error> {
+    let won: Option<(String,)> = sqlx::query_as(
+        "INSERT INTO reconcile_rules (rule, last_started_at, last_slot) VALUES ($1, now(), $2) \
+         ON CONFLICT (rule) DO UPDATE SET last_started_at = now(), last_slot = $2 \
+         WHERE reconcile_rules.last_slot IS NULL OR reconcile_rules.last_slot < $2 \
+         RETURNING rule",
+    )
+    .bind(rule)
+    .bind(slot)
+    .fetch_optional(app.ledger.pool())
+    .await?;
+    Ok(won.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+
+    use super::*;
+
+    #[test]
+    fn a_slot_is_due_until_it_is_ten_minutes_late() {
+        let c = crate::reconcile::rules::cron("0 4 * * *").unwrap();
+        let at = |h, m| Utc.with_ymd_and_hms(2026, 12, 6, h, m, 0).unwrap();
+        assert_eq!(due_slot(&c, at(4, 0)), Some(at(4, 0)), "on time");
+        assert_eq!(due_slot(&c, at(4, 7)), Some(at(4, 0)), "a worker back at 04:07 catches up");
+        assert_eq!(due_slot(&c, at(4, 11)), None, "too late: the next is tomorrow's");
+        assert_eq!(due_slot(&c, at(3, 59)), None, "yesterday's is long past");
+        assert_eq!(due_slot(&c, at(10, 0)), None, "a worker started at 10:00 waits for tomorrow");
+        let a_moment_after = at(4, 0) + chrono::TimeDelta::milliseconds(300);
+        assert_eq!(due_slot(&c, a_moment_after), Some(at(4, 0)), "a slot is its whole second, whenever it is seen");
+    }
 }

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use chrono::Utc;
+use reaper::app::App;
 use serde_json::{json, Value};
 
 use crate::helpers::*;
@@ -322,6 +324,67 @@ async fn a_scheduled_rule_runs_inside_the_worker_once_per_interval() {
     replica_token.cancel();
     let _ = replica.await;
     assert!(took >= Duration::from_millis(1200), "three sweeps in {took:?}: more than one per interval");
+}
+
+/// A rule with a cron schedule (here every second, seconds first): two
+/// replicas sweep each slot once between them, starting at the slot's time,
+/// the claim being the slot rather than the time since the last start. A
+/// rule with `enabled = false` stays configured and runs by hand; its
+/// schedule never runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cron_rule_sweeps_each_slot_once_across_replicas_and_a_disabled_rule_never() {
+    let off = RULE
+        .split("[reconcile.rules.models]")
+        .nth(1)
+        .unwrap()
+        .replace("max_count = 5", "max_count = 5\nevery_secs = 0.2\nenabled = false");
+    let rule = RULE
+        .replace("max_count = 5", "max_count = 5\nschedule = \"* * * * * *\"\nexecute_on_schedule = true")
+        .replace("min_interval_secs = 0.2", "min_interval_secs = 0.2\nrun_schedules = true")
+        + "\n[reconcile.rules.models_off]"
+        + &off;
+    let started = Utc::now().timestamp();
+    let mut t = spawn_app(&rule).await;
+    let (replica_token, replica, replica_app) = t.spawn_replica().await;
+    world_at_once(&t, 2, &[]).await;
+    let runs = |a: &App| metric_total(a, "reaper_reconcile_runs_total");
+    wait_until("five scheduled sweeps", Duration::from_secs(30), || async { runs(&t.app) + runs(&replica_app) >= 5.0 })
+        .await;
+    replica_token.cancel();
+    let _ = replica.await;
+    t.stop().await;
+    let (slot, lag): (i64, f64) = sqlx::query_as(
+        "SELECT extract(epoch FROM last_slot)::bigint, extract(epoch FROM last_started_at - last_slot)::float8 \
+         FROM reconcile_rules WHERE rule = 'models'",
+    )
+    .fetch_one(t.app.ledger.pool())
+    .await
+    .unwrap();
+    let (ran, slots) = (runs(&t.app) + runs(&replica_app), (slot - started + 1) as f64);
+    let lines = |a: &App| {
+        a.metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("reaper_reconcile_runs_total"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        ran <= slots,
+        "{ran} sweeps in at most {slots} one-second slots: a slot ran twice\n{}\n{}",
+        lines(&t.app),
+        lines(&replica_app)
+    );
+    assert!((0.0..1.0).contains(&lag), "the last sweep started {lag}s after its slot's time");
+    let never = t.count("SELECT count(*) FROM reconcile_rules WHERE rule = 'models_off'").await;
+    assert_eq!(never, 0, "the disabled rule's schedule never ran");
+    let (code, r, err) = t.reconcile("models_off", &[]);
+    assert_eq!((code, r["copy"].as_u64()), (0, Some(2)), "a disabled rule runs by hand: {r} {err}");
+    let out = t.reaper(&["reconcile"], &[]);
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(list.contains("cron * * * * * * (UTC), executes"), "{list}");
+    assert!(list.contains("every 0.2s (disabled: by hand only)"), "{list}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
