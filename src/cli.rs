@@ -135,6 +135,9 @@ pub enum Command {
         /// Every line is checked before anything is sent.
         #[arg(long, value_name = "FILE", conflicts_with = "owner")]
         owners_from: Option<std::path::PathBuf>,
+        /// With --owners-from: refuse a file of more owners than this.
+        #[arg(long, default_value_t = 20)]
+        max: usize,
         /// Plan and report only; delete nothing.
         #[arg(long)]
         dry_run: bool,
@@ -223,8 +226,8 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::RequestDeletion { owner: Some(owner), dry_run, reason, .. } => {
             crate::ops_cli::request_deletion(&settings, &owner, dry_run, &reason).await
         }
-        Command::RequestDeletion { owners_from: Some(file), dry_run, reason, .. } => {
-            crate::ops_cli::request_deletions(&settings, &file, dry_run, &reason).await
+        Command::RequestDeletion { owners_from: Some(file), dry_run, reason, max, .. } => {
+            crate::ops_cli::request_deletions(&settings, &file, dry_run, &reason, max).await
         }
         // clap requires one of the two.
         Command::Validate { .. } | Command::RequestDeletion { .. } => {

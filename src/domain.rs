@@ -156,10 +156,12 @@ pub fn human(d: std::time::Duration) -> String {
 /// An age as people write it on a command line, in seconds: "48h", "90m",
 /// "7d", "1h30m", "3600s", or a bare number of seconds.
 pub fn parse_age(s: &str) -> Result<f64, String> {
-    let bad = || format!("{s:?} is not an age: write 48h, 90m, 7d, 1h30m or a number of seconds");
+    let bad = || format!("{s:?} is not an age: write 48h, 90m, 7d, 1h30m or a number of seconds (up to 100 years)");
+    // Past a century it is a typo, and PostgreSQL's intervals end soon after.
+    let sane = |secs: f64| (secs.is_finite() && (0.0..=100.0 * 365.0 * 86_400.0).contains(&secs)).then_some(secs);
     let t = s.trim();
     if let Ok(secs) = t.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then_some(secs).ok_or_else(bad);
+        return sane(secs).ok_or_else(bad);
     }
     let (mut total, mut number) = (0.0, String::new());
     for c in t.chars() {
@@ -181,7 +183,7 @@ pub fn parse_age(s: &str) -> Result<f64, String> {
     if !number.is_empty() || t.is_empty() {
         return Err(bad());
     }
-    Ok(total)
+    sane(total).ok_or_else(bad)
 }
 
 /// A `deletion.requested` or `provisioning.failed` event.
@@ -271,7 +273,7 @@ mod tests {
         assert_eq!(parse_age("7d"), Ok(604_800.0));
         assert_eq!(parse_age("90"), Ok(90.0));
         assert_eq!(parse_age("2.5m"), Ok(150.0));
-        for bad in ["", "h", "48x", "-1", "48h5", "1e400", "NaN"] {
+        for bad in ["", "h", "48x", "-1", "48h5", "1e400", "NaN", "1e20", "99999999d"] {
             assert!(parse_age(bad).is_err(), "{bad:?}");
         }
     }

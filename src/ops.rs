@@ -49,16 +49,17 @@ pub async fn plan(app: &App, owner: &str) -> Result<Vec<PlanStep>, OpsError> {
 /// already_gone), then those only the lookups find ("looked_up"). A found
 /// resource the ledger records as gone is left out (a provisioner's table
 /// keeps its rows after a teardown), unless its kind's ids come back
-/// (`reused_ids`): then the row found is taken for the current life's.
+/// (`reused_ids`) and the row found is of another life (another `created_at`).
 async fn known_and_found(app: &App, owner: &str) -> Result<Vec<(Resource, String)>, OpsError> {
     let mut all = app.ledger.resources_with_state(owner).await?;
     let found = crate::handler::find_by_lookups(app, owner).await.map_err(OpsError::Lookup)?.unwrap_or_default();
+    let life = |r: &Resource| r.attributes.get("created_at").and_then(|t| crate::domain::parse_time(t));
     for r in found {
         let reused = app.catalog.kind(&r.kind).is_some_and(|k| k.reused_ids);
-        match all.iter().find(|(k, _)| k.kind == r.kind && k.id == r.id) {
-            Some((_, state)) if state == "live" => {}
-            Some(_) if !reused => {}
-            _ => all.push((r, "looked_up".into())),
+        let known: Vec<_> = all.iter().filter(|(k, _)| k.kind == r.kind && k.id == r.id).collect();
+        let same_life = |(k, _): &&(Resource, String)| !reused || life(k) == life(&r);
+        if !known.iter().any(same_life) {
+            all.push((r, "looked_up".into()));
         }
     }
     Ok(all)

@@ -244,11 +244,22 @@ pub fn read_owners(path: &std::path::Path) -> Result<Vec<String>, String> {
     let mut owners: Vec<String> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (n, line) in text.lines().enumerate() {
-        let owner = line.split('#').next().unwrap_or_default().trim();
+        let at = |why: String| format!("{} line {}: {why}", path.display(), n + 1);
+        // A comment starts a line or follows a space: `node/n1#2` is an owner
+        // (cut at its `#`, it would name another one).
+        let line = line.trim();
+        let owner = match line.find(" #").or_else(|| line.find("\t#")) {
+            _ if line.starts_with('#') => "",
+            Some(i) => line[..i].trim_end(),
+            None => line,
+        };
         if owner.is_empty() {
             continue;
         }
-        crate::contract::check_owner(owner).map_err(|e| format!("{} line {}: {}", path.display(), n + 1, e.0))?;
+        if owner.contains(char::is_whitespace) {
+            return Err(at(format!("{owner:?} is not one owner (one per line)")));
+        }
+        crate::contract::check_owner(owner).map_err(|e| at(e.0))?;
         if seen.insert(owner.to_string()) {
             owners.push(owner.to_string());
         }
@@ -457,11 +468,30 @@ pub async fn request_deletion(settings: &Settings, owner: &str, dry_run: bool, r
 /// broker confirms it. A broker that fails half-way stops the batch and says
 /// which owners were not sent: sending the file again is harmless (an
 /// owner already torn down completes with nothing left).
-pub async fn request_deletions(settings: &Settings, file: &std::path::Path, dry_run: bool, reason: &str) -> ExitCode {
+pub async fn request_deletions(
+    settings: &Settings,
+    file: &std::path::Path,
+    dry_run: bool,
+    reason: &str,
+    max: usize,
+) -> ExitCode {
     let owners = match read_owners(file) {
         Ok(o) => o,
         Err(e) => return fail(2, e),
     };
+    // A brake, as reconcile's max_count: the wrong file (every node, say)
+    // must not tear a fleet down in one command.
+    if owners.len() > max {
+        return fail(
+            2,
+            format!(
+                "{} lists {} owners, more than --max {max}; nothing was sent (look at the file, then give --max {})",
+                file.display(),
+                owners.len(),
+                owners.len()
+            ),
+        );
+    }
     let mut unknown = 0;
     if let Ok(ledger) = crate::ledger::Ledger::from_settings(settings).await {
         for owner in &owners {
@@ -470,6 +500,12 @@ pub async fn request_deletions(settings: &Settings, file: &std::path::Path, dry_
             }
         }
         ledger.pool().close().await;
+    }
+    if unknown > 0 {
+        eprintln!(
+            "note: reaper knows nothing yet of {unknown} of the {} owners (nothing tracked, no job); lookups may still find their resources",
+            owners.len()
+        );
     }
     let names = crate::broker::Names::new(&settings.broker.prefix);
     let (conn, publisher) = match crate::broker::link::open(settings, &names).await {
@@ -493,7 +529,7 @@ pub async fn request_deletions(settings: &Settings, file: &std::path::Path, dry_
     publisher.close().await;
     let _ = conn.close(200, "sent".into()).await;
     let what = if dry_run { "dry-run deletion request(s)" } else { "deletion request(s)" };
-    eprintln!("sent {sent} of {} {what}; {unknown} for owners reaper knows nothing of yet", owners.len());
+    eprintln!("sent {sent} of {} {what}", owners.len());
     match failure {
         None => ExitCode::SUCCESS,
         Some(e) => {

@@ -16,7 +16,9 @@ put /v1/subnets/subnet-mgmt/reserved_ips/node01-ip2 '{}'
 put /v1/bare_metal_servers/node01-bm '{"attributes": {"id": "node01-bm", "name": "node01", "created_at": "2026-01-05T10:00:00Z"}}'
 # A server no node names: the provisioner died before it wrote the id.
 put /v1/bare_metal_servers/stray-bm '{"attributes": {"id": "stray-bm", "name": "node03", "created_at": "2026-01-05T11:00:00Z"}}'
+# Another team's server in the same account: never a candidate.
+put /v1/bare_metal_servers/ci-runner-7 '{"attributes": {"id": "ci-runner-7", "name": "ci-runner-7", "created_at": "2026-01-02T09:00:00Z"}}'
 put /v1/dns_zones/zone-1/resource_records/node01-dns \
     '{"depends_on": ["/v1/bare_metal_servers/node01-bm", "/v1/subnets/subnet-mgmt/reserved_ips/node01-ip1", "/v1/subnets/subnet-mgmt/reserved_ips/node01-ip2"]}'
 put /v1/virtual_network_interfaces/node01-vni '{"depends_on": ["/v1/bare_metal_servers/node01-bm"]}'
-echo "node01: 5 resources, and a stray server, in $SIM"
+echo "node01: 5 resources, a stray server and another team's, in $SIM"

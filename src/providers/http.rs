@@ -497,13 +497,20 @@ fn with_param(path: &str, name: &str, value: &str) -> String {
     format!("{path}{sep}{name}={value}")
 }
 
+/// More pages than this is a list that does not end (an API handing out a
+/// new token every time): the load fails rather than hold the sweep forever.
+const MAX_PAGES: usize = 100_000;
+
 impl HttpProvider {
     /// The path (under `base_url`) of a next page an API gave as a URL,
-    /// whole or relative. Anything else — another scheme, host or port, a
-    /// path outside `base_url`, credentials in the URL — is refused: the
-    /// list request carries our token, and a page from elsewhere would be
-    /// taken for part of the inventory.
-    fn page_path(&self, href: &str) -> Result<String, String> {
+    /// whole or relative. It must be the same list as `first` (the first
+    /// request's path and query): the same origin, the same path, only its
+    /// query may differ, and a parameter of the first request the URL leaves
+    /// out (IBM's `version`) is carried over. Anything else — another scheme,
+    /// host or port, another path, credentials in the URL — is refused: the
+    /// list request carries our token, and a page of another list would be
+    /// taken for the rest of this one.
+    fn page_path(&self, href: &str, first: &str) -> Result<String, String> {
         let base = reqwest::Url::parse(&format!("{}/", self.base_url)).map_err(|e| format!("base_url: {e}"))?;
         let next = base.join(href).map_err(|e| format!("the next page {href:?} is not a URL: {e}"))?;
         let same_origin = next.scheme() == base.scheme()
@@ -519,10 +526,21 @@ impl HttpProvider {
         let Some(rest) = next.path().strip_prefix(base.path()) else {
             return Err(format!("the next page {shown:?} is outside base_url's path {:?}", base.path()));
         };
-        Ok(match next.query() {
-            Some(q) => format!("/{rest}?{q}"),
-            None => format!("/{rest}"),
-        })
+        let (first_path, first_query) = first.split_once('?').unwrap_or((first, ""));
+        let path = format!("/{rest}");
+        if path != first_path {
+            return Err(format!("the next page {shown:?} is not the list asked for ({first_path:?})"));
+        }
+        let mut url = next.query().map_or(path.clone(), |q| format!("{path}?{q}"));
+        let given: std::collections::HashSet<String> = next.query_pairs().map(|(k, _)| k.into_owned()).collect();
+        for pair in first_query.split('&').filter(|p| !p.is_empty()) {
+            let name = pair.split('=').next().unwrap_or_default();
+            if !given.contains(name) {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                url = format!("{url}{sep}{pair}");
+            }
+        }
+        Ok(url)
     }
 
     pub async fn list(&self, inv: &InventorySettings, strict: bool, mut pages: Pages) {
@@ -536,7 +554,8 @@ impl HttpProvider {
             _ => first.clone(),
         };
         let mut seen = std::collections::HashSet::new();
-        let (mut offset, mut total, mut first_keys) = (0_u64, None::<u64>, None::<String>);
+        let (mut offset, mut total, mut first_keys) = (0_u64, None::<u64>, None::<Vec<String>>);
+        let mut pages_read = 0_usize;
         loop {
             let page = match self.get_json(&url).await {
                 Ok(p) => p,
@@ -546,7 +565,13 @@ impl HttpProvider {
                 Ok(out) => out,
                 Err(e) => return pages.fail(format!("GET {url}: {e}")).await,
             };
-            let got = out.len() as u64;
+            // Every item of the page moves the offset on, a keyless one too:
+            // counting only the kept ones would make the pages overlap.
+            let got = page.pointer(&inv.items).and_then(|v| v.as_array()).map_or(0, Vec::len) as u64;
+            pages_read += 1;
+            if pages_read > MAX_PAGES {
+                return pages.fail(format!("GET {url}: more than {MAX_PAGES} pages: a list that does not end")).await;
+            }
             // Offset paging: an API that ignores the offset sends page one
             // again and again; one whose total moves has shifted items under
             // our offsets, skipping some.
@@ -565,7 +590,9 @@ impl HttpProvider {
                         .await;
                 }
                 total = total_now;
-                let keys = out.iter().map(|i| i.key.as_str()).collect::<Vec<_>>().join("\n");
+                // The same items again, in whatever order: the offset was ignored.
+                let mut keys = out.iter().map(|i| i.key.clone()).collect::<Vec<_>>();
+                keys.sort();
                 if got > 0 && first_keys.as_ref() == Some(&keys) {
                     return pages
                         .fail(format!("GET {url}: the API sent the same page again (does it ignore {:?}?)", url))
@@ -584,7 +611,7 @@ impl HttpProvider {
                 }
                 NextPage::Url => {
                     let href = inv.next_url.as_deref().and_then(|p| page.pointer(p)).and_then(json_text);
-                    href.filter(|h| !h.is_empty()).map(|h| self.page_path(&h))
+                    href.filter(|h| !h.is_empty()).map(|h| self.page_path(&h, &first))
                 }
                 NextPage::Offset { param } => {
                     offset += got;
@@ -825,22 +852,30 @@ mod tests {
     async fn a_next_page_elsewhere_than_base_url_is_refused() {
         let (p, _sim, _stop) = provider("").await;
         let origin = p.base_url.clone();
-        assert_eq!(p.page_path(&format!("{origin}/v1/x?start=2&version=1")).unwrap(), "/v1/x?start=2&version=1");
-        assert_eq!(p.page_path("/v1/x?start=2").unwrap(), "/v1/x?start=2");
+        let first = "/v1/x?version=1&limit=2";
+        assert_eq!(
+            p.page_path(&format!("{origin}/v1/x?start=2&version=1"), first).unwrap(),
+            "/v1/x?start=2&version=1&limit=2"
+        );
+        // IBM's href may leave `version` out: the first request's is carried over.
+        assert_eq!(p.page_path("/v1/x?start=2&limit=2", first).unwrap(), "/v1/x?start=2&limit=2&version=1");
         for bad in [
             "https://evil.example/v1/x?start=2".to_string(),
             origin.replace("http://", "https://"),
             origin.replace("http://", "http://user:pw@"),
             format!("{}1/v1/x", origin),
             "//evil.example/v1/x".to_string(),
+            // The same origin, another list: its items are not this list's.
+            format!("{origin}/v1/vpcs?start=2"),
+            "/v1/x/y?start=2".to_string(),
         ] {
-            assert!(p.page_path(&bad).is_err(), "{bad} was followed");
+            assert!(p.page_path(&bad, first).is_err(), "{bad} was followed");
         }
         // Under a base path, a page outside it is refused too.
         let (sub, _sim2, _stop2) = provider("").await;
         let sub = HttpProvider { base_url: format!("{}/api", sub.base_url), ..sub };
-        assert_eq!(sub.page_path(&format!("{}/v1/x", sub.base_url)).unwrap(), "/v1/x");
-        assert!(sub.page_path(&format!("{}/v1/x", origin)).is_err());
+        assert_eq!(sub.page_path(&format!("{}/v1/x", sub.base_url), "/v1/x").unwrap(), "/v1/x");
+        assert!(sub.page_path(&format!("{}/v1/x", origin), "/v1/x").is_err());
     }
 
     #[tokio::test]

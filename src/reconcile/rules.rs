@@ -79,11 +79,10 @@ impl ReconcileSettings {
                 return Err(err("quarantine_sweeps must be at least 1".into()));
             }
             // An item removed before our offset while the truth is read shifts
-            // the next one past it: unread, its copy would look orphaned.
-            if r.truth.as_ref().is_some_and(|t| t.offset_param.is_some() && t.total.is_none())
-                && r.quarantine_sweeps < 2
-            {
-                return Err(err("a truth read by offset paging without `total` needs quarantine_sweeps of at least 2: an item that moves while the list is read can be missed".into()));
+            // the next one past it: unread, its copy would look orphaned. A
+            // `total` does not catch a removal and a creation in one read.
+            if r.truth.as_ref().is_some_and(|t| t.offset_param.is_some()) && r.quarantine_sweeps < 2 {
+                return Err(err("a truth read by offset paging needs quarantine_sweeps of at least 2: an item that moves while the list is read can be missed, and a `total` does not catch one removed while another is created".into()));
             }
             if let Some(every) = r.every_secs {
                 if every.is_nan() || every < self.min_interval_secs {

@@ -518,15 +518,22 @@ async fn vpc_node_as_its_readme_runs_it() {
         Duration::from_secs(30),
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(t.sim.paths().len(), 6, "{:?}", t.sim.paths());
+    assert_eq!(t.sim.paths().len(), 7, "{:?}", t.sim.paths());
     // IBM VPC's list shape, one server a page: two pages linked by next.href.
     t.sim.set_list_shape("/v1/bare_metal_servers", ListShape::NextHref, 1);
 
     // A server no node names: reported, then torn down once two executed sweeps agree.
     let (code, rep, err) = t.reconcile("unnamed_servers", &[]);
     assert_eq!(
-        (code, rep["truth"].as_u64(), rep["copy"].as_u64(), rep["orphans"].as_u64(), rep["actionable"].as_u64()),
-        (0, Some(2), Some(2), Some(1), Some(0)),
+        (
+            code,
+            rep["truth"].as_u64(),
+            rep["copy"].as_u64(),
+            rep["excluded"].as_u64(),
+            rep["orphans"].as_u64(),
+            rep["actionable"].as_u64()
+        ),
+        (0, Some(2), Some(2), Some(1), Some(1), Some(0)),
         "in quarantine until two sweeps agree: {rep} {err}"
     );
     let (_, rep, _) = t.reconcile("unnamed_servers", &["--execute"]);
@@ -536,7 +543,7 @@ async fn vpc_node_as_its_readme_runs_it() {
     let r = t.next_result(60).await.result;
     assert_eq!((r.owner.as_str(), r.status.as_str()), ("server/stray-bm", "completed"), "{r:?}");
     assert!(!t.sim.exists("/v1/bare_metal_servers/stray-bm"));
-    assert_eq!(t.sim.paths().len(), 5, "node01's five stay: {:?}", t.sim.paths());
+    assert_eq!(t.sim.paths().len(), 6, "node01's five and the other team's server stay: {:?}", t.sim.paths());
 
     let out = t.reaper(&["plan", "node/node01"], &[]);
     let plan = String::from_utf8_lossy(&out.stdout);
@@ -558,7 +565,7 @@ async fn vpc_node_as_its_readme_runs_it() {
     stop.cancel();
     let _ = replica.await;
     assert!(t.tap.next(Duration::from_millis(300)).await.is_none(), "the scheduled sweep published nothing");
-    assert_eq!(t.sim.paths().len(), 5);
+    assert_eq!(t.sim.paths().len(), 6);
 
     // Known only through the provisioner's tables, node01 is not "nothing tracked".
     let out = t.reaper(&["validate", "node/node01"], &[]);
@@ -589,7 +596,7 @@ async fn vpc_node_as_its_readme_runs_it() {
     assert_eq!((code, rep["published"].as_u64()), (0, Some(1)), "{rep}");
     let r = t.next_result(60).await.result;
     assert_eq!((r.owner.as_str(), r.status.as_str(), r.resources.len()), ("node/node01", "completed", 6), "{r:?}");
-    assert!(t.sim.paths().is_empty(), "{:?}", t.sim.paths());
+    assert_eq!(t.sim.paths(), ["/v1/bare_metal_servers/ci-runner-7"], "the other team's server stays");
     assert_eq!(t.count("SELECT count(*) FROM nodes WHERE status = 'cleanup_completed'").await, 1);
     let out = t.reaper(&["validate", "node/node01"], &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
@@ -605,6 +612,19 @@ async fn vpc_node_as_its_readme_runs_it() {
     assert!(text.contains("2 owner(s): 1 gone, 1 still there"), "{text}");
     assert!(text.lines().any(|l| l.starts_with("PASS") && l.contains("node/node01")), "{text}");
     assert!(text.lines().any(|l| l.starts_with("FAIL") && l.contains("node/node02")), "{text}");
+
+    // `#` inside an owner is part of it, not a comment: cut, it would name another owner.
+    let hash = dir.join(format!("reaper-owners-{}.txt", unique("h")));
+    std::fs::write(&hash, "node/node01#2 # a comment\n").unwrap();
+    let out = t.reaper(&["validate", "--owners-from", hash.to_str().unwrap()], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("node/node01#2") && text.contains("NOTHING"), "{text}");
+    // More owners than --max (default 20) is refused before anything is sent.
+    let many = dir.join(format!("reaper-owners-{}.txt", unique("m")));
+    std::fs::write(&many, (0..21).map(|i| format!("node/n{i}\n")).collect::<String>()).unwrap();
+    let out = t.reaper(&["request-deletion", "--owners-from", many.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && err.contains("more than --max 20"), "{err}");
 
     let bad = dir.join(format!("reaper-owners-{}.txt", unique("b")));
     std::fs::write(&bad, "node/node02\nnode02\n").unwrap();
@@ -627,4 +647,7 @@ async fn vpc_node_as_its_readme_runs_it() {
     assert!(out.status.success(), "{report}");
     assert_eq!(t.count("SELECT count(*) FROM nodes WHERE status = 'cleanup_completed'").await, 2);
     assert_eq!(t.sim.stats().unauthorized, 0, "every request carried the cloud token");
+    for f in [std::path::PathBuf::from(list), hash, many, bad] {
+        let _ = std::fs::remove_file(f);
+    }
 }
