@@ -34,6 +34,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/dead", get(dead))
         .route("/v1/dead/replay", post(replay))
         .route("/v1/reconcile/{rule}", post(reconcile))
+        .route("/v1/pause", post(pause))
+        .route("/v1/resume", post(resume))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -219,6 +221,35 @@ async fn teardown(State(app): State<Arc<App>>, Path(owner): Path<String>, Query(
     match sent {
         Ok(event_id) => (StatusCode::ACCEPTED, Json(json!({ "event_id": event_id, "owner": owner }))).into_response(),
         Err(ops::OpsError::Invalid(m)) => error(StatusCode::BAD_REQUEST, &m),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct PauseBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Pauses every replica (the flag in the ledger; each reads it every
+/// `worker.pause_poll_ms`). The body is optional: `{"reason": "..."}`.
+async fn pause(State(app): State<Arc<App>>, body: Option<Json<PauseBody>>) -> Response {
+    let reason = body.and_then(|b| b.0.reason).unwrap_or_else(|| "paused through the admin API".into());
+    match app.ledger.pause(&reason, "admin-api").await {
+        Ok(p) => {
+            app.read_pause().await;
+            Json(json!({ "paused": p })).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+async fn resume(State(app): State<Arc<App>>) -> Response {
+    match app.ledger.resume().await {
+        Ok(was) => {
+            app.read_pause().await;
+            Json(json!({ "paused": null, "was": was })).into_response()
+        }
         Err(e) => internal(e),
     }
 }

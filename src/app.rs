@@ -45,6 +45,8 @@ pub struct App {
     /// Jobs whose outbox rows are confirmed, cleared in batches by one task.
     confirmed: tokio::sync::mpsc::UnboundedSender<Uuid>,
     confirmed_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Uuid>>>,
+    /// The pause flag as this replica last read it from the ledger.
+    pause: Mutex<Option<crate::ledger::control::Pause>>,
     /// The admin API's socket, bound by `build` so that a port that cannot be
     /// had stops start-up; `run` serves on it.
     admin_listener: Mutex<Option<std::net::TcpListener>>,
@@ -139,6 +141,27 @@ impl App {
         let _ = self.confirmed.send(job_id);
     }
 
+    /// Whether an operator has paused reaper, as last read (see [`App::read_pause`]).
+    pub fn paused(&self) -> Option<crate::ledger::control::Pause> {
+        self.pause.lock().expect("not poisoned").clone()
+    }
+
+    /// Reads the pause flag from the ledger and says so when it changed. A
+    /// failed read keeps what was known: the ledger being down stops jobs anyway.
+    pub async fn read_pause(&self) {
+        let now = match self.ledger.paused().await {
+            Ok(p) => p,
+            Err(e) => return tracing::debug!(error = %e, "could not read the pause flag; keeping the last one"),
+        };
+        let before = std::mem::replace(&mut *self.pause.lock().expect("not poisoned"), now.clone());
+        match (&before, &now) {
+            (None, Some(p)) => tracing::warn!(reason = %p.reason, by = %p.by, "paused: no job starts, no sweep runs"),
+            (Some(_), None) => tracing::info!("resumed"),
+            _ => {}
+        }
+        self.metrics.paused.set(i64::from(now.is_some()));
+    }
+
     pub fn is_ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -172,6 +195,7 @@ impl App {
             link: broker::link::SharedLink::default(),
             confirmed,
             confirmed_rx: Mutex::new(Some(confirmed_rx)),
+            pause: Mutex::new(None),
             admin_listener: Mutex::new(admin_listener),
         })
     }

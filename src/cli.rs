@@ -127,6 +127,14 @@ pub enum Command {
         #[arg(long = "resource", value_parser = kind_and_id)]
         resources: Vec<(String, String)>,
     },
+    /// Stop every replica from starting jobs and sweeps (a flag in the ledger,
+    /// seen within worker.pause_poll_ms); deliveries wait in the retry queue.
+    Pause {
+        #[arg(long, default_value = "paused by hand")]
+        reason: String,
+    },
+    /// End a pause: the waiting deliveries run.
+    Resume,
     /// Publish a deletion.requested for an owner, as a producer would.
     RequestDeletion {
         #[arg(required_unless_present = "owners_from")]
@@ -211,6 +219,8 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Bench(args) => crate::devtools::bench::run(settings, args).await,
         Command::Completions { .. } => ExitCode::SUCCESS,
         Command::Status { json } => crate::ops_cli::status(&settings, json).await,
+        Command::Pause { reason } => crate::ops_cli::pause(&settings, Some(&reason)).await,
+        Command::Resume => crate::ops_cli::pause(&settings, None).await,
         Command::Show { owner, json } => crate::ops_cli::show(&settings, &owner, json).await,
         Command::Validate { owner: Some(owner), json, .. } => crate::ops_cli::validate(settings, &owner, json).await,
         Command::Validate { owners_from: Some(file), json, .. } => {

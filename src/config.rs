@@ -221,6 +221,10 @@ pub struct WorkerSettings {
     pub shutdown_grace_secs: u64,
     pub lease_ttl_secs: f64,
     pub owner_busy_delay_ms: u64,
+    /// How often each replica reads the pause flag: a pause takes effect
+    /// within this (and a delivery that finds reaper paused waits
+    /// `owner_busy_delay_ms` in the retry queue).
+    pub pause_poll_ms: u64,
     pub max_replays: u32,
     /// How far ahead of reaper's clock a producer's `occurred_at` may be.
     pub max_clock_skew_secs: u64,

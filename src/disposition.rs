@@ -49,11 +49,19 @@ pub enum RetryReason {
     Infrastructure,
     /// The handler panicked; counted in the message towards poison.
     Panic,
+    /// An operator paused reaper (`reaper pause`): the delivery waits,
+    /// unrecorded, and counts nothing.
+    Paused,
 }
 
 impl RetryReason {
-    pub const ALL: [RetryReason; 4] =
-        [RetryReason::OwnerBusy, RetryReason::Unfinished, RetryReason::Infrastructure, RetryReason::Panic];
+    pub const ALL: [RetryReason; 5] = [
+        RetryReason::OwnerBusy,
+        RetryReason::Unfinished,
+        RetryReason::Infrastructure,
+        RetryReason::Panic,
+        RetryReason::Paused,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -61,6 +69,7 @@ impl RetryReason {
             RetryReason::Unfinished => "unfinished",
             RetryReason::Infrastructure => "infra",
             RetryReason::Panic => "panic",
+            RetryReason::Paused => "paused",
         }
     }
 }

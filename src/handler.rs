@@ -15,6 +15,16 @@ use crate::ledger::{Begin, JobEnd, JobStart, LedgerError, TrackOutcome};
 /// Handles one message. `ledger_refusals` is how many times in a row the
 /// ledger refused this message before (read from its retry hop).
 pub async fn handle(app: &App, env: &Envelope<'_>, ledger_refusals: u32) -> Disposition {
+    // Paused: back to the retry queue before anything is recorded, so the
+    // delivery counts as no attempt (the ledger never saw it) and, being a
+    // new message there, as no delivery towards the queue's limit.
+    if let Some(p) = app.paused() {
+        return Disposition::RetryAfter {
+            delay: app.settings.worker.busy_delay(),
+            why: format!("reaper is paused ({})", p.reason),
+            reason: RetryReason::Paused,
+        };
+    }
     let event = match contract::decode(env, &app.catalog, &contract::Limits::of(&app.settings.worker)) {
         Ok(e) => e,
         Err(m) => {

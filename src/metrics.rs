@@ -23,6 +23,8 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     /// 1 while consuming and connected.
     pub ready: IntGauge,
+    /// 1 while an operator has paused reaper (as this replica last read it).
+    pub paused: IntGauge,
     /// Reconcile sweeps, by rule and outcome (acted, nothing_to_do, dry_run, refused, failed, busy).
     pub reconcile_runs: IntCounterVec,
     pub reconcile_seconds: HistogramVec,
@@ -67,6 +69,8 @@ impl Metrics {
         let in_flight = IntGauge::new("reaper_jobs_in_flight", "Deliveries being handled now").expect("valid metric");
         let ready =
             IntGauge::new("reaper_ready", "1 while the worker is connected and consuming").expect("valid metric");
+        let paused = IntGauge::new("reaper_paused", "1 while an operator has paused reaper (reaper pause)")
+            .expect("valid metric");
         let reconcile_runs = IntCounterVec::new(
             Opts::new("reaper_reconcile_runs_total", "Reconcile sweeps, by rule and outcome"),
             &["rule", "outcome"],
@@ -97,6 +101,7 @@ impl Metrics {
             outbox_backlog,
             in_flight,
             ready,
+            paused,
             reconcile_runs,
             reconcile_seconds,
             reconcile_orphans,
@@ -119,6 +124,7 @@ impl Metrics {
             Box::new(self.outbox_backlog.clone()),
             Box::new(self.in_flight.clone()),
             Box::new(self.ready.clone()),
+            Box::new(self.paused.clone()),
             Box::new(self.reconcile_runs.clone()),
             Box::new(self.reconcile_seconds.clone()),
             Box::new(self.reconcile_orphans.clone()),

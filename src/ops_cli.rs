@@ -117,6 +117,11 @@ pub async fn status(settings: &Settings, json: bool) -> ExitCode {
             rows.extend(c.resources.iter().map(|(state, n)| (format!("resources {state}"), n.to_string())));
             rows.extend(c.jobs.iter().map(|(status, n)| (format!("jobs {status}"), n.to_string())));
             rows.push(("outbox backlog".into(), c.outbox_backlog.to_string()));
+            let paused = match &c.paused {
+                Some(p) => format!("PAUSED since {} by {}: {}", p.since.to_rfc3339(), p.by, p.reason),
+                None => "no".into(),
+            };
+            rows.insert(0, ("paused".into(), paused));
             for (rule, v) in &c.reconcile {
                 let last = &v["last_report"];
                 let summary = if last.is_null() {
@@ -230,6 +235,48 @@ pub async fn validate(settings: Settings, owner: &str, json: bool) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// `reaper pause` (`reason` given) and `reaper resume` (`None`): the flag in
+/// the ledger every replica reads. Needs no worker running.
+pub async fn pause(settings: &Settings, reason: Option<&str>) -> ExitCode {
+    let ledger = match crate::ledger::Ledger::from_settings(settings).await {
+        Ok(l) => l,
+        Err(e) => return fail(3, e),
+    };
+    if let Err(e) = ledger.migrate().await {
+        return fail(3, e);
+    }
+    let every = std::time::Duration::from_millis(settings.worker.pause_poll_ms);
+    let within = crate::domain::human(every);
+    let done = match reason {
+        Some(reason) => ledger.pause(reason, &who()).await.map(|p| {
+            println!(
+                "paused since {} ({}); every replica stops starting jobs and sweeps within {within}",
+                p.since.to_rfc3339(),
+                p.reason
+            );
+        }),
+        None => ledger.resume().await.map(|was| match was {
+            Some(p) => println!(
+                "resumed (paused since {} by {}); replicas start jobs again within {within}",
+                p.since.to_rfc3339(),
+                p.by
+            ),
+            None => println!("was not paused"),
+        }),
+    };
+    ledger.pool().close().await;
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(3, e),
+    }
+}
+
+/// Who an operator command says it came from: the user on this host.
+fn who() -> String {
+    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
+    format!("reaper-cli ({user})")
 }
 
 /// The owners a batch command reads: one per line, blank lines and `#`

@@ -4,6 +4,7 @@
 //! stops what works on it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -32,11 +33,15 @@ impl App {
                 }
             })
         });
+        // Read before the first delivery, then every pause_poll_ms.
+        self.read_pause().await;
+        let pause = tokio::spawn(watch_pause(self.clone(), shutdown.clone()));
         let sweeps = tokio::spawn(crate::reconcile::schedule::run(self.clone(), shutdown.clone()));
         crate::consumer::run(self, shutdown).await;
         stop_beat.cancel();
         let _ = beat.await;
         let _ = sweeps.await;
+        let _ = pause.await;
         stop_clearer.cancel();
         if let Some(c) = clearer {
             let _ = c.await;
@@ -46,6 +51,18 @@ impl App {
         }
         this.link.close().await;
         this.running.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Reads the pause flag every `worker.pause_poll_ms` until `stop`.
+async fn watch_pause(app: Arc<App>, stop: CancellationToken) {
+    let every = Duration::from_millis(app.settings.worker.pause_poll_ms.max(50));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        app.read_pause().await;
     }
 }
 

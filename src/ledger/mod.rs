@@ -10,6 +10,7 @@
 //! a teardown starts and decides, when a track arrives after one, that it is late.
 
 pub mod archive;
+pub mod control;
 mod group_commit;
 pub use group_commit::BatchCounts;
 mod leases;

@@ -20,6 +20,8 @@ pub struct StatusCounts {
     pub outbox_backlog: i64,
     /// Reconcile rules that have run: sweeps so far, last scheduled start, last executed report.
     pub reconcile: BTreeMap<String, serde_json::Value>,
+    /// Set while an operator has paused reaper (`reaper pause`).
+    pub paused: Option<super::control::Pause>,
 }
 
 #[derive(Debug, Serialize)]
@@ -105,6 +107,7 @@ impl Ledger {
             jobs,
             outbox_backlog: self.outbox_len().await?,
             reconcile,
+            paused: self.paused().await?,
         })
     }
 

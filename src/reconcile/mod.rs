@@ -188,6 +188,17 @@ impl Sweeper<'_> {
         let configured =
             self.settings.reconcile.rules.get(name).ok_or_else(|| ReconcileError::UnknownRule(name.into()))?;
         let rule = &with_age(name, configured, mode)?;
+        if mode.execute {
+            if let Some(p) = self.ledger.paused().await? {
+                let message = format!(
+                    "reaper is paused (since {}, by {}: {}); a dry run works, --execute waits for `reaper resume`",
+                    p.since.to_rfc3339(),
+                    p.by,
+                    p.reason
+                );
+                return Err(ReconcileError::Refused { rule: name.into(), message });
+            }
+        }
         let started = std::time::Instant::now();
         let result = self.sweep_inner(name, rule, mode).await;
         if let Some(m) = self.metrics {

@@ -57,7 +57,10 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
                 Err(e) => tracing::warn!(error = %e, "could not purge old archives"),
             }
         }
-        for (name, timing, execute) in &rules {
+        // Paused: no sweep runs (a cron slot that passes meanwhile is missed,
+        // unless the resume comes within its ten minutes).
+        let paused = app.paused().is_some();
+        for (name, timing, execute) in rules.iter().filter(|_| !paused) {
             if shutdown.is_cancelled() {
                 return;
             }

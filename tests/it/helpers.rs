@@ -145,6 +145,49 @@ pub async fn spawn_example(name: &str) -> TestApp {
     t
 }
 
+/// `extra` appended to `base` as one TOML file: a table both have (a test's
+/// `[worker]` beside the test base's) is written once, `extra`'s keys
+/// replacing `base`'s, as the layered settings of the worker in the test do.
+fn merge_tables(base: &str, extra: &str) -> String {
+    // (header, lines) per table; the lines before the first header have "".
+    fn tables(text: &str) -> Vec<(String, Vec<String>)> {
+        let mut out = vec![(String::new(), Vec::new())];
+        for line in text.lines() {
+            let t = line.trim();
+            if t.starts_with('[') && !t.starts_with("[[") && t.ends_with(']') {
+                out.push((t.to_string(), Vec::new()));
+            } else {
+                out.last_mut().expect("one").1.push(line.to_string());
+            }
+        }
+        out
+    }
+    let key = |l: &str| l.split_once('=').map(|(k, _)| k.trim().to_string()).filter(|k| !k.starts_with('#'));
+    let mut merged = tables(base);
+    for (header, lines) in tables(extra) {
+        match merged.iter_mut().find(|(h, _)| *h == header && !h.is_empty()) {
+            Some((_, have)) => {
+                let new: Vec<String> = lines.iter().filter_map(|l| key(l)).collect();
+                have.retain(|l| key(l).is_none_or(|k| !new.contains(&k)));
+                have.extend(lines);
+            }
+            None => merged.push((header, lines)),
+        }
+    }
+    let mut out = String::new();
+    for (header, lines) in merged {
+        if !header.is_empty() {
+            out.push_str(&header);
+            out.push('\n');
+        }
+        for l in lines {
+            out.push_str(&l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// The token an example's `token_env` variable holds in the tests.
 pub fn example_token(var: &str) -> String {
     match var {
@@ -214,7 +257,7 @@ async fn spawn(extra: &str, keep_auth: bool) -> TestApp {
         .replace("{mongo_url}", &mongo_url())
         .replace("{mongo_prefix}", &mongo_prefix);
     let extra_text = if keep_auth { extra.clone() } else { extra.replace("auth = {", "# auth = {") };
-    let config_text = format!("{config_text}\n{extra_text}");
+    let config_text = merge_tables(&config_text, &extra_text);
     // A test that gives the cloud an auth table of its own replaces the example's.
     let own_auth = keep_auth || extra.contains("[providers.cloud.auth]");
     let vpc = include_str!("../../config/vpc-node.toml");

@@ -248,9 +248,6 @@ async fn scenario(t: &mut TestApp, identity_kind: Identity, reuse: Reuse, source
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_acts_only_on_the_life_it_ends_in_every_scenario() {
     let mut t = spawn_app(CONFIG).await;
-    // The in-process worker takes the longer retry delays; the config file for
-    // `reaper replay` cannot repeat [worker], and replay does not need them.
-    t.config_text = t.config_text.replace("\n[worker]\nretry_delays_secs = [1.5, 1.5]\n", "\n");
     t.sql("CREATE TABLE lk_vnis (owner_name text, vnic_id text)").await;
     for identity_kind in [Identity::Generation, Identity::CreatedAt, Identity::Neither] {
         for reuse in [Reuse::BeforeRetry, Reuse::BeforeReplay, Reuse::AfterCompletion] {

@@ -10,6 +10,7 @@ mod admin;
 mod bulk_tracks;
 mod commands;
 mod contract_proto;
+mod control;
 mod credentials;
 mod deploy;
 mod door;
