@@ -31,6 +31,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/owners/{owner}/script", get(script))
         .route("/v1/jobs/{id}", get(job))
         .route("/v1/jobs/{id}/restore", post(restore))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/dead", get(dead))
         .route("/v1/dead/replay", post(replay))
         .route("/v1/reconcile/{rule}", post(reconcile))
@@ -225,6 +226,7 @@ async fn teardown(State(app): State<Arc<App>>, Path(owner): Path<String>, Query(
     }
 }
 
+/// `{"reason": "..."}`, optional: the body of a pause or a cancel.
 #[derive(Deserialize, Default)]
 struct PauseBody {
     #[serde(default)]
@@ -239,6 +241,27 @@ async fn pause(State(app): State<Arc<App>>, body: Option<Json<PauseBody>>) -> Re
         Ok(p) => {
             app.read_pause().await;
             Json(json!({ "paused": p })).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+/// Cancels a job (as `reaper cancel`): 200 with what happened, 404 no such
+/// job, 409 it had ended already.
+async fn cancel(State(app): State<Arc<App>>, Path(id): Path<String>, body: Option<Json<PauseBody>>) -> Response {
+    let Ok(job_id) = uuid::Uuid::parse_str(&id) else {
+        return error(StatusCode::BAD_REQUEST, &format!("{id:?} is not a job id"));
+    };
+    let reason = body.and_then(|b| b.0.reason).unwrap_or_else(|| "cancelled through the admin API".into());
+    let publisher = app.link.publisher(&app.settings, &app.names).await.ok();
+    match ops::cancel(&app.ledger, publisher.as_ref(), &app.names, job_id, &reason).await {
+        Ok(o @ ops::CancelOutcome::NoSuchJob) => (StatusCode::NOT_FOUND, Json(json!(o))).into_response(),
+        Ok(o @ ops::CancelOutcome::Ended { .. }) => (StatusCode::CONFLICT, Json(json!(o))).into_response(),
+        Ok(o) => {
+            if matches!(o, ops::CancelOutcome::Cancelled { .. }) {
+                app.metrics.jobs.with_label_values(&["cancelled"]).inc();
+            }
+            Json(json!(o)).into_response()
         }
         Err(e) => internal(e),
     }

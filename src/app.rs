@@ -45,6 +45,9 @@ pub struct App {
     /// Jobs whose outbox rows are confirmed, cleared in batches by one task.
     confirmed: tokio::sync::mpsc::UnboundedSender<Uuid>,
     confirmed_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Uuid>>>,
+    /// The jobs this replica is running, and the cancel asked of each (read
+    /// by the lease heartbeat).
+    in_hand: Mutex<std::collections::HashMap<Uuid, Option<String>>>,
     /// The pause flag as this replica last read it from the ledger.
     pause: Mutex<Option<crate::ledger::control::Pause>>,
     /// The admin API's socket, bound by `build` so that a port that cannot be
@@ -78,6 +81,20 @@ impl Drop for HolderGuard<'_> {
     fn drop(&mut self) {
         if let Ok(mut set) = self.holders.0.lock() {
             set.remove(&self.id);
+        }
+    }
+}
+
+/// A job running on this replica (see [`App::hold_job`]).
+pub(crate) struct InHand<'a> {
+    app: &'a App,
+    job_id: Uuid,
+}
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut in_hand) = self.app.in_hand.lock() {
+            in_hand.remove(&self.job_id);
         }
     }
 }
@@ -141,6 +158,36 @@ impl App {
         let _ = self.confirmed.send(job_id);
     }
 
+    /// Marks a job as running here until the guard drops.
+    pub(crate) fn hold_job(&self, job_id: Uuid) -> InHand<'_> {
+        self.in_hand.lock().expect("not poisoned").insert(job_id, None);
+        InHand { app: self, job_id }
+    }
+
+    /// Why an operator cancelled this running job, once the heartbeat has read it.
+    pub fn cancel_reason(&self, job_id: Uuid) -> Option<String> {
+        self.in_hand.lock().expect("not poisoned").get(&job_id).cloned().flatten()
+    }
+
+    /// Reads the cancels asked of the jobs in hand (with the lease heartbeat).
+    pub(crate) async fn read_cancels(&self) {
+        let jobs: Vec<Uuid> = self.in_hand.lock().expect("not poisoned").keys().copied().collect();
+        if jobs.is_empty() {
+            return;
+        }
+        match self.ledger.cancels_requested(&jobs).await {
+            Ok(asked) => {
+                let mut in_hand = self.in_hand.lock().expect("not poisoned");
+                for (job, why) in asked {
+                    if let Some(slot) = in_hand.get_mut(&job) {
+                        *slot = Some(why);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "could not read cancel requests; trying again"),
+        }
+    }
+
     /// Whether an operator has paused reaper, as last read (see [`App::read_pause`]).
     pub fn paused(&self) -> Option<crate::ledger::control::Pause> {
         self.pause.lock().expect("not poisoned").clone()
@@ -196,6 +243,7 @@ impl App {
             confirmed,
             confirmed_rx: Mutex::new(Some(confirmed_rx)),
             pause: Mutex::new(None),
+            in_hand: Mutex::default(),
             admin_listener: Mutex::new(admin_listener),
         })
     }
@@ -230,7 +278,7 @@ fn admin_error(settings: &Settings, e: std::io::Error) -> ConfigError {
 fn metrics() -> crate::metrics::Metrics {
     use crate::disposition::{ErrorClass, RetryReason};
     let m = crate::metrics::Metrics::new();
-    for outcome in ["completed", "dead_lettered"] {
+    for outcome in ["completed", "dead_lettered", "cancelled"] {
         m.jobs.with_label_values(&[outcome]);
     }
     for class in ErrorClass::ALL {

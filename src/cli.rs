@@ -135,6 +135,19 @@ pub enum Command {
     },
     /// End a pause: the waiting deliveries run.
     Resume,
+    /// End a job as `cancelled` (a result says so): one waiting for a retry
+    /// or dead-lettered at once; one running starts no further deletes.
+    Cancel {
+        #[arg(required_unless_present = "owner")]
+        job: Option<uuid::Uuid>,
+        /// Every job of this owner that has not ended.
+        #[arg(long, conflicts_with = "job")]
+        owner: Option<String>,
+        #[arg(long, default_value = "cancelled by hand")]
+        reason: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Publish a deletion.requested for an owner, as a producer would.
     RequestDeletion {
         #[arg(required_unless_present = "owners_from")]
@@ -221,6 +234,9 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Status { json } => crate::ops_cli::status(&settings, json).await,
         Command::Pause { reason } => crate::ops_cli::pause(&settings, Some(&reason)).await,
         Command::Resume => crate::ops_cli::pause(&settings, None).await,
+        Command::Cancel { job, owner, reason, json } => {
+            crate::ops_cli::cancel(&settings, job, owner.as_deref(), &reason, json).await
+        }
         Command::Show { owner, json } => crate::ops_cli::show(&settings, &owner, json).await,
         Command::Validate { owner: Some(owner), json, .. } => crate::ops_cli::validate(settings, &owner, json).await,
         Command::Validate { owners_from: Some(file), json, .. } => {

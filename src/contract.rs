@@ -21,6 +21,8 @@ pub const RESOURCE_TRACKED: &str = "resource.tracked";
 /// Routing keys on the results exchange.
 pub const TEARDOWN_COMPLETED: &str = "teardown.completed";
 pub const TEARDOWN_DEAD_LETTERED: &str = "teardown.dead_lettered";
+/// An operator cancelled the job (`reaper cancel`): `reason` says why.
+pub const TEARDOWN_CANCELLED: &str = "teardown.cancelled";
 
 /// Largest message reaper accepts; larger ones are dead-lettered unread.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
@@ -480,10 +482,10 @@ pub struct ResourceReport {
 
 impl TeardownResult {
     pub fn routing_key(&self) -> &'static str {
-        if self.status == "dead_lettered" {
-            TEARDOWN_DEAD_LETTERED
-        } else {
-            TEARDOWN_COMPLETED
+        match self.status.as_str() {
+            "dead_lettered" => TEARDOWN_DEAD_LETTERED,
+            "cancelled" => TEARDOWN_CANCELLED,
+            _ => TEARDOWN_COMPLETED,
         }
     }
 

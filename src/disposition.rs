@@ -82,6 +82,8 @@ pub enum Verdict {
     Dead(ErrorClass, String),
     /// Unfinished: back to the broker if the schedule has a delay left.
     Retry(String),
+    /// An operator cancelled it: it ends `cancelled`, not dead-lettered.
+    Cancelled(String),
 }
 
 /// The classification of a run's end.
@@ -94,6 +96,7 @@ pub fn judge(end: RunEnd) -> Verdict {
         RunEnd::Blocked(why) => Verdict::Dead(ErrorClass::Blocked, why),
         RunEnd::Poison(why) => Verdict::Dead(ErrorClass::Poison, why),
         RunEnd::Unfinished(why) => Verdict::Retry(why),
+        RunEnd::Cancelled(why) => Verdict::Cancelled(why),
     }
 }
 

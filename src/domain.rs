@@ -106,6 +106,8 @@ pub enum JobStatus {
     Running,
     Completed,
     DeadLettered,
+    /// An operator cancelled it (`reaper cancel`).
+    Cancelled,
 }
 
 impl JobStatus {
@@ -114,6 +116,7 @@ impl JobStatus {
             JobStatus::Running => "running",
             JobStatus::Completed => "completed",
             JobStatus::DeadLettered => "dead_lettered",
+            JobStatus::Cancelled => "cancelled",
         }
     }
 
@@ -122,6 +125,7 @@ impl JobStatus {
             "running" => JobStatus::Running,
             "completed" => JobStatus::Completed,
             "dead_lettered" => JobStatus::DeadLettered,
+            "cancelled" => JobStatus::Cancelled,
             _ => return None,
         })
     }

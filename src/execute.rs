@@ -29,6 +29,9 @@ pub struct Executor<'a> {
     pub log: Arc<dyn StepLog>,
     pub worker: &'a WorkerSettings,
     pub metrics: Option<&'a crate::metrics::Metrics>,
+    /// Asked before each step starts: `Some(reason)` when the job was
+    /// cancelled, and no further step starts.
+    pub cancelled: Option<&'a (dyn Fn() -> Option<String> + Send + Sync)>,
 }
 
 /// Where a run writes what it did while it runs: the ledger in the worker;
@@ -80,6 +83,8 @@ pub enum RunEnd {
     Blocked(String),
     /// Not run: the job came back more often than its failed runs explain.
     Poison(String),
+    /// An operator cancelled it: no further step started (those in flight finished).
+    Cancelled(String),
 }
 
 impl RunEnd {
@@ -93,6 +98,7 @@ impl RunEnd {
             RunEnd::Plan(w) => RunEnd::Plan(clean(w)),
             RunEnd::Blocked(w) => RunEnd::Blocked(clean(w)),
             RunEnd::Poison(w) => RunEnd::Poison(clean(w)),
+            RunEnd::Cancelled(w) => RunEnd::Cancelled(clean(w)),
         }
     }
 }
@@ -126,8 +132,16 @@ impl Executor<'_> {
         let mut recorder = Recorder::new(self.log.clone(), &start.job);
         let mut running = FuturesUnordered::new();
         let mut ready = walk.start();
+        let mut cancelled = None;
         loop {
             while let Some(i) = ready.pop() {
+                if cancelled.is_none() {
+                    cancelled = self.cancelled.and_then(|asked| asked());
+                }
+                if cancelled.is_some() {
+                    ready.clear();
+                    break;
+                }
                 let r = &resources[i];
                 match start.done.get(&r.reference()) {
                     Some(done) if done.outcome.is_gone() => {
@@ -150,6 +164,9 @@ impl Executor<'_> {
                 }
             }
             records[i] = Some(record);
+        }
+        if let Some(why) = cancelled {
+            end = RunEnd::Cancelled(why);
         }
         // An unfinished run goes back to the broker without a finish: what it
         // did must be written now, or its next attempt would redo it.
@@ -402,7 +419,9 @@ impl Archive for JobArchive<'_> {
 /// outranks one that may pass.
 fn worse(end: RunEnd, why: String, retryable: bool) -> RunEnd {
     match (&end, retryable) {
-        (RunEnd::Permanent(_) | RunEnd::Plan(_) | RunEnd::Blocked(_) | RunEnd::Poison(_), _) => end,
+        (RunEnd::Permanent(_) | RunEnd::Plan(_) | RunEnd::Blocked(_) | RunEnd::Poison(_) | RunEnd::Cancelled(_), _) => {
+            end
+        }
         (_, false) => RunEnd::Permanent(why),
         (RunEnd::Completed, true) => RunEnd::Unfinished(why),
         (RunEnd::Unfinished(_), true) => end,
@@ -585,6 +604,7 @@ mod tests {
                 log: self.log.clone(),
                 worker: &self.worker,
                 metrics: None,
+                cancelled: None,
             };
             exec.run(&job(resources, dry_run)).await
         }
@@ -612,6 +632,7 @@ mod tests {
             routing_key: "deletion.requested".into(),
             looked_up: true,
             error_class: None,
+            cancel_requested: None,
         };
         JobStart { job, resources, done: HashMap::new() }
     }

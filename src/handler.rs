@@ -123,31 +123,32 @@ async fn run_job(ctx: &Ctx<'_>, mut start: JobStart, holder: Uuid) -> Dispositio
                 job.attempts, job.failed_runs
             );
             tracing::error!(why, "dead-lettering a job that keeps coming back");
-            let steps: Vec<_> = start
-                .resources
-                .iter()
-                .map(|r| {
-                    start.done.get(&r.reference()).cloned().unwrap_or(crate::ledger::StepRecord {
-                        resource: r.reference(),
-                        outcome: crate::domain::Outcome::Blocked,
-                        attempts: 0,
-                        error: Some("not attempted: the job is poison".into()),
-                    })
-                })
-                .collect();
+            let steps = not_run(&start, "not attempted: the job is poison");
             let run = crate::execute::Run { steps, end: RunEnd::Poison(why) };
+            return conclude(ctx, &start, run, holder).await;
+        }
+        // Cancelled while a worker ran it, which then stopped (or crashed).
+        if let Some(why) = job.cancel_requested.clone() {
+            tracing::info!(why, "cancelled by an operator; ending the job without further deletes");
+            let steps = not_run(&start, "not attempted: the job was cancelled");
+            let run = crate::execute::Run { steps, end: RunEnd::Cancelled(why) };
             return conclude(ctx, &start, run, holder).await;
         }
         if let Err(why) = look_up(app, &mut start).await {
             let run = crate::execute::Run { steps: Vec::new(), end: RunEnd::Unfinished(why) };
             return conclude(ctx, &start, run, holder).await;
         }
+        // The lease heartbeat reads cancels asked of the jobs in hand.
+        let job_id = start.job.job_id;
+        let _in_hand = app.hold_job(job_id);
+        let cancelled = || app.cancel_reason(job_id);
         let exec = Executor {
             catalog: &app.catalog,
             providers: &app.providers,
             log: std::sync::Arc::new(app.ledger.clone()),
             worker: &app.settings.worker,
             metrics: Some(&app.metrics),
+            cancelled: Some(&cancelled),
         };
         let run = exec.run(&start).await;
         conclude(ctx, &start, run, holder).await
@@ -212,6 +213,22 @@ pub(crate) async fn find_by_lookups(app: &App, owner: &str) -> Result<Option<Vec
     Ok(applies.then_some(found))
 }
 
+/// Steps of a job that will not run: what earlier runs did, and `why` for the rest.
+pub(crate) fn not_run(start: &JobStart, why: &str) -> Vec<crate::ledger::StepRecord> {
+    start
+        .resources
+        .iter()
+        .map(|r| {
+            start.done.get(&r.reference()).cloned().unwrap_or(crate::ledger::StepRecord {
+                resource: r.reference(),
+                outcome: crate::domain::Outcome::Blocked,
+                attempts: 0,
+                error: Some(why.into()),
+            })
+        })
+        .collect()
+}
+
 /// A found resource with the creation time its lookup returned (column or
 /// field `created_at`), so that it is claimed only for the life it belongs
 /// to. A kind whose ids come back must return one.
@@ -232,22 +249,19 @@ fn with_created_at(app: &App, r: crate::domain::Resource) -> Result<contract::Tr
 async fn conclude(ctx: &Ctx<'_>, start: &JobStart, run: crate::execute::Run, holder: Uuid) -> Disposition {
     let (app, body) = (ctx.app, ctx.body);
     let job = &start.job;
-    let (status, dead) = match disposition::judge(run.end) {
-        Verdict::Completed => (JobStatus::Completed, None),
-        Verdict::Dead(class, why) => (JobStatus::DeadLettered, Some((class, why))),
+    let (status, class, reason) = match disposition::judge(run.end) {
+        Verdict::Completed => (JobStatus::Completed, None, None),
+        Verdict::Dead(class, why) => (JobStatus::DeadLettered, Some(class), Some(why)),
+        Verdict::Cancelled(why) => (JobStatus::Cancelled, None, Some(why)),
         Verdict::Retry(why) => match retry_later(ctx, job, holder, why).await {
             Ok(d) => return d,
-            Err(spent) => (JobStatus::DeadLettered, Some(spent)),
+            Err((class, why)) => (JobStatus::DeadLettered, Some(class), Some(why)),
         },
-    };
-    let (class, reason) = match dead {
-        Some((class, why)) => (Some(class), Some(why)),
-        None => (None, None),
     };
     let result = result_of(job, &run.steps, status, reason.clone());
     let bytes = result.to_bytes();
     let job_id = job.job_id.to_string();
-    let dead = reason.as_deref().zip(class).map(|(r, class)| {
+    let dead = reason.as_deref().zip(class).filter(|_| status == JobStatus::DeadLettered).map(|(r, class)| {
         let headers = crate::broker::dead_letter_headers(&job.routing_key, r, class, Some(&job_id));
         (app.names.dead.as_str(), body, headers)
     });
@@ -263,6 +277,12 @@ async fn conclude(ctx: &Ctx<'_>, start: &JobStart, run: crate::execute::Run, hol
     match app.ledger.finish(job, &end, holder).await {
         Ok(f) => {
             tracing::info!(status = status.as_str(), reason = reason.as_deref().unwrap_or(""), "job finished");
+            // What a cancelled job did not delete goes back to the owner's next teardown.
+            if status == JobStatus::Cancelled {
+                if let Err(e) = app.ledger.release_claims(job.job_id).await {
+                    tracing::warn!(error = %e, "could not release a cancelled job's resources");
+                }
+            }
             if f.outbox_written {
                 app.metrics.jobs.with_label_values(&[status.as_str()]).inc();
             }
@@ -308,7 +328,7 @@ async fn retry_later(
 }
 
 /// The job's result as it will be stored and published.
-fn result_of(
+pub(crate) fn result_of(
     job: &crate::ledger::JobRow,
     steps: &[crate::ledger::StepRecord],
     status: JobStatus,
@@ -360,6 +380,7 @@ fn finished(event_id: String, job_id: Uuid, stored: Stored, outbox_written: bool
                 job_id: job_id.to_string(),
             }),
         ),
+        JobStatus::Cancelled => (contract::TEARDOWN_CANCELLED, None),
         _ => (contract::TEARDOWN_COMPLETED, None),
     };
     Disposition::Finished { event_id, job_id, result: stored.result, routing_key, dead, outbox_written }

@@ -290,3 +290,58 @@ pub async fn request_deletion(
     publisher.publish(&names.events, contract::DELETION_REQUESTED, &body, &event_id, &[]).await?;
     Ok(event_id)
 }
+
+/// What `reaper cancel` did to one job.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum CancelOutcome {
+    /// Ended `cancelled`; its result is published (or queued in the outbox
+    /// when the broker did not confirm: a worker's drainer sends it).
+    Cancelled {
+        published: bool,
+    },
+    /// A worker runs it now: it starts no further deletes, lets those in
+    /// flight finish, and ends `cancelled` with what it did.
+    Requested,
+    /// It had ended already.
+    Ended {
+        status: &'static str,
+    },
+    NoSuchJob,
+}
+
+/// Cancels one job, for the CLI and the admin API alike: the ledger ends it
+/// (or asks its worker to), and its `cancelled` result goes out through the outbox.
+pub async fn cancel(
+    ledger: &crate::ledger::Ledger,
+    publisher: Option<&crate::broker::publisher::Publisher>,
+    names: &Names,
+    job_id: uuid::Uuid,
+    reason: &str,
+) -> Result<CancelOutcome, OpsError> {
+    use crate::ledger::cancel::Cancel;
+    let reason = reason.replace('\0', "");
+    let why = reason.clone();
+    let answer = ledger
+        .cancel(job_id, &reason, move |start| {
+            let steps = crate::handler::not_run(start, "not attempted: the job was cancelled");
+            let result = crate::handler::result_of(&start.job, &steps, crate::domain::JobStatus::Cancelled, Some(why));
+            (result.to_bytes(), result.routing_key())
+        })
+        .await?;
+    Ok(match answer {
+        Cancel::Cancelled(row) => {
+            let published = match publisher {
+                Some(p) => crate::outbox::publish(p, names, &row).await.is_ok(),
+                None => false,
+            };
+            if published {
+                let _ = ledger.outbox_delete(&[row.id]).await;
+            }
+            CancelOutcome::Cancelled { published }
+        }
+        Cancel::Requested => CancelOutcome::Requested,
+        Cancel::Ended(s) => CancelOutcome::Ended { status: s.as_str() },
+        Cancel::NoSuchJob => CancelOutcome::NoSuchJob,
+    })
+}

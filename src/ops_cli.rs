@@ -273,6 +273,79 @@ pub async fn pause(settings: &Settings, reason: Option<&str>) -> ExitCode {
     }
 }
 
+/// `reaper cancel JOB | --owner O`: exit 0 when each job ended cancelled or
+/// was asked to stop, 1 when one had ended already or does not exist, 3
+/// when the ledger could not be reached.
+pub async fn cancel(
+    settings: &Settings,
+    job: Option<uuid::Uuid>,
+    owner: Option<&str>,
+    reason: &str,
+    json: bool,
+) -> ExitCode {
+    let ledger = match crate::ledger::Ledger::from_settings(settings).await {
+        Ok(l) => l,
+        Err(e) => return fail(3, e),
+    };
+    if let Err(e) = ledger.migrate().await {
+        return fail(3, e);
+    }
+    let jobs = match (job, owner) {
+        (Some(j), _) => vec![j],
+        (None, Some(o)) => match ledger.open_jobs(o).await {
+            Ok(j) if j.is_empty() => return fail(1, format!("owner {o:?} has no job that has not ended")),
+            Ok(j) => j,
+            Err(e) => return fail(3, e),
+        },
+        (None, None) => return fail(2, "give a job id or --owner"),
+    };
+    // The results go out at once when the broker answers; else a worker's drainer sends them.
+    let names = crate::broker::Names::new(&settings.broker.prefix);
+    let link = crate::broker::link::open(settings, &names).await.ok();
+    let mut all_ok = true;
+    let mut rows = Vec::new();
+    for id in jobs {
+        let outcome = match ops::cancel(&ledger, link.as_ref().map(|(_, p)| p), &names, id, reason).await {
+            Ok(o) => o,
+            Err(e) => return fail(3, e),
+        };
+        let line = match &outcome {
+            ops::CancelOutcome::Cancelled { published: true } => "cancelled; its result is published".to_string(),
+            ops::CancelOutcome::Cancelled { published: false } => {
+                "cancelled; its result waits in the outbox for a worker to send".to_string()
+            }
+            ops::CancelOutcome::Requested => {
+                "running on a worker: it starts no further deletes and ends cancelled (within a lease heartbeat)".into()
+            }
+            ops::CancelOutcome::Ended { status } => {
+                all_ok = false;
+                format!("not cancelled: it had ended {status}")
+            }
+            ops::CancelOutcome::NoSuchJob => {
+                all_ok = false;
+                "not cancelled: no such job".to_string()
+            }
+        };
+        if !json {
+            println!("{id}  {line}");
+        }
+        rows.push(serde_json::json!({ "job_id": id, "result": outcome }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows).expect("serializable"));
+    }
+    if let Some((conn, publisher)) = link {
+        publisher.close().await;
+        let _ = conn.close(200, "done".into()).await;
+    }
+    ledger.pool().close().await;
+    if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 /// Who an operator command says it came from: the user on this host.
 fn who() -> String {
     let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());

@@ -79,6 +79,7 @@ async fn heartbeat(app: Arc<App>, stop: CancellationToken) {
         if let Err(e) = app.ledger.renew(&holders).await {
             tracing::warn!(error = %e, "could not renew owner leases; they may expire and the owners be taken over");
         }
+        app.read_cancels().await;
     }
 }
 

@@ -10,6 +10,7 @@
 //! a teardown starts and decides, when a track arrives after one, that it is late.
 
 pub mod archive;
+pub mod cancel;
 pub mod control;
 mod group_commit;
 pub use group_commit::BatchCounts;
@@ -160,6 +161,9 @@ pub struct JobRow {
     pub looked_up: bool,
     /// Why it was dead-lettered (`disposition::ErrorClass`), once it was.
     pub error_class: Option<String>,
+    /// An operator cancelled it while a worker ran it (`reaper cancel`): its
+    /// next run, or the running one at its next step, ends it cancelled.
+    pub cancel_requested: Option<String>,
 }
 
 /// Everything a worker needs to run (or resume) a job.
@@ -335,7 +339,8 @@ impl Ledger {
              ON CONFLICT (event_id) DO UPDATE
                 SET attempts = jobs.attempts + CASE WHEN jobs.status = 'running' THEN 1 ELSE 0 END
              RETURNING (xmax = 0) AS inserted, job_id, event_id, owner, trigger, dry_run, status, attempts,
-                       started_at, reason, result, replays, routing_key, looked_up, error_class, failed_runs",
+                       started_at, reason, result, replays, routing_key, looked_up, error_class, failed_runs,
+                       cancel_requested",
         )
         .bind(Uuid::new_v4())
         .bind(&req.event_id)
@@ -448,6 +453,7 @@ impl Ledger {
                     routing_key: routing_key.to_string(),
                     looked_up: false,
                     error_class: None,
+                    cancel_requested: None,
                 };
                 let resources = opened
                     .resources
@@ -644,7 +650,7 @@ async fn bump_attempts(tx: &mut Transaction<'_, Postgres>, job_id: Uuid) -> Resu
 async fn job_by_event(conn: &mut sqlx::PgConnection, event_id: &str) -> Result<Option<JobRow>, LedgerError> {
     let row = sqlx::query(
         "SELECT job_id, event_id, owner, trigger, dry_run, status, attempts, started_at, reason, result, replays, routing_key,
-                looked_up, error_class, failed_runs
+                looked_up, error_class, failed_runs, cancel_requested
          FROM jobs WHERE event_id = $1",
     )
     .bind(event_id)
@@ -678,6 +684,7 @@ fn job_row(r: &sqlx::postgres::PgRow) -> Result<JobRow, LedgerError> {
         routing_key: r.get("routing_key"),
         looked_up: r.get("looked_up"),
         error_class: r.get("error_class"),
+        cancel_requested: r.get("cancel_requested"),
     })
 }
 

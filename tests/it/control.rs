@@ -103,3 +103,115 @@ async fn a_pause_holds_both_replicas_and_counts_nothing_until_resumed() {
     stop.cancel();
     let _ = replica.await;
 }
+
+fn owner_free_live(owner: &str) -> String {
+    format!("SELECT count(*) FROM tracked_resources WHERE owner = '{owner}' AND job_id IS NULL AND state = 'live'")
+}
+
+/// A job waiting for its broker retry ends `cancelled` at once (CLI): the
+/// result says so and why, on `teardown.cancelled`; the resources it did not
+/// delete go back to the owner, so the owner's next teardown takes them. A
+/// dead-lettered job is cancelled the same way (API), and replay leaves it be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_or_dead_lettered_job_ends_cancelled_with_a_result() {
+    let (mut t, base, token_file) = with_admin("[worker]\nretry_delays_secs = [30]").await;
+    let _ = std::fs::remove_file(token_file);
+    let node = VpcNode::new(&unique("waits"));
+    t.provision(&node).await;
+    t.sim.set_faults(reaper::devtools::sim::Faults { error_rate: 1.0, ..Default::default() });
+    t.publish("deletion.requested", &deletion("waits-1", &node.owner, Utc::now())).await;
+    let waiting = "SELECT count(*) FROM jobs j WHERE failed_runs = 1 AND status = 'running' \
+                   AND NOT EXISTS (SELECT 1 FROM owner_leases l WHERE l.owner = j.owner)";
+    wait_until("the job failed a run and waits 30 s for its retry", Duration::from_secs(30), || async {
+        t.count(waiting).await == 1
+    })
+    .await;
+    let job: uuid::Uuid = sqlx::query_scalar("SELECT job_id FROM jobs").fetch_one(t.app.ledger.pool()).await.unwrap();
+    let out = t.reaper(&["cancel", &job.to_string(), "--reason", "decommission called off"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("cancelled; its result is published"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = t.next_result(30).await;
+    assert_eq!(seen.routing_key, "teardown.cancelled");
+    let r = seen.result;
+    assert_eq!((r.job_id, r.status.as_str(), r.reason.as_deref()), (job, "cancelled", Some("decommission called off")));
+    assert_eq!(r.resources.len(), 5, "{r:?}");
+    assert_eq!(t.count(&owner_free_live(&node.owner)).await, 5, "its resources went back to the owner");
+    let out = t.reaper(&["cancel", &job.to_string()], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("had ended cancelled"));
+
+    // The owner's next teardown takes them.
+    t.sim.set_faults(Default::default());
+    t.publish("deletion.requested", &deletion("waits-2", &node.owner, Utc::now())).await;
+    let r = t.next_result(30).await.result;
+    assert_eq!((r.status.as_str(), r.resources.len()), ("completed", 5), "{r:?}");
+    assert!(node.resources.iter().all(|res| !t.sim.exists(&res.path)));
+
+    // A dead-lettered job, through the API.
+    let other = VpcNode::new(&unique("dead"));
+    t.provision(&other).await;
+    t.sim.set_faults(reaper::devtools::sim::Faults { fail_next: 1000, fail_status: 403, ..Default::default() });
+    t.publish("deletion.requested", &deletion("dead-1", &other.owner, Utc::now())).await;
+    let dead = t.next_result(30).await.result;
+    assert_eq!(dead.status, "dead_lettered", "{dead:?}");
+    t.sim.set_faults(Default::default());
+    let c = reqwest::Client::new();
+    let url = format!("{base}/v1/jobs/{}/cancel", dead.job_id);
+    assert_eq!(c.post(&url).send().await.unwrap().status(), 401);
+    let answer =
+        c.post(&url).bearer_auth(TOKEN).json(&serde_json::json!({ "reason": "node kept" })).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!((body["outcome"].as_str(), body["published"].as_bool()), (Some("cancelled"), Some(true)), "{body}");
+    let r = t.next_result(30).await.result;
+    assert_eq!((r.job_id, r.status.as_str(), r.reason.as_deref()), (dead.job_id, "cancelled", Some("node kept")));
+    let again = c.post(&url).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(again.status(), 409, "it had ended");
+    let out = t.reaper(&["replay", "--job", &dead.job_id.to_string()], &[]);
+    assert!(
+        t.tap.next(Duration::from_millis(500)).await.is_none(),
+        "a cancelled job is not replayed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(other.resources.iter().all(|res| t.sim.exists(&res.path)), "nothing of the kept node was deleted");
+}
+
+/// A job a worker is running when it is cancelled starts no further deletes:
+/// the DELETEs in flight (the VNI's and the DNS record's) finish, the server
+/// and IP reservations that would go next are left, and the job ends
+/// `cancelled` saying what it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_cancelled_starts_no_further_deletes_and_ends_cancelled() {
+    // A one-second lease: the heartbeat that reads cancels runs every third of it.
+    let mut t = spawn_app("[worker]\nlease_ttl_secs = 1\n").await;
+    let node = VpcNode::new(&unique("runs"));
+    t.provision(&node).await;
+    t.sim.set_faults(reaper::devtools::sim::Faults { latency_ms: 1500, ..Default::default() });
+    t.publish("deletion.requested", &deletion("runs-1", &node.owner, Utc::now())).await;
+    wait_until("the first DELETEs are in flight", Duration::from_secs(30), || async {
+        t.sim.requests().iter().any(|(m, _)| m == "DELETE")
+    })
+    .await;
+    let job: uuid::Uuid = sqlx::query_scalar("SELECT job_id FROM jobs").fetch_one(t.app.ledger.pool()).await.unwrap();
+    let out = t.reaper(&["cancel", "--owner", &node.owner, "--reason", "wrong node"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("running on a worker"), "{text}");
+    let r = t.next_result(30).await.result;
+    assert_eq!((r.job_id, r.status.as_str(), r.reason.as_deref()), (job, "cancelled", Some("wrong node")), "{r:?}");
+    let outcome =
+        |kind: &str| r.resources.iter().filter(|x| x.kind == kind).map(|x| x.outcome.clone()).collect::<Vec<_>>();
+    assert_eq!(outcome("vni"), ["deleted"], "{r:?}");
+    assert_eq!(outcome("dns_record"), ["deleted"], "{r:?}");
+    assert_eq!(outcome("bare_metal_server"), ["blocked"], "not attempted: {r:?}");
+    let left: Vec<_> = node.resources.iter().filter(|x| t.sim.exists(&x.path)).map(|x| x.kind).collect();
+    assert_eq!(left.len(), 3, "the server and both IP reservations are still there: {left:?}");
+    assert!(
+        !t.sim.requests().iter().any(|(m, p)| m == "DELETE" && p.contains("bare_metal_servers")),
+        "no DELETE of the server"
+    );
+    assert_eq!(t.count(&owner_free_live(&node.owner)).await, 3, "what is left goes back to the owner");
+}
