@@ -174,6 +174,9 @@ pub struct BrokerSettings {
     pub queue_type: QueueType,
     pub prefetch: u16,
     pub delivery_limit: u32,
+    /// The dead queue is an archive: its copies expire after this many days
+    /// (0: never). The ledger is the list of what is dead.
+    pub dead_ttl_days: f64,
     /// For `amqps://` URLs: a private CA and a client certificate.
     #[serde(default)]
     pub tls: BrokerTls,

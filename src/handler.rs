@@ -15,16 +15,6 @@ use crate::ledger::{Begin, JobEnd, JobStart, LedgerError, TrackOutcome};
 /// Handles one message. `ledger_refusals` is how many times in a row the
 /// ledger refused this message before (read from its retry hop).
 pub async fn handle(app: &App, env: &Envelope<'_>, ledger_refusals: u32) -> Disposition {
-    // Paused: back to the retry queue before anything is recorded, so the
-    // delivery counts as no attempt (the ledger never saw it) and, being a
-    // new message there, as no delivery towards the queue's limit.
-    if let Some(p) = app.paused() {
-        return Disposition::RetryAfter {
-            delay: app.settings.worker.busy_delay(),
-            why: format!("reaper is paused ({})", p.reason),
-            reason: RetryReason::Paused,
-        };
-    }
     let event = match contract::decode(env, &app.catalog, &contract::Limits::of(&app.settings.worker)) {
         Ok(e) => e,
         Err(m) => {
@@ -41,6 +31,14 @@ pub async fn handle(app: &App, env: &Envelope<'_>, ledger_refusals: u32) -> Disp
         why: "another job of the owner is running".into(),
         reason: RetryReason::OwnerBusy,
     };
+    // Paused: a teardown goes back to the retry queue before anything is
+    // recorded, so it counts as no attempt (the ledger never saw it) and,
+    // being a new message there, as no delivery towards the queue's limit.
+    let paused = |p: crate::ledger::control::Pause| Disposition::RetryAfter {
+        delay: app.settings.worker.busy_delay(),
+        why: format!("reaper is paused ({})", p.reason),
+        reason: RetryReason::Paused,
+    };
     let refused = |why: String| {
         tracing::warn!(reason = %why, "event refused; dead-lettering it");
         Disposition::Reject { reason: why, class: ErrorClass::Malformed }
@@ -51,6 +49,14 @@ pub async fn handle(app: &App, env: &Envelope<'_>, ledger_refusals: u32) -> Disp
                 tracing::debug!(owner = %t.owner, resources = %t.describe(), "tracked");
                 Disposition::Ack
             }
+            // Tracks are recorded while paused (held back, an undated one
+            // would be dated by its arrival after the pause and miss its
+            // teardown); a late one's job waits, its attempt given back.
+            Ok(TrackOutcome::Late(start)) if app.paused().is_some() => {
+                let _ = app.ledger.uncount_attempt(start.job.job_id).await;
+                let _ = app.ledger.release(&start.job.owner, holder.id).await;
+                paused(app.paused().unwrap_or_default())
+            }
             Ok(TrackOutcome::Late(start)) => {
                 tracing::info!(owner = %t.owner, resources = %t.describe(), "late track: the owner's teardown already started");
                 run_job(&ctx, *start, holder.id).await
@@ -59,6 +65,7 @@ pub async fn handle(app: &App, env: &Envelope<'_>, ledger_refusals: u32) -> Disp
             Ok(TrackOutcome::Conflict(why)) => refused(why),
             Err(e) => ctx.on_ledger_error(&e),
         },
+        Event::Teardown(_) if app.paused().is_some() => paused(app.paused().unwrap_or_default()),
         Event::Teardown(req) => match app.ledger.begin_job(&req, env.body, env.routing_key, holder.id).await {
             Ok(Begin::Start(start)) => run_job(&ctx, *start, holder.id).await,
             Ok(Begin::Busy) => busy(),
@@ -105,6 +112,13 @@ async fn run_job(ctx: &Ctx<'_>, mut start: JobStart, holder: Uuid) -> Dispositio
         let job = &start.job;
         if job.status != JobStatus::Running {
             tracing::info!("duplicate of a finished job; publishing its stored result again");
+            // A cancelled job's claims were released after its finish; a crash
+            // between the two left them held: released again (it is idempotent).
+            if job.status == JobStatus::Cancelled {
+                if let Err(e) = app.ledger.release_claims(job.job_id).await {
+                    tracing::warn!(error = %e, "could not release a cancelled job's resources");
+                }
+            }
             let stored = Stored {
                 result: job.result.clone().unwrap_or_default(),
                 status: job.status,
@@ -249,7 +263,14 @@ fn with_created_at(app: &App, r: crate::domain::Resource) -> Result<contract::Tr
 async fn conclude(ctx: &Ctx<'_>, start: &JobStart, run: crate::execute::Run, holder: Uuid) -> Disposition {
     let (app, body) = (ctx.app, ctx.body);
     let job = &start.job;
-    let (status, class, reason) = match disposition::judge(run.end) {
+    // Cancelled while it ran: the operator's cancel is its end, not a retry
+    // later nor a dead letter (which a replay would then run).
+    let end = match (run.end, app.cancel_reason(job.job_id)) {
+        (RunEnd::Completed, _) => RunEnd::Completed,
+        (_, Some(why)) => RunEnd::Cancelled(why),
+        (end, None) => end,
+    };
+    let (status, class, reason) = match disposition::judge(end) {
         Verdict::Completed => (JobStatus::Completed, None, None),
         Verdict::Dead(class, why) => (JobStatus::DeadLettered, Some(class), Some(why)),
         Verdict::Cancelled(why) => (JobStatus::Cancelled, None, Some(why)),

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// 1 while an operator has paused reaper (as this replica last read it).
     pub paused: IntGauge,
+    /// Jobs dead-lettered and not replayed or cancelled since (the ledger's count).
+    pub dead_jobs: IntGauge,
     /// Reconcile sweeps, by rule and outcome (acted, nothing_to_do, dry_run, refused, failed, busy).
     pub reconcile_runs: IntCounterVec,
     pub reconcile_seconds: HistogramVec,
@@ -71,6 +73,11 @@ impl Metrics {
             IntGauge::new("reaper_ready", "1 while the worker is connected and consuming").expect("valid metric");
         let paused = IntGauge::new("reaper_paused", "1 while an operator has paused reaper (reaper pause)")
             .expect("valid metric");
+        let dead_jobs = IntGauge::new(
+            "reaper_dead_lettered_jobs",
+            "Jobs dead-lettered and neither replayed nor cancelled since (the ledger's list of what is dead)",
+        )
+        .expect("valid metric");
         let reconcile_runs = IntCounterVec::new(
             Opts::new("reaper_reconcile_runs_total", "Reconcile sweeps, by rule and outcome"),
             &["rule", "outcome"],
@@ -102,6 +109,7 @@ impl Metrics {
             in_flight,
             ready,
             paused,
+            dead_jobs,
             reconcile_runs,
             reconcile_seconds,
             reconcile_orphans,
@@ -125,6 +133,7 @@ impl Metrics {
             Box::new(self.in_flight.clone()),
             Box::new(self.ready.clone()),
             Box::new(self.paused.clone()),
+            Box::new(self.dead_jobs.clone()),
             Box::new(self.reconcile_runs.clone()),
             Box::new(self.reconcile_seconds.clone()),
             Box::new(self.reconcile_orphans.clone()),

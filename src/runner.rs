@@ -54,10 +54,14 @@ impl App {
     }
 }
 
-/// Reads the pause flag every `worker.pause_poll_ms` until `stop`.
+/// Reads the pause flag, and counts the dead-lettered jobs for
+/// `reaper_dead_lettered_jobs`, every `worker.pause_poll_ms` until `stop`.
 async fn watch_pause(app: Arc<App>, stop: CancellationToken) {
     let every = Duration::from_millis(app.settings.worker.pause_poll_ms.max(50));
     loop {
+        if let Ok(n) = app.ledger.dead_count().await {
+            app.metrics.dead_jobs.set(n);
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}

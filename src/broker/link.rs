@@ -13,9 +13,7 @@ use crate::config::Settings;
 /// Connects, declares the topology and returns a confirm-mode publisher.
 pub async fn open(settings: &Settings, names: &Names) -> Result<(Connection, Publisher), BrokerError> {
     let conn = connect(settings).await?;
-    let ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
-    topology::declare(&ch, names, &settings.broker, &settings.worker.all_delays()).await?;
-    let _ = ch.close(200, "declared".into()).await;
+    topology::declare(&conn, names, &settings.broker, &settings.worker.all_delays()).await?;
     let pub_ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
     pub_ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp("enabling confirms"))?;
     Ok((conn, Publisher::new(pub_ch)))

@@ -4,18 +4,19 @@ use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use super::{amqp, BrokerError, Names};
 use crate::config::{BrokerSettings, QueueType};
 use crate::contract::{DELETION_REQUESTED, PROVISIONING_FAILED, RESOURCE_TRACKED};
 
 pub async fn declare(
-    ch: &Channel,
+    conn: &Connection,
     names: &Names,
     s: &BrokerSettings,
     retry_delays: &[Duration],
 ) -> Result<(), BrokerError> {
+    let ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
     let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
     for ex in [&names.events, &names.results] {
         ch.exchange_declare(ex.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
@@ -23,18 +24,14 @@ pub async fn declare(
             .map_err(amqp("declaring an exchange"))?;
     }
 
-    let mut dead = base_args(s.queue_type);
-    if s.queue_type == QueueType::Quorum {
-        dead.insert("x-overflow".into(), long("reject-publish"));
-    }
-    declare_queue(ch, &names.dead, dead).await?;
+    let ch = declare_dead(conn, ch, names, s).await?;
 
     let mut work = base_args(s.queue_type);
     dead_letter_to(&mut work, &names.dead, s.queue_type);
     if s.queue_type == QueueType::Quorum {
         work.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(4 * i64::from(s.delivery_limit)));
     }
-    declare_queue(ch, &names.work, work).await?;
+    declare_queue(&ch, &names.work, work).await?;
     // The three event keys, and `#` so that a key nobody knows (a typo such as
     // `deletion.requestd`) reaches the handler and is dead-lettered with its
     // reason instead of being dropped by the exchange without a trace. A
@@ -55,9 +52,50 @@ pub async fn declare(
         let mut args = base_args(s.queue_type);
         args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(d.as_millis() as i64));
         dead_letter_to(&mut args, &names.work, s.queue_type);
-        declare_queue(ch, &names.retry(*d), args).await?;
+        declare_queue(&ch, &names.retry(*d), args).await?;
     }
+    let _ = ch.close(200, "declared".into()).await;
     Ok(())
+}
+
+/// The dead queue, an archive whose copies expire after `dead_ttl_days`. A
+/// queue declared before that setting existed keeps its arguments (RabbitMQ
+/// refuses to change them): reaper goes on with it as it is and says how to
+/// give it the limit with a policy. Returns a channel that is open.
+async fn declare_dead(
+    conn: &Connection,
+    ch: Channel,
+    names: &Names,
+    s: &BrokerSettings,
+) -> Result<Channel, BrokerError> {
+    let args = |ttl: bool| {
+        let mut a = base_args(s.queue_type);
+        if s.queue_type == QueueType::Quorum {
+            a.insert("x-overflow".into(), long("reject-publish"));
+        }
+        if ttl && s.dead_ttl_days > 0.0 {
+            a.insert("x-message-ttl".into(), AMQPValue::LongLongInt((s.dead_ttl_days * 86_400_000.0) as i64));
+        }
+        a
+    };
+    let opts = QueueDeclareOptions { durable: true, ..Default::default() };
+    match ch.queue_declare(names.dead.as_str().into(), opts, args(true)).await {
+        Ok(_) => Ok(ch),
+        Err(e) if s.dead_ttl_days > 0.0 && e.to_string().contains("PRECONDITION_FAILED") => {
+            tracing::warn!(
+                queue = %names.dead,
+                "the dead queue was declared without broker.dead_ttl_days; its copies do not expire. Give it the \
+                 limit with a policy: rabbitmqctl set_policy {name}-ttl '^{name}$' '{{\"message-ttl\": {ms}}}' --apply-to queues",
+                name = names.dead.replace('.', "\\."),
+                ms = (s.dead_ttl_days * 86_400_000.0) as i64
+            );
+            // The refusal closed the channel.
+            let ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
+            declare_queue(&ch, &names.dead, args(false)).await?;
+            Ok(ch)
+        }
+        Err(e) => Err(amqp("declaring a queue")(e)),
+    }
 }
 
 fn base_args(t: QueueType) -> FieldTable {

@@ -50,13 +50,15 @@ impl Ledger {
             JobStatus::Completed | JobStatus::Cancelled => return Ok(Cancel::Ended(job.status)),
             JobStatus::Running | JobStatus::DeadLettered => {}
         }
-        // A live lease on the owner: a worker may be running this job now.
-        let held: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM owner_leases WHERE owner = $1 AND until > now())")
-                .bind(&job.owner)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db("reading the owner's lease"))?;
+        // A lease row on the owner, even one run out: a worker may be running
+        // this job now (one whose heartbeat stalled goes on deleting). A run
+        // that ended released it; a crashed worker's is taken over by the
+        // next delivery, which reads the request.
+        let held: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM owner_leases WHERE owner = $1)")
+            .bind(&job.owner)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db("reading the owner's lease"))?;
         if job.status == JobStatus::Running && held {
             sqlx::query("UPDATE jobs SET cancel_requested = $2 WHERE job_id = $1")
                 .bind(job_id)
@@ -93,6 +95,17 @@ impl Ledger {
         release_claims(&mut tx, job_id).await?;
         tx.commit().await.map_err(db("commit"))?;
         Ok(Cancel::Cancelled(Box::new(out)))
+    }
+
+    /// Gives back the attempt a delivery counted when it opened the job: a
+    /// late track's job held back by a pause ran nothing.
+    pub async fn uncount_attempt(&self, job_id: Uuid) -> Result<(), LedgerError> {
+        sqlx::query("UPDATE jobs SET attempts = greatest(attempts - 1, 0) WHERE job_id = $1 AND status = 'running'")
+            .bind(job_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db("giving back an attempt"))?;
+        Ok(())
     }
 
     /// A cancelled job's live resources go back to the owner, for its next teardown.

@@ -97,12 +97,21 @@ impl Ledger {
             .collect())
     }
 
+    /// Jobs dead-lettered and neither replayed nor cancelled since: what is dead.
+    pub async fn dead_count(&self) -> Result<i64, LedgerError> {
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'dead_lettered'")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("counting dead-lettered jobs"))
+    }
+
     pub async fn reopen(&self, job_id: Uuid, max_replays: u32) -> Result<Reopen, LedgerError> {
         let mut tx = self.pool.begin().await.map_err(db("begin"))?;
         let row = sqlx::query(
             "WITH j AS (
                 UPDATE jobs SET status = 'running', attempts = 0, failed_runs = 0, replays = replays + 1,
-                                result = NULL, reason = NULL, error_class = NULL, finished_at = NULL
+                                result = NULL, reason = NULL, error_class = NULL, finished_at = NULL,
+                                cancel_requested = NULL
                 WHERE job_id = $1 AND status = 'dead_lettered' AND replays < $2
                 RETURNING job_id, event_id, routing_key, event_body
              )

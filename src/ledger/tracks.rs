@@ -298,6 +298,8 @@ impl Ledger {
              CROSS JOIN LATERAL (
                  SELECT j.occurred_at, j.generation FROM jobs j
                  WHERE j.owner = $1 AND NOT j.dry_run AND j.trigger IN ('deletion.requested', 'provisioning.failed')
+                   -- A cancelled teardown ended nothing: what is tracked after it is not late.
+                   AND j.status <> 'cancelled'
                    AND reaper_belongs($5::bigint, u.created, r.tracked_at, j.occurred_at, j.generation, $6::double precision)
                  ORDER BY j.occurred_at LIMIT 1) e
              ORDER BY e.occurred_at",

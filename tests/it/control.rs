@@ -58,6 +58,9 @@ async fn a_pause_holds_both_replicas_and_counts_nothing_until_resumed() {
     .await;
     assert_eq!(t.sim.stats().deletes, 0, "nothing was deleted while paused");
     assert_eq!(t.count("SELECT count(*) FROM jobs").await, 0, "nothing was recorded: no attempt counted");
+    // Tracks are still recorded: held back, an undated one would be dated by
+    // its arrival after the pause and miss its teardown.
+    t.provision(&VpcNode::new(&unique("tracked-while-paused"))).await;
 
     let out = t.reaper(&["status", "--json"], &[]);
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -144,11 +147,24 @@ async fn a_waiting_or_dead_lettered_job_ends_cancelled_with_a_result() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("had ended cancelled"));
 
-    // The owner's next teardown takes them.
+    // A cancelled teardown ended nothing: a resource tracked now is the
+    // owner's, not a late track to delete at once.
     t.sim.set_faults(Default::default());
+    t.sim.create("/v1/virtual_network_interfaces/extra-vni", &[]);
+    let track =
+        serde_json::json!({ "event_id": unique("extra"), "owner": node.owner, "kind": "vni", "id": "extra-vni" });
+    t.publish("resource.tracked", &track).await;
+    wait_until("the extra VNI is tracked", Duration::from_secs(20), || async {
+        t.count(&owner_free_live(&node.owner)).await == 6
+    })
+    .await;
+    assert_eq!(t.count("SELECT count(*) FROM jobs").await, 1, "no late-track job");
+    assert!(t.sim.exists("/v1/virtual_network_interfaces/extra-vni"));
+
+    // The owner's next teardown takes them all.
     t.publish("deletion.requested", &deletion("waits-2", &node.owner, Utc::now())).await;
     let r = t.next_result(30).await.result;
-    assert_eq!((r.status.as_str(), r.resources.len()), ("completed", 5), "{r:?}");
+    assert_eq!((r.status.as_str(), r.resources.len()), ("completed", 6), "{r:?}");
     assert!(node.resources.iter().all(|res| !t.sim.exists(&res.path)));
 
     // A dead-lettered job, through the API.
@@ -172,11 +188,13 @@ async fn a_waiting_or_dead_lettered_job_ends_cancelled_with_a_result() {
     let again = c.post(&url).bearer_auth(TOKEN).send().await.unwrap();
     assert_eq!(again.status(), 409, "it had ended");
     let out = t.reaper(&["replay", "--job", &dead.job_id.to_string()], &[]);
-    assert!(
-        t.tap.next(Duration::from_millis(500)).await.is_none(),
-        "a cancelled job is not replayed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let replays: i64 =
+        sqlx::query_scalar("SELECT replays::bigint FROM jobs WHERE job_id = $1 AND status = 'cancelled'")
+            .bind(dead.job_id)
+            .fetch_one(t.app.ledger.pool())
+            .await
+            .unwrap();
+    assert_eq!(replays, 0, "a cancelled job is not replayed: {}", String::from_utf8_lossy(&out.stdout));
     assert!(other.resources.iter().all(|res| t.sim.exists(&res.path)), "nothing of the kept node was deleted");
 }
 
@@ -186,11 +204,12 @@ async fn a_waiting_or_dead_lettered_job_ends_cancelled_with_a_result() {
 /// `cancelled` saying what it did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_job_cancelled_starts_no_further_deletes_and_ends_cancelled() {
-    // A one-second lease: the heartbeat that reads cancels runs every third of it.
-    let mut t = spawn_app("[worker]\nlease_ttl_secs = 1\n").await;
+    // A three-second lease: the heartbeat that reads cancels runs every second.
+    let mut t = spawn_app("[worker]\nlease_ttl_secs = 3\n").await;
     let node = VpcNode::new(&unique("runs"));
     t.provision(&node).await;
-    t.sim.set_faults(reaper::devtools::sim::Faults { latency_ms: 1500, ..Default::default() });
+    // Every request takes 6 s: the cancel is read long before the first DELETEs end.
+    t.sim.set_faults(reaper::devtools::sim::Faults { latency_ms: 6000, ..Default::default() });
     t.publish("deletion.requested", &deletion("runs-1", &node.owner, Utc::now())).await;
     wait_until("the first DELETEs are in flight", Duration::from_secs(30), || async {
         t.sim.requests().iter().any(|(m, _)| m == "DELETE")
@@ -214,4 +233,67 @@ async fn a_running_job_cancelled_starts_no_further_deletes_and_ends_cancelled() 
         "no DELETE of the server"
     );
     assert_eq!(t.count(&owner_free_live(&node.owner)).await, 3, "what is left goes back to the owner");
+}
+
+/// Messages on a queue now (a passive declare).
+async fn depth(t: &TestApp, queue: &str) -> u32 {
+    let ch = t.conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = ch.close(200, "counted".into()).await;
+    q.message_count()
+}
+
+/// The dead queue is an archive and the ledger the list of what is dead: a
+/// replayed job leaves `reaper_dead_lettered_jobs` at once, while its dead
+/// copy stays on the queue until it expires (`broker.dead_ttl_days`). A dead
+/// queue declared before that setting cannot take it (RabbitMQ refuses to
+/// change a queue's arguments): a worker goes on with it as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_queue_is_an_archive_and_the_ledger_says_what_is_dead() {
+    // Dead copies expire after about nine seconds here.
+    let mut t = spawn_app("[broker]\ndead_ttl_days = 0.0001\n[worker]\npause_poll_ms = 100\n").await;
+    let node = VpcNode::new(&unique("dead"));
+    t.provision(&node).await;
+    t.sim.set_faults(reaper::devtools::sim::Faults { fail_next: 1000, fail_status: 403, ..Default::default() });
+    t.publish("deletion.requested", &deletion("dead-1", &node.owner, Utc::now())).await;
+    let dead = t.next_result(30).await.result;
+    assert_eq!(dead.status, "dead_lettered");
+    wait_until("the dead copy is on the queue", Duration::from_secs(5), || async {
+        depth(&t, &t.app.names.dead).await == 1
+    })
+    .await;
+    wait_until("the gauge counts the dead job", Duration::from_secs(10), || async {
+        t.app.metrics.dead_jobs.get() == 1
+    })
+    .await;
+
+    t.sim.set_faults(Default::default());
+    let out = t.reaper(&["replay", "--job", &dead.job_id.to_string()], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(t.next_result(30).await.result.status, "completed");
+    wait_until("the gauge says nothing is dead", Duration::from_secs(10), || async {
+        t.app.metrics.dead_jobs.get() == 0
+    })
+    .await;
+    wait_until("the archived dead copy expires", Duration::from_secs(30), || async {
+        depth(&t, &t.app.names.dead).await == 0
+    })
+    .await;
+
+    // A dead queue declared without the age limit, as before the setting.
+    let legacy = spawn_app("[broker]\ndead_ttl_days = 0\n").await;
+    let (stop, replica, replica_app) = legacy.spawn_replica_with(|s| s.broker.dead_ttl_days = 30.0).await;
+    wait_until("a worker with the setting consumes all the same", Duration::from_secs(20), || async {
+        replica_app.is_ready()
+    })
+    .await;
+    stop.cancel();
+    let _ = replica.await;
 }

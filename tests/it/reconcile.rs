@@ -345,6 +345,7 @@ async fn a_paused_reaper_executes_no_sweep_but_dry_runs_still_report() {
     assert!(exists(&t, "gone-1").await);
     assert!(replica_app.paused().is_some());
     assert_eq!(metric_total(&replica_app, "reaper_reconcile_runs_total"), 0.0, "the schedule ran no sweep");
+    assert_eq!(t.count("SELECT count(*) FROM reconcile_rules").await, 0, "nor claimed one");
     t.app.ledger.resume().await.unwrap();
     let res = t.next_result(30).await.result;
     assert_eq!((res.owner.as_str(), res.status.as_str()), ("model/gone-1", "completed"), "resumed, the schedule acts");
@@ -402,7 +403,7 @@ async fn a_cron_rule_sweeps_each_slot_once_across_replicas_and_a_disabled_rule_n
         lines(&t.app),
         lines(&replica_app)
     );
-    assert!((0.0..1.0).contains(&lag), "the last sweep started {lag}s after its slot's time");
+    assert!((0.0..1.5).contains(&lag), "the last sweep started {lag}s after its slot's time");
     let never = t.count("SELECT count(*) FROM reconcile_rules WHERE rule = 'models_off'").await;
     assert_eq!(never, 0, "the disabled rule's schedule never ran");
     let (code, r, err) = t.reconcile("models_off", &[]);
