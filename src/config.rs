@@ -155,7 +155,19 @@ pub struct Settings {
     #[serde(default)]
     pub kinds: BTreeMap<String, KindSettings>,
     pub archive: ArchiveSettings,
+    pub ledger: LedgerSettings,
     pub reconcile: reconcile::ReconcileSettings,
+}
+
+/// How long the ledger keeps what has ended.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerSettings {
+    /// Completed and cancelled jobs, their steps and their resources proven
+    /// gone are purged this long after they ended (dead-lettered jobs stay
+    /// until replayed or cancelled). At least `archive.retention_days`:
+    /// `reaper restore` needs the job.
+    pub retention_days: f64,
 }
 
 /// Rows and documents deleted with `archive = true` are kept this long, so
@@ -755,6 +767,12 @@ impl Settings {
         if self.archive.retention_days.is_nan() || self.archive.retention_days <= 0.0 {
             return Err(ConfigError::Invalid("archive.retention_days must be positive".into()));
         }
+        if self.ledger.retention_days.is_nan() || self.ledger.retention_days < self.archive.retention_days {
+            return Err(ConfigError::Invalid(format!(
+                "ledger.retention_days ({}) must be at least archive.retention_days ({}): restoring an archived record needs its job",
+                self.ledger.retention_days, self.archive.retention_days
+            )));
+        }
         Ok(())
     }
 }
@@ -833,6 +851,15 @@ mod tests {
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
         }
+    }
+
+    #[test]
+    fn the_ledger_keeps_jobs_at_least_as_long_as_the_archive_needs_them() {
+        let s = Settings::from_toml("[archive]\nretention_days = 60\n").unwrap();
+        let e = s.check_values().unwrap_err().to_string();
+        assert!(e.contains("ledger.retention_days (30) must be at least archive.retention_days (60)"), "{e}");
+        let s = Settings::from_toml("[archive]\nretention_days = 60\n[ledger]\nretention_days = 90\n").unwrap();
+        assert!(s.check_values().is_ok());
     }
 
     fn kinds(toml: &str) -> Result<crate::catalog::Catalog, ConfigError> {

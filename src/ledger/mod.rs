@@ -17,6 +17,7 @@ pub use group_commit::BatchCounts;
 mod leases;
 pub mod outbox;
 pub mod replay;
+mod retention;
 mod tracks;
 pub use tracks::TrackOutcome;
 pub mod views;

@@ -1,7 +1,7 @@
 //! Scheduled sweeps inside `reaper run`. Every replica runs this loop; a rule
 //! is claimed in the ledger (a conditional update of its last start), so each
 //! interval runs it once across replicas, and the sweep's own advisory lock
-//! keeps two from overlapping. Also purges archives past their retention.
+//! keeps two from overlapping. Also purges archives and finished jobs past their retention.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +56,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
                 Ok(n) => tracing::info!(records = n, "archived records past their retention purged"),
                 Err(e) => tracing::warn!(error = %e, "could not purge old archives"),
             }
+            purge_jobs(&app, &shutdown).await;
         }
         // Paused: no sweep runs (a cron slot that passes meanwhile is missed,
         // unless the resume comes within its ten minutes).
@@ -100,6 +101,31 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+/// Jobs past `ledger.retention_days`, a thousand a statement, with a pause
+/// between statements so the worker's own writes go first.
+async fn purge_jobs(app: &App, shutdown: &CancellationToken) {
+    const BATCH: i64 = 1_000;
+    let mut purged = 0;
+    while !shutdown.is_cancelled() {
+        match app.ledger.purge_jobs(app.settings.ledger.retention_days, BATCH).await {
+            Ok(n) => {
+                purged += n;
+                if n < BATCH as u64 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not purge old jobs; trying again in an hour");
+                break;
+            }
+        }
+    }
+    if purged > 0 {
+        tracing::info!(jobs = purged, "finished jobs past their retention purged");
     }
 }
 

@@ -297,3 +297,75 @@ async fn the_dead_queue_is_an_archive_and_the_ledger_says_what_is_dead() {
     stop.cancel();
     let _ = replica.await;
 }
+
+/// Retention: `reaper run` purges what ended more than `ledger.retention_days`
+/// ago — the job, its steps, its resources proven gone — and keeps what has
+/// not: a dead-lettered job (until replayed or cancelled), a recent one, the
+/// owner's live resources. A duplicate of a purged event starts a new job
+/// (docs/contract.md), which finds nothing of its life left to delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_leave_the_ledger_after_their_retention_and_dead_ones_stay() {
+    let mut t = spawn_app("").await;
+    let (old, recent, dead) =
+        (VpcNode::new(&unique("old")), VpcNode::new(&unique("recent")), VpcNode::new(&unique("dead")));
+    for n in [&old, &recent, &dead] {
+        t.provision(n).await;
+    }
+    let sent = Utc::now();
+    t.publish("deletion.requested", &deletion("ret-old", &old.owner, sent)).await;
+    assert_eq!(t.next_result(30).await.result.status, "completed");
+    t.publish("deletion.requested", &deletion("ret-recent", &recent.owner, sent)).await;
+    assert_eq!(t.next_result(30).await.result.status, "completed");
+    t.sim.set_faults(reaper::devtools::sim::Faults { fail_next: 1000, fail_status: 403, ..Default::default() });
+    t.publish("deletion.requested", &deletion("ret-dead", &dead.owner, sent)).await;
+    assert_eq!(t.next_result(30).await.result.status, "dead_lettered");
+    t.sim.set_faults(Default::default());
+    // Still live: a resource tracked for the old owner's next life.
+    let next_life = serde_json::json!({
+        "event_id": unique("next"), "owner": old.owner, "kind": "vni", "id": "next-life-vni",
+        "created_at": Utc::now().to_rfc3339(),
+    });
+    t.sim.create("/v1/virtual_network_interfaces/next-life-vni", &[]);
+    t.publish("resource.tracked", &next_life).await;
+    wait_until("the next life's VNI is tracked", Duration::from_secs(20), || async {
+        t.count(&owner_free_live(&old.owner)).await == 1
+    })
+    .await;
+    // Forty days pass for two of them.
+    t.sql("UPDATE jobs SET started_at = started_at - interval '40 days', finished_at = finished_at - interval '40 days' WHERE event_id IN ('ret-old', 'ret-dead')").await;
+
+    // A replica's housekeeping runs at its start (then hourly), in batches.
+    let (stop, replica, _) = t.spawn_replica().await;
+    wait_until("the old job is purged", Duration::from_secs(30), || async {
+        t.count("SELECT count(*) FROM jobs WHERE event_id = 'ret-old'").await == 0
+    })
+    .await;
+    stop.cancel();
+    let _ = replica.await;
+    assert_eq!(
+        t.count(&format!("SELECT count(*) FROM tracked_resources WHERE owner = '{}' AND state <> 'live'", old.owner))
+            .await,
+        0,
+        "its gone resources went too"
+    );
+    assert_eq!(
+        t.count("SELECT count(*) FROM job_steps s WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = s.job_id)")
+            .await,
+        0,
+        "and its steps"
+    );
+    assert_eq!(t.count(&owner_free_live(&old.owner)).await, 1, "the next life's live resource stays");
+    assert_eq!(
+        t.count("SELECT count(*) FROM jobs WHERE event_id IN ('ret-recent', 'ret-dead')").await,
+        2,
+        "the recent and the dead-lettered stay"
+    );
+    assert_eq!(t.count(&format!("SELECT count(*) FROM tracked_resources WHERE owner = '{}'", recent.owner)).await, 5);
+
+    // The purged event again (a redelivery a month late): a new job, which
+    // touches nothing of the next life (created after its occurred_at).
+    t.publish("deletion.requested", &deletion("ret-old", &old.owner, sent)).await;
+    let again = t.next_result(30).await.result;
+    assert_eq!((again.status.as_str(), again.resources.len()), ("completed", 0), "{again:?}");
+    assert!(t.sim.exists("/v1/virtual_network_interfaces/next-life-vni"));
+}
