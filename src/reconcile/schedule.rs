@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::Mode;
+use super::{Mode, ReconcileError};
 use crate::app::App;
 
 /// When a rule runs.
@@ -65,10 +65,14 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
             if shutdown.is_cancelled() {
                 return;
             }
+            let mut slot = None;
             let claimed = match timing {
                 Timing::Every(every) => claim(&app, name, *every).await,
                 Timing::Cron(c) => match due_slot(c, chrono::Utc::now()) {
-                    Some(slot) => claim_slot(&app, name, slot).await,
+                    Some(s) => {
+                        slot = Some(s);
+                        claim_slot(&app, name, s).await
+                    }
                     None => Ok(false),
                 },
             };
@@ -77,9 +81,23 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
                     let sweeper = app.sweeper();
                     // The outcome is logged and counted by the sweep itself. A
                     // shutdown drops the sweep, which rolls its transaction back.
-                    tokio::select! {
-                        _ = sweeper.sweep(name, Mode { execute: *execute, force: false, older_than: None }) => {}
-                        _ = shutdown.cancelled() => return,
+                    let ran = tokio::select! {
+                        r = sweeper.sweep(name, Mode { execute: *execute, force: false, older_than: None }) => Some(r),
+                        _ = shutdown.cancelled() => None,
+                    };
+                    // A cron slot whose sweep did not run (a shutdown, a pause
+                    // this replica had not read yet, another sweep of the rule
+                    // by hand) is given back: another replica, or this one
+                    // after its restart, runs it within the slot's ten minutes.
+                    let not_run =
+                        matches!(ran, None | Some(Err(ReconcileError::Refused { .. } | ReconcileError::Busy { .. })));
+                    if let (Some(s), true) = (slot, not_run) {
+                        if let Err(e) = unclaim_slot(&app, name, s).await {
+                            tracing::warn!(rule = %name, error = %e, "could not give back a cron slot whose sweep did not run");
+                        }
+                    }
+                    if ran.is_none() {
+                        return;
                     }
                 }
                 Ok(false) => {}
@@ -169,6 +187,16 @@ async fn claim_slot(app: &App, rule: &str, slot: chrono::DateTime<chrono::Utc>) 
     .fetch_optional(app.ledger.pool())
     .await?;
     Ok(won.is_some())
+}
+
+/// Gives `slot` back when its sweep did not run, so it can be claimed again.
+async fn unclaim_slot(app: &App, rule: &str, slot: chrono::DateTime<chrono::Utc>) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE reconcile_rules SET last_slot = $2 - interval '1 second' WHERE rule = $1 AND last_slot = $2")
+        .bind(rule)
+        .bind(slot)
+        .execute(app.ledger.pool())
+        .await?;
+    Ok(())
 }
 
 #[cfg(test)]
