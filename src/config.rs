@@ -767,6 +767,13 @@ impl Settings {
         if self.archive.retention_days.is_nan() || self.archive.retention_days <= 0.0 {
             return Err(ConfigError::Invalid("archive.retention_days must be positive".into()));
         }
+        // RabbitMQ's x-message-ttl is at most 2^32 - 1 ms, 49.7 days.
+        if !(0.0..=49.0).contains(&self.broker.dead_ttl_days) {
+            return Err(ConfigError::Invalid(format!(
+                "broker.dead_ttl_days ({}) must be between 0 (copies kept forever) and 49 (RabbitMQ's longest message TTL)",
+                self.broker.dead_ttl_days
+            )));
+        }
         if self.ledger.retention_days.is_nan() || self.ledger.retention_days < self.archive.retention_days {
             return Err(ConfigError::Invalid(format!(
                 "ledger.retention_days ({}) must be at least archive.retention_days ({}): restoring an archived record needs its job",

@@ -66,6 +66,12 @@ pub async fn handle(app: &App, env: &Envelope<'_>, ledger_refusals: u32) -> Disp
             Err(e) => ctx.on_ledger_error(&e),
         },
         Event::Teardown(_) if app.paused().is_some() => paused(app.paused().unwrap_or_default()),
+        Event::Teardown(req) if purged_maybe(app, &req).await => refused(format!(
+            "the event occurred at {}, longer ago than ledger.retention_days ({}), and the ledger has no job of it: \
+             its job may have run and been purged, and it is not run again; send a new event if this teardown is wanted",
+            req.occurred_at.to_rfc3339(),
+            app.settings.ledger.retention_days
+        )),
         Event::Teardown(req) => match app.ledger.begin_job(&req, env.body, env.routing_key, holder.id).await {
             Ok(Begin::Start(start)) => run_job(&ctx, *start, holder.id).await,
             Ok(Begin::Busy) => busy(),
@@ -73,6 +79,19 @@ pub async fn handle(app: &App, env: &Envelope<'_>, ledger_refusals: u32) -> Disp
             Err(e) => ctx.on_ledger_error(&e),
         },
     }
+}
+
+/// An event older than the retention whose job is not in the ledger: it may
+/// have run and been purged, and its listed resources and lookups would be
+/// claimed again as if new (the next life's among them). One lookup by
+/// event id, for old events only.
+async fn purged_maybe(app: &App, req: &crate::domain::TeardownRequest) -> bool {
+    let retention = chrono::TimeDelta::seconds((app.settings.ledger.retention_days * 86_400.0) as i64);
+    if Utc::now() - req.occurred_at <= retention {
+        return false;
+    }
+    // Unreadable: the ledger is down, and opening the job will say so.
+    !app.ledger.job_exists(&req.event_id).await.unwrap_or(true)
 }
 
 /// Debug builds only: `REAPER_DEBUG_PANIC_OWNER=<owner>` makes the handler

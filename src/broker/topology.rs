@@ -68,34 +68,44 @@ async fn declare_dead(
     names: &Names,
     s: &BrokerSettings,
 ) -> Result<Channel, BrokerError> {
-    let args = |ttl: bool| {
+    let args = || {
         let mut a = base_args(s.queue_type);
         if s.queue_type == QueueType::Quorum {
             a.insert("x-overflow".into(), long("reject-publish"));
         }
-        if ttl && s.dead_ttl_days > 0.0 {
+        if s.dead_ttl_days > 0.0 {
             a.insert("x-message-ttl".into(), AMQPValue::LongLongInt((s.dead_ttl_days * 86_400_000.0) as i64));
         }
         a
     };
     let opts = QueueDeclareOptions { durable: true, ..Default::default() };
-    match ch.queue_declare(names.dead.as_str().into(), opts, args(true)).await {
+    match ch.queue_declare(names.dead.as_str().into(), opts, args()).await {
         Ok(_) => Ok(ch),
-        Err(e) if s.dead_ttl_days > 0.0 && e.to_string().contains("PRECONDITION_FAILED") => {
+        Err(e) if is_precondition_failed(&e) => {
             tracing::warn!(
                 queue = %names.dead,
-                "the dead queue was declared without broker.dead_ttl_days; its copies do not expire. Give it the \
-                 limit with a policy: rabbitmqctl set_policy {name}-ttl '^{name}$' '{{\"message-ttl\": {ms}}}' --apply-to queues",
+                "the dead queue exists with other arguments than broker.dead_ttl_days asks (it was declared before \
+                 the setting, or with another value); it is used as it is. Set its age limit with a policy: \
+                 rabbitmqctl set_policy {name}-ttl '^{name}$' '{{\"message-ttl\": {ms}}}' --apply-to queues",
                 name = names.dead.replace('.', "\\."),
                 ms = (s.dead_ttl_days * 86_400_000.0) as i64
             );
-            // The refusal closed the channel.
+            // The refusal closed the channel; the queue is taken as it is.
             let ch = conn.create_channel().await.map_err(amqp("opening a channel"))?;
-            declare_queue(&ch, &names.dead, args(false)).await?;
+            let passive = QueueDeclareOptions { passive: true, durable: true, ..Default::default() };
+            ch.queue_declare(names.dead.as_str().into(), passive, FieldTable::default())
+                .await
+                .map_err(amqp("declaring a queue"))?;
             Ok(ch)
         }
         Err(e) => Err(amqp("declaring a queue")(e)),
     }
+}
+
+/// RabbitMQ's answer to a declaration whose arguments differ from the queue's (406).
+fn is_precondition_failed(e: &lapin::Error) -> bool {
+    let text = e.to_string().to_uppercase();
+    text.contains("PRECONDITION_FAILED") || text.contains("PRECONDITION-FAILED") || text.contains("PRECONDITIONFAILED")
 }
 
 fn base_args(t: QueueType) -> FieldTable {

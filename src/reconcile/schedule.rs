@@ -49,7 +49,10 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
     let tick = Duration::from_secs_f64((shortest / 4.0).clamp(0.2, 60.0));
     let mut last_purge: Option<std::time::Instant> = None;
     loop {
-        if last_purge.is_none_or(|t| t.elapsed() > Duration::from_secs(3_600)) {
+        // Paused: no sweep, and no purge either (an operator looking into an
+        // incident needs the steps that say what was deleted).
+        let paused = app.paused().is_some();
+        if !paused && last_purge.is_none_or(|t| t.elapsed() > Duration::from_secs(3_600)) {
             last_purge = Some(std::time::Instant::now());
             match app.ledger.purge_archive(app.settings.archive.retention_days).await {
                 Ok(0) => {}
@@ -60,7 +63,6 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
         }
         // Paused: no sweep runs (a cron slot that passes meanwhile is missed,
         // unless the resume comes within its ten minutes).
-        let paused = app.paused().is_some();
         for (name, timing, execute) in rules.iter().filter(|_| !paused) {
             if shutdown.is_cancelled() {
                 return;
@@ -86,11 +88,12 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
                         _ = shutdown.cancelled() => None,
                     };
                     // A cron slot whose sweep did not run (a shutdown, a pause
-                    // this replica had not read yet, another sweep of the rule
-                    // by hand) is given back: another replica, or this one
-                    // after its restart, runs it within the slot's ten minutes.
-                    let not_run =
-                        matches!(ran, None | Some(Err(ReconcileError::Refused { .. } | ReconcileError::Busy { .. })));
+                    // this replica had not read yet) is given back: another
+                    // replica, or this one after its restart, runs it within
+                    // the slot's ten minutes. Not when a sweep by hand held
+                    // the rule: that one counted, and a second minutes later
+                    // would shorten the quarantine.
+                    let not_run = matches!(ran, None | Some(Err(ReconcileError::Refused { .. })));
                     if let (Some(s), true) = (slot, not_run) {
                         if let Err(e) = unclaim_slot(&app, name, s).await {
                             tracing::warn!(rule = %name, error = %e, "could not give back a cron slot whose sweep did not run");

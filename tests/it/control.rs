@@ -368,4 +368,23 @@ async fn finished_jobs_leave_the_ledger_after_their_retention_and_dead_ones_stay
     let again = t.next_result(30).await.result;
     assert_eq!((again.status.as_str(), again.resources.len()), ("completed", 0), "{again:?}");
     assert!(t.sim.exists("/v1/virtual_network_interfaces/next-life-vni"));
+
+    // An event that occurred longer ago than the retention, with no job in
+    // the ledger: it may have run and been purged, so it is refused, not run.
+    t.drain_dead().await;
+    let ancient = Utc::now() - chrono::Duration::days(40);
+    t.publish("deletion.requested", &deletion("ret-ancient", &old.owner, ancient)).await;
+    let dead = t.dead_wait(1).await;
+    assert!(dead[0].1.contains("longer ago than ledger.retention_days"), "{dead:?}");
+    assert_eq!(t.count("SELECT count(*) FROM jobs WHERE event_id = 'ret-ancient'").await, 0);
+    assert!(t.sim.exists("/v1/virtual_network_interfaces/next-life-vni"), "the next life's VNI stays");
+    // ...while a dead-lettered job's event, as old, is still replayed: its job is there.
+    t.sql("UPDATE jobs SET occurred_at = occurred_at - interval '40 days' WHERE event_id = 'ret-dead'").await;
+    let dead_job: uuid::Uuid = sqlx::query_scalar("SELECT job_id FROM jobs WHERE event_id = 'ret-dead'")
+        .fetch_one(t.app.ledger.pool())
+        .await
+        .unwrap();
+    let out = t.reaper(&["replay", "--job", &dead_job.to_string()], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(t.next_result(30).await.result.status, "completed");
 }
