@@ -204,12 +204,17 @@ pub async fn main(cli: Cli) -> ExitCode {
     crate::telemetry::init(&log);
     match cli.command {
         Command::Run => {
-            let app = match App::build(settings).await {
+            // Signals first: a SIGTERM during start-up is a clean stop too.
+            let token = CancellationToken::new();
+            crate::runner::cancel_on_signals(token.clone());
+            let built = tokio::select! {
+                built = App::build(settings) => built,
+                _ = token.cancelled() => return ExitCode::SUCCESS,
+            };
+            let app = match built {
                 Ok(a) => Arc::new(a),
                 Err(e) => return report(e),
             };
-            let token = CancellationToken::new();
-            crate::runner::cancel_on_signals(token.clone());
             app.run(token).await;
             ExitCode::SUCCESS
         }

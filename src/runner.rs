@@ -87,21 +87,27 @@ async fn heartbeat(app: Arc<App>, stop: CancellationToken) {
     }
 }
 
-/// Cancels `token` on SIGTERM or Ctrl-C.
+/// Cancels `token` on SIGTERM or Ctrl-C. The handlers are installed before
+/// this returns: a SIGTERM that comes while the worker is still starting
+/// (connecting, migrating) stops it cleanly, instead of killing it as the
+/// default action would (exit by signal, not 0; the chaos suite saw it).
 pub fn cancel_on_signals(token: CancellationToken) {
+    #[cfg(unix)]
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::terminate()).expect("installing a SIGTERM handler"),
+            signal(SignalKind::interrupt()).expect("installing a SIGINT handler"),
+        )
+    };
     tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
-        {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing a SIGTERM handler");
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
         #[cfg(not(unix))]
-        let _ = ctrl_c.await;
+        let _ = tokio::signal::ctrl_c().await;
         tracing::info!("signal received: shutting down");
         token.cancel();
     });
