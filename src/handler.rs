@@ -34,10 +34,13 @@ pub async fn handle(app: &App, env: &Envelope<'_>, ledger_refusals: u32) -> Disp
     // Paused: a teardown goes back to the retry queue before anything is
     // recorded, so it counts as no attempt (the ledger never saw it) and,
     // being a new message there, as no delivery towards the queue's limit.
-    let paused = |p: crate::ledger::control::Pause| Disposition::RetryAfter {
-        delay: app.settings.worker.busy_delay(),
-        why: format!("reaper is paused ({})", p.reason),
-        reason: RetryReason::Paused,
+    // `None` while not paused.
+    let held = || {
+        app.paused().map(|p| Disposition::RetryAfter {
+            delay: app.settings.worker.busy_delay(),
+            why: format!("reaper is paused ({})", p.reason),
+            reason: RetryReason::Paused,
+        })
     };
     let refused = |why: String| {
         tracing::warn!(reason = %why, "event refused; dead-lettering it");
@@ -52,32 +55,52 @@ pub async fn handle(app: &App, env: &Envelope<'_>, ledger_refusals: u32) -> Disp
             // Tracks are recorded while paused (held back, an undated one
             // would be dated by its arrival after the pause and miss its
             // teardown); a late one's job waits, its attempt given back.
-            Ok(TrackOutcome::Late(start)) if app.paused().is_some() => {
-                let _ = app.ledger.uncount_attempt(start.job.job_id).await;
-                let _ = app.ledger.release(&start.job.owner, holder.id).await;
-                paused(app.paused().unwrap_or_default())
-            }
-            Ok(TrackOutcome::Late(start)) => {
-                tracing::info!(owner = %t.owner, resources = %t.describe(), "late track: the owner's teardown already started");
-                run_job(&ctx, *start, holder.id).await
-            }
+            Ok(TrackOutcome::Late(start)) => match held() {
+                Some(wait) => {
+                    let _ = app.ledger.uncount_attempt(start.job.job_id).await;
+                    let _ = app.ledger.release(&start.job.owner, holder.id).await;
+                    wait
+                }
+                None => {
+                    tracing::info!(owner = %t.owner, resources = %t.describe(), "late track: the owner's teardown already started");
+                    run_job(&ctx, *start, holder.id).await
+                }
+            },
             Ok(TrackOutcome::Busy) => busy(),
             Ok(TrackOutcome::Conflict(why)) => refused(why),
             Err(e) => ctx.on_ledger_error(&e),
         },
-        Event::Teardown(_) if app.paused().is_some() => paused(app.paused().unwrap_or_default()),
-        Event::Teardown(req) if purged_maybe(app, &req).await => refused(format!(
+        Event::Teardown(req) => match held() {
+            Some(wait) => wait,
+            None => teardown(&ctx, &req, env, holder.id, busy, refused).await,
+        },
+    }
+}
+
+/// A teardown event, not paused: refused when it may be a purged job's, else
+/// its job opened (or found again) and run.
+async fn teardown(
+    ctx: &Ctx<'_>,
+    req: &crate::domain::TeardownRequest,
+    env: &Envelope<'_>,
+    holder: Uuid,
+    busy: impl Fn() -> Disposition,
+    refused: impl Fn(String) -> Disposition,
+) -> Disposition {
+    let app = ctx.app;
+    if purged_maybe(app, req).await {
+        return refused(format!(
             "the event occurred at {}, longer ago than ledger.retention_days ({}), and the ledger has no job of it: \
              its job may have run and been purged, and it is not run again; send a new event if this teardown is wanted",
             req.occurred_at.to_rfc3339(),
             app.settings.ledger.retention_days
-        )),
-        Event::Teardown(req) => match app.ledger.begin_job(&req, env.body, env.routing_key, holder.id).await {
-            Ok(Begin::Start(start)) => run_job(&ctx, *start, holder.id).await,
-            Ok(Begin::Busy) => busy(),
-            Ok(Begin::Conflict(why)) => refused(why),
-            Err(e) => ctx.on_ledger_error(&e),
-        },
+        ));
+    }
+    match app.ledger.begin_job(req, env.body, env.routing_key, holder).await {
+        Ok(Begin::Start(start)) => run_job(ctx, *start, holder).await,
+        Ok(Begin::Busy) => busy(),
+        Ok(Begin::Conflict(why)) => refused(why),
+        Err(e) => ctx.on_ledger_error(&e),
     }
 }
 

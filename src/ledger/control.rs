@@ -10,7 +10,7 @@ use sqlx::Row;
 use super::{db, Ledger, LedgerError};
 
 /// Who paused, when and why.
-#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Pause {
     pub reason: String,
     pub by: String,
