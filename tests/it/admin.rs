@@ -12,18 +12,10 @@ use crate::helpers::*;
 const TOKEN: &str = "admin-tok-7f3a9c";
 
 async fn with_admin() -> (TestApp, String) {
-    let file = std::env::temp_dir().join(format!("reaper-admin-{:08x}", fastrand::u32(..)));
-    std::fs::write(&file, TOKEN).unwrap();
-    let t = spawn_app(&format!("[admin]\ntoken_file = \"{}\"\n", file.display())).await;
+    let (t, base, file) = spawn_with_admin("", TOKEN).await;
     // The token is read at start-up; the file is not needed after that.
     let _ = std::fs::remove_file(&file);
-    let mut addr = None;
-    wait_until("the admin API listens", Duration::from_secs(10), || {
-        addr = t.app.admin_addr.get().copied();
-        async move { addr.is_some() }
-    })
-    .await;
-    (t, format!("http://{}", addr.unwrap()))
+    (t, base)
 }
 
 fn enc(owner: &str) -> String {

@@ -12,20 +12,6 @@ use crate::helpers::*;
 
 const TOKEN: &str = "control-tok-51b2e0";
 
-/// An app with an admin token (and the token's file, which a replica reads too).
-async fn with_admin(extra: &str) -> (TestApp, String, std::path::PathBuf) {
-    let file = std::env::temp_dir().join(format!("reaper-control-{:08x}", fastrand::u32(..)));
-    std::fs::write(&file, TOKEN).unwrap();
-    let t = spawn_app(&format!("{extra}\n[admin]\ntoken_file = \"{}\"\n", file.display())).await;
-    let mut addr = None;
-    wait_until("the admin API listens", Duration::from_secs(10), || {
-        addr = t.app.admin_addr.get().copied();
-        async move { addr.is_some() }
-    })
-    .await;
-    (t, format!("http://{}", addr.unwrap()), file)
-}
-
 fn paused_bounces(app: &App) -> u64 {
     app.metrics.broker_retries.with_label_values(&["paused"]).get()
 }
@@ -37,7 +23,8 @@ fn paused_bounces(app: &App) -> u64 {
 /// the job runs once, as its first attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_holds_both_replicas_and_counts_nothing_until_resumed() {
-    let (mut t, base, token_file) = with_admin("[worker]\nowner_busy_delay_ms = 100\npause_poll_ms = 100").await;
+    let (mut t, base, token_file) =
+        spawn_with_admin("[worker]\nowner_busy_delay_ms = 100\npause_poll_ms = 100", TOKEN).await;
     let (stop, replica, replica_app) = t.spawn_replica().await;
     let _ = std::fs::remove_file(token_file);
     let node = VpcNode::new(&unique("held"));
@@ -117,7 +104,7 @@ fn owner_free_live(owner: &str) -> String {
 /// dead-lettered job is cancelled the same way (API), and replay leaves it be.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_or_dead_lettered_job_ends_cancelled_with_a_result() {
-    let (mut t, base, token_file) = with_admin("[worker]\nretry_delays_secs = [30]").await;
+    let (mut t, base, token_file) = spawn_with_admin("[worker]\nretry_delays_secs = [30]", TOKEN).await;
     let _ = std::fs::remove_file(token_file);
     let node = VpcNode::new(&unique("waits"));
     t.provision(&node).await;

@@ -188,6 +188,22 @@ fn merge_tables(base: &str, extra: &str) -> String {
     out
 }
 
+/// `spawn_app(extra)` with an admin token read from a file, once its admin
+/// API listens: the app, the API's base URL and the token's file (a replica
+/// reads it too; the test removes it when none will).
+pub async fn spawn_with_admin(extra: &str, token: &str) -> (TestApp, String, std::path::PathBuf) {
+    let file = std::env::temp_dir().join(format!("reaper-admin-{:08x}", fastrand::u32(..)));
+    std::fs::write(&file, token).unwrap();
+    let t = spawn_app(&format!("{extra}\n[admin]\ntoken_file = \"{}\"\n", file.display())).await;
+    let mut addr = None;
+    wait_until("the admin API listens", Duration::from_secs(10), || {
+        addr = t.app.admin_addr.get().copied();
+        async move { addr.is_some() }
+    })
+    .await;
+    (t, format!("http://{}", addr.unwrap()), file)
+}
+
 /// The token an example's `token_env` variable holds in the tests.
 pub fn example_token(var: &str) -> String {
     match var {
