@@ -273,6 +273,32 @@ async fn a_short_retry_schedule_survives_many_kills() {
     .await;
 }
 
+/// Waits until the work queue and every delay queue hold no ready message,
+/// seen twice half a second apart (a copy moves from a delay queue to the
+/// work queue between two reads).
+async fn wait_until_queues_empty(names: &Names, delays: &[Duration], within: Duration) {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut queues = vec![names.work.clone()];
+    queues.extend(delays.iter().map(|d| names.retry(*d)));
+    let deadline = Instant::now() + within;
+    let mut empty_reads = 0;
+    while empty_reads < 2 {
+        let mut held = Vec::new();
+        for q in &queues {
+            let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+            let n = ch.queue_declare(q.as_str().into(), passive, FieldTable::default()).await.unwrap().message_count();
+            if n > 0 {
+                held.push(format!("{q}: {n}"));
+            }
+        }
+        empty_reads = if held.is_empty() { empty_reads + 1 } else { 0 };
+        assert!(Instant::now() < deadline, "queues still hold messages after {within:?}: {held:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _ = conn.close(200, "queues empty".into()).await;
+}
+
 async fn chaos(sc: Scenario) {
     let Scenario { jobs, min_kills, retry_delays, step_attempts, faults, kill_gap_ms, services } = sc;
     let started = Instant::now();
@@ -422,6 +448,12 @@ async fn chaos(sc: Scenario) {
         assert!(Instant::now() < drained_by, "{left} outbox rows were never published");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // A killed worker may have scheduled a retry for a delivery that was then
+    // redelivered and finished: that copy is still in a delay queue and comes
+    // back as a duplicate up to the longest delay later. Let the last worker
+    // see every such copy before it stops, so the work queue is empty for a
+    // reason and not by luck.
+    wait_until_queues_empty(&names, &settings.worker.all_delays(), Duration::from_secs(60)).await;
     let exit = worker.term();
     // Stragglers on their way to the tap: wait until its queue is empty.
     let tap_conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
