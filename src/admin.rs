@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::config::redact_url;
+use crate::console::session::constant_time_eq;
 use crate::ledger::replay::DeadFilter;
 use crate::ops;
 
@@ -34,11 +35,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/dead", get(dead))
         .route("/v1/dead/replay", post(replay))
+        .route("/v1/replays", get(replays))
+        .route("/v1/replays/{id}", get(replay_status))
         .route("/v1/reconcile/{rule}", post(reconcile))
         .route("/v1/pause", post(pause))
         .route("/v1/resume", post(resume))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
-    Router::new()
+    let api = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -46,7 +49,9 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(protected)
         .fallback(no_route)
         .layer(middleware::map_response(json_errors))
-        .with_state(app)
+        .with_state(app.clone());
+    // The console answers HTML, its errors too: it joins after the JSON layer.
+    crate::console::router(app).merge(api)
 }
 
 /// No route: most often an owner whose slash was not encoded.
@@ -108,15 +113,6 @@ async fn require_token(State(app): State<Arc<App>>, headers: HeaderMap, req: Req
         Some(t) if constant_time_eq(t.as_bytes(), expected.expose().as_bytes()) => next.run(req).await,
         Some(_) => error(StatusCode::FORBIDDEN, "wrong token"),
     }
-}
-
-/// Compares without an early exit, so timing does not reveal how much matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
-    for i in 0..a.len().max(b.len()) {
-        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
-    }
-    diff == 0
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -253,16 +249,10 @@ async fn cancel(State(app): State<Arc<App>>, Path(id): Path<String>, body: Optio
         return error(StatusCode::BAD_REQUEST, &format!("{id:?} is not a job id"));
     };
     let reason = body.and_then(|b| b.0.reason).unwrap_or_else(|| "cancelled through the admin API".into());
-    let publisher = app.link.publisher(&app.settings, &app.names).await.ok();
-    match ops::cancel(&app.ledger, publisher.as_ref(), &app.names, job_id, &reason).await {
+    match ops::cancel_job(&app, job_id, &reason).await {
         Ok(o @ ops::CancelOutcome::NoSuchJob) => (StatusCode::NOT_FOUND, Json(json!(o))).into_response(),
         Ok(o @ ops::CancelOutcome::Ended { .. }) => (StatusCode::CONFLICT, Json(json!(o))).into_response(),
-        Ok(o) => {
-            if matches!(o, ops::CancelOutcome::Cancelled { .. }) {
-                app.metrics.jobs.with_label_values(&["cancelled"]).inc();
-            }
-            Json(json!(o)).into_response()
-        }
+        Ok(o) => Json(json!(o)).into_response(),
         Err(e) => internal(e),
     }
 }
@@ -336,6 +326,9 @@ struct FilterBody {
     all: bool,
     #[serde(default)]
     dry_run: bool,
+    /// Answer 202 with the replay's id at once; `GET /v1/replays/{id}` tells its progress.
+    #[serde(default, rename = "async")]
+    run_async: bool,
 }
 
 impl FilterBody {
@@ -371,16 +364,31 @@ async fn replay(State(app): State<Arc<App>>, body: Option<Json<FilterBody>>) -> 
             "give a filter (job, owner, reason, since, error_class, kind) or \"all\": true",
         );
     }
-    let publisher = match f.dry_run {
-        true => None,
-        false => match app.link.publisher(&app.settings, &app.names).await {
-            Ok(p) => Some(p),
-            Err(e) => return internal(e),
-        },
-    };
-    let max = app.settings.worker.max_replays;
-    match crate::replay::replay_jobs(&app.ledger, publisher.as_ref(), &app.names, max, &filter, false).await {
-        Ok(summary) => Json(summary).into_response(),
+    match ops::replay(&app, &filter, f.dry_run, f.run_async, "admin-api").await {
+        Ok(ops::Replayed::Started { replay_id, matched }) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "replay_id": replay_id, "matched": matched, "status": format!("/v1/replays/{replay_id}") })),
+        )
+            .into_response(),
+        Ok(ops::Replayed::Done(summary)) => Json(summary).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// The latest replays, newest first.
+async fn replays(State(app): State<Arc<App>>) -> Response {
+    match app.ledger.replay_runs(None, 50).await {
+        Ok(runs) => Json(json!({ "replays": runs })).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// How far a replay got: the jobs it reopened and where they are now.
+async fn replay_status(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    let Ok(id) = uuid::Uuid::parse_str(&id) else { return error(StatusCode::BAD_REQUEST, "replay ids are UUIDs") };
+    match app.ledger.replay_run(id).await {
+        Ok(Some(run)) => Json(run).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "no such replay"),
         Err(e) => internal(e),
     }
 }
@@ -401,14 +409,8 @@ struct ReconcileQuery {
 /// rule runs, 503 when an inventory failed to load.
 async fn reconcile(State(app): State<Arc<App>>, Path(rule): Path<String>, Query(q): Query<ReconcileQuery>) -> Response {
     use crate::reconcile::{Mode, ReconcileError};
-    // On a task of its own: a client that hangs up must not drop the sweep
-    // half-way (its transaction would end only when the pool reused the
-    // connection, holding the rule's lock until then).
     let mode = Mode { execute: q.execute, force: q.force, older_than: q.older_than_secs };
-    let (sweeper_app, name) = (app.clone(), rule.clone());
-    let swept = tokio::spawn(async move { sweeper_app.sweeper().sweep(&name, mode).await }).await;
-    let Ok(swept) = swept else { return error(StatusCode::INTERNAL_SERVER_ERROR, "the sweep panicked") };
-    match swept {
+    match ops::reconcile(app, &rule, mode).await {
         Ok(r) if r.outcome == crate::reconcile::Outcome::Refused => {
             (StatusCode::UNPROCESSABLE_ENTITY, Json(r)).into_response()
         }
@@ -423,7 +425,7 @@ async fn reconcile(State(app): State<Arc<App>>, Path(rule): Path<String>, Query(
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use crate::console::session::constant_time_eq;
 
     #[test]
     fn tokens_compare_equal_only_when_equal() {

@@ -282,6 +282,11 @@ pub struct AdminSettings {
     pub listen: String,
     pub token_env: String,
     pub token_file: String,
+    /// How long a console login lasts.
+    pub session_hours: f64,
+    /// Mark the console's cookie `Secure` on every response, not only when a
+    /// TLS-terminating proxy says `X-Forwarded-Proto: https`.
+    pub secure_cookies: bool,
 }
 
 impl AdminSettings {
@@ -763,6 +768,12 @@ impl Settings {
                     message: "rate_per_sec must be a positive number".into(),
                 });
             }
+        }
+        let hours = self.admin.session_hours;
+        if !(hours.is_finite() && hours > 0.0 && hours <= 24.0 * 30.0) {
+            return Err(ConfigError::Invalid(format!(
+                "admin.session_hours must be more than 0 and at most 720 (30 days), not {hours}"
+            )));
         }
         if self.archive.retention_days.is_nan() || self.archive.retention_days <= 0.0 {
             return Err(ConfigError::Invalid("archive.retention_days must be positive".into()));

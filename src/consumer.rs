@@ -14,6 +14,7 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, B
 use lapin::types::{AMQPValue, FieldTable};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::app::App;
 use crate::broker::publisher::Publisher;
@@ -144,8 +145,11 @@ async fn process_one(app: &App, publisher: &Publisher, delivery: Delivery) {
         body: &delivery.data,
         received_at: incoming.received_at,
         sent_at: incoming.sent_at.and_then(|t| DateTime::from_timestamp(t, 0)),
+        traceparent: incoming.traceparent.as_deref(),
     };
-    let handled = AssertUnwindSafe(handler::handle(app, &env, incoming.ledger_refusals)).catch_unwind().await;
+    let span = tracing::info_span!("event", traceparent = incoming.traceparent.as_deref().unwrap_or(""));
+    let handled =
+        AssertUnwindSafe(handler::handle(app, &env, incoming.ledger_refusals).instrument(span)).catch_unwind().await;
     let disposition = match handled {
         Ok(d) => d,
         Err(panic) => {
@@ -195,6 +199,8 @@ struct Incoming {
     panics: u32,
     ledger_refusals: u32,
     message_id: String,
+    /// The producer's trace context (a retry hop carries it on).
+    traceparent: Option<String>,
 }
 
 impl Incoming {
@@ -223,6 +229,7 @@ impl Incoming {
             panics: count(headers::PANICS),
             ledger_refusals: count(headers::LEDGER_REFUSALS),
             message_id: d.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default(),
+            traceparent: header(d, headers::TRACEPARENT).and_then(|t| contract::traceparent(&t)),
         }
     }
 
@@ -237,7 +244,15 @@ impl Incoming {
         if let Some(t) = self.sent_at {
             hs.push((headers::SENT_AT, t.to_string()));
         }
+        if let Some(t) = &self.traceparent {
+            hs.push((headers::TRACEPARENT, t.clone()));
+        }
         hs
+    }
+
+    /// The trace context, for what reaper publishes about this event.
+    fn trace_headers(&self) -> Vec<(&str, &str)> {
+        self.traceparent.as_deref().map(|t| (headers::TRACEPARENT, t)).into_iter().collect()
     }
 }
 
@@ -258,10 +273,11 @@ async fn settle(
     };
     match d {
         Disposition::Finished { event_id, job_id, result, routing_key: result_key, dead, outbox_written } => {
-            publisher.publish(&app.names.results, result_key, &result, &event_id, &[]).await?;
+            publisher.publish(&app.names.results, result_key, &result, &event_id, &incoming.trace_headers()).await?;
             if let Some(dead) = dead {
                 let hs = crate::broker::dead_letter_headers(routing_key, &dead.reason, dead.class, Some(&dead.job_id));
-                let hs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let mut hs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                hs.extend(incoming.trace_headers());
                 publisher.publish("", &app.names.dead, &delivery.data, &event_id, &hs).await?;
             }
             if outbox_written {

@@ -42,6 +42,31 @@ pub struct Envelope<'a> {
     pub received_at: DateTime<Utc>,
     /// The AMQP `timestamp` property, when the producer set one.
     pub sent_at: Option<DateTime<Utc>>,
+    /// The producer's W3C `traceparent` header, when it sent a valid one.
+    pub traceparent: Option<&'a str>,
+}
+
+/// A W3C `traceparent` (version 00: `00-<32 hex trace id>-<16 hex parent
+/// id>-<2 hex flags>`, ids not all zero), lower-cased; anything else is
+/// dropped rather than carried into logs and the ledger.
+pub fn traceparent(value: &str) -> Option<String> {
+    let v = value.trim().to_ascii_lowercase();
+    let parts: Vec<&str> = v.split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+    match parts.as_slice() {
+        [ver, trace, parent, flags]
+            if *ver == "00"
+                && hex(trace, 32)
+                && hex(parent, 16)
+                && hex(flags, 2)
+                && nonzero(trace)
+                && nonzero(parent) =>
+        {
+            Some(v)
+        }
+        _ => None,
+    }
 }
 
 /// What an event is checked against beyond its shape (`worker.*` settings).
@@ -587,7 +612,13 @@ mod tests {
             resources: vec![OutgoingResource { kind: "dns_record", id: "r1", attributes: &attrs }],
         };
         let bytes = failed.to_bytes();
-        let env = Envelope { routing_key: PROVISIONING_FAILED, body: &bytes, received_at: now, sent_at: None };
+        let env = Envelope {
+            routing_key: PROVISIONING_FAILED,
+            body: &bytes,
+            received_at: now,
+            sent_at: None,
+            traceparent: None,
+        };
         let Ok(Event::Teardown(t)) = decode(&env, &catalog, &Limits::default()) else { panic!("refused") };
         assert_eq!((t.owner.as_str(), t.resources.len()), ("node/n1", 1));
         assert_eq!(t.resources[0].resource.attributes["zone_id"], "z1");
@@ -601,7 +632,13 @@ mod tests {
             ..failed
         };
         let bytes = asked.to_bytes();
-        let env = Envelope { routing_key: DELETION_REQUESTED, body: &bytes, received_at: now, sent_at: None };
+        let env = Envelope {
+            routing_key: DELETION_REQUESTED,
+            body: &bytes,
+            received_at: now,
+            sent_at: None,
+            traceparent: None,
+        };
         let Ok(Event::Teardown(t)) = decode(&env, &catalog, &Limits::default()) else { panic!("refused") };
         assert!(t.dry_run && t.resources.is_empty());
     }

@@ -24,7 +24,7 @@ pub async fn handle(app: &App, env: &Envelope<'_>, ledger_refusals: u32) -> Disp
     };
     #[cfg(debug_assertions)]
     panic_if_asked(&event);
-    let ctx = Ctx { app, body: env.body, ledger_refusals };
+    let ctx = Ctx { app, body: env.body, ledger_refusals, traceparent: env.traceparent };
     let holder = app.holders.register();
     let busy = || Disposition::RetryAfter {
         delay: app.settings.worker.busy_delay(),
@@ -139,6 +139,9 @@ struct Ctx<'a> {
     app: &'a App,
     body: &'a [u8],
     ledger_refusals: u32,
+    /// The producer's trace context: stored with the job when it ends, and
+    /// set on its result.
+    traceparent: Option<&'a str>,
 }
 
 impl Ctx<'_> {
@@ -325,7 +328,10 @@ async fn conclude(ctx: &Ctx<'_>, start: &JobStart, run: crate::execute::Run, hol
     let bytes = result.to_bytes();
     let job_id = job.job_id.to_string();
     let dead = reason.as_deref().zip(class).filter(|_| status == JobStatus::DeadLettered).map(|(r, class)| {
-        let headers = crate::broker::dead_letter_headers(&job.routing_key, r, class, Some(&job_id));
+        let mut headers = crate::broker::dead_letter_headers(&job.routing_key, r, class, Some(&job_id));
+        if let Some(t) = ctx.traceparent {
+            headers.push((crate::broker::headers::TRACEPARENT, t.to_string()));
+        }
         (app.names.dead.as_str(), body, headers)
     });
     let end = JobEnd {
@@ -336,6 +342,12 @@ async fn conclude(ctx: &Ctx<'_>, start: &JobStart, run: crate::execute::Run, hol
         result: &bytes,
         result_key: result.routing_key(),
         dead,
+        traceparent: ctx.traceparent,
+        result_headers: ctx
+            .traceparent
+            .map(|t| (crate::broker::headers::TRACEPARENT, t.to_string()))
+            .into_iter()
+            .collect(),
     };
     match app.ledger.finish(job, &end, holder).await {
         Ok(f) => {

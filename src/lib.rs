@@ -15,7 +15,8 @@
 //! - [`broker`]: connections, topology, publishing with confirms; [`consumer`]: the worker loop.
 //! - [`outbox`]: publishing, draining and clearing what jobs owe the broker.
 //! - [`app`]: the state built from settings; [`runner`]: starts and stops what works on it.
-//! - [`admin`]: the admin HTTP API; [`metrics`]: every metric; [`ops`]: what operators ask, for the API and the CLI.
+//! - [`admin`]: the admin HTTP API; [`console`]: the operator console at /ui on the same listener;
+//!   [`metrics`]: every metric; [`ops`]: what operators ask, for the API, the console and the CLI.
 //! - [`replay`]: `reaper replay`, for dead-lettered jobs; [`restore`]: `reaper restore`, for archived rows and documents.
 //! - [`reconcile`]: orphan sweeps (inventories, set difference, safety brakes, schedule).
 //! - [`devtools`]: the demo, the benchmarks and the simulated cloud; the worker never imports them.
@@ -26,6 +27,7 @@ pub mod broker;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod consumer;
 pub mod contract;
 pub mod devtools;

@@ -31,6 +31,9 @@ pub enum OpsError {
     Plan(#[from] plan::PlanError),
     #[error("{0}")]
     Invalid(String),
+    /// A replay could not be read or recorded.
+    #[error("{0}")]
+    Replay(String),
     /// A kind's lookup could not be asked: the answer would be partial.
     #[error("{0}; nothing is reported rather than half of it")]
     Lookup(String),
@@ -344,4 +347,137 @@ pub async fn cancel(
         Cancel::Ended(s) => CancelOutcome::Ended { status: s.as_str() },
         Cancel::NoSuchJob => CancelOutcome::NoSuchJob,
     })
+}
+
+/// What a replay asked through the API or the console gave back.
+pub enum Replayed {
+    /// Started in the background: its progress is `Ledger::replay_run(replay_id)`.
+    Started { replay_id: uuid::Uuid, matched: usize },
+    /// A dry run's preview, or a replay run to its end.
+    Done(crate::replay::Summary),
+}
+
+/// Replays dead-lettered jobs for the API and the console (the CLI calls
+/// `replay::replay_jobs` with its own link): a dry run previews, `run_async`
+/// answers with the replay's id before the jobs are reopened.
+pub async fn replay(
+    app: &App,
+    filter: &crate::ledger::replay::DeadFilter,
+    dry_run: bool,
+    run_async: bool,
+    requested_by: &str,
+) -> Result<Replayed, OpsError> {
+    let max = app.settings.worker.max_replays;
+    if dry_run {
+        let summary = crate::replay::replay_jobs(&app.ledger, None, &app.names, max, filter, false, requested_by)
+            .await
+            .map_err(|e| OpsError::Replay(e.to_string()))?;
+        return Ok(Replayed::Done(summary));
+    }
+    let publisher = match app.link.publisher(&app.settings, &app.names).await {
+        Ok(p) => p,
+        Err(e) => {
+            app.link.forget().await;
+            return Err(e.into());
+        }
+    };
+    if run_async {
+        let (replay_id, matched) = crate::replay::start_replay(
+            app.ledger.clone(),
+            publisher,
+            app.names.clone(),
+            max,
+            filter.clone(),
+            requested_by,
+        )
+        .await?;
+        return Ok(Replayed::Started { replay_id, matched });
+    }
+    crate::replay::replay_jobs(&app.ledger, Some(&publisher), &app.names, max, filter, false, requested_by)
+        .await
+        .map(Replayed::Done)
+        .map_err(|e| OpsError::Replay(e.to_string()))
+}
+
+/// Cancels a job for the API and the console: publishes its result when the
+/// broker is there (the outbox keeps it when not) and counts it.
+pub async fn cancel_job(app: &App, job_id: uuid::Uuid, reason: &str) -> Result<CancelOutcome, OpsError> {
+    let publisher = app.link.publisher(&app.settings, &app.names).await.ok();
+    let outcome = cancel(&app.ledger, publisher.as_ref(), &app.names, job_id, reason).await?;
+    if matches!(outcome, CancelOutcome::Cancelled { .. }) {
+        app.metrics.jobs.with_label_values(&["cancelled"]).inc();
+    }
+    Ok(outcome)
+}
+
+/// Runs a sweep for the API and the console, on a task of its own: a client
+/// that hangs up must not drop the sweep half-way (its transaction would end
+/// only when the pool reused the connection, holding the rule's lock until then).
+pub async fn reconcile(
+    app: std::sync::Arc<App>,
+    rule: &str,
+    mode: crate::reconcile::Mode,
+) -> Result<crate::reconcile::Report, crate::reconcile::ReconcileError> {
+    let name = rule.to_string();
+    let swept = tokio::spawn(async move { app.sweeper().sweep(&name, mode).await }).await;
+    swept.unwrap_or_else(|_| Err(crate::reconcile::ReconcileError::Panicked))
+}
+
+/// Everything the console's owner page shows, read once.
+pub struct OwnerView {
+    pub resources: Vec<crate::ledger::views::OwnerResource>,
+    pub jobs: Vec<crate::ledger::views::OwnerJob>,
+    /// Per resource still there and claimed by an unfinished or dead job,
+    /// what it waits on, in words: from the steps the ledger recorded (a
+    /// step's attempts and error are written when it fails) and the plan.
+    pub waits: std::collections::HashMap<(String, String), String>,
+    /// What a teardown would do now, or why that cannot be said.
+    pub plan: Result<Vec<PlanStep>, String>,
+}
+
+pub async fn owner_view(app: &App, owner: &str) -> Result<OwnerView, OpsError> {
+    let (resources, jobs) = app.ledger.owner_view(owner).await?;
+    let open: Vec<uuid::Uuid> =
+        jobs.iter().filter(|j| j.status == "running" || j.status == "dead_lettered").map(|j| j.job_id).collect();
+    let steps = app.ledger.steps_of(&open).await?;
+    let all = app.ledger.resources_with_state(owner).await?;
+    let mut waits = std::collections::HashMap::new();
+    for job in &open {
+        let live: Vec<Resource> = all
+            .iter()
+            .filter(|(r, state)| {
+                state == "live" && resources.iter().any(|o| o.kind == r.kind && o.id == r.id && o.job_id == Some(*job))
+            })
+            .map(|(r, _)| r.clone())
+            .collect();
+        let Ok(graph) = plan::Graph::build(&live, &app.catalog) else { continue };
+        let recorded = |r: &Resource| {
+            steps.get(job).and_then(|st| st.iter().find(|s| s.kind == r.kind && s.id == r.id && s.outcome != "deleted"))
+        };
+        for (i, r) in live.iter().enumerate() {
+            let text = if let Some(s) = recorded(r) {
+                s.describe()
+            } else {
+                let on: Vec<String> = graph
+                    .waits_for(i)
+                    .into_iter()
+                    .map(|w| {
+                        let o = &live[w];
+                        match recorded(o) {
+                            Some(s) => format!("{}/{} ({})", o.kind, o.id, s.describe()),
+                            None => format!("{}/{}", o.kind, o.id),
+                        }
+                    })
+                    .collect();
+                if on.is_empty() {
+                    "nothing: next to go".to_string()
+                } else {
+                    format!("waiting on {}", on.join(", "))
+                }
+            };
+            waits.insert((r.kind.clone(), r.id.clone()), text);
+        }
+    }
+    let plan = plan(app, owner).await.map_err(|e| e.to_string());
+    Ok(OwnerView { resources, jobs, waits, plan })
 }

@@ -12,8 +12,9 @@ use chrono::{DateTime, Utc};
 use crate::broker::publisher::Publisher;
 use crate::broker::{self, Names};
 use crate::config::Settings;
-use crate::ledger::replay::{DeadFilter, Reopen};
+use crate::ledger::replay::{DeadFilter, DeadJob, Pending, Reopen};
 use crate::ledger::Ledger;
+use uuid::Uuid;
 
 #[derive(clap::Args, Debug)]
 pub struct ReplayArgs {
@@ -45,6 +46,9 @@ pub struct ReplayArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// How far a replay got (its id is printed when it starts; the API's too).
+    #[arg(long, value_name = "REPLAY_ID", conflicts_with_all = ["job", "owner", "reason", "since", "error_class", "kind", "all", "dry_run"])]
+    pub status: Option<Uuid>,
 }
 
 fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
@@ -64,6 +68,9 @@ fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
 }
 
 pub async fn run(settings: Settings, args: ReplayArgs) -> ExitCode {
+    if let Some(id) = args.status {
+        return status(&settings, id, args.json).await;
+    }
     let filter = DeadFilter {
         job: args.job,
         owner: args.owner.clone(),
@@ -76,14 +83,35 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> ExitCode {
         eprintln!("error: give a filter (--job, --owner, --reason, --since, --error-class, --kind) or --all");
         return ExitCode::from(2);
     }
-    if args.dry_run && !args.json {
-        if let Err(e) = list(&settings, &filter).await {
-            eprintln!("error: {e}");
-            return ExitCode::from(3);
-        }
-    }
     match replay_from_cli(&settings, &filter, args.dry_run, !args.json).await {
         Ok(summary) => summary.print(args.json, args.dry_run),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+/// `reaper replay --status ID`: how far a replay (from anywhere) got.
+async fn status(settings: &Settings, id: Uuid, json: bool) -> ExitCode {
+    let run = match crate::ledger::Ledger::from_settings(settings).await {
+        Ok(ledger) => ledger.replay_run(id).await,
+        Err(e) => Err(e),
+    };
+    match run {
+        Ok(Some(r)) if json => {
+            println!("{}", serde_json::to_string_pretty(&r).expect("serializable"));
+            ExitCode::SUCCESS
+        }
+        Ok(Some(r)) => {
+            println!("replay {} ({}), started {} by {}", r.replay_id, r.state, r.started_at, r.requested_by);
+            println!("  {} matched, {} reopened; their status now: {:?}", r.matched, r.reopened, r.jobs);
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            eprintln!("error: no replay {id}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(3)
@@ -103,10 +131,10 @@ async fn replay_from_cli(
     let names = Names::new(&settings.broker.prefix);
     let max = settings.worker.max_replays;
     if dry_run {
-        return replay_jobs(&ledger, None, &names, max, filter, progress).await;
+        return replay_jobs(&ledger, None, &names, max, filter, progress, "cli").await;
     }
     let (conn, publisher) = broker::link::open(settings, &names).await?;
-    let summary = replay_jobs(&ledger, Some(&publisher), &names, max, filter, progress).await;
+    let summary = replay_jobs(&ledger, Some(&publisher), &names, max, filter, progress, "cli").await;
     publisher.close().await;
     let _ = conn.close(200, "replay done".into()).await;
     summary
@@ -115,11 +143,28 @@ async fn replay_from_cli(
 /// What a replay did (or, dry, would do), job by job.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Summary {
+    /// The replay's record in the ledger (none for a dry run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay_id: Option<Uuid>,
     pub matched: usize,
     pub replayed: Vec<String>,
     pub held_back: Vec<String>,
     pub skipped: Vec<String>,
     pub failed: Vec<String>,
+    /// A dry run's preview: per job it would replay, what it would ask to delete again.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub preview: Vec<JobPreview>,
+}
+
+/// One job of a replay's preview.
+#[derive(Debug, serde::Serialize)]
+pub struct JobPreview {
+    pub job_id: Uuid,
+    pub owner: String,
+    pub error_class: Option<String>,
+    pub reason: Option<String>,
+    /// Claimed by the job and not proven gone; its lookups run again too.
+    pub resources: Vec<Pending>,
 }
 
 impl Summary {
@@ -127,9 +172,27 @@ impl Summary {
         if json {
             println!("{}", serde_json::to_string_pretty(self).expect("serializable"));
         } else {
+            for p in &self.preview {
+                println!(
+                    "{}  {}  {}: {}",
+                    p.job_id,
+                    p.owner,
+                    p.error_class.as_deref().unwrap_or("-"),
+                    p.reason.as_deref().unwrap_or("").chars().take(100).collect::<String>()
+                );
+                if p.resources.is_empty() {
+                    println!("    nothing claimed is left (its lookups run again)");
+                }
+                for r in &p.resources {
+                    println!("    would delete again: {}/{}", r.kind, r.id);
+                }
+            }
             let verb = if dry_run { "would replay" } else { "replayed" };
             let jobs = if self.matched == 1 { "job" } else { "jobs" };
             println!("{} dead-lettered {jobs} matched; {verb} {}", self.matched, self.replayed.len());
+            if let Some(id) = self.replay_id {
+                println!("replay {id} (reaper replay --status {id})");
+            }
             if !self.held_back.is_empty() {
                 println!("held back (replayed too often; look at them by hand): {}", self.held_back.len());
                 for j in &self.held_back {
@@ -154,25 +217,11 @@ impl Summary {
     }
 }
 
-async fn list(settings: &Settings, filter: &DeadFilter) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let ledger = crate::ledger::Ledger::from_settings(settings).await?;
-    let jobs = ledger.dead_jobs(filter).await?;
-    println!("{:<38} {:<28} {:<10} {:>7}  reason", "job", "owner", "class", "replays");
-    for j in &jobs {
-        let reason: String = j.reason.as_deref().unwrap_or("").chars().take(80).collect();
-        println!(
-            "{:<38} {:<28} {:<10} {:>7}  {reason}",
-            j.job_id,
-            j.owner,
-            j.error_class.as_deref().unwrap_or("-"),
-            j.replays
-        );
-    }
-    Ok(())
-}
-
-/// Reopens and re-publishes the dead-lettered jobs `filter` picks; without a
-/// publisher (a dry run), only says which it would.
+/// Reopens and re-publishes the dead-lettered jobs `filter` picks, recording
+/// the replay and its progress in the ledger (`replay_started` gives its id);
+/// without a publisher (a dry run), only says which it would, and what each
+/// would ask to delete again. The CLI, the API and the console all replay
+/// through here.
 pub async fn replay_jobs(
     ledger: &Ledger,
     publisher: Option<&Publisher>,
@@ -180,14 +229,46 @@ pub async fn replay_jobs(
     max_replays: u32,
     filter: &DeadFilter,
     progress: bool,
+    requested_by: &str,
 ) -> Result<Summary, Box<dyn std::error::Error + Send + Sync>> {
     let jobs = ledger.dead_jobs(filter).await?;
-    let mut summary = Summary { matched: jobs.len(), ..Default::default() };
-    let Some(publisher) = publisher else {
-        summary.replayed = jobs.iter().filter(|j| j.replays < max_replays).map(|j| j.job_id.to_string()).collect();
-        summary.held_back = jobs.iter().filter(|j| j.replays >= max_replays).map(|j| j.job_id.to_string()).collect();
-        return Ok(summary);
-    };
+    let Some(publisher) = publisher else { return preview(ledger, jobs, max_replays).await };
+    let replay_id = ledger.replay_started(filter, requested_by, jobs.len()).await?;
+    run_replay(ledger, publisher, names, max_replays, jobs, progress, replay_id).await
+}
+
+/// Starts a replay and returns its id at once; the replay goes on in a task of
+/// its own (its progress: `Ledger::replay_run`). For the API and the console,
+/// whose callers should not wait for a thousand jobs.
+pub async fn start_replay(
+    ledger: Ledger,
+    publisher: Publisher,
+    names: Names,
+    max_replays: u32,
+    filter: DeadFilter,
+    requested_by: &str,
+) -> Result<(Uuid, usize), crate::ledger::LedgerError> {
+    let jobs = ledger.dead_jobs(&filter).await?;
+    let matched = jobs.len();
+    let replay_id = ledger.replay_started(&filter, requested_by, matched).await?;
+    tokio::spawn(async move {
+        if let Err(e) = run_replay(&ledger, &publisher, &names, max_replays, jobs, false, replay_id).await {
+            tracing::warn!(%replay_id, error = %e, "a replay stopped before its end");
+        }
+    });
+    Ok((replay_id, matched))
+}
+
+async fn run_replay(
+    ledger: &Ledger,
+    publisher: &Publisher,
+    names: &Names,
+    max_replays: u32,
+    jobs: Vec<DeadJob>,
+    progress: bool,
+    replay_id: Uuid,
+) -> Result<Summary, Box<dyn std::error::Error + Send + Sync>> {
+    let mut summary = Summary { replay_id: Some(replay_id), matched: jobs.len(), ..Default::default() };
     let bar = if progress { indicatif::ProgressBar::new(jobs.len() as u64) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(
         indicatif::ProgressStyle::with_template("  {bar:40} {pos}/{len} jobs replayed").expect("a valid template"),
@@ -195,6 +276,7 @@ pub async fn replay_jobs(
     for j in &jobs {
         match ledger.reopen(j.job_id, max_replays).await? {
             Reopen::Reopened(row) => {
+                ledger.replay_reopened(replay_id, j.job_id).await?;
                 match crate::outbox::publish(publisher, names, &row).await {
                     Ok(()) => {
                         let _ = ledger.outbox_delete(&[row.id]).await;
@@ -218,5 +300,35 @@ pub async fn replay_jobs(
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let json = serde_json::to_value(&summary).expect("a summary serializes");
+    ledger.replay_finished(replay_id, &json).await?;
     Ok(summary)
+}
+
+/// A dry run: which jobs would be replayed, and per job what it would ask to
+/// delete again.
+async fn preview(
+    ledger: &Ledger,
+    jobs: Vec<DeadJob>,
+    max_replays: u32,
+) -> Result<Summary, Box<dyn std::error::Error + Send + Sync>> {
+    let ids: Vec<Uuid> = jobs.iter().map(|j| j.job_id).collect();
+    let mut pending = ledger.pending_of(&ids).await?;
+    let (go, held): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|j| j.replays < max_replays);
+    Ok(Summary {
+        matched: ids.len(),
+        replayed: go.iter().map(|j| j.job_id.to_string()).collect(),
+        held_back: held.iter().map(|j| j.job_id.to_string()).collect(),
+        preview: go
+            .iter()
+            .map(|j| JobPreview {
+                job_id: j.job_id,
+                owner: j.owner.clone(),
+                error_class: j.error_class.clone(),
+                reason: j.reason.clone(),
+                resources: pending.remove(&j.job_id).unwrap_or_default(),
+            })
+            .collect(),
+        ..Default::default()
+    })
 }

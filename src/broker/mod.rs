@@ -152,6 +152,9 @@ pub mod headers {
     pub const LEDGER_REFUSALS: &str = "x-reaper-ledger-refusals";
     /// Set by the broker when it dead-letters (here: a retry queue's TTL ran out).
     pub const X_DEATH: &str = "x-death";
+    /// The producer's W3C trace context: read from its event, kept across
+    /// retry hops, and set on the result and the dead copy.
+    pub const TRACEPARENT: &str = "traceparent";
 }
 
 /// Deletes every exchange and queue under `names` (and the retry queues for

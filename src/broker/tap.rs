@@ -21,6 +21,8 @@ pub struct Observed {
     pub routing_key: String,
     pub body: Vec<u8>,
     pub result: TeardownResult,
+    /// The trace context reaper set on it (the producer's `traceparent`).
+    pub traceparent: Option<String>,
 }
 
 impl ResultTap {
@@ -55,6 +57,13 @@ impl ResultTap {
         let d = tokio::time::timeout(wait, self.consumer.next()).await.ok()??.ok()?;
         let _ = d.acker.ack(BasicAckOptions::default()).await;
         let result = serde_json::from_slice(&d.data).ok()?;
-        Some(Observed { routing_key: d.routing_key.to_string(), body: d.data, result })
+        let traceparent =
+            d.properties.headers().as_ref().and_then(|h| match h.inner().get(super::headers::TRACEPARENT) {
+                Some(lapin::types::AMQPValue::LongString(s)) => {
+                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                }
+                _ => None,
+            });
+        Some(Observed { routing_key: d.routing_key.to_string(), body: d.data, result, traceparent })
     }
 }

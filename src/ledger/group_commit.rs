@@ -25,6 +25,7 @@ pub(super) struct FinishReq {
     pub reason: Option<String>,
     pub error_class: Option<String>,
     pub result: Vec<u8>,
+    pub traceparent: Option<String>,
     pub steps: Vec<StepRecord>,
     pub outbox: Vec<super::OutboxMessage>,
     pub holder: Uuid,
@@ -363,6 +364,7 @@ async fn write(pool: &PgPool, batch: Vec<FinishReq>) -> Result<(), Failed<Finish
     let results: Vec<&[u8]> = batch.iter().map(|r| r.result.as_slice()).collect();
     let owners: Vec<&str> = batch.iter().map(|r| r.owner.as_str()).collect();
     let holders: Vec<Uuid> = batch.iter().map(|r| r.holder).collect();
+    let traces: Vec<Option<&str>> = batch.iter().map(|r| r.traceparent.as_deref()).collect();
     let (mut s_job, mut s_kind, mut s_id, mut s_out, mut s_att, mut s_err) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut o_job, mut o_target, mut o_key, mut o_body, mut o_headers) = (vec![], vec![], vec![], vec![], vec![]);
@@ -385,11 +387,12 @@ async fn write(pool: &PgPool, batch: Vec<FinishReq>) -> Result<(), Failed<Finish
     }
     let rows = sqlx::query(
         "WITH input AS (
-            SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[], $7::uuid[])
-                AS i(job_id, status, reason, error_class, result, owner, holder)
+            SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[], $7::uuid[], $19::text[])
+                AS i(job_id, status, reason, error_class, result, owner, holder, traceparent)
          ),
          f AS (
-            UPDATE jobs j SET status = i.status, reason = i.reason, error_class = i.error_class, result = i.result, finished_at = now()
+            UPDATE jobs j SET status = i.status, reason = i.reason, error_class = i.error_class, result = i.result, finished_at = now(),
+                              traceparent = coalesce(i.traceparent, j.traceparent)
             FROM input i WHERE j.job_id = i.job_id AND j.status = 'running'
             RETURNING j.job_id, j.event_id, j.result
          ),
@@ -439,6 +442,7 @@ async fn write(pool: &PgPool, batch: Vec<FinishReq>) -> Result<(), Failed<Finish
     .bind(&o_key)
     .bind(&o_body)
     .bind(&o_headers)
+    .bind(&traces)
     .fetch_all(pool)
     .await;
     match rows {

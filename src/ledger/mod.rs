@@ -198,6 +198,10 @@ pub struct JobEnd<'a> {
     pub result_key: &'a str,
     /// (dead queue, event body, headers) when the job is dead-lettered.
     pub dead: Option<DeadCopy<'a>>,
+    /// The producer's W3C trace context, stored with the job.
+    pub traceparent: Option<&'a str>,
+    /// The result message's headers (the trace context), in its outbox row too.
+    pub result_headers: Vec<(&'static str, String)>,
 }
 
 /// What opening a teardown job led to.
@@ -567,7 +571,7 @@ impl Ledger {
             target: Target::Result,
             routing_key: end.result_key.to_string(),
             body: end.result.to_vec(),
-            headers: Vec::new(),
+            headers: end.result_headers.clone(),
         }];
         if let Some((dead_queue, body, headers)) = &end.dead {
             outbox.push(OutboxMessage {
@@ -585,6 +589,7 @@ impl Ledger {
             reason: end.reason.map(str::to_string),
             error_class: end.error_class.map(str::to_string),
             result: end.result.to_vec(),
+            traceparent: end.traceparent.map(str::to_string),
             steps: end.steps.to_vec(),
             outbox,
             holder,

@@ -12,7 +12,7 @@ use super::outbox::{self, OutboxRow};
 use super::{db, Ledger, LedgerError};
 
 /// Which dead-lettered jobs to pick. Every field narrows; all `None` is every one.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct DeadFilter {
     pub job: Option<Uuid>,
     pub owner: Option<String>,
@@ -23,6 +23,38 @@ pub struct DeadFilter {
     pub error_class: Option<String>,
     /// Jobs with a failed or blocked resource of this kind.
     pub kind: Option<String>,
+}
+
+/// A replay as the ledger knows it (`replays`): what it picked, how far it
+/// got, and where the jobs it reopened are now.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplayRun {
+    pub replay_id: Uuid,
+    pub requested_by: String,
+    pub filter: serde_json::Value,
+    pub matched: i32,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Jobs reopened so far.
+    pub reopened: usize,
+    /// The first hundred of them.
+    pub job_ids: Vec<Uuid>,
+    /// The reopened jobs by their status now (running, completed, dead_lettered, cancelled).
+    pub jobs: std::collections::BTreeMap<String, i64>,
+    /// finished: every job was reopened (or held back, skipped) and none
+    /// still runs; running; or interrupted: the replaying process stopped
+    /// moving before it finished (what it reopened is in the outbox, which a
+    /// worker drains).
+    pub state: &'static str,
+    pub summary: Option<serde_json::Value>,
+}
+
+/// A resource a replay would ask to delete again: claimed by the dead job and
+/// not proven gone.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Pending {
+    pub kind: String,
+    pub id: String,
 }
 
 impl DeadFilter {
@@ -141,5 +173,128 @@ impl Ledger {
             }
             _ => Reopen::NotDead,
         })
+    }
+}
+
+/// A replay that has not moved for this long, and has not finished, was interrupted.
+const REPLAY_STALL_SECS: f64 = 120.0;
+
+impl Ledger {
+    /// Per dead job, what its replay would ask to delete again: the
+    /// resources it claimed that are not proven gone. (The job's lookups run
+    /// again when it is replayed and may find more.)
+    pub async fn pending_of(
+        &self,
+        job_ids: &[Uuid],
+    ) -> Result<std::collections::HashMap<Uuid, Vec<Pending>>, LedgerError> {
+        // Joined through the job's owner: tracked_resources is keyed by
+        // owner and has no index on job_id.
+        let rows = sqlx::query(
+            "SELECT t.job_id, t.kind, t.resource_id FROM jobs j
+             JOIN tracked_resources t ON t.owner = j.owner AND t.job_id = j.job_id
+             WHERE j.job_id = ANY($1) AND t.state = 'live'
+             ORDER BY t.kind, t.resource_id",
+        )
+        .bind(job_ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading what dead jobs still hold"))?;
+        let mut out: std::collections::HashMap<Uuid, Vec<Pending>> = std::collections::HashMap::new();
+        for r in rows {
+            out.entry(r.get("job_id")).or_default().push(Pending { kind: r.get("kind"), id: r.get("resource_id") });
+        }
+        Ok(out)
+    }
+
+    /// Records that a replay starts; its progress is written as it goes.
+    pub async fn replay_started(
+        &self,
+        filter: &DeadFilter,
+        requested_by: &str,
+        matched: usize,
+    ) -> Result<Uuid, LedgerError> {
+        let id = Uuid::new_v4();
+        sqlx::query("INSERT INTO replays (replay_id, requested_by, filter, matched) VALUES ($1, $2, $3, $4)")
+            .bind(id)
+            .bind(requested_by.replace('\0', ""))
+            .bind(serde_json::to_value(filter).expect("a filter serializes"))
+            .bind(matched.min(i32::MAX as usize) as i32)
+            .execute(&self.pool)
+            .await
+            .map_err(db("recording a replay"))?;
+        Ok(id)
+    }
+
+    /// One more job reopened by the replay.
+    pub async fn replay_reopened(&self, replay_id: Uuid, job_id: Uuid) -> Result<(), LedgerError> {
+        sqlx::query(
+            "UPDATE replays SET reopened = array_append(reopened, $2), updated_at = now() WHERE replay_id = $1",
+        )
+        .bind(replay_id)
+        .bind(job_id)
+        .execute(&self.pool)
+        .await
+        .map_err(db("recording a replay's progress"))?;
+        Ok(())
+    }
+
+    /// The replay went through every job it matched.
+    pub async fn replay_finished(&self, replay_id: Uuid, summary: &serde_json::Value) -> Result<(), LedgerError> {
+        sqlx::query("UPDATE replays SET summary = $2, finished_at = now(), updated_at = now() WHERE replay_id = $1")
+            .bind(replay_id)
+            .bind(summary)
+            .execute(&self.pool)
+            .await
+            .map_err(db("recording a replay's end"))?;
+        Ok(())
+    }
+
+    pub async fn replay_run(&self, replay_id: Uuid) -> Result<Option<ReplayRun>, LedgerError> {
+        Ok(self.replay_runs(Some(replay_id), 1).await?.pop())
+    }
+
+    /// The latest replays, newest first (or the one asked for).
+    pub async fn replay_runs(&self, one: Option<Uuid>, limit: i64) -> Result<Vec<ReplayRun>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT r.replay_id, r.requested_by, r.filter, r.matched, r.started_at, r.finished_at, r.summary,
+                    cardinality(r.reopened) AS reopened, r.reopened[1:100] AS job_ids,
+                    extract(epoch FROM now() - r.updated_at)::float8 AS idle_secs,
+                    (SELECT coalesce(jsonb_object_agg(s.status, s.n), '{}'::jsonb) FROM
+                        (SELECT j.status, count(*) AS n FROM jobs j WHERE j.job_id = ANY(r.reopened) GROUP BY j.status) s) AS jobs
+             FROM replays r WHERE ($1::uuid IS NULL OR r.replay_id = $1)
+             ORDER BY r.started_at DESC LIMIT $2",
+        )
+        .bind(one)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading replays"))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let jobs: std::collections::BTreeMap<String, i64> =
+                    serde_json::from_value(r.get("jobs")).unwrap_or_default();
+                let finished_at: Option<DateTime<Utc>> = r.get("finished_at");
+                let idle: f64 = r.get("idle_secs");
+                let state = match (finished_at, jobs.get("running").copied().unwrap_or(0)) {
+                    (Some(_), 0) => "finished",
+                    (None, _) if idle > REPLAY_STALL_SECS => "interrupted",
+                    _ => "running",
+                };
+                ReplayRun {
+                    replay_id: r.get("replay_id"),
+                    requested_by: r.get("requested_by"),
+                    filter: r.get("filter"),
+                    matched: r.get("matched"),
+                    started_at: r.get("started_at"),
+                    finished_at,
+                    reopened: r.get::<i32, _>("reopened").max(0) as usize,
+                    job_ids: r.get("job_ids"),
+                    jobs,
+                    state,
+                    summary: r.get("summary"),
+                }
+            })
+            .collect())
     }
 }

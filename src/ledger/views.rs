@@ -63,9 +63,100 @@ pub struct JobView {
     pub result: Option<serde_json::Value>,
     /// Steps recorded so far (for a running job).
     pub steps: Vec<serde_json::Value>,
+    /// The producer's W3C trace context, stored when the job ended.
+    pub traceparent: Option<String>,
+}
+
+/// One step as the ledger recorded it: written when the step finished, or
+/// when it failed or was blocked (with its attempts and its last error).
+#[derive(Debug, Clone, Serialize)]
+pub struct StepView {
+    pub kind: String,
+    pub id: String,
+    pub outcome: String,
+    pub attempts: i32,
+    pub error: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+impl StepView {
+    /// "failed at 10:02:11 after 3 attempts: 503 ...", for people.
+    pub fn describe(&self) -> String {
+        let err =
+            self.error.as_deref().map(|e| format!(": {}", e.chars().take(160).collect::<String>())).unwrap_or_default();
+        format!(
+            "{} at {} after {} attempt{}{err}",
+            self.outcome,
+            self.at.format("%Y-%m-%d %H:%M:%S UTC"),
+            self.attempts,
+            if self.attempts == 1 { "" } else { "s" }
+        )
+    }
+}
+
+/// What happened lately, for the console's overview.
+#[derive(Debug, Serialize)]
+pub struct RecentActivity {
+    /// Teardown jobs opened in the last five minutes.
+    pub jobs_5m: i64,
+    /// Dead letters by class, in the last hour and the last day.
+    pub dead_hour: BTreeMap<String, i64>,
+    pub dead_day: BTreeMap<String, i64>,
 }
 
 impl Ledger {
+    /// Steps recorded for these jobs, by job.
+    pub async fn steps_of(
+        &self,
+        job_ids: &[Uuid],
+    ) -> Result<std::collections::HashMap<Uuid, Vec<StepView>>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT job_id, kind, resource_id, outcome, attempts, error, finished_at FROM job_steps
+             WHERE job_id = ANY($1) ORDER BY finished_at",
+        )
+        .bind(job_ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading jobs' steps"))?;
+        let mut out: std::collections::HashMap<Uuid, Vec<StepView>> = std::collections::HashMap::new();
+        for r in rows {
+            out.entry(r.get("job_id")).or_default().push(StepView {
+                kind: r.get("kind"),
+                id: r.get("resource_id"),
+                outcome: r.get("outcome"),
+                attempts: r.get("attempts"),
+                error: r.get("error"),
+                at: r.get("finished_at"),
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn recent_activity(&self) -> Result<RecentActivity, LedgerError> {
+        let jobs_5m: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE started_at > now() - interval '5 minutes'")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db("counting recent jobs"))?;
+        let mut dead_hour = BTreeMap::new();
+        let mut dead_day = BTreeMap::new();
+        // Dead-lettered in the last day and not replayed or cancelled since.
+        for r in sqlx::query(
+            "SELECT coalesce(error_class, '-') AS class, count(*) AS day,
+                    count(*) FILTER (WHERE finished_at > now() - interval '1 hour') AS hour
+             FROM jobs WHERE status = 'dead_lettered' AND finished_at > now() - interval '1 day' GROUP BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("counting recent dead letters"))?
+        {
+            let class: String = r.get("class");
+            dead_hour.insert(class.clone(), r.get("hour"));
+            dead_day.insert(class, r.get("day"));
+        }
+        Ok(RecentActivity { jobs_5m, dead_hour, dead_day })
+    }
+
     pub async fn status_counts(&self) -> Result<StatusCounts, LedgerError> {
         let owners: i64 = sqlx::query("SELECT count(DISTINCT owner) AS n FROM tracked_resources")
             .fetch_one(&self.pool)
@@ -140,7 +231,7 @@ impl Ledger {
     pub async fn job_view(&self, job_id: Uuid) -> Result<Option<JobView>, LedgerError> {
         let Some(r) = sqlx::query(
             "SELECT job_id, event_id, owner, trigger, status, dry_run, attempts, failed_runs, started_at, finished_at, reason,
-                    error_class, result, event_body
+                    error_class, result, event_body, traceparent
              FROM jobs WHERE job_id = $1",
         )
         .bind(job_id)
@@ -173,6 +264,7 @@ impl Ledger {
             owner: r.get("owner"),
             result: result.and_then(|b| serde_json::from_slice(&b).ok()),
             steps,
+            traceparent: r.get("traceparent"),
         }))
     }
 

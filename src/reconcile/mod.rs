@@ -50,6 +50,9 @@ pub enum ReconcileError {
     Ledger(#[from] LedgerError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// The sweep's task panicked (its transaction rolled back).
+    #[error("the sweep panicked; nothing it did was committed")]
+    Panicked,
 }
 
 /// How a sweep was asked to run.

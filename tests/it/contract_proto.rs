@@ -102,7 +102,13 @@ fn events_round_trip_through_the_protobuf_schemas_and_back_into_reaper() {
             as_proto_writes["generation"] = json!("3");
         }
         let body = serde_json::to_vec(&as_proto_writes).unwrap();
-        let env = contract::Envelope { routing_key: key, body: &body, received_at: chrono::Utc::now(), sent_at: None };
+        let env = contract::Envelope {
+            routing_key: key,
+            body: &body,
+            received_at: chrono::Utc::now(),
+            sent_at: None,
+            traceparent: None,
+        };
         contract::decode(&env, &catalog, &contract::Limits::default()).unwrap_or_else(|e| panic!("{message}: {e}"));
     }
 }

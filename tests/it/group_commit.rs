@@ -48,6 +48,8 @@ async fn a_refused_finish_fails_alone_and_its_batch_mates_are_written() {
                 result: &body,
                 result_key: "teardown.completed",
                 dead: None,
+                traceparent: None,
+                result_headers: Vec::new(),
             };
             ledger.finish(job, &end, *holder).await
         }

@@ -9,6 +9,7 @@ mod lives_matrix;
 mod admin;
 mod bulk_tracks;
 mod commands;
+mod console;
 mod contract_proto;
 mod control;
 mod credentials;
