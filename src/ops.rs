@@ -455,7 +455,10 @@ pub async fn owner_view(app: &App, owner: &str) -> Result<OwnerView, OpsError> {
             steps.get(job).and_then(|st| st.iter().find(|s| s.kind == r.kind && s.id == r.id && s.outcome != "deleted"))
         };
         for (i, r) in live.iter().enumerate() {
-            let text = if let Some(s) = recorded(r) {
+            let own = recorded(r);
+            // Its own failure says most; a step not attempted because of
+            // another is better told by what it waits on.
+            let text = if let Some(s) = own.filter(|s| s.outcome == "failed" || graph.waits_for(i).is_empty()) {
                 s.describe()
             } else {
                 let on: Vec<String> = graph

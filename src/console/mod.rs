@@ -85,7 +85,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/ui/owners/{owner}/validate", get(validate))
         .route("/ui/owners/{owner}/script", get(script))
         .route("/ui/reconcile", get(reconcile_rules))
-        .route("/ui/reconcile/{rule}", post(reconcile))
+        // A reload of a report (a POST's answer) lands on the rules.
+        .route("/ui/reconcile/{rule}", post(reconcile).get(|| async { Redirect::to("/ui/reconcile") }))
         .route("/ui/jobs/{id}", get(job))
         .route("/ui/jobs/{id}/restore", post(restore))
         .route("/ui/jobs/{id}/cancel", post(cancel))

@@ -464,13 +464,14 @@ pub fn reconcile_report(s: &Session, rule: &str, r: &Report) -> Response {
         }
         @if !r.sample_actionable.is_empty() { p { "Actionable, first few: " span.mono { (r.sample_actionable.join(", ")) } } }
         @if !r.sample_waiting.is_empty() { p { "Waiting, first few: " span.mono { (r.sample_waiting.join(", ")) } } }
-        @if r.dry_run && r.actionable > 0 {
+        @let refused = r.outcome == crate::reconcile::Outcome::Refused;
+        @if (r.dry_run || refused) && r.actionable > 0 {
             form.confirm method="post" action=(format!("/ui/reconcile/{rule}")) {
                 (csrf(s))
                 input type="hidden" name="action" value="execute";
                 label { input type="checkbox" name="confirm" value="yes" required;
                     " Tear down the " (r.actionable) " actionable orphan" @if r.actionable != 1 { "s" } " (the sweep counts again when it runs)" }
-                details {
+                details open[refused && !r.dry_run] {
                     summary { "Go past the brakes (--force)" }
                     label { input type="checkbox" name="force" value="yes"; " force: ignore max_count and max_fraction" }
                     label { " and type FORCE: " input type="text" name="force_word" size="6" autocomplete="off"; }

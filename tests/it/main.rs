@@ -7,6 +7,7 @@ mod helpers;
 mod lives_matrix;
 
 mod admin;
+mod browser;
 mod bulk_tracks;
 mod commands;
 mod console;

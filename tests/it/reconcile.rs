@@ -12,7 +12,7 @@ use crate::helpers::*;
 
 /// A gateway (the simulated cloud's /gw/models list, 100 a page) is the truth;
 /// the `models` table of the app database is the copy.
-const RULE: &str = r#"
+pub(crate) const RULE: &str = r#"
 [providers.gateway]
 type = "http"
 base_url = "{sim_url}"
@@ -40,7 +40,7 @@ exclude = [{ field = "key", glob = "keep-*" }]
 "#;
 
 /// `live` models in both, `orphans` only in the table, `old` hours old.
-async fn world(t: &TestApp, live: usize, orphans: &[&str]) {
+pub(crate) async fn world(t: &TestApp, live: usize, orphans: &[&str]) {
     t.sql("CREATE TABLE models (id text PRIMARY KEY, name text, created_at timestamptz NOT NULL DEFAULT now() - interval '2 days')")
         .await;
     t.sim.create_collection("/gw/models");
