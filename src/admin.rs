@@ -320,6 +320,7 @@ struct FilterBody {
     owner: Option<String>,
     reason: Option<String>,
     since: Option<chrono::DateTime<chrono::Utc>>,
+    until: Option<chrono::DateTime<chrono::Utc>>,
     error_class: Option<String>,
     kind: Option<String>,
     #[serde(default)]
@@ -340,6 +341,7 @@ impl FilterBody {
             since: self.since,
             error_class: self.error_class.clone(),
             kind: self.kind.clone(),
+            until: self.until,
         }
     }
 }
@@ -358,7 +360,7 @@ async fn dead(State(app): State<Arc<App>>, Query(f): Query<FilterBody>) -> Respo
 async fn replay(State(app): State<Arc<App>>, body: Option<Json<FilterBody>>) -> Response {
     let f = body.map(|b| b.0).unwrap_or_default();
     let filter = f.filter();
-    if filter.is_empty() && !f.all {
+    if filter.is_every_job() && !f.all {
         return error(
             StatusCode::BAD_REQUEST,
             "give a filter (job, owner, reason, since, error_class, kind) or \"all\": true",

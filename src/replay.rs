@@ -37,6 +37,10 @@ pub struct ReplayArgs {
     /// Jobs with a failed or blocked resource of this kind.
     #[arg(long)]
     pub kind: Option<String>,
+    /// Jobs dead-lettered at or before this time (RFC 3339, or an age): what a
+    /// dry run listed, without those dead-lettered since.
+    #[arg(long, value_parser = parse_since)]
+    pub until: Option<DateTime<Utc>>,
     /// Replay every dead-lettered job (needed when no other filter is given).
     #[arg(long)]
     pub all: bool,
@@ -47,7 +51,7 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub json: bool,
     /// How far a replay got (its id is printed when it starts; the API's too).
-    #[arg(long, value_name = "REPLAY_ID", conflicts_with_all = ["job", "owner", "reason", "since", "error_class", "kind", "all", "dry_run"])]
+    #[arg(long, value_name = "REPLAY_ID", conflicts_with_all = ["job", "owner", "reason", "since", "until", "error_class", "kind", "all", "dry_run"])]
     pub status: Option<Uuid>,
 }
 
@@ -78,9 +82,10 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> ExitCode {
         since: args.since,
         error_class: args.error_class.clone(),
         kind: args.kind.clone(),
+        until: args.until,
     };
-    if filter.is_empty() && !args.all {
-        eprintln!("error: give a filter (--job, --owner, --reason, --since, --error-class, --kind) or --all");
+    if filter.is_every_job() && !args.all {
+        eprintln!("error: give a filter (--job, --owner, --reason, --since, --until, --error-class, --kind) or --all");
         return ExitCode::from(2);
     }
     match replay_from_cli(&settings, &filter, args.dry_run, !args.json).await {

@@ -292,6 +292,9 @@ pub struct UiFilter {
     /// RFC 3339.
     #[serde(default)]
     pub since: String,
+    /// RFC 3339: pinned by the preview (see `DeadFilter::until`).
+    #[serde(default)]
+    pub until: String,
 }
 
 fn some(s: &str) -> Option<String> {
@@ -316,6 +319,14 @@ impl UiFilter {
             }
             (None, None) => None,
         };
+        let until = match some(&self.until) {
+            Some(t) => Some(
+                chrono::DateTime::parse_from_rfc3339(&t)
+                    .map_err(|_| format!("{t:?} is not an RFC 3339 time"))?
+                    .with_timezone(&chrono::Utc),
+            ),
+            None => None,
+        };
         Ok(DeadFilter {
             job,
             owner: some(&self.owner),
@@ -323,6 +334,7 @@ impl UiFilter {
             since,
             error_class: some(&self.class),
             kind: some(&self.kind),
+            until,
         })
     }
 }
@@ -350,10 +362,13 @@ async fn replay_preview(
     Extension(s): Extension<Session>,
     Query(f): Query<UiFilter>,
 ) -> Response {
-    let filter = match f.to_filter() {
+    let mut filter = match f.to_filter() {
         Ok(filter) => filter,
         Err(m) => return pages::message(StatusCode::BAD_REQUEST, "Filter not understood", &m),
     };
+    // What the confirmation replays is what this page shows: nothing
+    // dead-lettered after it.
+    filter.until = Some(filter.until.unwrap_or_else(chrono::Utc::now));
     match ops::replay(&ui.app, &filter, true, false, "console").await {
         Ok(ops::Replayed::Done(summary)) => pages::replay_preview(&s, &filter, &summary),
         Ok(ops::Replayed::Started { .. }) => unreachable!("a dry run does not start a replay"),
@@ -379,7 +394,7 @@ async fn replay(State(ui): State<Arc<Ui>>, Form(f): Form<ReplayForm>) -> Respons
     if f.confirm != "yes" {
         return pages::message(StatusCode::BAD_REQUEST, "Not confirmed", "Tick the confirmation to replay.");
     }
-    if filter.is_empty() && f.all != "yes" {
+    if filter.is_every_job() && f.all != "yes" {
         return pages::message(
             StatusCode::BAD_REQUEST,
             "No filter",

@@ -295,9 +295,11 @@ pub fn dead(
 
 pub fn replay_preview(s: &Session, filter: &DeadFilter, summary: &Summary) -> Response {
     let since = filter.since.map(|t| t.to_rfc3339()).unwrap_or_default();
+    let until = filter.until.map(|t| t.to_rfc3339()).unwrap_or_default();
+    let unfiltered = filter.is_every_job();
     let n = summary.replayed.len();
     let body = html! {
-        @if filter.is_empty() { p.banner.paused { "No filter: this is every dead-lettered job." } }
+        @if unfiltered { p.banner.paused { "No filter: this is every dead-lettered job." } }
         p { (summary.matched) " matched; " (n) " would be replayed." }
         @if !summary.held_back.is_empty() {
             p.error { (summary.held_back.len()) " replayed too often already (worker.max_replays): held back for a person to look at." }
@@ -323,8 +325,9 @@ pub fn replay_preview(s: &Session, filter: &DeadFilter, summary: &Summary) -> Re
                 input type="hidden" name="class" value=(filter.error_class.clone().unwrap_or_default());
                 input type="hidden" name="kind" value=(filter.kind.clone().unwrap_or_default());
                 input type="hidden" name="since" value=(since);
+                input type="hidden" name="until" value=(until);
                 label { input type="checkbox" name="confirm" value="yes" required; " I have read what these jobs will delete" }
-                @if filter.is_empty() {
+                @if unfiltered {
                     label { input type="checkbox" name="all" value="yes" required; " every dead-lettered job" }
                 }
                 button.danger type="submit" { "Replay " (n) " job" @if n != 1 { "s" } }

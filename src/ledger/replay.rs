@@ -23,6 +23,10 @@ pub struct DeadFilter {
     pub error_class: Option<String>,
     /// Jobs with a failed or blocked resource of this kind.
     pub kind: Option<String>,
+    /// Dead-lettered at or before this time: a preview pins it, so the jobs
+    /// a confirmation replays are those it showed, not one dead-lettered since.
+    #[serde(default)]
+    pub until: Option<DateTime<Utc>>,
 }
 
 /// A replay as the ledger knows it (`replays`): what it picked, how far it
@@ -65,6 +69,13 @@ impl DeadFilter {
             && self.since.is_none()
             && self.error_class.is_none()
             && self.kind.is_none()
+            && self.until.is_none()
+    }
+
+    /// Nothing picks jobs out but a time they were dead-lettered by: every
+    /// dead-lettered job up to then.
+    pub fn is_every_job(&self) -> bool {
+        DeadFilter { until: None, ..self.clone() }.is_empty()
     }
 }
 
@@ -101,6 +112,7 @@ impl Ledger {
                AND ($5::text IS NULL OR j.error_class = $5)
                AND ($6::text IS NULL OR EXISTS (SELECT 1 FROM job_steps s WHERE s.job_id = j.job_id AND s.kind = $6
                                                  AND s.outcome IN ('failed', 'blocked')))
+               AND ($7::timestamptz IS NULL OR j.finished_at <= $7)
              ORDER BY j.finished_at, j.job_id",
         )
         .bind(f.job)
@@ -109,6 +121,7 @@ impl Ledger {
         .bind(f.since)
         .bind(&f.error_class)
         .bind(&f.kind)
+        .bind(f.until)
         .fetch_all(&self.pool)
         .await
         .map_err(db("listing dead-lettered jobs"))?;

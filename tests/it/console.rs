@@ -249,3 +249,50 @@ async fn a_producers_traceparent_follows_the_job_to_its_result_and_the_ledger() 
     assert_eq!(done.traceparent, None);
     t.stop().await;
 }
+
+/// The value of a form field in a page.
+fn field(html: &str, name: &str) -> String {
+    let key = format!("name=\"{name}\" value=\"");
+    let at = html.find(&key).unwrap_or_else(|| panic!("no field {name} in {html}"));
+    html[at + key.len()..].split('"').next().unwrap().replace("&amp;", "&").replace("&quot;", "\"")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmed_replay_replays_what_its_preview_showed_and_nothing_dead_lettered_since() {
+    let (mut t, base, _file) = spawn_with_admin("", TOKEN).await;
+    let c = no_redirects();
+    let (first, later) = (VpcNode::new(&unique("node")), VpcNode::new(&unique("node")));
+    for n in [&first, &later] {
+        t.provision(n).await;
+    }
+    let fail = || Faults { fail_next: 1, fail_status: 403, only_method: "DELETE".into(), ..Default::default() };
+    t.sim.set_faults(fail());
+    t.publish("deletion.requested", &deletion(&unique("a"), &first.owner, Utc::now())).await;
+    assert_eq!(t.next_result(30).await.result.status, "dead_lettered");
+
+    let (cookie, _) = login(&c, &base, &[]).await;
+    let preview = c.get(format!("{base}/ui/replay?class=permanent")).header("cookie", &cookie).send().await.unwrap();
+    assert_eq!(preview.status(), 200);
+    let html = preview.text().await.unwrap();
+    assert!(html.contains(&first.owner) && html.contains("Replay 1 job"), "{html}");
+
+    // Another job is dead-lettered while the operator reads the preview.
+    t.sim.set_faults(fail());
+    t.publish("deletion.requested", &deletion(&unique("b"), &later.owner, Utc::now())).await;
+    assert_eq!(t.next_result(30).await.result.status, "dead_lettered");
+
+    let form: Vec<(String, String)> = ["csrf", "job", "owner", "reason", "class", "kind", "since", "until"]
+        .iter()
+        .map(|n| (n.to_string(), field(&html, n)))
+        .chain([("confirm".to_string(), "yes".to_string())])
+        .collect();
+    let r = c.post(format!("{base}/ui/replay")).header("cookie", &cookie).form(&form).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(t.next_result(30).await.result.owner, first.owner, "the previewed job ran again");
+    let still_dead = t.app.ledger.dead_jobs(&Default::default()).await.unwrap();
+    assert_eq!(still_dead.len(), 1);
+    assert_eq!(still_dead[0].owner, later.owner, "the job dead-lettered after the preview was not replayed");
+    let run = t.app.ledger.replay_runs(None, 1).await.unwrap().pop().unwrap();
+    assert_eq!((run.matched, run.requested_by.as_str()), (1, "console"));
+    t.stop().await;
+}

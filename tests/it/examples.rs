@@ -48,6 +48,7 @@ async fn model_registry_sync() {
     assert_eq!((code, r["published"].as_u64()), (0, Some(2)), "{r}");
     let done = results(&mut t, 2).await;
     assert!(done.iter().all(|d| d.status == "completed" && d.resources[0].outcome == "deleted"), "{done:?}");
+    console_renders(&t, &done[0].owner, Some(done[0].job_id)).await;
     let left: Vec<String> =
         sqlx::query_scalar("SELECT id FROM models ORDER BY id").fetch_all(t.app.ledger.pool()).await.unwrap();
     assert_eq!(left, ["granite-8b-code-instruct", "llama-13b", "mistral-7b-instruct"]);
@@ -190,6 +191,7 @@ async fn ml_model_registry() {
     let (stop, replica, _) = t.spawn_replica_with(|s| s.reconcile.run_schedules = true).await;
     let r = t.next_result(60).await.result;
     assert_eq!((r.owner.as_str(), r.status.as_str()), ("registered_model/13", "completed"), "{r:?}");
+    console_renders(&t, &r.owner, Some(r.job_id)).await;
     stop.cancel();
     let _ = replica.await;
     let ids: Vec<i64> =
@@ -276,6 +278,7 @@ async fn cross_db_mongodb() {
     stop.cancel();
     let _ = replica.await;
     assert!(done.iter().all(|r| r.status == "completed"), "{done:?}");
+    console_renders(&t, &done[0].owner, Some(done[0].job_id)).await;
     let owners: Vec<&str> = done.iter().map(|r| r.owner.as_str()).collect();
     let mut want_owners = vec![format!("content/{never_announced}"), format!("content/{}", soft_deleted.to_hex())];
     want_owners.sort();
@@ -355,6 +358,7 @@ async fn ghost_containers() {
     let (code, r, _) = t.reconcile("ghost_apps", &["--execute", "--force"]);
     assert_eq!((code, r["published"].as_u64()), (0, Some(41)), "{r}");
     let done = results(&mut t, 41).await;
+    console_renders(&t, &done[0].owner, Some(done[0].job_id)).await;
     assert!(done.iter().all(|d| d.status == "completed"), "{:?}", done.iter().find(|d| d.status != "completed"));
     let left: BTreeSet<i32> = sqlx::query_scalar("SELECT lxc_id FROM apps")
         .fetch_all(t.app.ledger.pool())
@@ -596,6 +600,7 @@ async fn vpc_node_as_its_readme_runs_it() {
     assert_eq!((code, rep["published"].as_u64()), (0, Some(1)), "{rep}");
     let r = t.next_result(60).await.result;
     assert_eq!((r.owner.as_str(), r.status.as_str(), r.resources.len()), ("node/node01", "completed", 6), "{r:?}");
+    console_renders(&t, &r.owner, Some(r.job_id)).await;
     assert_eq!(t.sim.paths(), ["/v1/bare_metal_servers/ci-runner-7"], "the other team's server stays");
     assert_eq!(t.count("SELECT count(*) FROM nodes WHERE status = 'cleanup_completed'").await, 1);
     let out = t.reaper(&["validate", "node/node01"], &[]);

@@ -135,6 +135,13 @@ pub async fn spawn_example(name: &str) -> TestApp {
         );
         tokens.push(token);
     }
+    // The console's token, so a test can look at the example's data there.
+    // (One file for every test, written whole: replicas read it too.)
+    let admin = std::env::temp_dir().join("reaper-example-console.token");
+    let part = admin.with_extension(format!("{}.part", fastrand::u64(..)));
+    std::fs::write(&part, EXAMPLE_CONSOLE_TOKEN).unwrap();
+    std::fs::rename(&part, &admin).unwrap();
+    extra.push_str(&format!("\n[admin]\ntoken_file = {:?}\n", admin.display().to_string()));
     let t = spawn(&extra, true).await;
     if !tokens.is_empty() {
         t.sim.require_tokens(reaper::devtools::sim::TokenPolicy { fixed_tokens: tokens, ..Default::default() });
@@ -143,6 +150,47 @@ pub async fn spawn_example(name: &str) -> TestApp {
         t.sql(&sql).await;
     }
     t
+}
+
+pub const EXAMPLE_CONSOLE_TOKEN: &str = "example-console-tok-3e9d";
+
+/// The console shows an example's data: logged in with the example's admin
+/// token, the overview, dead letters, reconcile rules, the owner's page and
+/// (given) a job's page answer 200 and name what they should.
+pub async fn console_renders(t: &TestApp, owner: &str, job: Option<uuid::Uuid>) {
+    let mut addr = None;
+    wait_until("the admin API listens", Duration::from_secs(10), || {
+        addr = t.app.admin_addr.get().copied();
+        async move { addr.is_some() }
+    })
+    .await;
+    let base = format!("http://{}", addr.unwrap());
+    let c = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let r = c
+        .post(format!("{base}/ui/login"))
+        .form(&[("token", EXAMPLE_CONSOLE_TOKEN), ("next", "/ui")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303, "the console logs in");
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_string();
+    let owner_page = format!("/ui/owners/{}", owner.replace('/', "%2F"));
+    let mut pages = vec![
+        ("/ui".to_string(), "Jobs by state".to_string()),
+        ("/ui/dead".to_string(), "dead-lettered".to_string()),
+        ("/ui/reconcile".to_string(), "Reconcile".to_string()),
+        (owner_page, owner.to_string()),
+    ];
+    if let Some(j) = job {
+        pages.push((format!("/ui/jobs/{j}"), owner.to_string()));
+    }
+    for (path, must) in pages {
+        let r = c.get(format!("{base}{path}")).header("cookie", &cookie).send().await.unwrap();
+        let status = r.status();
+        let html = r.text().await.unwrap();
+        assert_eq!(status, 200, "{path}: {html}");
+        assert!(html.contains(&must), "{path} should show {must:?}: {html}");
+    }
 }
 
 /// `extra` appended to `base` as one TOML file: a table both have (a test's
