@@ -32,6 +32,12 @@ pub struct DemoArgs {
     /// Give up waiting for results after this many seconds.
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
+    /// Then dead-letter two more nodes (their API refuses once with 403) and
+    /// keep the worker and the operator console (admin.listen, /ui) running
+    /// until Ctrl-C, so there is something to look at and replay. The
+    /// demo's database is dropped when it ends, as always.
+    #[arg(long)]
+    pub keep_failures: bool,
 }
 
 fn fraction(s: &str) -> Result<f64, String> {
@@ -151,10 +157,15 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> ExitCode {
     };
     settings.database.url = crate::config::Secret::new(own.url.clone());
     println!("reaper demo: a ledger of its own in database {} (dropped at the end)", own.name);
-    // Ctrl-C ends the demo early, and its database still goes.
-    let outcome = tokio::select! {
-        outcome = demo(&mut settings, args) => outcome,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    // Ctrl-C ends the demo early, and its database still goes (with
+    // --keep-failures, Ctrl-C is how the demo ends: it waits for it itself).
+    let outcome = if args.keep_failures {
+        demo(&mut settings, args).await
+    } else {
+        tokio::select! {
+            outcome = demo(&mut settings, args) => outcome,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        }
     };
     own.drop_it().await;
     match outcome {
@@ -231,7 +242,13 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
         h.auth = None;
     }
     settings.broker.prefix = format!("reaper-demo-{run_id}");
-    settings.admin.listen = String::new();
+    let _console_token = match args.keep_failures {
+        true => Some(console_access(settings)?),
+        false => {
+            settings.admin.listen = String::new();
+            None
+        }
+    };
     settings.worker.retry_delays_secs = vec![0.5, 1.0, 2.0, 5.0];
     settings.worker.step_min_backoff_ms = 20;
     settings.worker.step_max_backoff_ms = 500;
@@ -306,8 +323,7 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
     }
     bar.finish();
     let elapsed = started.elapsed();
-    shutdown.cancel();
-    let _ = worker.await;
+    let left = sim.paths();
 
     let completed = results.iter().filter(|r| r.status == "completed").count();
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
@@ -320,7 +336,6 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
         retries += r.attempts.saturating_sub(1) as usize;
     }
     let stats = sim.stats();
-    let left = sim.paths();
     println!();
     println!("  {:<32} {:>8}", "jobs finished", format!("{}/{}", results.len(), nodes.len()));
     println!("  {:<32} {:>8}", "jobs completed", completed);
@@ -338,9 +353,6 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
     println!("  {:<32} {:>8}", "simulated resources left", left.len());
     println!("  {:<32} {:>8}", "time", format!("{:.2}s", elapsed.as_secs_f64()));
 
-    let _ = broker::delete_topology(&conn, &app.names, &app.settings.worker.all_delays()).await;
-    let _ = conn.close(200, "demo done".into()).await;
-    app.ledger.pool().close().await;
     let ok = left.is_empty() && completed == nodes.len();
     if ok {
         println!("\nevery simulated resource is gone");
@@ -361,5 +373,117 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
             println!("  left: {p}");
         }
     }
+    if args.keep_failures {
+        match leave_failures(&app, &sim, &publisher, &mut tap, &run_id).await {
+            Ok(dead) => serve_until_ctrl_c(&app, dead).await,
+            Err(e) => eprintln!("error: could not leave failures to look at: {e:#}"),
+        }
+    }
+    shutdown.cancel();
+    let _ = worker.await;
+    let _ = broker::delete_topology(&conn, &app.names, &app.settings.worker.all_delays()).await;
+    let _ = conn.close(200, "demo done".into()).await;
+    app.ledger.pool().close().await;
     Ok(ok)
+}
+
+/// The console's address and token for `--keep-failures`: the configured
+/// listener (or 127.0.0.1:9090) and token, or a token made for this run,
+/// printed once on the terminal (never logged) and kept in a file only the
+/// user can read, removed when the demo ends.
+struct ConsoleToken {
+    file: Option<std::path::PathBuf>,
+}
+
+impl Drop for ConsoleToken {
+    fn drop(&mut self) {
+        if let Some(f) = &self.file {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+fn console_access(settings: &mut Settings) -> anyhow::Result<ConsoleToken> {
+    if settings.admin.listen.is_empty() {
+        settings.admin.listen = "127.0.0.1:9090".into();
+    }
+    if settings.admin.token()?.is_some() {
+        println!("console: log in with the configured admin token");
+        return Ok(ConsoleToken { file: None });
+    }
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    let file = std::env::temp_dir().join(format!("reaper-demo-console-{}.token", fastrand::u32(..)));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    std::io::Write::write_all(&mut opts.open(&file)?, token.as_bytes())?;
+    settings.admin.token_file = file.display().to_string();
+    println!("console: log in with the token {token} (made for this demo)");
+    Ok(ConsoleToken { file: Some(file) })
+}
+
+/// Two more nodes whose teardown the cloud refuses once (403): two dead
+/// letters. The cloud stops refusing, so a replay from the console completes.
+async fn leave_failures(
+    app: &App,
+    sim: &Sim,
+    publisher: &crate::broker::publisher::Publisher,
+    tap: &mut ResultTap,
+    run_id: &str,
+) -> anyhow::Result<usize> {
+    sim.set_faults(Faults::default());
+    let nodes: Vec<VpcNode> = (0..2).map(|i| VpcNode::new(&format!("demo-{run_id}-broken-{i}"))).collect();
+    let mut events = 0;
+    for n in &nodes {
+        n.create_in(sim);
+        for e in n.track_events(run_id) {
+            let body = serde_json::to_vec(&e)?;
+            publisher
+                .publish(&app.names.events, RESOURCE_TRACKED, &body, e["event_id"].as_str().unwrap_or(""), &[])
+                .await?;
+            events += 1;
+        }
+    }
+    let owners: Vec<String> = nodes.iter().map(|n| n.owner.clone()).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (app.ledger.count_tracked(&owners).await? as usize) < events {
+        anyhow::ensure!(Instant::now() < deadline, "the worker did not record the broken nodes' resources in time");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut dead = 0;
+    for (i, n) in nodes.iter().enumerate() {
+        sim.set_faults(Faults { fail_next: 1, fail_status: 403, only_method: "DELETE".into(), ..Default::default() });
+        let body = json!({"event_id": format!("{run_id}-broken-{i}"), "owner": n.owner, "reason": "node deleted",
+                          "requested_by": "demo", "occurred_at": Utc::now().to_rfc3339()});
+        publisher
+            .publish(
+                &app.names.events,
+                DELETION_REQUESTED,
+                &serde_json::to_vec(&body)?,
+                body["event_id"].as_str().unwrap_or(""),
+                &[],
+            )
+            .await?;
+        match tap.next(Duration::from_secs(30)).await {
+            Some(r) if r.result.status == "dead_lettered" => dead += 1,
+            Some(r) => println!("note: {} ended {} rather than dead-lettered", r.result.owner, r.result.status),
+            None => println!("note: no result for {} within 30 s", n.owner),
+        }
+    }
+    sim.set_faults(Faults::default());
+    Ok(dead)
+}
+
+async fn serve_until_ctrl_c(app: &App, dead: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.admin_addr.get().is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match app.admin_addr.get() {
+        Some(addr) => println!("\nconsole: http://{addr}/ui ({dead} dead-lettered jobs to look at and replay)"),
+        None => println!("\nthe console did not start; see the log"),
+    }
+    println!("the worker keeps running; Ctrl-C ends the demo and drops its database");
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -105,3 +105,73 @@ async fn bench_measures_a_small_run() {
     assert!(secs > 0.0 && (rate - 149.0 / secs).abs() < 0.01 * rate, "{report}");
     assert!(report["e2e"]["worker_peak_rss_mib"].as_f64().unwrap() > 1.0, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_keep_failures_leaves_dead_letters_in_a_running_console_until_ctrl_c() {
+    use std::io::BufRead;
+    let t = spawn_app("").await;
+    let mut cmd = reaper_cmd();
+    cmd.args(["demo", "--nodes", "2", "--keep-failures", "--timeout-secs", "60", "--config"])
+        .arg(t.config_file())
+        .env("REAPER_ADMIN_TOKEN", "")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut demo = Child::spawn(&mut cmd, "reaper demo --keep-failures");
+    let stdout = demo.inner.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (mut token, mut console, mut database, mut printed) = (None, None, None, String::new());
+    while console.is_none() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(90))
+            .unwrap_or_else(|_| panic!("the demo never said where its console is:\n{printed}"));
+        printed.push_str(&line);
+        printed.push('\n');
+        if let Some(rest) = line.split("log in with the token ").nth(1) {
+            token = rest.split_whitespace().next().map(str::to_string);
+        }
+        if let Some(rest) = line.split("in database ").nth(1) {
+            database = rest.split_whitespace().next().map(str::to_string);
+        }
+        if let Some(rest) = line.strip_prefix("console: http://") {
+            console = Some(format!("http://{}", rest.split("/ui").next().unwrap()));
+        }
+    }
+    assert!(printed.contains("every simulated resource is gone"), "{printed}");
+    let (token, base, database) = (token.expect("a token made for the demo"), console.unwrap(), database.unwrap());
+    let c = reqwest::Client::new();
+    let dead: serde_json::Value =
+        c.get(format!("{base}/v1/dead")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    assert_eq!(dead["jobs"].as_array().unwrap().len(), 2, "two dead letters to look at: {dead}");
+    // The cloud no longer refuses: replaying them completes.
+    let r = c
+        .post(format!("{base}/v1/dead/replay"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({ "all": true, "async": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<serde_json::Value>().await.unwrap()["replay_id"].as_str().unwrap().to_string();
+    let mut run = serde_json::Value::Null;
+    for _ in 0..300 {
+        run = c.get(format!("{base}/v1/replays/{id}")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        if run["state"] == "finished" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(run["jobs"]["completed"], 2, "{run}");
+
+    // Ctrl-C ends it: exit 0, its database dropped.
+    let sent = std::process::Command::new("kill").args(["-INT", &demo.id().to_string()]).status().unwrap();
+    assert!(sent.success());
+    let status = demo.wait(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+    let left = t.count(&format!("SELECT count(*) FROM pg_database WHERE datname = '{database}'")).await;
+    assert_eq!(left, 0, "the demo's database {database} is dropped");
+}
