@@ -17,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::config::redact_url;
-use crate::console::session::constant_time_eq;
 use crate::ledger::replay::DeadFilter;
 use crate::ops;
 
@@ -110,7 +109,7 @@ async fn require_token(State(app): State<Arc<App>>, headers: HeaderMap, req: Req
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match given {
         None => error(StatusCode::UNAUTHORIZED, "missing bearer token"),
-        Some(t) if constant_time_eq(t.as_bytes(), expected.expose().as_bytes()) => next.run(req).await,
+        Some(t) if expected.matches(t) => next.run(req).await,
         Some(_) => error(StatusCode::FORBIDDEN, "wrong token"),
     }
 }
@@ -183,7 +182,13 @@ async fn owner(State(app): State<Arc<App>>, Path(owner): Path<String>) -> Respon
         Ok((resources, jobs)) if resources.is_empty() && jobs.is_empty() => {
             error(StatusCode::NOT_FOUND, &format!("reaper knows nothing of owner {owner:?}"))
         }
-        Ok((resources, jobs)) => Json(json!({ "owner": owner, "resources": resources, "jobs": jobs })).into_response(),
+        Ok((resources, jobs)) => match ops::waits(&app.ledger, &app.catalog, &owner, &resources, &jobs).await {
+            Ok(w) => {
+                Json(json!({ "owner": owner, "resources": resources, "jobs": jobs, "waits": ops::waits_json(&w) }))
+                    .into_response()
+            }
+            Err(e) => internal(e),
+        },
         Err(e) => internal(e),
     }
 }
@@ -233,11 +238,8 @@ struct PauseBody {
 /// `worker.pause_poll_ms`). The body is optional: `{"reason": "..."}`.
 async fn pause(State(app): State<Arc<App>>, body: Option<Json<PauseBody>>) -> Response {
     let reason = body.and_then(|b| b.0.reason).unwrap_or_else(|| "paused through the admin API".into());
-    match app.ledger.pause(&reason, "admin-api").await {
-        Ok(p) => {
-            app.read_pause().await;
-            Json(json!({ "paused": p })).into_response()
-        }
+    match ops::pause(&app, &reason, "admin-api").await {
+        Ok(p) => Json(json!({ "paused": p })).into_response(),
         Err(e) => internal(e),
     }
 }
@@ -258,11 +260,8 @@ async fn cancel(State(app): State<Arc<App>>, Path(id): Path<String>, body: Optio
 }
 
 async fn resume(State(app): State<Arc<App>>) -> Response {
-    match app.ledger.resume().await {
-        Ok(was) => {
-            app.read_pause().await;
-            Json(json!({ "paused": null, "was": was })).into_response()
-        }
+    match ops::resume(&app).await {
+        Ok(was) => Json(json!({ "paused": null, "was": was })).into_response(),
         Err(e) => internal(e),
     }
 }
@@ -323,6 +322,8 @@ struct FilterBody {
     until: Option<chrono::DateTime<chrono::Utc>>,
     error_class: Option<String>,
     kind: Option<String>,
+    /// Only these jobs (what a preview listed).
+    jobs: Option<Vec<uuid::Uuid>>,
     #[serde(default)]
     all: bool,
     #[serde(default)]
@@ -342,6 +343,7 @@ impl FilterBody {
             error_class: self.error_class.clone(),
             kind: self.kind.clone(),
             until: self.until,
+            jobs: self.jobs.clone(),
         }
     }
 }
@@ -427,7 +429,7 @@ async fn reconcile(State(app): State<Arc<App>>, Path(rule): Path<String>, Query(
 
 #[cfg(test)]
 mod tests {
-    use crate::console::session::constant_time_eq;
+    use crate::config::constant_time_eq;
 
     #[test]
     fn tokens_compare_equal_only_when_equal() {

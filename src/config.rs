@@ -136,6 +136,23 @@ impl Secret {
     }
 }
 
+impl Secret {
+    /// Whether `given` is this secret, compared without an early exit, so
+    /// timing does not reveal how much of it matched.
+    pub fn matches(&self, given: &str) -> bool {
+        constant_time_eq(self.0.as_bytes(), given.as_bytes())
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal how much matched.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
+    }
+    diff == 0
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")
@@ -770,9 +787,9 @@ impl Settings {
             }
         }
         let hours = self.admin.session_hours;
-        if !(hours.is_finite() && hours > 0.0 && hours <= 24.0 * 30.0) {
+        if !(hours.is_finite() && hours > 0.0 && hours <= 24.0 * 7.0) {
             return Err(ConfigError::Invalid(format!(
-                "admin.session_hours must be more than 0 and at most 720 (30 days), not {hours}"
+                "admin.session_hours must be more than 0 and at most 168 (a week), not {hours}"
             )));
         }
         if self.archive.retention_days.is_nan() || self.archive.retention_days <= 0.0 {

@@ -275,9 +275,14 @@ async fn settle(
         Disposition::Finished { event_id, job_id, result, routing_key: result_key, dead, outbox_written } => {
             publisher.publish(&app.names.results, result_key, &result, &event_id, &incoming.trace_headers()).await?;
             if let Some(dead) = dead {
-                let hs = crate::broker::dead_letter_headers(routing_key, &dead.reason, dead.class, Some(&dead.job_id));
-                let mut hs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                hs.extend(incoming.trace_headers());
+                let hs = crate::broker::dead_letter_headers(
+                    routing_key,
+                    &dead.reason,
+                    dead.class,
+                    Some(&dead.job_id),
+                    incoming.traceparent.as_deref(),
+                );
+                let hs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 publisher.publish("", &app.names.dead, &delivery.data, &event_id, &hs).await?;
             }
             if outbox_written {
@@ -292,7 +297,8 @@ async fn settle(
             to_retry(app.settings.worker.infra_delay(), refusals).await?
         }
         Disposition::Reject { reason, class } => {
-            let hs = crate::broker::dead_letter_headers(routing_key, &reason, class, None);
+            let hs =
+                crate::broker::dead_letter_headers(routing_key, &reason, class, None, incoming.traceparent.as_deref());
             let hs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (*k, v.as_str())).collect();
             publisher.publish("", &app.names.dead, &delivery.data, message_id, &hs).await?;
         }

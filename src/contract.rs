@@ -50,7 +50,11 @@ pub struct Envelope<'a> {
 /// id>-<2 hex flags>`, ids not all zero), lower-cased; anything else is
 /// dropped rather than carried into logs and the ledger.
 pub fn traceparent(value: &str) -> Option<String> {
-    let v = value.trim().to_ascii_lowercase();
+    let value = value.trim();
+    if value.len() != 55 {
+        return None;
+    }
+    let v = value.to_ascii_lowercase();
     let parts: Vec<&str> = v.split('-').collect();
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
     let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
@@ -592,6 +596,27 @@ pub mod rfc3339 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_a_valid_version_00_traceparent_is_kept() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(traceparent(good).as_deref(), Some(good));
+        assert_eq!(traceparent(&good.to_uppercase()).as_deref(), Some(good), "lower-cased");
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0\n",
+        ] {
+            assert_eq!(traceparent(bad), None, "{bad:?}");
+        }
+        assert_eq!(traceparent(&"0".repeat(1 << 20)), None, "a huge value is dropped unread");
+    }
+
     use super::*;
 
     #[test]

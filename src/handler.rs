@@ -328,10 +328,7 @@ async fn conclude(ctx: &Ctx<'_>, start: &JobStart, run: crate::execute::Run, hol
     let bytes = result.to_bytes();
     let job_id = job.job_id.to_string();
     let dead = reason.as_deref().zip(class).filter(|_| status == JobStatus::DeadLettered).map(|(r, class)| {
-        let mut headers = crate::broker::dead_letter_headers(&job.routing_key, r, class, Some(&job_id));
-        if let Some(t) = ctx.traceparent {
-            headers.push((crate::broker::headers::TRACEPARENT, t.to_string()));
-        }
+        let headers = crate::broker::dead_letter_headers(&job.routing_key, r, class, Some(&job_id), ctx.traceparent);
         (app.names.dead.as_str(), body, headers)
     });
     let end = JobEnd {

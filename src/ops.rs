@@ -369,9 +369,19 @@ pub async fn replay(
 ) -> Result<Replayed, OpsError> {
     let max = app.settings.worker.max_replays;
     if dry_run {
-        let summary = crate::replay::replay_jobs(&app.ledger, None, &app.names, max, filter, false, requested_by)
+        let mut summary = crate::replay::replay_jobs(&app.ledger, None, &app.names, max, filter, false, requested_by)
             .await
             .map_err(|e| OpsError::Replay(e.to_string()))?;
+        // A job whose lookups have not run will run them: say what they find now.
+        for p in summary.preview.iter_mut().filter(|p| p.lookups_pending) {
+            let found = crate::handler::find_by_lookups(app, &p.owner).await.map_err(OpsError::Lookup)?;
+            p.found_by_lookups = found
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|r| !p.resources.iter().any(|c| c.kind == r.kind && c.id == r.id))
+                .map(|r| crate::ledger::replay::Pending { kind: r.kind, id: r.id })
+                .collect();
+        }
         return Ok(Replayed::Done(summary));
     }
     let publisher = match app.link.publisher(&app.settings, &app.names).await {
@@ -393,10 +403,18 @@ pub async fn replay(
         .await?;
         return Ok(Replayed::Started { replay_id, matched });
     }
-    crate::replay::replay_jobs(&app.ledger, Some(&publisher), &app.names, max, filter, false, requested_by)
-        .await
-        .map(Replayed::Done)
-        .map_err(|e| OpsError::Replay(e.to_string()))
+    // On a task of its own, as a sweep: a client that hangs up must not stop
+    // the replay half-way.
+    let (ledger, names, filter, by) = (app.ledger.clone(), app.names.clone(), filter.clone(), requested_by.to_string());
+    let run = tokio::spawn(async move {
+        crate::replay::replay_jobs(&ledger, Some(&publisher), &names, max, &filter, false, &by)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match run.await {
+        Ok(done) => done.map(Replayed::Done).map_err(OpsError::Replay),
+        Err(_) => Err(OpsError::Replay("the replay panicked".into())),
+    }
 }
 
 /// Cancels a job for the API and the console: publishes its result when the
@@ -437,11 +455,28 @@ pub struct OwnerView {
 
 pub async fn owner_view(app: &App, owner: &str) -> Result<OwnerView, OpsError> {
     let (resources, jobs) = app.ledger.owner_view(owner).await?;
+    let waits = waits(&app.ledger, &app.catalog, owner, &resources, &jobs).await?;
+    let plan = plan(app, owner).await.map_err(|e| e.to_string());
+    Ok(OwnerView { resources, jobs, waits, plan })
+}
+
+/// What each resource still there, claimed by an unfinished or dead job,
+/// waits on, in words (for the console, `/v1/owners/{owner}` and `reaper show`).
+pub async fn waits(
+    ledger: &crate::ledger::Ledger,
+    catalog: &crate::catalog::Catalog,
+    owner: &str,
+    resources: &[crate::ledger::views::OwnerResource],
+    jobs: &[crate::ledger::views::OwnerJob],
+) -> Result<std::collections::HashMap<(String, String), String>, OpsError> {
     let open: Vec<uuid::Uuid> =
         jobs.iter().filter(|j| j.status == "running" || j.status == "dead_lettered").map(|j| j.job_id).collect();
-    let steps = app.ledger.steps_of(&open).await?;
-    let all = app.ledger.resources_with_state(owner).await?;
     let mut waits = std::collections::HashMap::new();
+    if open.is_empty() {
+        return Ok(waits);
+    }
+    let steps = ledger.steps_of(&open).await?;
+    let all = ledger.resources_with_state(owner).await?;
     for job in &open {
         let live: Vec<Resource> = all
             .iter()
@@ -450,7 +485,7 @@ pub async fn owner_view(app: &App, owner: &str) -> Result<OwnerView, OpsError> {
             })
             .map(|(r, _)| r.clone())
             .collect();
-        let Ok(graph) = plan::Graph::build(&live, &app.catalog) else { continue };
+        let Ok(graph) = plan::Graph::build(&live, catalog) else { continue };
         let recorded = |r: &Resource| {
             steps.get(job).and_then(|st| st.iter().find(|s| s.kind == r.kind && s.id == r.id && s.outcome != "deleted"))
         };
@@ -481,6 +516,26 @@ pub async fn owner_view(app: &App, owner: &str) -> Result<OwnerView, OpsError> {
             waits.insert((r.kind.clone(), r.id.clone()), text);
         }
     }
-    let plan = plan(app, owner).await.map_err(|e| e.to_string());
-    Ok(OwnerView { resources, jobs, waits, plan })
+    Ok(waits)
+}
+
+/// The waits as a list, for JSON.
+pub fn waits_json(waits: &std::collections::HashMap<(String, String), String>) -> Vec<serde_json::Value> {
+    let mut out: Vec<_> = waits.iter().collect();
+    out.sort();
+    out.into_iter().map(|((kind, id), w)| serde_json::json!({ "kind": kind, "id": id, "waits_on": w })).collect()
+}
+
+/// Pauses every replica (the CLI, the API and the console).
+pub async fn pause(app: &App, reason: &str, by: &str) -> Result<crate::ledger::control::Pause, OpsError> {
+    let p = app.ledger.pause(reason, by).await?;
+    app.read_pause().await;
+    Ok(p)
+}
+
+/// Ends the pause; the pause it ended, if any.
+pub async fn resume(app: &App) -> Result<Option<crate::ledger::control::Pause>, OpsError> {
+    let was = app.ledger.resume().await?;
+    app.read_pause().await;
+    Ok(was)
 }

@@ -159,12 +159,13 @@ pub async fn show(settings: &Settings, owner: &str, json: bool) -> ExitCode {
     if resources.is_empty() && jobs.is_empty() {
         return fail(1, format!("reaper knows nothing of owner {owner:?}"));
     }
+    let waits = match crate::catalog::validate(settings) {
+        Ok(catalog) => crate::ops::waits(&ledger, &catalog, owner, &resources, &jobs).await.unwrap_or_default(),
+        Err(_) => Default::default(),
+    };
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "owner": owner, "resources": resources, "jobs": jobs }))
-                .expect("serializable")
-        );
+        let all = serde_json::json!({ "owner": owner, "resources": resources, "jobs": jobs, "waits": crate::ops::waits_json(&waits) });
+        println!("{}", serde_json::to_string_pretty(&all).expect("serializable"));
         return ExitCode::SUCCESS;
     }
     println!("{owner}");
@@ -177,6 +178,14 @@ pub async fn show(settings: &Settings, owner: &str, json: bool) -> ExitCode {
             r.state,
             r.job_id.map(|j| j.to_string()).unwrap_or_else(|| "-".into())
         );
+    }
+    let mut waiting: Vec<_> = waits.iter().collect();
+    waiting.sort();
+    if !waiting.is_empty() {
+        println!("  waiting:");
+        for ((kind, id), w) in waiting {
+            println!("  {kind}/{id}: {w}");
+        }
     }
     println!("  jobs:");
     for j in &jobs {

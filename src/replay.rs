@@ -18,9 +18,10 @@ use uuid::Uuid;
 
 #[derive(clap::Args, Debug)]
 pub struct ReplayArgs {
-    /// One job, by its job_id.
-    #[arg(long)]
-    pub job: Option<uuid::Uuid>,
+    /// These jobs, by job_id (repeat it, or separate ids with commas: what a
+    /// dry run listed).
+    #[arg(long, value_delimiter = ',')]
+    pub job: Vec<uuid::Uuid>,
     /// Jobs of this owner ("type/id").
     #[arg(long)]
     pub owner: Option<String>,
@@ -76,7 +77,8 @@ pub async fn run(settings: Settings, args: ReplayArgs) -> ExitCode {
         return status(&settings, id, args.json).await;
     }
     let filter = DeadFilter {
-        job: args.job,
+        job: (args.job.len() == 1).then(|| args.job[0]),
+        jobs: (args.job.len() > 1).then(|| args.job.clone()),
         owner: args.owner.clone(),
         reason: args.reason.clone(),
         since: args.since,
@@ -168,8 +170,15 @@ pub struct JobPreview {
     pub owner: String,
     pub error_class: Option<String>,
     pub reason: Option<String>,
-    /// Claimed by the job and not proven gone; its lookups run again too.
+    /// Claimed by the job and not proven gone.
     pub resources: Vec<Pending>,
+    /// Its kinds' lookups have not run yet (they failed before it was
+    /// dead-lettered): a replay runs them and claims what they find.
+    pub lookups_pending: bool,
+    /// What those lookups find now, when the preview could ask them (the
+    /// API's and the console's; the CLI's cannot and says so).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub found_by_lookups: Vec<Pending>,
 }
 
 impl Summary {
@@ -186,10 +195,16 @@ impl Summary {
                     p.reason.as_deref().unwrap_or("").chars().take(100).collect::<String>()
                 );
                 if p.resources.is_empty() {
-                    println!("    nothing claimed is left (its lookups run again)");
+                    println!("    nothing it claimed is left");
                 }
                 for r in &p.resources {
                     println!("    would delete again: {}/{}", r.kind, r.id);
+                }
+                if p.lookups_pending {
+                    println!(
+                        "    its lookups have not run yet: a replay runs them and may find more (`reaper plan {}` shows what they find now)",
+                        p.owner
+                    );
                 }
             }
             let verb = if dry_run { "would replay" } else { "replayed" };
@@ -279,9 +294,8 @@ async fn run_replay(
         indicatif::ProgressStyle::with_template("  {bar:40} {pos}/{len} jobs replayed").expect("a valid template"),
     );
     for j in &jobs {
-        match ledger.reopen(j.job_id, max_replays).await? {
+        match ledger.reopen(j.job_id, max_replays, Some(replay_id)).await? {
             Reopen::Reopened(row) => {
-                ledger.replay_reopened(replay_id, j.job_id).await?;
                 match crate::outbox::publish(publisher, names, &row).await {
                     Ok(()) => {
                         let _ = ledger.outbox_delete(&[row.id]).await;
@@ -293,14 +307,20 @@ async fn run_replay(
                         .push(format!("{}: {e} (queued in the outbox; a running worker will send it)", j.job_id)),
                 }
             }
-            Reopen::HeldBack { replays } => summary.held_back.push(format!(
-                "{} ({} replays; owner {}; {})",
-                j.job_id,
-                replays,
-                j.owner,
-                j.reason.as_deref().unwrap_or("")
-            )),
-            Reopen::NotDead => summary.skipped.push(j.job_id.to_string()),
+            Reopen::HeldBack { replays } => {
+                summary.held_back.push(format!(
+                    "{} ({} replays; owner {}; {})",
+                    j.job_id,
+                    replays,
+                    j.owner,
+                    j.reason.as_deref().unwrap_or("")
+                ));
+                ledger.replay_moved(replay_id).await?;
+            }
+            Reopen::NotDead => {
+                summary.skipped.push(j.job_id.to_string());
+                ledger.replay_moved(replay_id).await?;
+            }
         }
         bar.inc(1);
     }
@@ -332,6 +352,8 @@ async fn preview(
                 error_class: j.error_class.clone(),
                 reason: j.reason.clone(),
                 resources: pending.remove(&j.job_id).unwrap_or_default(),
+                lookups_pending: !j.looked_up,
+                found_by_lookups: Vec::new(),
             })
             .collect(),
         ..Default::default()

@@ -123,6 +123,7 @@ pub fn dead_letter_headers(
     reason: &str,
     class: crate::disposition::ErrorClass,
     job_id: Option<&str>,
+    traceparent: Option<&str>,
 ) -> Vec<(&'static str, String)> {
     let mut hs = vec![
         (headers::ROUTING_KEY, routing_key.to_string()),
@@ -131,6 +132,9 @@ pub fn dead_letter_headers(
     ];
     if let Some(id) = job_id {
         hs.push((headers::JOB_ID, id.to_string()));
+    }
+    if let Some(t) = traceparent {
+        hs.push((headers::TRACEPARENT, t.to_string()));
     }
     hs
 }

@@ -30,13 +30,46 @@ use session::{Session, Sessions};
 /// What the console's handlers share.
 pub struct Ui {
     pub app: Arc<App>,
-    /// None when no admin token is configured: nobody can log in.
-    sessions: Option<Sessions>,
+    /// Made on first use (the key needs the ledger's secret); None when no
+    /// admin token is configured: nobody can log in.
+    sessions: tokio::sync::OnceCell<Option<Sessions>>,
     /// The last reading of this replica's event counter, for a rate.
     events: Mutex<Option<(Instant, u64, f64)>>,
+    /// Wrong tokens given at the login form lately (all clients together).
+    failed_logins: Mutex<std::collections::VecDeque<Instant>>,
 }
 
+/// Wrong tokens the login form takes per minute before it answers 429 to
+/// everyone for the rest of the minute: guessing a token is then hopeless.
+const LOGIN_FAILURES_PER_MINUTE: usize = 10;
+
 impl Ui {
+    async fn sessions(&self) -> Result<Option<&Sessions>, crate::ledger::LedgerError> {
+        let made = self
+            .sessions
+            .get_or_try_init(|| async {
+                let Some(token) = &self.app.admin_token else { return Ok(None) };
+                let secret = self.app.ledger.console_secret().await?;
+                let ttl = std::time::Duration::from_secs_f64(self.app.settings.admin.session_hours * 3600.0);
+                Ok::<_, crate::ledger::LedgerError>(Some(Sessions::new(token.expose(), &secret, ttl)))
+            })
+            .await?;
+        Ok(made.as_ref())
+    }
+
+    /// Counts a wrong token; whether the login form is closed for now.
+    fn login_closed(&self, failed_now: bool) -> bool {
+        let now = Instant::now();
+        let mut failures = self.failed_logins.lock().expect("not poisoned");
+        while failures.front().is_some_and(|t| now.duration_since(*t) > std::time::Duration::from_secs(60)) {
+            failures.pop_front();
+        }
+        if failed_now {
+            failures.push_back(now);
+        }
+        failures.len() >= LOGIN_FAILURES_PER_MINUTE
+    }
+
     /// Events per second handled by this replica since the last reading
     /// (kept for at least five seconds, so a refresh does not zero it).
     fn event_rate(&self) -> Option<f64> {
@@ -68,10 +101,12 @@ impl Ui {
 }
 
 pub fn router(app: Arc<App>) -> Router {
-    let sessions = app.admin_token.as_ref().map(|t| {
-        Sessions::new(t.expose(), std::time::Duration::from_secs_f64(app.settings.admin.session_hours * 3600.0))
+    let ui = Arc::new(Ui {
+        app,
+        sessions: tokio::sync::OnceCell::new(),
+        events: Mutex::new(None),
+        failed_logins: Mutex::new(std::collections::VecDeque::new()),
     });
-    let ui = Arc::new(Ui { app, sessions, events: Mutex::new(None) });
     let pages = Router::new()
         .route("/ui", get(overview))
         .route("/ui/", get(overview))
@@ -94,7 +129,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route_layer(middleware::from_fn_with_state(ui.clone(), require_session));
     Router::new()
         .route("/ui/login", get(login_page).post(login))
-        .route("/ui/style.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], pages::STYLE) }))
+        .route("/ui/style.css", get(|| async { ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], pages::STYLE) }))
         .merge(pages)
         .layer(middleware::map_response(no_store))
         .with_state(ui)
@@ -105,10 +140,11 @@ async fn no_store(mut resp: Response) -> Response {
     let h = resp.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
-            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'",
+            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         ),
     );
     h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
@@ -119,10 +155,21 @@ async fn no_store(mut resp: Response) -> Response {
 /// without the session's CSRF token: 403, before the handler runs.
 async fn require_session(State(ui): State<Arc<Ui>>, req: Request, next: Next) -> Response {
     let now = chrono::Utc::now();
-    let session = ui.sessions.as_ref().and_then(|s| {
+    let sessions = match ui.sessions().await {
+        Ok(s) => s,
+        Err(e) => return pages::failed(&e),
+    };
+    let mut session = sessions.and_then(|s| {
         let cookies = req.headers().get(header::COOKIE).and_then(|v| v.to_str().ok())?;
         s.check(session::from_header(cookies)?, now)
     });
+    if let Some(s) = &session {
+        match ui.app.ledger.session_ended(&s.id).await {
+            Ok(false) => {}
+            Ok(true) => session = None,
+            Err(e) => return pages::failed(&e),
+        }
+    }
     let Some(session) = session else {
         if req.method() == Method::GET {
             let next = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/ui");
@@ -177,7 +224,7 @@ struct LoginQuery {
 }
 
 async fn login_page(State(ui): State<Arc<Ui>>, Query(q): Query<LoginQuery>) -> Response {
-    pages::login(ui.sessions.is_some(), q.next.as_deref().unwrap_or("/ui"), None)
+    pages::login(ui.app.admin_token.is_some(), safe_next(q.next.as_deref().unwrap_or("/ui")), None)
 }
 
 #[derive(Deserialize)]
@@ -189,11 +236,21 @@ struct LoginForm {
 
 async fn login(State(ui): State<Arc<Ui>>, headers: HeaderMap, Form(f): Form<LoginForm>) -> Response {
     let next = safe_next(&f.next);
-    let (Some(sessions), Some(expected)) = (&ui.sessions, &ui.app.admin_token) else {
+    let sessions = match ui.sessions().await {
+        Ok(s) => s,
+        Err(e) => return pages::failed(&e),
+    };
+    let (Some(sessions), Some(expected)) = (sessions, &ui.app.admin_token) else {
         return pages::login(false, next, None);
     };
-    if !session::constant_time_eq(f.token.trim().as_bytes(), expected.expose().as_bytes()) {
-        tracing::warn!("console login refused: wrong token");
+    if ui.login_closed(false) {
+        let mut resp = pages::login(true, next, Some("Too many wrong tokens in the last minute: wait a minute."));
+        *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        return resp;
+    }
+    if !expected.matches(f.token.trim()) {
+        let closed = ui.login_closed(true);
+        tracing::warn!(closed, "console login refused: wrong token");
         let mut resp = pages::login(true, next, Some("That is not the admin token."));
         *resp.status_mut() = StatusCode::UNAUTHORIZED;
         return resp;
@@ -212,7 +269,10 @@ async fn login(State(ui): State<Arc<Ui>>, headers: HeaderMap, Form(f): Form<Logi
 
 /// Only a path of the console itself: never another site after a login.
 fn safe_next(next: &str) -> &str {
-    let ok = next.starts_with("/ui") && !next.starts_with("//") && !next.contains(['\\', '\r', '\n']);
+    let ok = next.starts_with("/ui")
+        && next.is_ascii()
+        && !next.contains('\\')
+        && !next.chars().any(|c| c.is_ascii_control());
     if ok {
         next
     } else {
@@ -220,7 +280,11 @@ fn safe_next(next: &str) -> &str {
     }
 }
 
-async fn logout(State(ui): State<Arc<Ui>>, headers: HeaderMap) -> Response {
+async fn logout(State(ui): State<Arc<Ui>>, Extension(s): Extension<Session>, headers: HeaderMap) -> Response {
+    // The cookie could still be replayed until it expires: the ledger ends it.
+    if let Err(e) = ui.app.ledger.end_session(&s.id, s.expires).await {
+        return pages::failed(&e);
+    }
     let cookie = format!(
         "{}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0{}",
         session::COOKIE,
@@ -253,21 +317,15 @@ struct ReasonForm {
 
 async fn pause(State(ui): State<Arc<Ui>>, Form(f): Form<ReasonForm>) -> Response {
     let reason = if f.reason.trim().is_empty() { "paused from the console" } else { f.reason.trim() };
-    match ui.app.ledger.pause(reason, "console").await {
-        Ok(_) => {
-            ui.app.read_pause().await;
-            Redirect::to("/ui").into_response()
-        }
+    match ops::pause(&ui.app, reason, "console").await {
+        Ok(_) => Redirect::to("/ui").into_response(),
         Err(e) => pages::failed(&e),
     }
 }
 
 async fn resume(State(ui): State<Arc<Ui>>) -> Response {
-    match ui.app.ledger.resume().await {
-        Ok(_) => {
-            ui.app.read_pause().await;
-            Redirect::to("/ui").into_response()
-        }
+    match ops::resume(&ui.app).await {
+        Ok(_) => Redirect::to("/ui").into_response(),
         Err(e) => pages::failed(&e),
     }
 }
@@ -292,9 +350,6 @@ pub struct UiFilter {
     /// RFC 3339.
     #[serde(default)]
     pub since: String,
-    /// RFC 3339: pinned by the preview (see `DeadFilter::until`).
-    #[serde(default)]
-    pub until: String,
 }
 
 fn some(s: &str) -> Option<String> {
@@ -319,14 +374,7 @@ impl UiFilter {
             }
             (None, None) => None,
         };
-        let until = match some(&self.until) {
-            Some(t) => Some(
-                chrono::DateTime::parse_from_rfc3339(&t)
-                    .map_err(|_| format!("{t:?} is not an RFC 3339 time"))?
-                    .with_timezone(&chrono::Utc),
-            ),
-            None => None,
-        };
+
         Ok(DeadFilter {
             job,
             owner: some(&self.owner),
@@ -334,7 +382,8 @@ impl UiFilter {
             since,
             error_class: some(&self.class),
             kind: some(&self.kind),
-            until,
+            until: None,
+            jobs: None,
         })
     }
 }
@@ -362,13 +411,25 @@ async fn replay_preview(
     Extension(s): Extension<Session>,
     Query(f): Query<UiFilter>,
 ) -> Response {
-    let mut filter = match f.to_filter() {
+    let filter = match f.to_filter() {
         Ok(filter) => filter,
         Err(m) => return pages::message(StatusCode::BAD_REQUEST, "Filter not understood", &m),
     };
-    // What the confirmation replays is what this page shows: nothing
-    // dead-lettered after it.
-    filter.until = Some(filter.until.unwrap_or_else(chrono::Utc::now));
+    let matched = match ui.app.ledger.dead_jobs(&filter).await {
+        Ok(jobs) => jobs.len(),
+        Err(e) => return pages::failed(&e),
+    };
+    if matched > pages::MAX_PREVIEW {
+        return pages::message(
+            StatusCode::BAD_REQUEST,
+            "Too many to preview",
+            &format!(
+                "{matched} dead-lettered jobs match; the console previews and replays at most {} at once. \
+                 Narrow the filter, or use reaper replay --dry-run, then reaper replay.",
+                pages::MAX_PREVIEW
+            ),
+        );
+    }
     match ops::replay(&ui.app, &filter, true, false, "console").await {
         Ok(ops::Replayed::Done(summary)) => pages::replay_preview(&s, &filter, &summary),
         Ok(ops::Replayed::Started { .. }) => unreachable!("a dry run does not start a replay"),
@@ -376,31 +437,35 @@ async fn replay_preview(
     }
 }
 
+/// A replay's confirmation: the jobs its preview listed, by id, and the tick.
 #[derive(Deserialize)]
 struct ReplayForm {
-    #[serde(flatten)]
-    filter: UiFilter,
+    /// Job ids, separated by commas.
+    #[serde(default)]
+    jobs: String,
     #[serde(default)]
     confirm: String,
-    #[serde(default)]
-    all: String,
 }
 
 async fn replay(State(ui): State<Arc<Ui>>, Form(f): Form<ReplayForm>) -> Response {
-    let filter = match f.filter.to_filter() {
-        Ok(filter) => filter,
-        Err(m) => return pages::message(StatusCode::BAD_REQUEST, "Filter not understood", &m),
-    };
     if f.confirm != "yes" {
         return pages::message(StatusCode::BAD_REQUEST, "Not confirmed", "Tick the confirmation to replay.");
     }
-    if filter.is_every_job() && f.all != "yes" {
-        return pages::message(
-            StatusCode::BAD_REQUEST,
-            "No filter",
-            "Without a filter this replays every dead-lettered job: tick \"every dead-lettered job\" to mean it.",
-        );
-    }
+    let ids: Result<Vec<uuid::Uuid>, _> =
+        f.jobs.split(',').filter(|j| !j.trim().is_empty()).map(|j| j.trim().parse()).collect();
+    let ids = match ids {
+        Ok(ids) if !ids.is_empty() && ids.len() <= pages::MAX_PREVIEW => ids,
+        _ => {
+            return pages::message(
+                StatusCode::BAD_REQUEST,
+                "No jobs",
+                "Replay from a preview: it lists the jobs to replay.",
+            )
+        }
+    };
+    // Exactly the jobs the preview showed (those still dead), nothing that
+    // was dead-lettered since.
+    let filter = DeadFilter { jobs: Some(ids), ..Default::default() };
     match ops::replay(&ui.app, &filter, false, true, "console").await {
         Ok(ops::Replayed::Started { replay_id, .. }) => {
             Redirect::to(&format!("/ui/replays/{replay_id}")).into_response()

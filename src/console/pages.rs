@@ -20,6 +20,9 @@ use crate::restore::RestoreReport;
 /// Rows a list shows; the count says how many matched.
 pub const MAX_ROWS: usize = 200;
 
+/// Jobs a replay preview (and so a replay from the console) may hold.
+pub const MAX_PREVIEW: usize = 500;
+
 pub const STYLE: &str = include_str!("style.css");
 
 const CLASSES: [&str; 5] = ["permanent", "exhausted", "plan", "blocked", "poison"];
@@ -113,7 +116,12 @@ const PATH_SEGMENT: &percent_encoding::AsciiSet =
 
 /// The owner page's address: the owner in one path segment (its slash encoded).
 pub fn owner_href(owner: &str) -> String {
-    format!("/ui/owners/{}", percent_encoding::utf8_percent_encode(owner, PATH_SEGMENT))
+    format!("/ui/owners/{}", segment(owner))
+}
+
+/// A value as one path segment or query value.
+fn segment(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, PATH_SEGMENT).to_string()
 }
 
 fn owner_link(owner: &str) -> Markup {
@@ -169,7 +177,7 @@ pub fn overview(
                     tr { th { "class" } th { "last hour" } th { "last day" } }
                     @for (class, day) in &recent.dead_day {
                         tr {
-                            td { a href=(format!("/ui/dead?class={class}")) { (class) } }
+                            td { a href=(format!("/ui/dead?class={}", segment(class))) { (class) } }
                             td.num { (recent.dead_hour.get(class).copied().unwrap_or(0)) }
                             td.num { (day) }
                         }
@@ -294,9 +302,8 @@ pub fn dead(
 }
 
 pub fn replay_preview(s: &Session, filter: &DeadFilter, summary: &Summary) -> Response {
-    let since = filter.since.map(|t| t.to_rfc3339()).unwrap_or_default();
-    let until = filter.until.map(|t| t.to_rfc3339()).unwrap_or_default();
     let unfiltered = filter.is_every_job();
+    let ids: Vec<String> = summary.preview.iter().map(|p| p.job_id.to_string()).collect();
     let n = summary.replayed.len();
     let body = html! {
         @if unfiltered { p.banner.paused { "No filter: this is every dead-lettered job." } }
@@ -309,30 +316,32 @@ pub fn replay_preview(s: &Session, filter: &DeadFilter, summary: &Summary) -> Re
                 h3 { (job_link(&p.job_id)) " · " (owner_link(&p.owner)) " · " (p.error_class.as_deref().unwrap_or("-")) }
                 p.reason { (p.reason.as_deref().unwrap_or("")) }
                 @if p.resources.is_empty() {
-                    p { "Nothing it claimed is left; its lookups run again and may find more." }
+                    p { "Nothing it claimed is left." }
                 } @else {
                     p { "Would ask to delete again:" }
                     ul { @for r in &p.resources { li.mono { (r.kind) "/" (r.id) } } }
+                }
+                @if p.lookups_pending {
+                    p.error { "Its lookups have not run yet: a replay runs them and claims what they find." }
+                    @if p.found_by_lookups.is_empty() { p { "They find nothing more now." } }
+                    @else {
+                        p { "They find now, and it would delete too:" }
+                        ul { @for r in &p.found_by_lookups { li.mono { (r.kind) "/" (r.id) } } }
+                    }
                 }
             }
         }
         @if n > 0 {
             form.confirm method="post" action="/ui/replay" {
                 (csrf(s))
-                input type="hidden" name="job" value=(filter.job.map(|j| j.to_string()).unwrap_or_default());
-                input type="hidden" name="owner" value=(filter.owner.clone().unwrap_or_default());
-                input type="hidden" name="reason" value=(filter.reason.clone().unwrap_or_default());
-                input type="hidden" name="class" value=(filter.error_class.clone().unwrap_or_default());
-                input type="hidden" name="kind" value=(filter.kind.clone().unwrap_or_default());
-                input type="hidden" name="since" value=(since);
-                input type="hidden" name="until" value=(until);
+                input type="hidden" name="jobs" value=(ids.join(","));
                 label { input type="checkbox" name="confirm" value="yes" required; " I have read what these jobs will delete" }
                 @if unfiltered {
                     label { input type="checkbox" name="all" value="yes" required; " every dead-lettered job" }
                 }
                 button.danger type="submit" { "Replay " (n) " job" @if n != 1 { "s" } }
             }
-            p.hint { "Same as reaper replay (without --dry-run) and POST /v1/dead/replay {\"async\": true}." }
+            p.hint { "Same as reaper replay --job … and POST /v1/dead/replay {\"jobs\": […], \"async\": true}." }
         }
     };
     layout("Replay preview", None, Some(s), body)
@@ -438,7 +447,7 @@ pub fn reconcile_rules(s: &Session, app: &App, counts: &StatusCounts) -> Respons
                 p { (rule.when()) "; grace " (crate::domain::human(std::time::Duration::from_secs_f64(rule.grace_secs)))
                     ", quarantine " (rule.quarantine_sweeps) " sweep(s), brakes: at most " (rule.max_count) " and "
                     (format!("{:.0}%", rule.max_fraction * 100.0)) " of the copy" }
-                form.inline method="post" action=(format!("/ui/reconcile/{name}")) {
+                form.inline method="post" action=(format!("/ui/reconcile/{}", segment(name))) {
                     (csrf(s))
                     input type="hidden" name="action" value="dry_run";
                     button type="submit" { "Dry run" }
@@ -469,7 +478,7 @@ pub fn reconcile_report(s: &Session, rule: &str, r: &Report) -> Response {
         @if !r.sample_waiting.is_empty() { p { "Waiting, first few: " span.mono { (r.sample_waiting.join(", ")) } } }
         @let refused = r.outcome == crate::reconcile::Outcome::Refused;
         @if (r.dry_run || refused) && r.actionable > 0 {
-            form.confirm method="post" action=(format!("/ui/reconcile/{rule}")) {
+            form.confirm method="post" action=(format!("/ui/reconcile/{}", segment(rule))) {
                 (csrf(s))
                 input type="hidden" name="action" value="execute";
                 label { input type="checkbox" name="confirm" value="yes" required;

@@ -1,8 +1,11 @@
-//! Console sessions without server-side state: the login form trades the
-//! admin token for a cookie that says when it expires, signed with a key
-//! derived from that token. Every replica that shares the token accepts it;
-//! rotating the token ends every session. Each session has its own CSRF
-//! token, derived from the same key, which every state-changing form carries.
+//! Console sessions as signed cookies: the login form trades the admin token
+//! for a cookie that says when it expires, signed with a key derived from
+//! that token and a secret kept in the ledger (so a leaked cookie cannot be
+//! used to guess the token offline). Every replica that shares the token
+//! accepts it; changing the token ends every session; logging out ends one
+//! (the ledger keeps it until it would have expired). Each session has its
+//! own CSRF token, derived from the same key, which every state-changing form
+//! carries.
 
 use chrono::{DateTime, Utc};
 use ring::hmac;
@@ -12,6 +15,8 @@ pub const COOKIE: &str = "reaper_session";
 /// What a valid cookie proves.
 #[derive(Debug, Clone)]
 pub struct Session {
+    /// The cookie's random part: what a logout records.
+    pub id: String,
     pub expires: DateTime<Utc>,
     /// The token every form of this session must post back as `csrf`.
     pub csrf: String,
@@ -25,11 +30,11 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    pub fn new(admin_token: &str, ttl: std::time::Duration) -> Sessions {
-        // A key of its own, so a cookie never carries anything the token
-        // itself could be recovered from or used as.
-        let root = hmac::Key::new(hmac::HMAC_SHA256, admin_token.as_bytes());
-        let derived = hmac::sign(&root, b"reaper console sessions v1");
+    pub fn new(admin_token: &str, secret: &[u8], ttl: std::time::Duration) -> Sessions {
+        // A key of its own: the token and the ledger's secret, so a cookie
+        // carries nothing the token could be recovered or guessed from.
+        let root = hmac::Key::new(hmac::HMAC_SHA256, secret);
+        let derived = hmac::sign(&root, format!("reaper console sessions v1\0{admin_token}").as_bytes());
         Sessions {
             key: hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref()),
             ttl: chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::hours(8)),
@@ -62,29 +67,20 @@ impl Sessions {
             return None;
         }
         let csrf = hex(hmac::sign(&self.key, format!("csrf.{nonce}").as_bytes()).as_ref());
-        Some(Session { expires, csrf })
+        Some(Session { id: nonce.to_string(), expires, csrf })
     }
 }
 
 impl Session {
     /// Whether a form's `csrf` field is this session's, compared in constant time.
     pub fn csrf_ok(&self, given: &str) -> bool {
-        constant_time_eq(self.csrf.as_bytes(), given.as_bytes())
+        crate::config::constant_time_eq(self.csrf.as_bytes(), given.as_bytes())
     }
 }
 
 /// The cookie's value in a `Cookie` header, if there is one.
 pub fn from_header(cookies: &str) -> Option<&str> {
     cookies.split(';').filter_map(|c| c.trim().split_once('=')).find(|(k, _)| *k == COOKIE).map(|(_, v)| v)
-}
-
-/// Compares without an early exit, so timing does not reveal how much matched.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
-    for i in 0..a.len().max(b.len()) {
-        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
-    }
-    diff == 0
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -104,15 +100,20 @@ mod tests {
 
     #[test]
     fn a_session_holds_until_it_expires_and_only_with_its_own_signature() {
-        let s = Sessions::new("s3cret", std::time::Duration::from_secs(60));
+        let s = Sessions::new("s3cret", b"ledger secret", std::time::Duration::from_secs(60));
         let now = Utc::now();
         let cookie = s.issue(now);
         let session = s.check(&cookie, now).expect("a fresh cookie is valid");
         assert!(session.csrf_ok(&session.csrf));
         assert!(!session.csrf_ok("0000"));
         assert!(s.check(&cookie, now + chrono::Duration::seconds(61)).is_none(), "expired");
-        // Another token's sessions, a changed expiry, a cut signature: refused.
-        assert!(Sessions::new("other", std::time::Duration::from_secs(60)).check(&cookie, now).is_none());
+        // Another token's or another secret's sessions, a changed expiry, a cut signature: refused.
+        assert!(Sessions::new("other", b"ledger secret", std::time::Duration::from_secs(60))
+            .check(&cookie, now)
+            .is_none());
+        assert!(Sessions::new("s3cret", b"another secret", std::time::Duration::from_secs(60))
+            .check(&cookie, now)
+            .is_none());
         let (payload, sig) = cookie.rsplit_once('.').unwrap();
         let later = payload.replacen(&payload[3..13], "9999999999", 1);
         assert!(s.check(&format!("{later}.{sig}"), now).is_none());

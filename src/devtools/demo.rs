@@ -157,15 +157,24 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> ExitCode {
     };
     settings.database.url = crate::config::Secret::new(own.url.clone());
     println!("reaper demo: a ledger of its own in database {} (dropped at the end)", own.name);
-    // Ctrl-C ends the demo early, and its database still goes (with
-    // --keep-failures, Ctrl-C is how the demo ends: it waits for it itself).
-    let outcome = if args.keep_failures {
-        demo(&mut settings, args).await
-    } else {
-        tokio::select! {
-            outcome = demo(&mut settings, args) => outcome,
-            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
-        }
+    // Ctrl-C ends the demo early, and its database still goes. Once it
+    // serves the console (--keep-failures), Ctrl-C is how it ends: the demo
+    // then stops its worker and removes its queues itself.
+    let stop = CancellationToken::new();
+    let serving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        on_signal.cancel();
+    });
+    let run = demo(&mut settings, args, stop.clone(), serving.clone());
+    tokio::pin!(run);
+    let outcome = tokio::select! {
+        outcome = &mut run => outcome,
+        _ = stop.cancelled() => match serving.load(std::sync::atomic::Ordering::SeqCst) {
+            true => run.await,
+            false => Err(anyhow::anyhow!("interrupted")),
+        },
     };
     own.drop_it().await;
     match outcome {
@@ -229,7 +238,12 @@ impl OwnDatabase {
     }
 }
 
-async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
+async fn demo(
+    settings: &mut Settings,
+    args: DemoArgs,
+    stop: CancellationToken,
+    serving: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<bool> {
     let shutdown = CancellationToken::new();
     let sim = Sim::new();
     let addr = sim.spawn(0, shutdown.clone()).await?;
@@ -375,7 +389,10 @@ async fn demo(settings: &mut Settings, args: DemoArgs) -> anyhow::Result<bool> {
     }
     if args.keep_failures {
         match leave_failures(&app, &sim, &publisher, &mut tap, &run_id).await {
-            Ok(dead) => serve_until_ctrl_c(&app, dead).await,
+            Ok(dead) => {
+                serving.store(true, std::sync::atomic::Ordering::SeqCst);
+                serve_until_stopped(&app, dead, &stop).await
+            }
             Err(e) => eprintln!("error: could not leave failures to look at: {e:#}"),
         }
     }
@@ -475,7 +492,7 @@ async fn leave_failures(
     Ok(dead)
 }
 
-async fn serve_until_ctrl_c(app: &App, dead: usize) {
+async fn serve_until_stopped(app: &App, dead: usize, stop: &CancellationToken) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while app.admin_addr.get().is_none() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -485,5 +502,5 @@ async fn serve_until_ctrl_c(app: &App, dead: usize) {
         None => println!("\nthe console did not start; see the log"),
     }
     println!("the worker keeps running; Ctrl-C ends the demo and drops its database");
-    let _ = tokio::signal::ctrl_c().await;
+    stop.cancelled().await;
 }

@@ -11,6 +11,7 @@
 
 pub mod archive;
 pub mod cancel;
+mod console;
 pub mod control;
 mod group_commit;
 pub use group_commit::BatchCounts;

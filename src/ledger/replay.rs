@@ -27,6 +27,10 @@ pub struct DeadFilter {
     /// a confirmation replays are those it showed, not one dead-lettered since.
     #[serde(default)]
     pub until: Option<DateTime<Utc>>,
+    /// Only these jobs: what a preview listed, so a confirmation replays
+    /// exactly that set (less any no longer dead).
+    #[serde(default)]
+    pub jobs: Option<Vec<Uuid>>,
 }
 
 /// A replay as the ledger knows it (`replays`): what it picked, how far it
@@ -70,6 +74,7 @@ impl DeadFilter {
             && self.error_class.is_none()
             && self.kind.is_none()
             && self.until.is_none()
+            && self.jobs.is_none()
     }
 
     /// Nothing picks jobs out but a time they were dead-lettered by: every
@@ -88,6 +93,9 @@ pub struct DeadJob {
     pub error_class: Option<String>,
     pub finished_at: Option<DateTime<Utc>>,
     pub replays: u32,
+    /// Whether its kinds' lookups already ran; if not, a replay runs them
+    /// and may find (and delete) more than it has claimed.
+    pub looked_up: bool,
 }
 
 #[derive(Debug)]
@@ -103,7 +111,7 @@ pub enum Reopen {
 impl Ledger {
     pub async fn dead_jobs(&self, f: &DeadFilter) -> Result<Vec<DeadJob>, LedgerError> {
         let rows = sqlx::query(
-            "SELECT j.job_id, j.event_id, j.owner, j.reason, j.error_class, j.finished_at, j.replays FROM jobs j
+            "SELECT j.job_id, j.event_id, j.owner, j.reason, j.error_class, j.finished_at, j.replays, j.looked_up FROM jobs j
              WHERE j.status = 'dead_lettered'
                AND ($1::uuid IS NULL OR j.job_id = $1)
                AND ($2::text IS NULL OR j.owner = $2)
@@ -113,6 +121,7 @@ impl Ledger {
                AND ($6::text IS NULL OR EXISTS (SELECT 1 FROM job_steps s WHERE s.job_id = j.job_id AND s.kind = $6
                                                  AND s.outcome IN ('failed', 'blocked')))
                AND ($7::timestamptz IS NULL OR j.finished_at <= $7)
+               AND ($8::uuid[] IS NULL OR j.job_id = ANY($8))
              ORDER BY j.finished_at, j.job_id",
         )
         .bind(f.job)
@@ -122,6 +131,7 @@ impl Ledger {
         .bind(&f.error_class)
         .bind(&f.kind)
         .bind(f.until)
+        .bind(&f.jobs)
         .fetch_all(&self.pool)
         .await
         .map_err(db("listing dead-lettered jobs"))?;
@@ -137,6 +147,7 @@ impl Ledger {
                     error_class: r.get("error_class"),
                     finished_at: r.get("finished_at"),
                     replays: replays.max(0) as u32,
+                    looked_up: r.get("looked_up"),
                 }
             })
             .collect())
@@ -150,7 +161,10 @@ impl Ledger {
             .map_err(db("counting dead-lettered jobs"))
     }
 
-    pub async fn reopen(&self, job_id: Uuid, max_replays: u32) -> Result<Reopen, LedgerError> {
+    /// Reopens one dead job; a replay's record (`replay`) gains it in the
+    /// same transaction. The event goes out again with the producer's
+    /// traceparent, so the new run's result carries it too.
+    pub async fn reopen(&self, job_id: Uuid, max_replays: u32, replay: Option<Uuid>) -> Result<Reopen, LedgerError> {
         let mut tx = self.pool.begin().await.map_err(db("begin"))?;
         let row = sqlx::query(
             "WITH j AS (
@@ -158,14 +172,21 @@ impl Ledger {
                                 result = NULL, reason = NULL, error_class = NULL, finished_at = NULL,
                                 cancel_requested = NULL
                 WHERE job_id = $1 AND status = 'dead_lettered' AND replays < $2
-                RETURNING job_id, event_id, routing_key, event_body
+                RETURNING job_id, event_id, routing_key, event_body, traceparent
+             ), r AS (
+                INSERT INTO replay_jobs (replay_id, job_id) SELECT $3, job_id FROM j WHERE $3::uuid IS NOT NULL
+             ), u AS (
+                UPDATE replays SET updated_at = now() WHERE replay_id = $3 AND EXISTS (SELECT 1 FROM j)
              )
-             INSERT INTO outbox (job_id, event_id, target, routing_key, body)
-             SELECT job_id, event_id, 'event', routing_key, event_body FROM j
+             INSERT INTO outbox (job_id, event_id, target, routing_key, body, headers)
+             SELECT job_id, event_id, 'event', routing_key, event_body,
+                    CASE WHEN traceparent IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('traceparent', traceparent) END
+             FROM j
              RETURNING id, job_id, event_id, target, routing_key, body, headers",
         )
         .bind(job_id)
         .bind(max_replays as i32)
+        .bind(replay)
         .fetch_optional(&mut *tx)
         .await
         .map_err(db("reopening a job"))?;
@@ -238,16 +259,13 @@ impl Ledger {
         Ok(id)
     }
 
-    /// One more job reopened by the replay.
-    pub async fn replay_reopened(&self, replay_id: Uuid, job_id: Uuid) -> Result<(), LedgerError> {
-        sqlx::query(
-            "UPDATE replays SET reopened = array_append(reopened, $2), updated_at = now() WHERE replay_id = $1",
-        )
-        .bind(replay_id)
-        .bind(job_id)
-        .execute(&self.pool)
-        .await
-        .map_err(db("recording a replay's progress"))?;
+    /// The replay is still going: it moved past a job it did not reopen.
+    pub async fn replay_moved(&self, replay_id: Uuid) -> Result<(), LedgerError> {
+        sqlx::query("UPDATE replays SET updated_at = now() WHERE replay_id = $1")
+            .bind(replay_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db("recording a replay's progress"))?;
         Ok(())
     }
 
@@ -270,10 +288,13 @@ impl Ledger {
     pub async fn replay_runs(&self, one: Option<Uuid>, limit: i64) -> Result<Vec<ReplayRun>, LedgerError> {
         let rows = sqlx::query(
             "SELECT r.replay_id, r.requested_by, r.filter, r.matched, r.started_at, r.finished_at, r.summary,
-                    cardinality(r.reopened) AS reopened, r.reopened[1:100] AS job_ids,
+                    (SELECT count(*) FROM replay_jobs rj WHERE rj.replay_id = r.replay_id) AS reopened,
+                    ARRAY(SELECT rj.job_id FROM replay_jobs rj WHERE rj.replay_id = r.replay_id
+                          ORDER BY rj.job_id LIMIT 100) AS job_ids,
                     extract(epoch FROM now() - r.updated_at)::float8 AS idle_secs,
                     (SELECT coalesce(jsonb_object_agg(s.status, s.n), '{}'::jsonb) FROM
-                        (SELECT j.status, count(*) AS n FROM jobs j WHERE j.job_id = ANY(r.reopened) GROUP BY j.status) s) AS jobs
+                        (SELECT j.status, count(*) AS n FROM replay_jobs rj JOIN jobs j ON j.job_id = rj.job_id
+                         WHERE rj.replay_id = r.replay_id GROUP BY j.status) s) AS jobs
              FROM replays r WHERE ($1::uuid IS NULL OR r.replay_id = $1)
              ORDER BY r.started_at DESC LIMIT $2",
         )
@@ -301,7 +322,7 @@ impl Ledger {
                     matched: r.get("matched"),
                     started_at: r.get("started_at"),
                     finished_at,
-                    reopened: r.get::<i32, _>("reopened").max(0) as usize,
+                    reopened: r.get::<i64, _>("reopened").max(0) as usize,
                     job_ids: r.get("job_ids"),
                     jobs,
                     state,

@@ -66,4 +66,24 @@ impl Ledger {
         .map_err(db("purging finished jobs past their retention"))?;
         Ok(n.max(0) as u64)
     }
+
+    /// Forgets replays (and their job lists) started more than `days` ago,
+    /// and console logouts past their sessions' expiry.
+    pub async fn purge_replays(&self, days: f64) -> Result<u64, LedgerError> {
+        let n: i64 = sqlx::query_scalar(
+            "WITH old AS (
+                DELETE FROM replays WHERE started_at < now() - make_interval(secs => $1) RETURNING replay_id
+             ), jobs AS (
+                DELETE FROM replay_jobs WHERE replay_id IN (SELECT replay_id FROM old)
+             ), logouts AS (
+                DELETE FROM console_logouts WHERE expires_at < now()
+             )
+             SELECT count(*) FROM old",
+        )
+        .bind(days * 86_400.0)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("purging old replays"))?;
+        Ok(n.max(0) as u64)
+    }
 }

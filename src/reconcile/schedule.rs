@@ -148,6 +148,9 @@ async fn purge_jobs(app: &App, shutdown: &CancellationToken) {
     if purged > 0 {
         tracing::info!(jobs = purged, "finished jobs past their retention purged");
     }
+    if let Err(e) = app.ledger.purge_replays(app.settings.ledger.retention_days).await {
+        tracing::warn!(error = %e, "could not purge old replays; trying again in an hour");
+    }
 }
 
 /// The slot a cron rule owes a sweep at `now`: its latest time, if that is

@@ -116,8 +116,10 @@ async fn the_console_needs_a_session_and_every_form_its_csrf_token() {
     assert_eq!(r.status(), 303);
     assert!(t.app.ledger.paused().await.unwrap().is_none());
 
-    // A tampered cookie is no session; logging out ends the cookie.
-    let tampered = format!("{}0", &cookie[..cookie.len() - 1]);
+    // A tampered cookie is no session; logging out ends the session, also
+    // for whoever kept a copy of the cookie.
+    let last = if cookie.ends_with('0') { '1' } else { '0' };
+    let tampered = format!("{}{last}", &cookie[..cookie.len() - 1]);
     let r = c.get(format!("{base}/ui")).header("cookie", &tampered).send().await.unwrap();
     assert_eq!(r.status(), 303);
     let r = c
@@ -128,6 +130,10 @@ async fn the_console_needs_a_session_and_every_form_its_csrf_token() {
         .await
         .unwrap();
     assert!(r.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+    let r = c.get(format!("{base}/ui")).header("cookie", &cookie).send().await.unwrap();
+    assert_eq!(r.status(), 303, "the copy of a logged-out cookie is no session");
+    let r = c.get(format!("{base}/ui")).header("cookie", &other).send().await.unwrap();
+    assert_eq!(r.status(), 200, "another session goes on");
 
     // The API keeps its bearer token, and a session cookie is not one.
     let api = c.get(format!("{base}/v1/status")).bearer_auth(TOKEN).send().await.unwrap();
@@ -281,11 +287,12 @@ async fn a_confirmed_replay_replays_what_its_preview_showed_and_nothing_dead_let
     t.publish("deletion.requested", &deletion(&unique("b"), &later.owner, Utc::now())).await;
     assert_eq!(t.next_result(30).await.result.status, "dead_lettered");
 
-    let form: Vec<(String, String)> = ["csrf", "job", "owner", "reason", "class", "kind", "since", "until"]
-        .iter()
-        .map(|n| (n.to_string(), field(&html, n)))
-        .chain([("confirm".to_string(), "yes".to_string())])
-        .collect();
+    let mut form: Vec<(String, String)> = ["csrf", "jobs"].iter().map(|n| (n.to_string(), field(&html, n))).collect();
+    // Without the tick: refused, nothing replayed.
+    let r = c.post(format!("{base}/ui/replay")).header("cookie", &cookie).form(&form).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(t.app.ledger.dead_jobs(&Default::default()).await.unwrap().len(), 2);
+    form.push(("confirm".to_string(), "yes".to_string()));
     let r = c.post(format!("{base}/ui/replay")).header("cookie", &cookie).form(&form).send().await.unwrap();
     assert_eq!(r.status(), 303);
     assert_eq!(t.next_result(30).await.result.owner, first.owner, "the previewed job ran again");
@@ -295,4 +302,76 @@ async fn a_confirmed_replay_replays_what_its_preview_showed_and_nothing_dead_let
     let run = t.app.ledger.replay_runs(None, 1).await.unwrap().pop().unwrap();
     assert_eq!((run.matched, run.requested_by.as_str()), (1, "console"));
     t.stop().await;
+}
+
+/// Every POST route of the console, from its source, with sample values.
+fn console_posts() -> Vec<String> {
+    let source = include_str!("../../src/console/mod.rs");
+    let mut out: Vec<String> = source
+        .lines()
+        .filter(|l| l.contains("post("))
+        .filter_map(|l| l.trim().strip_prefix(".route(\""))
+        .map(|l| l.split('"').next().unwrap().to_string())
+        .map(|p| {
+            p.replace("{rule}", "models")
+                .replace("{id}", "6f1c2a52-8f0e-4f7e-9d3b-1a2b3c4d5e6f")
+                .replace("{owner}", "node%2Fx")
+        })
+        .collect();
+    out.push("/ui/login".into());
+    assert!(out.len() >= 8, "{out:?}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_console_form_wants_a_session_and_its_csrf_token_and_changes_nothing_without() {
+    let (t, base, _file) = spawn_with_admin("", TOKEN).await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    let c = no_redirects();
+    let (cookie, _) = login(&c, &base, &[]).await;
+    let form =
+        [("reason", "x"), ("action", "execute"), ("confirm", "yes"), ("jobs", "6f1c2a52-8f0e-4f7e-9d3b-1a2b3c4d5e6f")];
+    for path in console_posts().iter().filter(|p| *p != "/ui/login") {
+        let none = c.post(format!("{base}{path}")).form(&form).send().await.unwrap().status();
+        assert_eq!(none, 401, "POST {path} without a session");
+        let no_csrf = c.post(format!("{base}{path}")).header("cookie", &cookie).form(&form).send().await.unwrap();
+        assert_eq!(no_csrf.status(), 403, "POST {path} without the CSRF token");
+        let json = c.post(format!("{base}{path}")).header("cookie", &cookie).json(&serde_json::json!({})).send().await;
+        assert_eq!(json.unwrap().status(), 403, "POST {path} with a JSON body");
+    }
+    assert!(t.app.ledger.paused().await.unwrap().is_none());
+    assert_eq!(t.count("SELECT count(*) FROM jobs").await, 0);
+    assert_eq!(t.count("SELECT count(*) FROM replays").await, 0);
+    assert_eq!(t.sim.stats().deletes, 0);
+
+    // Wrong tokens: after ten in a minute the form closes, the right one too.
+    for _ in 0..10 {
+        let r = c.post(format!("{base}/ui/login")).form(&[("token", "guess")]).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let r = c.post(format!("{base}/ui/login")).form(&[("token", TOKEN)]).send().await.unwrap();
+    assert_eq!(r.status(), 429, "closed for the rest of the minute");
+    assert!(r.headers().get("set-cookie").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_producers_and_apis_wrote_is_shown_as_text_never_as_markup() {
+    let (mut t, base, _file) = spawn_with_admin("", TOKEN).await;
+    let node = VpcNode::new(&unique("node"));
+    t.provision(&node).await;
+    t.sim.set_faults(Faults { fail_next: 1, fail_status: 403, only_method: "DELETE".into(), ..Default::default() });
+    let mut ev = deletion(&unique("xss"), &node.owner, Utc::now());
+    ev["reason"] = serde_json::json!("<script>alert(1)</script>\"><img src=x onerror=alert(2)>");
+    t.publish("deletion.requested", &ev).await;
+    let dead = t.next_result(30).await.result;
+    let c = no_redirects();
+    let (cookie, _) = login(&c, &base, &[]).await;
+    for path in [format!("/ui/jobs/{}", dead.job_id), "/ui/dead".to_string()] {
+        let html = c.get(format!("{base}{path}")).header("cookie", &cookie).send().await.unwrap().text().await.unwrap();
+        assert!(!html.contains("<script>alert") && !html.contains("<img src=x"), "{path}: {html}");
+    }
+    let job = c.get(format!("{base}/ui/jobs/{}", dead.job_id)).header("cookie", &cookie).send().await.unwrap();
+    let html = job.text().await.unwrap();
+    assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "shown, escaped: {html}");
 }

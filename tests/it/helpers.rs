@@ -175,14 +175,20 @@ pub async fn console_renders(t: &TestApp, owner: &str, job: Option<uuid::Uuid>) 
     assert_eq!(r.status(), 303, "the console logs in");
     let cookie = r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_string();
     let owner_page = format!("/ui/owners/{}", owner.replace('/', "%2F"));
+    let dead = t.app.ledger.dead_jobs(&Default::default()).await.unwrap().len();
     let mut pages = vec![
-        ("/ui".to_string(), "Jobs by state".to_string()),
-        ("/ui/dead".to_string(), "dead-lettered".to_string()),
-        ("/ui/reconcile".to_string(), "Reconcile".to_string()),
-        (owner_page, owner.to_string()),
+        ("/ui".to_string(), format!("Owners tracked: {}", t.app.ledger.status_counts().await.unwrap().owners_tracked)),
+        ("/ui/dead".to_string(), format!("{dead} dead-lettered job")),
+        (owner_page.clone(), "Tracked resources by life".to_string()),
     ];
+    // Each rule the example configures, with how it runs.
+    for (name, rule) in &t.app.settings.reconcile.rules {
+        pages.push(("/ui/reconcile".to_string(), format!("{name}</a></td><td>{}", rule.when())));
+    }
     if let Some(j) = job {
         pages.push((format!("/ui/jobs/{j}"), owner.to_string()));
+        // The owner's page lists the job among its jobs.
+        pages.push((owner_page, format!("/ui/jobs/{j}")));
     }
     for (path, must) in pages {
         let r = c.get(format!("{base}{path}")).header("cookie", &cookie).send().await.unwrap();
