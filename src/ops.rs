@@ -372,16 +372,7 @@ pub async fn replay(
         let mut summary = crate::replay::replay_jobs(&app.ledger, None, &app.names, max, filter, false, requested_by)
             .await
             .map_err(|e| OpsError::Replay(e.to_string()))?;
-        // A job whose lookups have not run will run them: say what they find now.
-        for p in summary.preview.iter_mut().filter(|p| p.lookups_pending) {
-            let found = crate::handler::find_by_lookups(app, &p.owner).await.map_err(OpsError::Lookup)?;
-            p.found_by_lookups = found
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|r| !p.resources.iter().any(|c| c.kind == r.kind && c.id == r.id))
-                .map(|r| crate::ledger::replay::Pending { kind: r.kind, id: r.id })
-                .collect();
-        }
+        crate::replay::look_up_pending(app, &mut summary).await.map_err(OpsError::Lookup)?;
         return Ok(Replayed::Done(summary));
     }
     let publisher = match app.link.publisher(&app.settings, &app.names).await {

@@ -138,7 +138,15 @@ async fn replay_from_cli(
     let names = Names::new(&settings.broker.prefix);
     let max = settings.worker.max_replays;
     if dry_run {
-        return replay_jobs(&ledger, None, &names, max, filter, progress, "cli").await;
+        let mut summary = replay_jobs(&ledger, None, &names, max, filter, progress, "cli").await?;
+        if summary.preview.iter().any(|p| p.lookups_pending) {
+            // The lookups need the providers: the app of a one-shot command.
+            let mut one_shot = settings.clone();
+            one_shot.admin.listen.clear();
+            let app = crate::app::App::build(one_shot).await?;
+            look_up_pending(&app, &mut summary).await?;
+        }
+        return Ok(summary);
     }
     let (conn, publisher) = broker::link::open(settings, &names).await?;
     let summary = replay_jobs(&ledger, Some(&publisher), &names, max, filter, progress, "cli").await;
@@ -201,10 +209,10 @@ impl Summary {
                     println!("    would delete again: {}/{}", r.kind, r.id);
                 }
                 if p.lookups_pending {
-                    println!(
-                        "    its lookups have not run yet: a replay runs them and may find more (`reaper plan {}` shows what they find now)",
-                        p.owner
-                    );
+                    println!("    its lookups have not run yet: a replay runs them and claims what they find");
+                }
+                for r in &p.found_by_lookups {
+                    println!("    its lookups find now, and it would delete: {}/{}", r.kind, r.id);
                 }
             }
             let verb = if dry_run { "would replay" } else { "replayed" };
@@ -328,6 +336,22 @@ async fn run_replay(
     let json = serde_json::to_value(&summary).expect("a summary serializes");
     ledger.replay_finished(replay_id, &json).await?;
     Ok(summary)
+}
+
+/// For each previewed job whose lookups have not run (they will when it is
+/// replayed), what they find now beyond what it claimed. A lookup that fails
+/// fails the preview: half an answer would understate what a replay deletes.
+pub async fn look_up_pending(app: &crate::app::App, summary: &mut Summary) -> Result<(), String> {
+    for p in summary.preview.iter_mut().filter(|p| p.lookups_pending) {
+        let found = crate::handler::find_by_lookups(app, &p.owner).await?;
+        p.found_by_lookups = found
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| !p.resources.iter().any(|c| c.kind == r.kind && c.id == r.id))
+            .map(|r| Pending { kind: r.kind, id: r.id })
+            .collect();
+    }
+    Ok(())
 }
 
 /// A dry run: which jobs would be replayed, and per job what it would ask to

@@ -215,7 +215,8 @@ fn rules_table(app: &App, counts: &StatusCounts) -> Markup {
         @if app.settings.reconcile.rules.is_empty() { p { "No rules are configured." } }
         @else {
             table {
-                tr { th { "rule" } th { "schedule" } th { "last sweep" } th { "outcome" } th { "orphans" } th { "actionable" } th { "why refused" } }
+                tr { th { "rule" } th { "schedule" } th { "last sweep" } th { "outcome" } th { "orphans" }
+                     th { "younger than the grace" } th { "in quarantine" } th { "actionable" } th { "why refused" } }
                 @for (name, rule) in &app.settings.reconcile.rules {
                     @let last = counts.reconcile.get(name).and_then(|r| r.get("last_report")).filter(|r| !r.is_null());
                     tr {
@@ -224,6 +225,8 @@ fn rules_table(app: &App, counts: &StatusCounts) -> Markup {
                         td { (last.and_then(|r| r["started_at"].as_str()).unwrap_or("never")) }
                         td { (last.and_then(|r| r["outcome"].as_str()).unwrap_or("-")) }
                         td.num { (last.map(|r| r["orphans"].to_string()).unwrap_or_default()) }
+                        td.num { (last.map(|r| r["too_young"].to_string()).unwrap_or_default()) }
+                        td.num { (last.map(|r| r["in_quarantine"].to_string()).unwrap_or_default()) }
                         td.num { (last.map(|r| r["actionable"].to_string()).unwrap_or_default()) }
                         td { (last.and_then(|r| r["refused"].as_str()).unwrap_or("")) }
                     }
@@ -515,7 +518,16 @@ pub fn job(s: &Session, v: &JobView, archived: &[Archived]) -> Response {
             @if let Some(r) = &j.request.reason { tr { th { "asked because" } td { (r) } } }
             @if let Some(r) = &j.request.requested_by { tr { th { "asked by" } td { (r) } } }
             @if let Some(e) = &j.request.error { tr { th { "provisioning error" } td { (e) } } }
-            tr { th { "traceparent" } td.mono #traceparent { (v.traceparent.as_deref().unwrap_or("none")) } }
+            tr { th { "traceparent" } td.mono #traceparent {
+                @match (&v.traceparent, j.status.as_str()) {
+                    (Some(t), _) => { (t) },
+                    (None, "running") => { "recorded when the job ends" },
+                    (None, _) => { "none" },
+                }
+            } }
+        }
+        @if let Some(event) = &v.event {
+            details { summary { "The event" } pre { (serde_json::to_string_pretty(event).unwrap_or_default()) } }
         }
         h2 { "Steps" }
         @if v.steps.is_empty() { p { "None recorded." } }

@@ -65,6 +65,8 @@ pub struct JobView {
     pub steps: Vec<serde_json::Value>,
     /// The producer's W3C trace context, stored when the job ended.
     pub traceparent: Option<String>,
+    /// The event as received (JSON), for the job page.
+    pub event: Option<serde_json::Value>,
 }
 
 /// One step as the ledger recorded it: written when the step finished, or
@@ -265,6 +267,7 @@ impl Ledger {
             result: result.and_then(|b| serde_json::from_slice(&b).ok()),
             steps,
             traceparent: r.get("traceparent"),
+            event: serde_json::from_slice(&r.get::<Vec<u8>, _>("event_body")).ok(),
         }))
     }
 

@@ -232,6 +232,28 @@ async fn a_lookup_that_fails_stops_the_job_before_anything_is_deleted() {
     assert_eq!(r.status, "dead_lettered", "{r:?}");
     assert!(r.reason.as_deref().unwrap_or("").contains("lookup for"), "{r:?}");
     assert_eq!(t.sim.stats().deletes, 0, "nothing was deleted");
+
+    // The tables are there now, with a VNI of the node nobody tracked: a
+    // replay would look it up and delete it too, and its preview says so.
+    let name = node.owner.trim_start_matches("node/");
+    for sql in [
+        "CREATE TABLE ip_reservations (id serial PRIMARY KEY, node_name text, reservation_id text, subnet_id text)",
+        "CREATE TABLE dns_records (id serial PRIMARY KEY, node_name text, record_id text, zone_id text)",
+        "CREATE TABLE vnic_info (id serial PRIMARY KEY, node_name text, vnic_id text)",
+        "CREATE TABLE nodes (id serial PRIMARY KEY, node_name text, bare_metal_id text)",
+    ] {
+        t.sql(sql).await;
+    }
+    sqlx::query("INSERT INTO vnic_info (node_name, vnic_id) VALUES ($1, 'untracked-vni')")
+        .bind(name)
+        .execute(t.app.ledger.pool())
+        .await
+        .unwrap();
+    let out = t.reaper(&["replay", "--owner", &node.owner, "--dry-run"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("its lookups have not run yet"), "{text}");
+    assert!(text.contains("its lookups find now, and it would delete: vni/untracked-vni"), "{text}");
     t.stop().await;
 }
 
