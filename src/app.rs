@@ -138,6 +138,14 @@ impl App {
                 ))
                 .into());
             }
+            // The token is all that stands between the listener and every
+            // admin action (the API's and the console's login alike).
+            if let Some(t) = admin_token.as_ref().filter(|t| t.expose().chars().count() < 24) {
+                tracing::warn!(
+                    length = t.expose().chars().count(),
+                    "the admin token is short; use at least 32 random characters (openssl rand -hex 32)"
+                );
+            }
         }
         Ok(Checked { catalog, providers, admin_token })
     }

@@ -291,7 +291,7 @@ pub(crate) fn not_run(start: &JobStart, why: &str) -> Vec<crate::ledger::StepRec
 /// A found resource with the creation time its lookup returned (column or
 /// field `created_at`), so that it is claimed only for the life it belongs
 /// to. A kind whose ids come back must return one.
-fn with_created_at(app: &App, r: crate::domain::Resource) -> Result<contract::TrackedResource, String> {
+pub(crate) fn with_created_at(app: &App, r: crate::domain::Resource) -> Result<contract::TrackedResource, String> {
     let created_at = r.attributes.get("created_at").and_then(|t| crate::domain::parse_time(t));
     let reused = app.catalog.kind(&r.kind).is_some_and(|k| k.reused_ids);
     if reused && created_at.is_none() {

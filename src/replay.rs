@@ -183,10 +183,17 @@ pub struct JobPreview {
     /// Its kinds' lookups have not run yet (they failed before it was
     /// dead-lettered): a replay runs them and claims what they find.
     pub lookups_pending: bool,
-    /// What those lookups find now, when the preview could ask them (the
-    /// API's and the console's; the CLI's cannot and says so).
+    /// What those lookups find now that a replay would claim, and delete.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub found_by_lookups: Vec<Pending>,
+    /// What they find that a replay would not claim: not dated to the life
+    /// this job ends, or another job's. It stays tracked for the owner.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub found_not_claimed: Vec<Pending>,
+    /// The lookups could not be asked now (or a replay would fail on what
+    /// they return): the preview cannot say what a replay would delete.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lookup_error: Option<String>,
 }
 
 impl Summary {
@@ -213,6 +220,12 @@ impl Summary {
                 }
                 for r in &p.found_by_lookups {
                     println!("    its lookups find now, and it would delete: {}/{}", r.kind, r.id);
+                }
+                for r in &p.found_not_claimed {
+                    println!("    its lookups find, but it would leave (not of this life): {}/{}", r.kind, r.id);
+                }
+                if let Some(e) = &p.lookup_error {
+                    println!("    its lookups cannot be asked now, so what it would delete is unknown: {e}");
                 }
             }
             let verb = if dry_run { "would replay" } else { "replayed" };
@@ -339,17 +352,46 @@ async fn run_replay(
 }
 
 /// For each previewed job whose lookups have not run (they will when it is
-/// replayed), what they find now beyond what it claimed. A lookup that fails
-/// fails the preview: half an answer would understate what a replay deletes.
+/// replayed), what they find now: those a replay would claim and delete
+/// (`Ledger::would_adopt`, the rule the replay applies), and the rest, which it
+/// would leave tracked for the owner's next teardown. A job whose lookups
+/// cannot be asked now says so (`lookup_error`) and is not replayable from a
+/// preview: half an answer would understate what it deletes. Each owner is
+/// asked once.
 pub async fn look_up_pending(app: &crate::app::App, summary: &mut Summary) -> Result<(), String> {
+    let mut asked: std::collections::HashMap<String, Result<Vec<crate::domain::Resource>, String>> =
+        std::collections::HashMap::new();
     for p in summary.preview.iter_mut().filter(|p| p.lookups_pending) {
-        let found = crate::handler::find_by_lookups(app, &p.owner).await?;
-        p.found_by_lookups = found
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|r| !p.resources.iter().any(|c| c.kind == r.kind && c.id == r.id))
-            .map(|r| Pending { kind: r.kind, id: r.id })
-            .collect();
+        if !asked.contains_key(&p.owner) {
+            let found = crate::handler::find_by_lookups(app, &p.owner).await.map(Option::unwrap_or_default);
+            asked.insert(p.owner.clone(), found);
+        }
+        let found = match &asked[&p.owner] {
+            Ok(found) => found.clone(),
+            Err(e) => {
+                p.lookup_error = Some(e.clone());
+                continue;
+            }
+        };
+        let found: Vec<_> =
+            found.into_iter().filter(|r| !p.resources.iter().any(|c| c.kind == r.kind && c.id == r.id)).collect();
+        let dated = found.into_iter().map(|r| crate::handler::with_created_at(app, r)).collect::<Result<Vec<_>, _>>();
+        let dated = match dated {
+            Ok(d) => d,
+            Err(e) => {
+                p.lookup_error = Some(format!("a replay would fail: {e}"));
+                continue;
+            }
+        };
+        let claimed = app.ledger.would_adopt(p.job_id, &dated).await.map_err(|e| e.to_string())?;
+        for t in dated {
+            let item = Pending { kind: t.resource.kind, id: t.resource.id };
+            if claimed.iter().any(|(k, i)| *k == item.kind && *i == item.id) {
+                p.found_by_lookups.push(item);
+            } else {
+                p.found_not_claimed.push(item);
+            }
+        }
     }
     Ok(())
 }
@@ -378,6 +420,8 @@ async fn preview(
                 resources: pending.remove(&j.job_id).unwrap_or_default(),
                 lookups_pending: !j.looked_up,
                 found_by_lookups: Vec::new(),
+                found_not_claimed: Vec::new(),
+                lookup_error: None,
             })
             .collect(),
         ..Default::default()

@@ -306,11 +306,18 @@ pub fn dead(
 
 pub fn replay_preview(s: &Session, filter: &DeadFilter, summary: &Summary) -> Response {
     let unfiltered = filter.is_every_job();
-    let ids: Vec<String> = summary.preview.iter().map(|p| p.job_id.to_string()).collect();
-    let n = summary.replayed.len();
+    // A job whose lookups cannot be asked now is left out: nobody can say
+    // what it would delete.
+    let ids: Vec<String> =
+        summary.preview.iter().filter(|p| p.lookup_error.is_none()).map(|p| p.job_id.to_string()).collect();
+    let n = ids.len();
+    let unknown = summary.preview.len() - n;
     let body = html! {
         @if unfiltered { p.banner.paused { "No filter: this is every dead-lettered job." } }
         p { (summary.matched) " matched; " (n) " would be replayed." }
+        @if unknown > 0 {
+            p.error { (unknown) " left out: their lookups cannot be asked now, so what they would delete is unknown." }
+        }
         @if !summary.held_back.is_empty() {
             p.error { (summary.held_back.len()) " replayed too often already (worker.max_replays): held back for a person to look at." }
         }
@@ -326,10 +333,17 @@ pub fn replay_preview(s: &Session, filter: &DeadFilter, summary: &Summary) -> Re
                 }
                 @if p.lookups_pending {
                     p.error { "Its lookups have not run yet: a replay runs them and claims what they find." }
-                    @if p.found_by_lookups.is_empty() { p { "They find nothing more now." } }
-                    @else {
+                    @if let Some(e) = &p.lookup_error {
+                        p.error { "They cannot be asked now, so this job is left out: " (e) }
+                    } @else if p.found_by_lookups.is_empty() {
+                        p { "They find nothing more it would claim now." }
+                    } @else {
                         p { "They find now, and it would delete too:" }
                         ul { @for r in &p.found_by_lookups { li.mono { (r.kind) "/" (r.id) } } }
+                    }
+                    @if !p.found_not_claimed.is_empty() {
+                        p { "They also find, and it would leave tracked for the owner (not dated to the life this job ends):" }
+                        ul { @for r in &p.found_not_claimed { li.mono { (r.kind) "/" (r.id) } } }
                     }
                 }
             }
@@ -339,9 +353,6 @@ pub fn replay_preview(s: &Session, filter: &DeadFilter, summary: &Summary) -> Re
                 (csrf(s))
                 input type="hidden" name="jobs" value=(ids.join(","));
                 label { input type="checkbox" name="confirm" value="yes" required; " I have read what these jobs will delete" }
-                @if unfiltered {
-                    label { input type="checkbox" name="all" value="yes" required; " every dead-lettered job" }
-                }
                 button.danger type="submit" { "Replay " (n) " job" @if n != 1 { "s" } }
             }
             p.hint { "Same as reaper replay --job … and POST /v1/dead/replay {\"jobs\": […], \"async\": true}." }

@@ -166,6 +166,10 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> ExitCode {
     tokio::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;
         on_signal.cancel();
+        // A second Ctrl-C while the demo winds down: leave at once.
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("interrupted twice: leaving without cleaning up");
+        std::process::exit(130);
     });
     let run = demo(&mut settings, args, stop.clone(), serving.clone());
     tokio::pin!(run);
@@ -244,7 +248,8 @@ async fn demo(
     stop: CancellationToken,
     serving: Arc<std::sync::atomic::AtomicBool>,
 ) -> anyhow::Result<bool> {
-    let shutdown = CancellationToken::new();
+    // Ctrl-C (`stop`) stops the worker too, however far the demo got.
+    let shutdown = stop.child_token();
     let sim = Sim::new();
     let addr = sim.spawn(0, shutdown.clone()).await?;
     let run_id = format!("{:08x}", fastrand::u32(..));

@@ -538,6 +538,43 @@ impl Ledger {
         Ok(rows.iter().map(resource_row).collect())
     }
 
+    /// Which of `found` a later run of `job` would claim through `adopt`
+    /// (strict, as a replay's lookups are), without changing anything: the
+    /// rule of `adopt`'s claim applied to the rows its upsert would leave.
+    /// A replay preview shows these as what the replay would delete too.
+    pub async fn would_adopt(
+        &self,
+        job_id: Uuid,
+        found: &[TrackedResource],
+    ) -> Result<Vec<(String, String)>, LedgerError> {
+        let kinds: Vec<&str> = found.iter().map(|r| r.resource.kind.as_str()).collect();
+        let ids: Vec<&str> = found.iter().map(|r| r.resource.id.as_str()).collect();
+        let created: Vec<Option<DateTime<Utc>>> = found.iter().map(|r| r.created_at).collect();
+        let rows = sqlx::query(
+            "SELECT f.kind, f.id FROM jobs j
+             CROSS JOIN UNNEST($2::text[], $3::text[], $4::timestamptz[]) AS f(kind, id, created_at)
+             LEFT JOIN tracked_resources r ON r.owner = j.owner AND r.kind = f.kind AND r.resource_id = f.id
+             WHERE j.job_id = $1
+               -- A live row some job holds stays that job's.
+               AND NOT coalesce(r.state = 'live' AND r.job_id IS NOT NULL, false)
+               AND CASE WHEN coalesce(f.created_at, r.created_at) IS NULL AND (r.generation IS NULL OR j.generation IS NULL)
+                        THEN false
+                        ELSE reaper_belongs(r.generation, coalesce(f.created_at, r.created_at),
+                                            CASE WHEN r.state = 'live' THEN r.tracked_at ELSE now() END,
+                                            j.occurred_at, j.generation, $5) END
+             ORDER BY f.kind, f.id",
+        )
+        .bind(job_id)
+        .bind(&kinds)
+        .bind(&ids)
+        .bind(&created)
+        .bind(self.window_secs())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("reading what a replay's lookups would claim"))?;
+        Ok(rows.iter().map(|r| (r.get("kind"), r.get("id"))).collect())
+    }
+
     /// What the finish queue's group commit has done: for tests and the
     /// benchmark, which show that finishes share statements.
     pub fn finish_batches(&self) -> group_commit::BatchCounts {

@@ -215,8 +215,8 @@ const REPLAY_STALL_SECS: f64 = 120.0;
 
 impl Ledger {
     /// Per dead job, what its replay would ask to delete again: the
-    /// resources it claimed that are not proven gone. (The job's lookups run
-    /// again when it is replayed and may find more.)
+    /// resources it claimed that are not proven gone. (A job whose lookups
+    /// never ran runs them when replayed: `replay::look_up_pending`.)
     pub async fn pending_of(
         &self,
         job_ids: &[Uuid],

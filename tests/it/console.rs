@@ -240,6 +240,17 @@ async fn a_producers_traceparent_follows_the_job_to_its_result_and_the_ledger() 
         .await
         .unwrap();
     assert_eq!(job["traceparent"], tp, "{job}");
+    // Replayed, the event goes out again with it: the new result carries it too.
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/dead/replay"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({ "job": dead.result.job_id }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let again = t.next_result(30).await;
+    assert_eq!((again.result.status.as_str(), again.traceparent.as_deref()), ("completed", Some(tp)));
 
     // A malformed one is not carried anywhere.
     let node2 = VpcNode::new(&unique("node"));
@@ -345,14 +356,17 @@ async fn every_console_form_wants_a_session_and_its_csrf_token_and_changes_nothi
     assert_eq!(t.count("SELECT count(*) FROM replays").await, 0);
     assert_eq!(t.sim.stats().deletes, 0);
 
-    // Wrong tokens: after ten in a minute the form closes, the right one too.
-    for _ in 0..10 {
+    // A wrong token is answered after a second; the right one at once, and
+    // no number of wrong ones locks an operator out.
+    for _ in 0..3 {
+        let asked = std::time::Instant::now();
         let r = c.post(format!("{base}/ui/login")).form(&[("token", "guess")]).send().await.unwrap();
         assert_eq!(r.status(), 401);
+        assert!(r.headers().get("set-cookie").is_none());
+        assert!(asked.elapsed() >= Duration::from_millis(900), "{:?}", asked.elapsed());
     }
     let r = c.post(format!("{base}/ui/login")).form(&[("token", TOKEN)]).send().await.unwrap();
-    assert_eq!(r.status(), 429, "closed for the rest of the minute");
-    assert!(r.headers().get("set-cookie").is_none());
+    assert_eq!(r.status(), 303);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -224,7 +224,11 @@ async fn ids_found_in_the_provisioners_tables_are_torn_down_in_order_without_any
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lookup_that_fails_stops_the_job_before_anything_is_deleted() {
     // The table does not exist: the inventory cannot load, so nothing may act on half of it.
-    let mut t = spawn_app(&format!("{LOOKUPS}\n[worker]\nretry_delays_secs = [0.1]\n")).await;
+    let lookups = LOOKUPS.replace(
+        "SELECT vnic_id AS id FROM vnic_info",
+        "SELECT vnic_id AS id, created_at::text AS created_at FROM vnic_info",
+    );
+    let mut t = spawn_app(&format!("{lookups}\n[worker]\nretry_delays_secs = [0.1]\n")).await;
     let node = reaper::devtools::demo::VpcNode::new(&unique("node"));
     t.provision(&node).await;
     t.publish("deletion.requested", &deletion("lookup-broken", &node.owner, Utc::now())).await;
@@ -233,27 +237,44 @@ async fn a_lookup_that_fails_stops_the_job_before_anything_is_deleted() {
     assert!(r.reason.as_deref().unwrap_or("").contains("lookup for"), "{r:?}");
     assert_eq!(t.sim.stats().deletes, 0, "nothing was deleted");
 
-    // The tables are there now, with a VNI of the node nobody tracked: a
-    // replay would look it up and delete it too, and its preview says so.
+    // The tables are there now, with two VNIs of the node nobody tracked: one
+    // made before the deletion (this life's), one nothing dates. A replay's
+    // lookups find both; strict, it claims the first and leaves the second
+    // for the owner's next teardown (it may be a new life's). The preview
+    // says what the replay will do, and the replay does that.
     let name = node.owner.trim_start_matches("node/");
     for sql in [
         "CREATE TABLE ip_reservations (id serial PRIMARY KEY, node_name text, reservation_id text, subnet_id text)",
         "CREATE TABLE dns_records (id serial PRIMARY KEY, node_name text, record_id text, zone_id text)",
-        "CREATE TABLE vnic_info (id serial PRIMARY KEY, node_name text, vnic_id text)",
+        "CREATE TABLE vnic_info (id serial PRIMARY KEY, node_name text, vnic_id text, created_at timestamptz)",
         "CREATE TABLE nodes (id serial PRIMARY KEY, node_name text, bare_metal_id text)",
     ] {
         t.sql(sql).await;
     }
-    sqlx::query("INSERT INTO vnic_info (node_name, vnic_id) VALUES ($1, 'untracked-vni')")
-        .bind(name)
-        .execute(t.app.ledger.pool())
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO vnic_info (node_name, vnic_id, created_at) VALUES ($1, 'dated-vni', now() - interval '1 hour'),
+                                                                       ($1, 'undated-vni', NULL)",
+    )
+    .bind(name)
+    .execute(t.app.ledger.pool())
+    .await
+    .unwrap();
     let out = t.reaper(&["replay", "--owner", &node.owner, "--dry-run"], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("its lookups have not run yet"), "{text}");
-    assert!(text.contains("its lookups find now, and it would delete: vni/untracked-vni"), "{text}");
+    assert!(text.contains("its lookups find now, and it would delete: vni/dated-vni"), "{text}");
+    assert!(text.contains("its lookups find, but it would leave (not of this life): vni/undated-vni"), "{text}");
+    for vni in ["dated-vni", "undated-vni"] {
+        t.sim.create(&format!("/v1/virtual_network_interfaces/{vni}"), &[]);
+    }
+    let out = t.reaper(&["replay", "--owner", &node.owner], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = t.next_result(30).await.result;
+    assert_eq!(r.status, "completed", "{r:?}");
+    assert!(r.resources.iter().any(|s| s.id == "dated-vni" && s.outcome == "deleted"), "{:?}", r.resources);
+    assert!(r.resources.iter().all(|s| s.id != "undated-vni"), "{:?}", r.resources);
+    assert_eq!(t.sim.paths(), ["/v1/virtual_network_interfaces/undated-vni"], "what the preview said stays, stayed");
     t.stop().await;
 }
 
