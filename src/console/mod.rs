@@ -563,9 +563,7 @@ async fn reconcile(
 }
 
 async fn job(State(ui): State<Arc<Ui>>, Extension(s): Extension<Session>, Path(id): Path<String>) -> Response {
-    let Ok(id) = uuid::Uuid::parse_str(&id) else {
-        return pages::message(StatusCode::BAD_REQUEST, "Not a job", "Job ids are UUIDs.");
-    };
+    let Ok(id) = uuid::Uuid::parse_str(&id) else { return not_a_job() };
     let view = match ui.app.ledger.job_view(id).await {
         Ok(Some(v)) => v,
         Ok(None) => return pages::message(StatusCode::NOT_FOUND, "No such job", &format!("No job {id}.")),
@@ -589,9 +587,7 @@ async fn restore(
     Path(id): Path<String>,
     Form(f): Form<RestoreForm>,
 ) -> Response {
-    let Ok(id) = uuid::Uuid::parse_str(&id) else {
-        return pages::message(StatusCode::BAD_REQUEST, "Not a job", "Job ids are UUIDs.");
-    };
+    let Ok(id) = uuid::Uuid::parse_str(&id) else { return not_a_job() };
     let dry_run = f.dry_run == "yes";
     if !dry_run && f.confirm != "yes" {
         return pages::message(StatusCode::BAD_REQUEST, "Not confirmed", "Tick the confirmation to restore.");
@@ -604,12 +600,15 @@ async fn restore(
 }
 
 async fn cancel(State(ui): State<Arc<Ui>>, Path(id): Path<String>, Form(f): Form<ReasonForm>) -> Response {
-    let Ok(job_id) = uuid::Uuid::parse_str(&id) else {
-        return pages::message(StatusCode::BAD_REQUEST, "Not a job", "Job ids are UUIDs.");
-    };
+    let Ok(job_id) = uuid::Uuid::parse_str(&id) else { return not_a_job() };
     let reason = if f.reason.trim().is_empty() { "cancelled from the console" } else { f.reason.trim() };
     match ops::cancel_job(&ui.app, job_id, reason).await {
         Ok(_) => Redirect::to(&format!("/ui/jobs/{job_id}")).into_response(),
         Err(e) => pages::failed(&e),
     }
+}
+
+/// The answer to a job id that is not one.
+fn not_a_job() -> Response {
+    pages::message(StatusCode::BAD_REQUEST, "Not a job", "Job ids are UUIDs.")
 }
